@@ -1,0 +1,86 @@
+"""Scaled dot-product attention with the implementation chosen per backend (cuDNN flash on GPU, chunked einsum on CPU)."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "einsum", "chunked")
+
+# Query-chunk length for the chunked CPU path: keeps the [chunk, L] logits block in cache.
+CPU_QUERY_CHUNK = 1024
+
+
+def dot_product_attention(q, k, v, *, mask=None, upcast: bool = False, implementation: str = "auto"):
+    """Attention over q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
+
+    `mask` is an optional boolean [B or 1, 1 or H, Lq, Lk] (True = attend). `upcast` computes the logits
+    and the softmax in float32 (diffusers' `upcast_attention`/`upcast_softmax`); the float32 path always
+    does so. `implementation` is one of IMPLEMENTATIONS; "auto" picks per backend.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
+    if implementation == "auto":
+        implementation = _auto_implementation(q, k, mask)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    if implementation == "xla":
+        if upcast:
+            out = jax.nn.dot_product_attention(
+                q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask=mask, scale=scale
+            )
+            return out.astype(q.dtype)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+    if implementation == "chunked" and q.shape[1] > CPU_QUERY_CHUNK and q.shape[1] % CPU_QUERY_CHUNK == 0:
+        return _chunked_attention(q, k, v, mask, scale, upcast, CPU_QUERY_CHUNK)
+    return _einsum_attention(q, k, v, mask, scale, upcast)
+
+
+def _auto_implementation(q, k, mask):
+    backend = jax.default_backend()
+    if backend == "gpu":
+        # cuDNN flash attention needs half precision and head_dim a multiple of 8 (<= 128).
+        d = q.shape[-1]
+        if q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128 and mask is None:
+            return "cudnn"
+        return "xla"
+    if backend == "tpu":
+        return "xla"
+    return "chunked"
+
+
+def _einsum_attention(q, k, v, mask, scale, upcast):
+    compute = jnp.float32 if (upcast or q.dtype == jnp.float32) else q.dtype
+    precision = jax.lax.Precision.HIGHEST if compute == jnp.float32 else None
+    logits = jnp.einsum(
+        "bqhd,bkhd->bhqk", (q * scale).astype(compute), k.astype(compute), precision=precision
+    )
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=_precision(v.dtype))
+
+
+def _chunked_attention(q, k, v, mask, scale, upcast, chunk):
+    b, lq, h, d = q.shape
+    qs = q.reshape(b, lq // chunk, chunk, h, d).swapaxes(0, 1)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (mask.shape[0], mask.shape[1], lq, k.shape[1]))
+        ms = mask.reshape(mask.shape[0], mask.shape[1], lq // chunk, chunk, -1).transpose(2, 0, 1, 3, 4)
+        out = jax.lax.map(lambda args: _einsum_attention(args[0], k, v, args[1], scale, upcast), (qs, ms))
+    else:
+        out = jax.lax.map(lambda qc: _einsum_attention(qc, k, v, None, scale, upcast), qs)
+    return out.swapaxes(0, 1).reshape(b, lq, h, d)
+
+
+@functools.cache
+def _precision_for(dtype_name):
+    return jax.lax.Precision.HIGHEST if dtype_name == "float32" else None
+
+
+def _precision(dtype):
+    return _precision_for(jnp.dtype(dtype).name)

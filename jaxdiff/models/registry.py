@@ -1,0 +1,38 @@
+"""Which Flax architecture serves a diffusers/transformers config (by `_class_name` or `architectures`)."""
+
+from __future__ import annotations
+
+from jaxdiff.models.model import Architecture
+
+
+def _all() -> dict[str, Architecture]:
+    from jaxdiff.models import clip, unet, vae
+
+    return {**unet.ARCHITECTURES, **vae.ARCHITECTURES, **clip.ARCHITECTURES}
+
+
+def architecture_name(config: dict) -> str | None:
+    """The class name a config was saved for, or None when it names none."""
+    if config.get("_class_name"):
+        return config["_class_name"]
+    archs = config.get("architectures") or []
+    if archs:
+        return archs[0]
+    if config.get("model_type") == "clip_text_model":
+        return "CLIPTextModel"
+    return None
+
+
+def architecture_for(config: dict) -> Architecture:
+    name = architecture_name(config)
+    known = _all()
+    if name not in known:
+        raise ValueError(
+            f"unsupported model type {name!r}: jaxdiff supports {', '.join(sorted(known))} "
+            "(from `_class_name` in a diffusers config.json or `architectures` in a transformers config.json)"
+        )
+    return known[name]
+
+
+def supported() -> list[str]:
+    return sorted(_all())

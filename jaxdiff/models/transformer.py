@@ -1,0 +1,126 @@
+"""Spatial transformer of the SD UNet: Attention, GEGLU feed-forward, BasicTransformerBlock, Transformer2DModel."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.models.attention import dot_product_attention
+from jaxdiff.models.layers import EMBED, HEADS, MLP, Conv, Dense, GroupNorm, LayerNorm
+
+
+class Attention(nn.Module):
+    """Multi-head (cross-)attention with diffusers' param names to_q/to_k/to_v (no bias) and to_out_0."""
+
+    heads: int
+    head_dim: int
+    upcast: bool = False
+    attention: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None):
+        context = x if context is None else context
+        inner = self.heads * self.head_dim
+
+        def project(name, source):
+            y = Dense(inner, use_bias=False, axes=(EMBED, HEADS), dtype=self.dtype, name=name)(source)
+            return y.reshape(*y.shape[:2], self.heads, self.head_dim)
+
+        q, k, v = project("to_q", x), project("to_k", context), project("to_v", context)
+        out = dot_product_attention(q, k, v, upcast=self.upcast, implementation=self.attention)
+        out = out.reshape(*out.shape[:2], inner)
+        return Dense(x.shape[-1], axes=(HEADS, EMBED), dtype=self.dtype, name="to_out_0")(out)
+
+
+class GEGLU(nn.Module):
+    """Linear to 2*inner, then value * GELU(gate) with the exact (erf) GELU as in PyTorch."""
+
+    inner: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = Dense(2 * self.inner, axes=(EMBED, MLP), dtype=self.dtype, name="proj")(x)
+        value, gate = jnp.split(h, 2, axis=-1)
+        return value * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """`net_0` GEGLU (dim -> 4*dim) then `net_2` Linear back to dim (net_1 is dropout in PyTorch)."""
+
+    mult: int = 4
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        h = GEGLU(dim * self.mult, dtype=self.dtype, name="net_0")(x)
+        return Dense(dim, axes=(MLP, EMBED), dtype=self.dtype, name="net_2")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm self-attention, cross-attention and GEGLU feed-forward, each with a residual."""
+
+    heads: int
+    head_dim: int
+    upcast: bool = False
+    only_cross_attention: bool = False
+    attention: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        def attn(name):
+            return Attention(self.heads, self.head_dim, self.upcast, self.attention, self.dtype, name=name)
+
+        def norm(name):
+            return LayerNorm(1e-5, self.dtype, name=name)
+
+        x = x + attn("attn1")(norm("norm1")(x), context if self.only_cross_attention else None)
+        x = x + attn("attn2")(norm("norm2")(x), context)
+        return x + FeedForward(dtype=self.dtype, name="ff")(norm("norm3")(x))
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm (eps 1e-6), proj_in, `layers` transformer blocks over H*W tokens, proj_out, residual.
+
+    `linear_projection` selects Dense proj_in/proj_out (SD 2.x, SDXL) over 1x1 convs (SD 1.x).
+    """
+
+    heads: int
+    head_dim: int
+    layers: int = 1
+    groups: int = 32
+    linear_projection: bool = False
+    upcast: bool = False
+    only_cross_attention: bool = False
+    attention: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        b, h, w, c = x.shape
+        inner = self.heads * self.head_dim
+        residual = x
+        x = GroupNorm(self.groups, 1e-6, self.dtype, name="norm")(x)
+
+        def proj(name, features, axes):
+            if self.linear_projection:
+                return Dense(features, axes=axes, dtype=self.dtype, name=name)
+            return Conv(features, 1, padding=0, dtype=self.dtype, name=name)
+
+        x = proj("proj_in", inner, (EMBED, MLP))(x).reshape(b, h * w, inner)
+        for i in range(self.layers):
+            x = BasicTransformerBlock(
+                self.heads,
+                self.head_dim,
+                self.upcast,
+                self.only_cross_attention,
+                self.attention,
+                self.dtype,
+                name=f"transformer_blocks_{i}",
+            )(x, context.astype(self.dtype))
+        x = proj("proj_out", c, (MLP, EMBED))(x.reshape(b, h, w, inner))
+        return x + residual.astype(self.dtype)

@@ -1,0 +1,258 @@
+"""UNet2DConditionModel (SD 1.x, SD 2.x, SDXL) built from a diffusers config.json, NHWC."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxdiff.models.layers import EMBED, MLP, Conv, Dense, GroupNorm
+from jaxdiff.models.model import Architecture
+from jaxdiff.models.unet_blocks import DownBlock, MidBlockCrossAttn, UpBlock
+
+_DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+_UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+
+# Config values jaxdiff does not implement; anything else than these defaults is refused with a clear error.
+_REQUIRED_DEFAULTS = {
+    "class_embed_type": None,
+    "encoder_hid_dim_type": None,
+    "time_cond_proj_dim": None,
+    "dual_cross_attention": False,
+    "resnet_time_scale_shift": "default",
+    "time_embedding_type": "positional",
+    "act_fn": "silu",
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "num_class_embeds": None,
+    "attention_type": "default",
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "class_embeddings_concat": False,
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+}
+
+
+def timestep_embedding(t, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0):
+    """Sinusoidal embedding of (possibly fractional) timesteps [B] -> [B, dim], float32 (DDPM / diffusers)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """linear_1 -> SiLU -> linear_2."""
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = Dense(self.features, axes=(EMBED, MLP), dtype=self.dtype, name="linear_1")(x)
+        return Dense(self.features, axes=(MLP, EMBED), dtype=self.dtype, name="linear_2")(nn.silu(x))
+
+
+def _per_block(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"UNet config: {name} has {len(value)} entries but there are {n} down blocks")
+        return list(value)
+    return [value] * n
+
+
+class UNet2DConditionModel(nn.Module):
+    """apply(params, sample [B,H,W,C], timesteps [B], encoder_hidden_states [B,L,D], added_cond=None) -> [B,H,W,C]."""
+
+    config: dict
+    attention: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond=None):
+        cfg = resolved_config(self.config)
+        n = len(cfg["block_out_channels"])
+        down_factor = 2 ** (n - 1)
+        if sample.shape[1] % down_factor or sample.shape[2] % down_factor:
+            raise ValueError(f"sample height and width must be multiples of {down_factor}, got {sample.shape[1:3]}")
+        channels = cfg["block_out_channels"]
+        dt = self.dtype
+        common = dict(
+            groups=cfg["norm_num_groups"],
+            eps=cfg["norm_eps"],
+            linear_projection=cfg["use_linear_projection"],
+            upcast=cfg["upcast_attention"],
+            attention=self.attention,
+            dtype=dt,
+        )
+
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
+        t = timestep_embedding(timesteps, channels[0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
+        emb = TimestepEmbedding(channels[0] * 4, dtype=dt, name="time_embedding")(t.astype(dt))
+        if cfg["addition_embed_type"] == "text_time":
+            if added_cond is None or "text_embeds" not in added_cond or "time_ids" not in added_cond:
+                raise ValueError('this UNet needs added_cond={"text_embeds": [B, P], "time_ids": [B, 6]} (SDXL)')
+            time_ids = added_cond["time_ids"]
+            tid = timestep_embedding(
+                time_ids.reshape(-1), cfg["addition_time_embed_dim"], cfg["flip_sin_to_cos"], cfg["freq_shift"]
+            ).reshape(time_ids.shape[0], -1)
+            add = jnp.concatenate([added_cond["text_embeds"].astype(jnp.float32), tid], axis=-1)
+            emb = emb + TimestepEmbedding(channels[0] * 4, dtype=dt, name="add_embedding")(add.astype(dt))
+
+        x = sample.astype(dt)
+        if cfg["center_input_sample"]:
+            x = 2 * x - 1.0
+        x = Conv(channels[0], 3, padding=1, dtype=dt, name="conv_in")(x)
+        skips = [x]
+        for i, block_type in enumerate(cfg["down_block_types"]):
+            x, block_skips = DownBlock(
+                channels[i],
+                cfg["layers_per_block"][i],
+                cross_attention=_DOWN[block_type],
+                heads=cfg["num_attention_heads"][i],
+                transformer_layers=cfg["transformer_layers_per_block"][i],
+                only_cross_attention=cfg["only_cross_attention"][i],
+                add_downsample=i < n - 1,
+                name=f"down_blocks_{i}",
+                **common,
+            )(x, emb, encoder_hidden_states)
+            skips.extend(block_skips)
+
+        if cfg["mid_block_type"] is not None:
+            x = MidBlockCrossAttn(
+                channels[-1],
+                1,
+                cross_attention=True,
+                heads=cfg["num_attention_heads"][-1],
+                transformer_layers=cfg["transformer_layers_per_block"][-1],
+                name="mid_block",
+                **common,
+            )(x, emb, encoder_hidden_states)
+
+        rev = lambda key: list(reversed(cfg[key]))  # noqa: E731
+        up_transformer_layers = cfg["reverse_transformer_layers_per_block"] or rev("transformer_layers_per_block")
+        for i, block_type in enumerate(cfg["up_block_types"]):
+            num_layers = rev("layers_per_block")[i] + 1
+            block_skips, skips = skips[-num_layers:], skips[:-num_layers]
+            x = UpBlock(
+                rev("block_out_channels")[i],
+                num_layers,
+                cross_attention=_UP[block_type],
+                heads=rev("num_attention_heads")[i],
+                transformer_layers=up_transformer_layers[i],
+                only_cross_attention=rev("only_cross_attention")[i],
+                add_upsample=i < n - 1,
+                name=f"up_blocks_{i}",
+                **common,
+            )(x, block_skips, emb, encoder_hidden_states)
+
+        x = nn.silu(GroupNorm(cfg["norm_num_groups"], cfg["norm_eps"], dt, name="conv_norm_out")(x))
+        return Conv(cfg["out_channels"], 3, padding=1, dtype=dt, name="conv_out")(x)
+
+
+def resolved_config(config: dict) -> dict:
+    """diffusers defaults filled in, per-block values expanded to lists, unsupported options refused."""
+    cfg = dict(
+        in_channels=4,
+        out_channels=4,
+        center_input_sample=False,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        only_cross_attention=False,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        cross_attention_dim=1280,
+        transformer_layers_per_block=1,
+        reverse_transformer_layers_per_block=None,
+        attention_head_dim=8,
+        num_attention_heads=None,
+        use_linear_projection=False,
+        upcast_attention=False,
+        addition_embed_type=None,
+        addition_time_embed_dim=None,
+        projection_class_embeddings_input_dim=None,
+        downsample_padding=1,
+        mid_block_scale_factor=1,
+    )
+    cfg.update({k: v for k, v in config.items() if not k.startswith("_")})
+    problems = [
+        f"{k}={cfg[k]!r} (supported: {v!r})" for k, v in _REQUIRED_DEFAULTS.items() if cfg.get(k, v) != v
+    ]
+    n = len(cfg["block_out_channels"])
+    for key, known in (("down_block_types", _DOWN), ("up_block_types", _UP)):
+        problems += [f"{key} entry {b!r} (supported: {sorted(known)})" for b in cfg[key] if b not in known]
+    if cfg["mid_block_type"] not in ("UNetMidBlock2DCrossAttn", None):
+        problems.append(f"mid_block_type={cfg['mid_block_type']!r} (supported: UNetMidBlock2DCrossAttn or null)")
+    if cfg["addition_embed_type"] not in (None, "text_time"):
+        problems.append(f"addition_embed_type={cfg['addition_embed_type']!r} (supported: null, 'text_time')")
+    if cfg["downsample_padding"] != 1 or cfg["mid_block_scale_factor"] != 1:
+        problems.append("downsample_padding and mid_block_scale_factor must be 1")
+    if problems:
+        raise ValueError("unsupported UNet2DConditionModel config: " + "; ".join(problems))
+    # diffusers' historical naming bug: `attention_head_dim` holds the number of heads when
+    # `num_attention_heads` is absent (SD 1.x: 8 heads; SD 2.x: [5, 10, 20, 20]).
+    heads = cfg["num_attention_heads"] or cfg["attention_head_dim"]
+    cfg["num_attention_heads"] = _per_block(heads, n, "num_attention_heads")
+    for key in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block", "only_cross_attention"):
+        cfg[key] = _per_block(cfg[key], n, key)
+    if any(isinstance(x, (list, tuple)) for x in cfg["transformer_layers_per_block"]):
+        raise ValueError("nested transformer_layers_per_block lists are not supported")
+    for i, c in enumerate(cfg["block_out_channels"]):
+        if c % cfg["num_attention_heads"][i]:
+            raise ValueError(f"block_out_channels[{i}]={c} is not divisible by {cfg['num_attention_heads'][i]} heads")
+    return cfg
+
+
+def example_inputs(config: dict) -> tuple:
+    cfg = resolved_config(config)
+    size = 2 ** (len(cfg["block_out_channels"]) - 1)
+    args = (
+        jnp.zeros((1, size, size, cfg["in_channels"]), jnp.float32),
+        jnp.zeros((1,), jnp.float32),
+        jnp.zeros((1, 1, cfg["cross_attention_dim"][0]), jnp.float32),
+    )
+    if cfg["addition_embed_type"] == "text_time":
+        text_dim = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+        args += ({"text_embeds": jnp.zeros((1, text_dim)), "time_ids": jnp.zeros((1, 6))},)
+    return args
+
+
+def build(config: dict, dtype=jnp.float32, attention: str = "auto") -> UNet2DConditionModel:
+    resolved_config(config)  # fail early with a clear message
+    return UNet2DConditionModel(dict(config), attention=attention, dtype=dtype)
+
+
+ARCHITECTURES = {
+    "UNet2DConditionModel": Architecture(
+        name="UNet2DConditionModel",
+        kind="unet",
+        build=build,
+        example_inputs=example_inputs,
+        list_names=(
+            "down_blocks",
+            "up_blocks",
+            "resnets",
+            "attentions",
+            "downsamplers",
+            "upsamplers",
+            "transformer_blocks",
+            "to_out",
+            "net",
+        ),
+        weights_name="diffusion_pytorch_model.safetensors",
+    )
+}

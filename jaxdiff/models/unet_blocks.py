@@ -1,0 +1,91 @@
+"""Down, mid and up blocks of UNet2DConditionModel (with or without cross-attention transformers)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxdiff.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from jaxdiff.models.transformer import Transformer2DModel
+
+
+class _BlockOptions(nn.Module):
+    """Fields shared by every UNet block."""
+
+    out_channels: int
+    num_layers: int
+    groups: int = 32
+    eps: float = 1e-5
+    cross_attention: bool = False  # CrossAttn* blocks carry `attentions_<i>`
+    heads: int = 8
+    transformer_layers: int = 1
+    linear_projection: bool = False
+    upcast: bool = False
+    only_cross_attention: bool = False
+    attention: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+
+    def resnet(self, i):
+        return ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")
+
+    def transformer(self, i):
+        return Transformer2DModel(
+            self.heads,
+            self.out_channels // self.heads,
+            self.transformer_layers,
+            self.groups,
+            self.linear_projection,
+            self.upcast,
+            self.only_cross_attention,
+            self.attention,
+            self.dtype,
+            name=f"attentions_{i}",
+        )
+
+
+class DownBlock(_BlockOptions):
+    """DownBlock2D / CrossAttnDownBlock2D: returns (hidden, skips) with one skip per layer and downsampler."""
+
+    add_downsample: bool = True
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        skips = []
+        for i in range(self.num_layers):
+            x = self.resnet(i)(x, temb)
+            if self.cross_attention:
+                x = self.transformer(i)(x, context)
+            skips.append(x)
+        if self.add_downsample:
+            x = Downsample2D(self.out_channels, dtype=self.dtype, name="downsamplers_0")(x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlockCrossAttn(_BlockOptions):
+    """UNetMidBlock2DCrossAttn: resnet, then (transformer, resnet) per layer."""
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        x = self.resnet(0)(x, temb)
+        for i in range(self.num_layers):
+            x = self.transformer(i)(x, context)
+            x = self.resnet(i + 1)(x, temb)
+        return x
+
+
+class UpBlock(_BlockOptions):
+    """UpBlock2D / CrossAttnUpBlock2D: each layer concatenates the matching down-path skip first."""
+
+    add_upsample: bool = True
+
+    @nn.compact
+    def __call__(self, x, skips, temb, context):
+        for i in range(self.num_layers):
+            x = jnp.concatenate([x, skips[-1 - i].astype(x.dtype)], axis=-1)
+            x = self.resnet(i)(x, temb)
+            if self.cross_attention:
+                x = self.transformer(i)(x, context)
+        if self.add_upsample:
+            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
+        return x
