@@ -29,6 +29,15 @@ _TAGS = {dtype: tag for tag, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit; guards against reading garbage lengths
 
 
+def dtype_tag(dtype) -> str:
+    """The safetensors tag ("F32", "BF16", ...) of a numpy dtype."""
+    dtype = np.dtype(dtype)
+    tag = _TAGS.get(dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype)
+    if tag is None:
+        raise ValueError(f"dtype {dtype} has no safetensors equivalent (supported: {', '.join(DTYPES)})")
+    return tag
+
+
 class CorruptCheckpointError(ValueError):
     """A checkpoint file that cannot be parsed: truncated, not the format it claims, or inconsistent."""
 
@@ -133,9 +142,10 @@ def write_safetensors(
     prepared = []
     for key, value in tensors.items():
         array = np.asarray(value)
-        tag = _TAGS.get(array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype)
-        if tag is None:
-            raise ValueError(f"cannot store tensor {key!r} of dtype {array.dtype} in safetensors")
+        try:
+            tag = dtype_tag(array.dtype)
+        except ValueError as e:
+            raise ValueError(f"cannot store tensor {key!r}: {e}") from None
         prepared.append((key, tag, np.asarray(array, dtype=DTYPES[tag], order="C")))
     # Widest dtypes first, as the reference writer does, so every tensor stays aligned to its item size.
     prepared.sort(key=lambda item: (-item[2].dtype.itemsize, item[0]))

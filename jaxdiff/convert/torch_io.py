@@ -6,6 +6,7 @@ import os
 import pickle
 import zipfile
 
+import ml_dtypes
 import numpy as np
 
 from jaxdiff.convert.safetensors_io import CorruptCheckpointError
@@ -39,10 +40,11 @@ def _import_torch():
     return torch
 
 
-def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A flat {key: numpy array} from a PyTorch checkpoint; floating tensors become float32.
+def load_torch_state_dict(path: str | os.PathLike, upcast: bool = True) -> dict[str, np.ndarray]:
+    """A flat {key: numpy array} from a PyTorch checkpoint; floating tensors become float32 when `upcast`.
 
     A `state_dict` entry (Lightning/LDM `.ckpt` files) is unwrapped; non-tensor entries are skipped.
+    Without `upcast`, stored dtypes are kept (bfloat16 as ml_dtypes.bfloat16).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -66,8 +68,11 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
             continue
-        value = value.detach()
-        if value.is_floating_point():
-            value = value.float()  # bf16/fp16 upcast exactly; numpy has no bf16 bridge from torch
-        state[str(key)] = value.contiguous().numpy()
+        value = value.detach().contiguous()
+        if value.is_floating_point() and upcast:
+            value = value.float()  # bf16/fp16 upcast exactly
+        if value.dtype == torch.bfloat16:  # torch has no numpy bridge for bf16: reinterpret the bits
+            state[str(key)] = value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            state[str(key)] = value.numpy()
     return state

@@ -18,7 +18,7 @@ LOGVAR_RANGE = (-30.0, 20.0)  # DiagonalGaussianDistribution's clamp
 
 
 class VAEAttention(nn.Module):
-    """Single-head self-attention over all pixels with a residual (diffusers `Attention`, `_from_deprecated_attn_block`)."""
+    """Single-head self-attention over all pixels plus residual (diffusers `Attention` from the old VAE block)."""
 
     groups: int
     dtype: jnp.dtype = jnp.float32
