@@ -25,7 +25,11 @@ def load_components(path: str | os.PathLike, dtype=jnp.float32, attention: str =
 
 
 def init_model(
-    config_or_path: dict | str | os.PathLike, abstract: bool = True, dtype=jnp.float32, seed: int = 0, attention: str = "auto"
+    config_or_path: dict | str | os.PathLike,
+    abstract: bool = True,
+    dtype=jnp.float32,
+    seed: int = 0,
+    attention: str = "auto",
 ) -> Model:
     """A model from a config dict, a config.json or a folder holding one.
 

@@ -10,8 +10,9 @@ from typing import Callable, Sequence
 import jaxdiff
 
 # Errors a user can cause and fix: reported in one `jaxdiff: error:` line, exit status 2, no traceback.
-# The checkpoint errors are imported lazily (they pull in numpy/jax); they all subclass ValueError.
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError)
+# CorruptCheckpointError, UnsafeCheckpointError and CheckpointMismatchError are ValueErrors; OSError covers
+# FileNotFoundError, FileExistsError and permission problems.
+_USER_ERRORS = (ValueError, OSError)
 
 
 def _add_convert(sub) -> None:
@@ -114,22 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version and usage errors: return argparse's status instead of exiting
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
     try:
         return int(args.func(args) or 0)
     except _USER_ERRORS as e:
-        message = str(e) if isinstance(e, (ValueError, ImportError)) or not e.args else _os_message(e)
-        print(f"jaxdiff: error: {message}", file=sys.stderr)
+        print(f"jaxdiff: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        if getattr(e, "name", None) != "torch":
+            raise  # a broken install should show its traceback
+        print(f"jaxdiff: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("jaxdiff: interrupted", file=sys.stderr)
         return 130
-
-
-def _os_message(e: OSError) -> str:
-    # OSError(errno, strerror, filename) prints as "[Errno 2] ..."; ours carry one clear message.
-    return e.strerror and e.filename and f"{e.strerror}: {e.filename}" or str(e)
 
 
 if __name__ == "__main__":

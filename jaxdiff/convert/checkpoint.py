@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -28,13 +29,14 @@ PARAMS = "params.safetensors"
 CONFIG = "config.json"
 MODEL_INDEX = "model_index.json"
 FORMAT_VERSION = 1
-WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES, ".msgpack", ".onnx")
 
 # `<stem>[.<variant>].<ext>` and `<stem>.<ext>.index[.<variant>].json`, as diffusers/transformers name them.
 _STEMS = r"(diffusion_pytorch_model|model|pytorch_model)"
 _SINGLE = re.compile(rf"^{_STEMS}(?:\.(\w+))?\.(safetensors|bin)$")
 _INDEX = re.compile(rf"^{_STEMS}\.(safetensors|bin)\.index(?:\.(\w+))?\.json$")
 _VARIANT_RANK = {None: 0, "fp32": 1, "fp16": 2, "bf16": 3}
+# Pipeline models jaxdiff has no Flax class for but a pipeline works without: dropped on convert, with a note.
+_OPTIONAL_MODELS = ("safety_checker", "image_encoder")
 
 
 # ---------------------------------------------------------------- small helpers
@@ -122,14 +124,17 @@ def find_weights(folder: str | os.PathLike) -> list[Path]:
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise FileNotFoundError(f"{f}: lists shards that are missing: {', '.join(missing)}")
-            candidates.append((m[2] != "safetensors", _VARIANT_RANK.get(m[3], 9), f.name, [folder / s for s in shards]))
+            rank = (m[2] != "safetensors", _VARIANT_RANK.get(m[3], 9))
+            candidates.append((*rank, f.name, [folder / s for s in shards]))
     if candidates:
         return min(candidates)[-1]
     loose = sorted(folder.glob("*.safetensors"))
     if len(loose) == 1:
         return loose
-    raise FileNotFoundError(f"{folder}: no weights found (expected diffusion_pytorch_model.safetensors, model.safetensors, "
-                            "a sharded *.safetensors.index.json or a .bin)")
+    raise FileNotFoundError(
+        f"{folder}: no weights found (expected diffusion_pytorch_model.safetensors, model.safetensors, "
+        "a sharded *.safetensors.index.json or a .bin)"
+    )
 
 
 def read_state_dict(files: list[Path] | Path) -> dict[str, np.ndarray]:
@@ -158,40 +163,42 @@ def _read_torch_layout(folder: Path, config_path: Path, files: list[Path] | None
 
 
 def _read_jaxdiff_params(folder: Path, **kw) -> tuple[Model, dict]:
+    if not (folder / PARAMS).is_file():
+        raise FileNotFoundError(f"{folder / PARAMS}: missing (a jaxdiff component holds {CONFIG} and {PARAMS})")
     config_path = folder / CONFIG
     config = read_json(config_path)
     model = create(architecture_of(config, config_path), config, abstract=True, **kw)
-    if not (folder / PARAMS).is_file():
-        raise FileNotFoundError(f"{folder / PARAMS}: missing (a jaxdiff component holds {CONFIG} and {PARAMS})")
     stored = SafetensorsFile(folder / PARAMS)
     expected = traverse_util.flatten_dict(model.params, sep="/")
     missing = [k for k in expected if k not in stored]
     unexpected = sorted(k for k in stored if k not in expected)
-    misshaped = [(k, stored.shape(k), expected[k].shape) for k in expected if k in stored and stored.shape(k) != expected[k].shape]
+    present = [k for k in expected if k in stored]
+    misshaped = [(k, stored.shape(k), expected[k].shape) for k in present if stored.shape(k) != expected[k].shape]
     if missing or unexpected or misshaped:
         raise CheckpointMismatchError(missing, unexpected, misshaped, where=str(folder / PARAMS))
     flat = {k: np.asarray(stored[k], np.float32) for k in expected}
     return model, traverse_util.unflatten_dict(flat, sep="/")
 
 
-def _write_jaxdiff_component(folder: Path, model: Model, params, config_source: Path | None = None) -> None:
+def _write_config(folder: Path, model: Model, config_source: Path | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if config_source is not None:
         shutil.copyfile(config_source, folder / CONFIG)  # the original config, byte for byte
     else:
         _write_json(folder / CONFIG, model.config)
+
+
+def _write_jaxdiff_component(folder: Path, model: Model, params, config_source: Path | None = None) -> None:
+    _write_config(folder, model, config_source)
     flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
     write_safetensors(folder / PARAMS, flat, metadata={"format": "jaxdiff"})
 
 
 def _write_diffusers_component(folder: Path, model: Model, params, config_source: Path | None = None) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    if config_source is not None:
-        shutil.copyfile(config_source, folder / CONFIG)
-    else:
-        _write_json(folder / CONFIG, model.config)
+    _write_config(folder, model, config_source)
     # transformers refuses safetensors whose metadata lacks a known "format"; "pt" is what torch writers use.
-    write_safetensors(folder / model.architecture.weights_name, model.to_state_dict(params), metadata={"format": "pt"})
+    state = model.to_state_dict(params)
+    write_safetensors(folder / model.architecture.weights_name, state, metadata={"format": "pt"})
 
 
 def _component_names(src: Path) -> dict[str, str]:
@@ -203,18 +210,25 @@ def _component_names(src: Path) -> dict[str, str]:
     return index["components"]
 
 
-def _pipeline_entries(src: Path) -> Iterator[tuple[str, str]]:
-    """(name, role) per model_index entry with a folder: role is "model", "copy" (no weights) or "skip"."""
-    for name, value in read_json(src / MODEL_INDEX).items():
+def _pipeline_entries(src: Path, strict: bool = True) -> dict[str, str]:
+    """{name: role} per model_index entry with a folder: "model", "copy" (no config.json) or "skip".
+
+    An unsupported model is an error when `strict`, except optional ones (safety_checker), which are skipped.
+    """
+    roles = {}
+    for name in read_json(src / MODEL_INDEX):
         sub = src / name
         if name.startswith("_") or not sub.is_dir():
             continue
-        if (sub / CONFIG).is_file() and registry.architecture_name(read_json(sub / CONFIG)) in registry.supported():
-            yield name, "model"
-        elif any(f.name.endswith(WEIGHT_SUFFIXES) for f in sub.rglob("*")):
-            yield name, "skip"  # a model jaxdiff has no Flax class for (e.g. safety_checker)
+        if not (sub / CONFIG).is_file():
+            roles[name] = "copy"  # tokenizers, schedulers, feature extractors
+        elif registry.architecture_name(read_json(sub / CONFIG)) in registry.supported():
+            roles[name] = "model"
+        elif strict and name not in _OPTIONAL_MODELS:
+            architecture_of(read_json(sub / CONFIG), sub / CONFIG)  # raises, naming the file and the supported types
         else:
-            yield name, "copy"  # tokenizers, schedulers, feature extractors
+            roles[name] = "skip"
+    return roles
 
 
 # ---------------------------------------------------------------- public entry points
@@ -224,15 +238,18 @@ def load_component(path: str | os.PathLike, dtype=jnp.float32, attention: str = 
     """One model from a diffusers/transformers component folder or a (single-component) jaxdiff checkpoint."""
     path = Path(path)
     kind = folder_kind(path)
-    if kind == "jaxdiff":
-        names = _component_names(path)
-        if list(names) != ["."]:
-            raise ValueError(f"{path}: a checkpoint with components {', '.join(names)}; load one subfolder, e.g. {path / next(iter(names))}")
-    elif kind in ("pipeline", "file"):
-        what = "a pipeline folder; load a component subfolder (e.g. unet) or use load_components" if kind == "pipeline" else "a file; pass its folder (with config.json)"
-        raise ValueError(f"{path}: is {what}")
-    reader = _read_jaxdiff_params if (path / PARAMS).is_file() else lambda p, **kw: _read_torch_layout(p, p / CONFIG, None, **kw)
-    model, params = reader(path, dtype=dtype, attention=attention)
+    if kind == "jaxdiff" and list(_component_names(path)) != ["."]:
+        names = list(_component_names(path))
+        raise ValueError(f"{path}: holds components {', '.join(names)}; load one, e.g. {path / names[0]}")
+    if kind == "pipeline":
+        raise ValueError(f"{path}: is a pipeline folder; load one component (e.g. {path / 'unet'}) or all of them "
+                         "with load_components")
+    if kind == "file":
+        raise ValueError(f"{path}: is a file; pass the folder holding it and its config.json")
+    if (path / PARAMS).is_file():
+        model, params = _read_jaxdiff_params(path, dtype=dtype, attention=attention)
+    else:
+        model, params = _read_torch_layout(path, path / CONFIG, None, dtype=dtype, attention=attention)
     return dataclasses.replace(model, params=jax.tree.map(jnp.asarray, params))
 
 
@@ -243,7 +260,7 @@ def load_components(path: str | os.PathLike, dtype=jnp.float32, attention: str =
     if kind == "jaxdiff":
         names = list(_component_names(path))
     elif kind == "pipeline":
-        names = [name for name, role in _pipeline_entries(path) if role == "model"]
+        names = [name for name, role in _pipeline_entries(path).items() if role == "model"]
     else:
         return {".": load_component(path, dtype, attention)}
     return {name: load_component(path / name, dtype, attention) for name in names}
@@ -258,16 +275,19 @@ def convert(src, dst, *, config=None, overwrite: bool = False, progress: bool | 
     if kind == "file" and config is None:
         raise ValueError(f"{src}: converting a single weights file needs its config (--config config.json)")
     _check_not_inside(src, dst)
-    roles = dict(_pipeline_entries(src)) if kind == "pipeline" else {}
+    roles = _pipeline_entries(src) if kind == "pipeline" else {}
     if kind == "pipeline":
         plan = {n: (src / n, src / n / CONFIG, None) for n, role in roles.items() if role == "model"}
+        if not plan:
+            raise ValueError(f"{src / MODEL_INDEX}: no component jaxdiff supports ({', '.join(registry.supported())})")
     else:
         plan = {".": (src, Path(config) if config else src / CONFIG, [src] if kind == "file" else None)}
-    summary = {"src": str(src), "dst": str(dst), "components": {}, "copied": [], "skipped": []}
+    summary = {"src": str(src), "dst": str(dst), "components": {}}
     summary["copied"] = [n for n, role in roles.items() if role == "copy"]
     summary["skipped"] = [n for n, role in roles.items() if role == "skip"]
     with atomic_directory(dst, overwrite) as tmp:
-        for name, (folder, config_path, files) in tqdm(plan.items(), desc="convert", unit="component", disable=_disable(progress)):
+        bar = tqdm(plan.items(), desc="convert", unit="component", disable=_disable(progress))
+        for name, (folder, config_path, files) in bar:
             model, params = _read_torch_layout(folder, config_path, files)
             _write_jaxdiff_component(tmp / name, model, params, config_source=config_path)
             summary["components"][name] = _describe(model, params)
@@ -275,8 +295,10 @@ def convert(src, dst, *, config=None, overwrite: bool = False, progress: bool | 
             shutil.copytree(src / name, tmp / name)
         if kind == "pipeline":
             index = read_json(src / MODEL_INDEX)
-            index.update({name: [None, None] for name in summary["skipped"]})  # dropped models must not be looked for
-            _write_json(tmp / MODEL_INDEX, index) if summary["skipped"] else shutil.copyfile(src / MODEL_INDEX, tmp / MODEL_INDEX)
+            if summary["skipped"]:  # dropped models must not be looked for when diffusers loads the export
+                _write_json(tmp / MODEL_INDEX, {**index, **{name: [None, None] for name in summary["skipped"]}})
+            else:
+                shutil.copyfile(src / MODEL_INDEX, tmp / MODEL_INDEX)
         classes = {name: c["class"] for name, c in summary["components"].items()}
         _write_json(tmp / JAXDIFF_INDEX, {"format": "jaxdiff", "version": FORMAT_VERSION, "components": classes})
     return summary
@@ -295,8 +317,9 @@ def save_checkpoint(dst, models: Model | Mapping[str, Model], *, overwrite: bool
 def export(src, dst, *, overwrite: bool = False, progress: bool | None = False) -> dict:
     """A jaxdiff checkpoint folder (or a Model, or {name: Model}) -> a diffusers/transformers folder (safetensors)."""
     dst = Path(dst)
-    summary = {"src": str(src) if isinstance(src, (str, Path)) else "<in memory>", "dst": str(dst), "components": {}, "copied": []}
-    if isinstance(src, (Model, Mapping)):
+    in_memory = isinstance(src, (Model, Mapping))
+    summary = {"src": "<in memory>" if in_memory else str(src), "dst": str(dst), "components": {}, "copied": []}
+    if in_memory:
         models = {".": src} if isinstance(src, Model) else dict(src)
         jobs = {n: (lambda m=m: (m, jax.device_get(m.params)), None) for n, m in models.items()}
         extras = []
@@ -307,9 +330,10 @@ def export(src, dst, *, overwrite: bool = False, progress: bool | None = False) 
         _check_not_inside(src, dst)
         names = _component_names(src)
         jobs = {n: (lambda n=n: _read_jaxdiff_params(src / n), src / n / CONFIG) for n in names}
-        extras = [p for p in sorted(src.iterdir()) if p.name != JAXDIFF_INDEX and p.name not in names and "." not in names]
+        extras = [src / name for name in _extras(src, names)]
     with atomic_directory(dst, overwrite) as tmp:
-        for name, (read, config_source) in tqdm(jobs.items(), desc="export", unit="component", disable=_disable(progress)):
+        bar = tqdm(jobs.items(), desc="export", unit="component", disable=_disable(progress))
+        for name, (read, config_source) in bar:
             model, params = read()
             _write_diffusers_component(tmp / name, model, params, config_source=config_source)
             summary["components"][name] = _describe(model, params)
@@ -317,6 +341,13 @@ def export(src, dst, *, overwrite: bool = False, progress: bool | None = False) 
             shutil.copytree(p, tmp / p.name) if p.is_dir() else shutil.copyfile(p, tmp / p.name)
             summary["copied"].append(p.name)
     return summary
+
+
+def _extras(src: Path, components) -> list[str]:
+    """Entries of a jaxdiff checkpoint carried verbatim (tokenizers, scheduler, model_index.json)."""
+    if "." in components:
+        return []
+    return sorted(p.name for p in src.iterdir() if p.name != JAXDIFF_INDEX and p.name not in components)
 
 
 def _disable(progress: bool | None) -> bool | None:
@@ -329,8 +360,10 @@ def _describe(model: Model, params) -> dict:
 
 
 def info(path: str | os.PathLike) -> dict:
-    """Components, classes, parameter counts and stored dtypes of any supported checkpoint (reads headers only
-    for safetensors; .bin files are loaded)."""
+    """Components, classes, parameter counts and stored dtypes of a checkpoint folder or weights file.
+
+    Reads only the headers of safetensors files; .bin files are loaded (weights_only).
+    """
     path = Path(path)
     kind = folder_kind(path)
     result = {"path": str(path), "format": kind, "components": {}, "other": []}
@@ -339,14 +372,13 @@ def info(path: str | os.PathLike) -> dict:
         return result
     if kind == "jaxdiff":
         folders = {n: [path / n / PARAMS] for n in _component_names(path)}
+        result["other"] = _extras(path, folders)
     elif kind == "pipeline":
-        roles = dict(_pipeline_entries(path))
+        roles = _pipeline_entries(path, strict=False)
         folders = {n: find_weights(path / n) for n, role in roles.items() if role != "copy"}
         result["other"] = [n for n, role in roles.items() if role == "copy"]
     else:
         folders = {".": find_weights(path)}
-    if kind == "jaxdiff":
-        result["other"] = sorted(p.name for p in path.iterdir() if p.name != JAXDIFF_INDEX and p.name not in folders and "." not in folders)
     for name, files in folders.items():
         config = read_json(path / name / CONFIG) if (path / name / CONFIG).is_file() else {}
         cls = registry.architecture_name(config)
@@ -365,12 +397,9 @@ def _tensor_stats(files: list[Path]) -> dict:
             state = load_torch_state_dict(f, upcast=False)
             shapes.update({k: v.shape for k, v in state.items()})
             dtypes.update({k: dtype_tag(v.dtype) for k, v in state.items()})
-    counts = {}
-    for tag in dtypes.values():
-        counts[tag] = counts.get(tag, 0) + 1
     return {
         "weights": [f.name for f in files],
         "tensors": len(shapes),
         "params": int(sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())),
-        "dtypes": counts,
+        "dtypes": dict(collections.Counter(dtypes.values())),
     }

@@ -69,6 +69,8 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         begin, end = info["data_offsets"]
         dtype = DTYPES[info["dtype"]]
         count = (end - begin) // dtype.itemsize
+        if count == 0:
+            return np.empty(info["shape"], dtype)
         array = np.frombuffer(self._buffer, dtype=dtype, count=count, offset=self._start + begin)
         return array.reshape(info["shape"])
 
@@ -97,19 +99,21 @@ def _parse_header(path: str, raw: bytes, data_size: int) -> tuple[dict, dict]:
     for key, info in header.items():
         try:
             tag, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(begin, int) or not isinstance(end, int):
+            if not all(isinstance(d, int) and d >= 0 for d in (*shape, begin, end)):
                 raise TypeError
         except (TypeError, KeyError, ValueError):
             raise CorruptCheckpointError(path, f"tensor {key!r} has a malformed header entry {info!r}") from None
         if tag not in DTYPES:
-            raise CorruptCheckpointError(path, f"tensor {key!r} has unsupported dtype {tag!r} (supported: {', '.join(DTYPES)})")
+            supported = ", ".join(DTYPES)
+            raise CorruptCheckpointError(path, f"tensor {key!r} has unsupported dtype {tag!r} (supported: {supported})")
         expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[tag].itemsize
         if not 0 <= begin <= end or end - begin != expected:
             raise CorruptCheckpointError(
                 path, f"tensor {key!r} spans bytes [{begin}, {end}) but {tag}{list(shape)} needs {expected} bytes"
             )
         if end > data_size:
-            raise CorruptCheckpointError(path, f"tensor {key!r} ends at byte {end} past the end of the data ({data_size} bytes)")
+            reason = f"tensor {key!r} ends at byte {end}, past the end of the data ({data_size} bytes)"
+            raise CorruptCheckpointError(path, reason)
         spans.append((begin, end, key))
     # The format requires tensors to tile the data section exactly: overlaps or gaps mean a damaged file.
     position = 0

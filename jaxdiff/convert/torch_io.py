@@ -35,7 +35,8 @@ def _import_torch():
     except ImportError:
         raise ImportError(
             "reading PyTorch .bin/.pt/.ckpt checkpoints needs torch: pip install jaxdiff[torch] "
-            "(.safetensors checkpoints load without it)"
+            "(.safetensors checkpoints load without it)",
+            name="torch",
         ) from None
     return torch
 
@@ -63,7 +64,7 @@ def load_torch_state_dict(path: str | os.PathLike, upcast: bool = True) -> dict[
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise CorruptCheckpointError(path, f"expected a state dict (a mapping of names to tensors), found {type(obj).__name__}")
+        raise CorruptCheckpointError(path, f"expected a state dict (names -> tensors), found {type(obj).__name__}")
     state = {}
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):

@@ -1,0 +1,121 @@
+"""The `jaxdiff` command: convert, export and info in-process; user errors exit 2 with one `jaxdiff: error:` line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from test_convert_io import _assert_bitwise_equal, _Exploit, tiny_pipeline
+
+from jaxdiff import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("cli") / "pipe")
+
+
+def _run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    assert err.startswith("jaxdiff: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_convert_export_info_round_trip(tmp_path, capsys, pipeline_dir):
+    code, out, _ = _run(capsys, "convert", pipeline_dir, tmp_path / "jx")
+    assert code == 0
+    assert "unet" in out and "UNet2DConditionModel" in out and "copied: scheduler, tokenizer" in out
+
+    code, out, _ = _run(capsys, "info", tmp_path / "jx")
+    assert code == 0 and "(jaxdiff)" in out and "AutoencoderKL" in out and "F32:" in out and "total" in out
+
+    code, out, _ = _run(capsys, "info", "--json", tmp_path / "jx")
+    described = json.loads(out)
+    assert sorted(described["components"]) == ["text_encoder", "unet", "vae"]
+    unet = described["components"]["unet"]
+    assert unet["class"] == "UNet2DConditionModel" and unet["dtypes"] == {"F32": unet["tensors"]} and unet["params"] > 0
+
+    code, out, _ = _run(capsys, "export", tmp_path / "jx", tmp_path / "out")
+    assert code == 0 and "exported" in out
+    for name in ("unet", "vae"):
+        _assert_bitwise_equal(
+            load_file(str(tmp_path / "out" / name / "diffusion_pytorch_model.safetensors")),
+            load_file(str(pipeline_dir / name / "diffusion_pytorch_model.safetensors")),
+        )
+
+    # The diffusers folder and the jaxdiff checkpoint describe the same parameters.
+    _, out, _ = _run(capsys, "info", "--json", pipeline_dir)
+    original = json.loads(out)["components"]
+    assert {k: v["params"] for k, v in original.items()} == {k: v["params"] for k, v in described["components"].items()}
+
+
+def test_info_reports_stored_dtypes_of_a_bin_file(tmp_path, capsys):
+    torch.save({"w": torch.ones(2, 3, dtype=torch.float16), "b": torch.zeros(3)}, tmp_path / "m.bin")
+    code, out, _ = _run(capsys, "info", "--json", tmp_path / "m.bin")
+    assert code == 0
+    assert json.loads(out)["components"]["."] == {"weights": ["m.bin"], "tensors": 2, "params": 9, "dtypes": {"F16": 1, "F32": 1}}
+
+
+def test_convert_single_file_needs_config(tmp_path, capsys, pipeline_dir):
+    weights = pipeline_dir / "vae" / "diffusion_pytorch_model.safetensors"
+    code, _, err = _run(capsys, "convert", weights, tmp_path / "jx")
+    _assert_one_line_error(code, err, "--config")
+    code, out, _ = _run(capsys, "convert", weights, tmp_path / "jx", "--config", pipeline_dir / "vae" / "config.json")
+    assert code == 0 and "AutoencoderKL" in out
+    params = load_file(str(tmp_path / "jx" / "params.safetensors"))
+    assert all(v.dtype == np.float32 for v in params.values()) and "decoder/conv_out/kernel" in params
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, pipeline_dir):
+    code, _, err = _run(capsys, "info", tmp_path / "missing")
+    _assert_one_line_error(code, err, "no such file or folder", "missing")
+
+    truncated = tmp_path / "half.safetensors"
+    data = (pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    code, _, err = _run(capsys, "info", truncated)
+    _assert_one_line_error(code, err, "corrupt or truncated", "half.safetensors")
+
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Exploit(marker)}, tmp_path / "evil.bin")
+    code, _, err = _run(capsys, "convert", tmp_path / "evil.bin", tmp_path / "jx", "--config", pipeline_dir / "unet" / "config.json")
+    _assert_one_line_error(code, err, "refused for safety", "evil.bin")
+    assert not marker.exists() and not (tmp_path / "jx").exists()
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    code, _, err = _run(capsys, "convert", pipeline_dir / "vae", tmp_path / "full")
+    _assert_one_line_error(code, err, "already exists", "--overwrite")
+
+    code, _, err = _run(capsys, "export", pipeline_dir, tmp_path / "out")
+    _assert_one_line_error(code, err, "not a jaxdiff checkpoint")
+
+    (tmp_path / "cn").mkdir()
+    (tmp_path / "cn" / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
+    code, _, err = _run(capsys, "convert", tmp_path / "cn", tmp_path / "jx")
+    assert code == 2 and "unsupported model type 'ControlNetModel'" in err and "UNet2DConditionModel" in err
+
+
+@pytest.mark.parametrize("command", [None, "convert", "export", "info"])
+def test_help_for_every_subcommand(capsys, command):
+    code, out, _ = _run(capsys, *([command] if command else []), "--help")
+    assert code == 0 and "usage: jaxdiff" in out
+
+
+def test_python_dash_m_jaxdiff_runs():
+    out = subprocess.run([sys.executable, "-m", "jaxdiff", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "jaxdiff 0.1.0"
