@@ -11,7 +11,9 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "einsum", "chunked")
 
 # Query-chunk length for the chunked CPU path: keeps the [chunk, L] logits block in cache.
-CPU_QUERY_CHUNK = 1024
+CPU_QUERY_CHUNK = 128
+# Sequences up to this length run unchunked.
+CPU_CHUNK_ABOVE = 256
 
 
 def dot_product_attention(q, k, v, *, mask=None, upcast: bool = False, implementation: str = "auto"):
@@ -35,7 +37,7 @@ def dot_product_attention(q, k, v, *, mask=None, upcast: bool = False, implement
             )
             return out.astype(q.dtype)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
-    if implementation == "chunked" and q.shape[1] > CPU_QUERY_CHUNK and q.shape[1] % CPU_QUERY_CHUNK == 0:
+    if implementation == "chunked" and q.shape[1] > CPU_CHUNK_ABOVE:
         return _chunked_attention(q, k, v, mask, scale, upcast, CPU_QUERY_CHUNK)
     return _einsum_attention(q, k, v, mask, scale, upcast)
 
@@ -54,27 +56,28 @@ def _auto_implementation(q, k, mask):
 
 
 def _einsum_attention(q, k, v, mask, scale, upcast):
+    # Heads-first batched matmuls ([B, H, L, D]) are ~1.5x faster than [B, L, H, D] einsums on XLA:CPU.
     compute = jnp.float32 if (upcast or q.dtype == jnp.float32) else q.dtype
-    precision = jax.lax.Precision.HIGHEST if compute == jnp.float32 else None
-    logits = jnp.einsum(
-        "bqhd,bkhd->bhqk", (q * scale).astype(compute), k.astype(compute), precision=precision
-    )
+    q = (q * scale).astype(compute).transpose(0, 2, 1, 3)
+    k = k.astype(compute).transpose(0, 2, 1, 3)
+    v = v.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=_precision(compute))
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=_precision(v.dtype))
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v, precision=_precision(v.dtype)).transpose(0, 2, 1, 3)
 
 
 def _chunked_attention(q, k, v, mask, scale, upcast, chunk):
-    b, lq, h, d = q.shape
-    qs = q.reshape(b, lq // chunk, chunk, h, d).swapaxes(0, 1)
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, (mask.shape[0], mask.shape[1], lq, k.shape[1]))
-        ms = mask.reshape(mask.shape[0], mask.shape[1], lq // chunk, chunk, -1).transpose(2, 0, 1, 3, 4)
-        out = jax.lax.map(lambda args: _einsum_attention(args[0], k, v, args[1], scale, upcast), (qs, ms))
-    else:
-        out = jax.lax.map(lambda qc: _einsum_attention(qc, k, v, None, scale, upcast), qs)
-    return out.swapaxes(0, 1).reshape(b, lq, h, d)
+    # Unrolled query chunks keep each [chunk, Lk] logits block in cache; unrolled (not lax.map) because
+    # XLA:CPU's backward of a scan over chunks is ~2x slower than that of the unrolled program.
+    outs = []
+    for start in range(0, q.shape[1], chunk):
+        m = None if mask is None else jnp.broadcast_to(mask, (*mask.shape[:2], q.shape[1], k.shape[1]))[
+            :, :, start : start + chunk
+        ]
+        outs.append(_einsum_attention(q[:, start : start + chunk], k, v, m, scale, upcast))
+    return jnp.concatenate(outs, axis=1)
 
 
 @functools.cache

@@ -78,24 +78,44 @@ class Conv(nn.Module):
         pad = self.padding
         if isinstance(pad, int):
             pad = ((pad, pad), (pad, pad))
-        if k == 1 and self.stride == 1 and pad == ((0, 0), (0, 0)):
-            # A 1x1 convolution is a matmul; XLA's dot is faster than its conv on CPU.
-            y = jnp.dot(
-                x.astype(self.dtype), kernel[0, 0].astype(self.dtype), precision=_precision(self.dtype)
-            )
-        else:
-            y = jax.lax.conv_general_dilated(
-                x.astype(self.dtype),
-                kernel.astype(self.dtype),
-                window_strides=(self.stride, self.stride),
-                padding=pad,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                precision=_precision(self.dtype),
-            )
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, tuple(map(tuple, pad)))
         if self.use_bias:
             bias = self.param("bias", _partitioned(nn.initializers.zeros_init(), (CONV_OUT,)), (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
         return y
+
+
+# On XLA:CPU a 3x3 convolution over few pixels and many channels runs 1.2-2.5x faster forward and ~3x
+# faster backward as im2col + one matmul than as a native convolution; at larger images the native
+# convolution wins. Accelerators always use the native convolution (cuDNN / TPU MXU).
+IM2COL_MAX_PIXELS = 256
+
+
+def conv2d(x, kernel, stride: int = 1, padding=((1, 1), (1, 1)), im2col: bool | None = None):
+    """NHWC x HWIO convolution; `im2col=None` picks the faster formulation for the backend and shape."""
+    kh, kw, cin, cout = kernel.shape
+    precision = _precision(x.dtype)
+    if kh == kw == 1 and stride == 1 and padding == ((0, 0), (0, 0)):
+        return jnp.dot(x, kernel[0, 0], precision=precision)  # a 1x1 convolution is a matmul
+    (pt, pb), (pl, pr) = padding
+    ho = (x.shape[1] + pt + pb - kh) // stride + 1
+    wo = (x.shape[2] + pl + pr - kw) // stride + 1
+    if im2col is None:
+        im2col = jax.default_backend() == "cpu" and ho * wo <= IM2COL_MAX_PIXELS
+    if not im2col:
+        return jax.lax.conv_general_dilated(
+            x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
+        )
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    cols = jnp.concatenate(
+        [
+            xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
+            for i in range(kh)
+            for j in range(kw)
+        ],
+        axis=-1,
+    )
+    return jnp.dot(cols, kernel.reshape(kh * kw * cin, cout), precision=precision)
 
 
 class GroupNorm(nn.Module):
