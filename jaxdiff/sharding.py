@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -44,7 +45,9 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device]
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def logical_to_mesh_spec(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES) -> PartitionSpec:
+def logical_to_mesh_spec(
+    logical: PartitionSpec, shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES
+) -> PartitionSpec:
     """Mesh PartitionSpec for one array: each logical name mapped by `rules`; a mesh axis is used at most
     once per array, and a dimension not divisible by its mesh axes' size is replicated instead."""
     table = dict(rules)

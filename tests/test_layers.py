@@ -16,7 +16,9 @@ def test_im2col_and_native_convolution_match_torch(stride, padding):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 9, 8, 6)).astype(np.float32)
     w = rng.standard_normal((3, 3, 6, 5)).astype(np.float32)
-    tx = torch.nn.functional.pad(torch.from_numpy(x).permute(0, 3, 1, 2), (padding[1][0], padding[1][1], padding[0][0], padding[0][1]))
+    tx = torch.nn.functional.pad(
+        torch.from_numpy(x).permute(0, 3, 1, 2), (padding[1][0], padding[1][1], padding[0][0], padding[0][1])
+    )
     ref = torch.nn.functional.conv2d(tx, torch.from_numpy(w).permute(3, 2, 0, 1), stride=stride).permute(0, 2, 3, 1)
     for im2col in (True, False):
         out = conv2d(jnp.asarray(x), jnp.asarray(w), stride, padding, im2col=im2col)

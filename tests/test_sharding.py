@@ -51,7 +51,9 @@ def test_logical_rules_replicate_what_does_not_divide_and_use_each_mesh_axis_onc
     mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
     spec = sharding.logical_to_mesh_spec(PartitionSpec("embed", "heads"), (64, 64), mesh)
     assert spec == PartitionSpec("fsdp", "tensor")
-    assert sharding.logical_to_mesh_spec(PartitionSpec("embed", "conv_out"), (64, 64), mesh) == PartitionSpec("fsdp", None)
+    assert sharding.logical_to_mesh_spec(PartitionSpec("embed", "conv_out"), (64, 64), mesh) == PartitionSpec(
+        "fsdp", None
+    )
     assert sharding.logical_to_mesh_spec(PartitionSpec("embed", "mlp"), (6, 3), mesh) == PartitionSpec(None, None)
 
 

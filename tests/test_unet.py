@@ -133,7 +133,12 @@ def test_unet_bfloat16_compute_stays_close(reference):
 FULL_SIZE = {
     "sd15": (dict(cross_attention_dim=768), 859_520_964),
     "sd21": (
-        dict(attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True, upcast_attention=True),
+        dict(
+            attention_head_dim=[5, 10, 20, 20],
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+            upcast_attention=True,
+        ),
         865_910_724,
     ),
     "sdxl": (

@@ -53,8 +53,11 @@ def main(argv=None):
 
     model = create(ARCHITECTURES["UNet2DConditionModel"], config, abstract=False, dtype=dtype, attention=args.attention)
     params = model.params
-    print(f"jaxdiff UNet: {model.num_params():,} params, latents {lat}x{lat}, batch {args.batch}, {args.dtype}, "
-          f"backend {jax.default_backend()}", flush=True)
+    print(
+        f"jaxdiff UNet: {model.num_params():,} params, latents {lat}x{lat}, batch {args.batch}, {args.dtype}, "
+        f"backend {jax.default_backend()}",
+        flush=True,
+    )
 
     fwd = jax.jit(model.apply)
     t0 = time.perf_counter()
@@ -64,6 +67,7 @@ def main(argv=None):
     results["jax_forward_s"] = timeit(lambda: fwd_c(params, x, t, ctx).block_until_ready(), args.repeats)
 
     if not args.no_backward:
+
         def loss(p):
             return jnp.mean(jnp.square(model.apply(p, x, t, ctx).astype(jnp.float32)))
 
@@ -97,6 +101,7 @@ def main(argv=None):
         torch_fwd()
         results["torch_forward_s"] = timeit(torch_fwd, args.repeats)
         if not args.no_backward:
+
             def torch_bwd():
                 ref.zero_grad(set_to_none=True)
                 ref(tx, tt, tc).sample.float().square().mean().backward()
@@ -106,8 +111,14 @@ def main(argv=None):
             results["torch_forward_backward_s"] = timeit(torch_bwd, args.repeats)
         results["torch_threads"] = torch.get_num_threads()
 
-    print(f"compile: forward {results['jax_forward_compile_s']:.1f} s"
-          + (f", forward+backward {results['jax_backward_compile_s']:.1f} s" if "jax_backward_compile_s" in results else ""))
+    print(
+        f"compile: forward {results['jax_forward_compile_s']:.1f} s"
+        + (
+            f", forward+backward {results['jax_backward_compile_s']:.1f} s"
+            if "jax_backward_compile_s" in results
+            else ""
+        )
+    )
     for what in ("forward", "forward_backward"):
         j = results.get(f"jax_{what}_s")
         if j is None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -106,7 +107,9 @@ def load_state_dict(
     """
     aliases = dict(aliases)
     ignore = tuple(ignore)
-    expected = {tuple(p.key for p in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    expected = {
+        tuple(p.key for p in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    }
     consumed, missing, misshaped, flat = set(), [], [], {}
     for entry in table:
         key = next((k for k in (entry.torch_key, *aliases.get(entry.torch_key, ())) if k in state), None)

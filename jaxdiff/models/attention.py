@@ -1,4 +1,4 @@
-"""Scaled dot-product attention with the implementation chosen per backend (cuDNN flash on GPU, chunked einsum on CPU)."""
+"""Scaled dot-product attention, implementation chosen per backend (cuDNN flash on GPU, chunked einsum on CPU)."""
 
 from __future__ import annotations
 
@@ -73,9 +73,11 @@ def _chunked_attention(q, k, v, mask, scale, upcast, chunk):
     # XLA:CPU's backward of a scan over chunks is ~2x slower than that of the unrolled program.
     outs = []
     for start in range(0, q.shape[1], chunk):
-        m = None if mask is None else jnp.broadcast_to(mask, (*mask.shape[:2], q.shape[1], k.shape[1]))[
-            :, :, start : start + chunk
-        ]
+        m = (
+            None
+            if mask is None
+            else jnp.broadcast_to(mask, (*mask.shape[:2], q.shape[1], k.shape[1]))[:, :, start : start + chunk]
+        )
         outs.append(_einsum_attention(q[:, start : start + chunk], k, v, m, scale, upcast))
     return jnp.concatenate(outs, axis=1)
 

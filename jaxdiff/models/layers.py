@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -80,7 +80,9 @@ class Conv(nn.Module):
             pad = ((pad, pad), (pad, pad))
         y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, tuple(map(tuple, pad)))
         if self.use_bias:
-            bias = self.param("bias", _partitioned(nn.initializers.zeros_init(), (CONV_OUT,)), (self.features,), jnp.float32)
+            bias = self.param(
+                "bias", _partitioned(nn.initializers.zeros_init(), (CONV_OUT,)), (self.features,), jnp.float32
+            )
             y = y + bias.astype(self.dtype)
         return y
 

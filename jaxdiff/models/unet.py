@@ -189,9 +189,7 @@ def resolved_config(config: dict) -> dict:
         mid_block_scale_factor=1,
     )
     cfg.update({k: v for k, v in config.items() if not k.startswith("_")})
-    problems = [
-        f"{k}={cfg[k]!r} (supported: {v!r})" for k, v in _REQUIRED_DEFAULTS.items() if cfg.get(k, v) != v
-    ]
+    problems = [f"{k}={cfg[k]!r} (supported: {v!r})" for k, v in _REQUIRED_DEFAULTS.items() if cfg.get(k, v) != v]
     n = len(cfg["block_out_channels"])
     for key, known in (("down_block_types", _DOWN), ("up_block_types", _UP)):
         problems += [f"{key} entry {b!r} (supported: {sorted(known)})" for b in cfg[key] if b not in known]
