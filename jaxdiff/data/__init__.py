@@ -1,0 +1,1 @@
+"""Data sets for jaxdiff: the procedural `shapes` world and its TFDS builder."""
