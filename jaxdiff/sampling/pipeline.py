@@ -1,0 +1,233 @@
+"""Text-to-image pipelines (SD 1.x/2.x, SDXL, the embedded `shapes` model): the whole denoising loop is one compiled program."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.convert import checkpoint
+from jaxdiff.models.model import Model
+from jaxdiff.sampling import text
+
+# diffusers scheduler class -> jaxdiff scheduler name
+SCHEDULER_NAMES = {
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "PNDMScheduler": "pndm",
+    "EulerDiscreteScheduler": "euler",
+    "DPMSolverMultistepScheduler": "dpm++2m",
+    "FlowMatchEulerDiscreteScheduler": "flow_euler",
+}
+BUILTIN = {"shapes": Path(__file__).resolve().parent.parent / "assets" / "shapes"}
+
+
+def resolve(path_or_name: str | os.PathLike) -> Path:
+    """A pipeline folder from a path or a built-in name ("shapes")."""
+    if str(path_or_name) in BUILTIN:
+        path = BUILTIN[str(path_or_name)]
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"the built-in {path_or_name!r} model is not installed at {path}; train it with tools/train_shapes.py"
+            )
+        return path
+    path = Path(path_or_name)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no model at {path} (give a diffusers pipeline folder, a jaxdiff checkpoint or 'shapes')"
+        )
+    return path
+
+
+def load_pipeline(path_or_name: str | os.PathLike = "shapes", dtype=jnp.float32, attention: str = "auto") -> Pipeline:
+    """A pipeline from a diffusers pipeline folder, a jaxdiff checkpoint, or a built-in name ("shapes")."""
+    path = resolve(path_or_name)
+    models = checkpoint.load_components(path, dtype=dtype, attention=attention)
+    missing = [name for name in ("unet", "vae", "text_encoder") if name not in models]
+    if missing:
+        raise ValueError(f"{path} is not a text-to-image pipeline: missing components {missing}")
+    encoders = [models["text_encoder"]] + ([models["text_encoder_2"]] if "text_encoder_2" in models else [])
+    tokenizer_dirs = [path / "tokenizer"] + ([path / "tokenizer_2"] if len(encoders) > 1 else [])
+    scheduler_path = path / "scheduler" / "scheduler_config.json"
+    scheduler_config = checkpoint.read_json(scheduler_path) if scheduler_path.exists() else {}
+    return Pipeline(
+        path=path,
+        unet=models["unet"],
+        vae=models["vae"],
+        text_encoders=encoders,
+        tokenizers=[text.load_tokenizer(d) for d in tokenizer_dirs],
+        scheduler_config=scheduler_config,
+    )
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """`pipe(prompts, ...)` -> images [B, H, W, 3] in [0, 1]; params live in `self.params` (a dict by component)."""
+
+    path: Path
+    unet: Model
+    vae: Model
+    text_encoders: list[Model]
+    tokenizers: list[Any]
+    scheduler_config: dict
+    _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+    _bar: list = dataclasses.field(default_factory=lambda: [None], repr=False)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return len(self.text_encoders) == 2
+
+    @property
+    def params(self) -> dict:
+        return {
+            "unet": self.unet.params,
+            "vae": self.vae.params,
+            "text_encoders": [e.params for e in self.text_encoders],
+        }
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config["block_out_channels"]) - 1)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.config.get("sample_size", 64)) * self.vae_scale_factor
+
+    def default_scheduler(self) -> str:
+        return SCHEDULER_NAMES.get(self.scheduler_config.get("_class_name"), "ddim")
+
+    def encode_prompts(self, prompts: list[str], params=None):
+        """Conditioning for the UNet: (context [B, L, D], added_cond or None)."""
+        params = self.params if params is None else params
+        ids = [text.tokenize(tok, prompts) for tok in self.tokenizers]
+        if not self.is_sdxl:
+            return text.sd_conditioning(self.text_encoders[0], params["text_encoders"][0], ids[0]), None
+        context, pooled = text.sdxl_conditioning(self.text_encoders, params["text_encoders"], ids)
+        return context, pooled
+
+    def __call__(
+        self,
+        prompts: str | list[str],
+        negative_prompts: str | list[str] | None = None,
+        steps: int = 25,
+        guidance: float = 7.5,
+        scheduler: str | None = None,
+        seed: int = 0,
+        latents=None,
+        height: int | None = None,
+        width: int | None = None,
+        params: dict | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Images [B, H, W, 3] float in [0, 1]. `latents`: NHWC unit Gaussian noise (scaled by the scheduler's
+        init_noise_sigma, as diffusers does); `params` overrides the loaded params (e.g. an erased UNet)."""
+        from jaxdiff.sampling import make_scheduler
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        if negative_prompts is None:
+            negative_prompts = [""] * len(prompts)
+        negative_prompts = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else negative_prompts
+        if len(negative_prompts) != len(prompts):
+            raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+        if steps <= 0:
+            raise ValueError(f"steps must be positive, got {steps}")
+        height, width = height or self.default_size, width or self.default_size
+        factor = self.vae_scale_factor * 2 ** (len(self.unet.config.get("block_out_channels", (0,) * 4)) - 1)
+        if height <= 0 or width <= 0 or height % factor or width % factor:
+            raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+        params = self.params if params is None else params
+        name = scheduler or self.default_scheduler()
+        sched = make_scheduler(name, self.scheduler_config)
+        plan = sched.plan(steps)
+
+        use_cfg = guidance > 1.0
+        context, pooled = self.encode_prompts(prompts + (negative_prompts if use_cfg else []), params)
+        added = None
+        if self.is_sdxl:
+            time_ids = jnp.asarray([[height, width, 0, 0, height, width]] * context.shape[0], jnp.float32)
+            added = {"text_embeds": pooled, "time_ids": time_ids}
+        shape = (
+            len(prompts),
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+            self.unet.config.get("in_channels", 4),
+        )
+        if latents is None:
+            latents = jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+        latents = jnp.asarray(latents, jnp.float32)
+        if latents.shape != shape:
+            raise ValueError(f"latents must have shape {shape}, got {latents.shape}")
+
+        fn = self._sampler(name, use_cfg, progress)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar[0] = tqdm(total=sched.num_model_calls(plan), desc="denoising", unit="step")
+        try:
+            images = fn(
+                params["unet"],
+                params["vae"],
+                plan,
+                context,
+                added,
+                latents,
+                jnp.float32(guidance),
+                jax.random.PRNGKey(seed + 1),
+            )
+            images = np.asarray(images)
+        finally:
+            if self._bar[0] is not None:
+                self._bar[0].close()
+                self._bar[0] = None
+        return images
+
+    def _sampler(self, name: str, use_cfg: bool, progress: bool):
+        """One jitted program per (scheduler, guidance on/off, progress); XLA caches one executable per shape."""
+        key = (name, use_cfg, progress)
+        if key not in self._compiled:
+            from jaxdiff.sampling import make_scheduler
+
+            sched = make_scheduler(name, self.scheduler_config)
+            self._compiled[key] = jax.jit(functools.partial(self._sample, sched, use_cfg, progress))
+        return self._compiled[key]
+
+    def _tick(self, _):
+        if self._bar[0] is not None:
+            self._bar[0].update(1)
+
+    def _sample(self, sched, use_cfg, progress, unet_params, vae_params, plan, context, added, latents, guidance, key):
+        x = latents * plan.init_noise_sigma
+        carry = sched.init_carry(plan, x)
+
+        def body(i, state):
+            x, carry, key = state
+            key, step_key = jax.random.split(key)
+            x_in = sched.scale_model_input(plan, x, i)
+            t = jnp.broadcast_to(plan.timesteps[i], (context.shape[0],))
+            model_in = jnp.concatenate([x_in, x_in]) if use_cfg else x_in
+            out = self.unet.apply(unet_params, model_in, t, context, added).astype(jnp.float32)
+            if use_cfg:
+                cond, uncond = jnp.split(out, 2)
+                out = uncond + guidance * (cond - uncond)
+            x, carry = sched.step(plan, out, i, x, carry, step_key)
+            if progress:
+                jax.debug.callback(self._tick, i)
+            return x, carry, key
+
+        x, _, _ = jax.lax.fori_loop(0, plan.timesteps.shape[0], body, (x, carry, key))
+        return self.decode_latents(vae_params, x)
+
+    def decode_latents(self, vae_params, latents):
+        """Scaled latents -> images [B, H, W, 3] in [0, 1] (diffusers: z / scaling_factor + shift, decode, /2 + 0.5)."""
+        z = latents / self.vae.config.get("scaling_factor", 0.18215)
+        if self.vae.config.get("shift_factor") is not None:
+            z = z + self.vae.config["shift_factor"]
+        return jnp.clip(self.vae.decode(vae_params, z) / 2 + 0.5, 0.0, 1.0)
