@@ -8,6 +8,8 @@ _LAZY = {
     "init_model": "jaxdiff.api",
     "load_components": "jaxdiff.api",
     "Model": "jaxdiff.models.model",
+    "load_pipeline": "jaxdiff.sampling.pipeline",
+    "Pipeline": "jaxdiff.sampling.pipeline",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,4 +1,4 @@
-"""Text-to-image pipelines (SD 1.x/2.x, SDXL, the embedded `shapes` model): the whole denoising loop is one compiled program."""
+"""Text-to-image pipelines (SD 1.x/2.x, SDXL, `shapes`): the whole denoising loop is one compiled program."""
 
 from __future__ import annotations
 

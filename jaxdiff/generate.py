@@ -1,0 +1,128 @@
+"""`jaxdiff generate`: prompts -> PNG images, a PNG grid and a JSON record, through the compiled pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="text-to-image: PNGs, a grid and a JSON record",
+        description="Generate images for each prompt with the embedded `shapes` model (default), a converted "
+        "jaxdiff checkpoint or a diffusers pipeline folder.",
+    )
+    p.add_argument("prompts", nargs="+", metavar="PROMPT")
+    p.add_argument("--model", default="shapes", help="'shapes', a jaxdiff checkpoint or a diffusers pipeline folder")
+    p.add_argument("--negative", action="append", help="negative prompt (once for all prompts, or once per prompt)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, else 25)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--scheduler", default=None, help="ddim, pndm, euler, dpm++2m, ddpm, flow_euler (default: ddim)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--out", default="out", help="output folder (default: out/)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "prompt"
+
+
+def model_defaults(path: Path) -> dict:
+    """Sampling defaults a model folder recommends (`sampling_defaults.json`), e.g. the shapes model's guidance."""
+    f = path / "sampling_defaults.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def run(args) -> int:
+    import jax.numpy as jnp
+
+    from jaxdiff.images import make_grid, save_png
+    from jaxdiff.sampling import pipeline as pipeline_lib
+
+    path = pipeline_lib.resolve(args.model)  # unknown model: one-line error before anything is loaded
+    defaults = {"steps": 25, "guidance": 7.5, "scheduler": "ddim", **model_defaults(path)}
+    steps = args.steps if args.steps is not None else defaults["steps"]
+    guidance = args.guidance if args.guidance is not None else defaults["guidance"]
+    scheduler = args.scheduler or defaults["scheduler"]
+    if steps <= 0:
+        raise ValueError(f"--steps must be positive, got {steps}")
+    if args.num_images <= 0:
+        raise ValueError(f"--num-images must be positive, got {args.num_images}")
+    negatives = args.negative or None
+    if negatives and len(negatives) not in (1, len(args.prompts)):
+        raise ValueError(f"give one --negative for all prompts or one per prompt ({len(args.prompts)})")
+
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    pipe = pipeline_lib.load_pipeline(path, dtype=dtype)
+    prompts = [p for p in args.prompts for _ in range(args.num_images)]
+    if negatives:
+        negatives = [
+            n
+            for n in (negatives * len(args.prompts) if len(negatives) == 1 else negatives)
+            for _ in range(args.num_images)
+        ]
+    start = time.perf_counter()
+    images = []
+    # One batch per image index so each image's noise depends only on (seed + index), not on the batch.
+    for k in range(args.num_images):
+        batch = prompts[k :: args.num_images]
+        neg = negatives[k :: args.num_images] if negatives else None
+        images.append(
+            pipe(
+                batch,
+                neg,
+                steps=steps,
+                guidance=guidance,
+                scheduler=scheduler,
+                seed=args.seed + k,
+                height=args.height,
+                width=args.width,
+                progress=not args.quiet,
+            )
+        )
+    seconds = time.perf_counter() - start
+    ordered = [images[k][i] for i in range(len(args.prompts)) for k in range(args.num_images)]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for n, image in enumerate(ordered):
+        i, k = divmod(n, args.num_images)
+        name = f"{n:03d}-{_slug(args.prompts[i])}.png"
+        save_png(out / name, image)
+        records.append(
+            {
+                "file": name,
+                "prompt": args.prompts[i],
+                "seed": args.seed + k,
+                "negative_prompt": negatives[n] if negatives else None,
+            }
+        )
+    save_png(out / "grid.png", make_grid(ordered, columns=args.num_images if args.num_images > 1 else None))
+    record = {
+        "model": str(args.model),
+        "model_path": str(path),
+        "steps": steps,
+        "guidance": guidance,
+        "scheduler": scheduler,
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "height": int(ordered[0].shape[0]),
+        "width": int(ordered[0].shape[1]),
+        "seconds": round(seconds, 3),
+        "images": records,
+    }
+    tmp = out / f".generate.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / "generate.json")
+    print(f"wrote {len(ordered)} images, grid.png and generate.json to {out}/ ({seconds:.1f} s)")
+    return 0

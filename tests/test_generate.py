@@ -1,0 +1,62 @@
+"""`jaxdiff generate`: PNGs, a grid and a JSON record; bad input is one line, exit 2, nothing written."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_convert_io import tiny_pipeline
+
+from jaxdiff import cli
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("genpipe") / "pipe")
+
+
+def test_generate_writes_images_grid_and_record(folder, tmp_path):
+    out = tmp_path / "out"
+    argv = ["generate", "a b c", "x y", "--model", str(folder), "--steps", "3", "--seed", "7", "--out", str(out)]
+    assert cli.main(argv + ["--num-images", "2", "--quiet"]) == 0
+    record = json.loads((out / "generate.json").read_text())
+    assert record["steps"] == 3 and record["scheduler"] == "ddim" and record["seed"] == 7
+    assert [r["prompt"] for r in record["images"]] == ["a b c", "a b c", "x y", "x y"]
+    assert [r["seed"] for r in record["images"]] == [7, 8, 7, 8]
+    first = np.asarray(Image.open(out / record["images"][0]["file"]))
+    assert first.shape == (16, 16, 3)
+    assert Image.open(out / "grid.png").size[0] > 2 * 16
+    # The same prompt and seed give the same image whatever else is in the batch.
+    out2 = tmp_path / "out2"
+    assert (
+        cli.main(
+            ["generate", "a b c", "--model", str(folder), "--steps", "3", "--seed", "7", "--out", str(out2), "--quiet"]
+        )
+        == 0
+    )
+    again = np.asarray(Image.open(out2 / json.loads((out2 / "generate.json").read_text())["images"][0]["file"]))
+    np.testing.assert_array_equal(first, again)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--steps", "0"], "steps must be positive"),
+        (["--height", "10"], "multiples of"),
+        (["--model", "/no/such/model"], "no model at"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(folder, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    argv = ["generate", "a b", "--model", str(folder), "--out", str(out), "--quiet", *extra]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_prompt_longer_than_the_tokenizer_allows(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["generate", "a " * 40, "--model", str(folder), "--out", str(out), "--quiet"]) == 2
+    assert "longer than" in capsys.readouterr().err
+    assert not out.exists()
