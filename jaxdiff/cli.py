@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -103,6 +104,67 @@ def _info(args) -> int:
 
 # Each entry adds one subcommand; later ones (generate, train, erase, distill, evaluate) append here.
 SUBCOMMANDS: list[Callable] = [_add_convert, _add_export, _add_info]
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train with a configs/train/*.py config (resumes from the workdir's last checkpoint)",
+        description="Train with an ml_collections config file: --config FILE[:ARG], then any --config.KEY=VALUE "
+        "overrides (e.g. --config.total_steps=100 --config.mesh.fsdp=8). Resumes from WORKDIR/checkpoints when "
+        "present. Multi-process: --coordinator HOST:PORT --num-processes N --process-id I (or the JAXDIFF_* "
+        "environment variables set by launch/local.sh), or --distributed on TPU pods and SLURM (auto-detected).",
+    )
+    p.add_argument("--config", required=True, help="config file, optionally with an argument: FILE.py[:ARG]")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events")
+    p.add_argument("--coordinator", default=os.environ.get("JAXDIFF_COORDINATOR"), help="HOST:PORT of process 0")
+    p.add_argument("--num-processes", type=int, default=_env_int("JAXDIFF_NUM_PROCESSES"))
+    p.add_argument("--process-id", type=int, default=_env_int("JAXDIFF_PROCESS_ID"))
+    p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with auto-detection")
+    p.set_defaults(func=_train, overrides=[])
+    parse_known = p.parse_known_args
+
+    def parse_with_overrides(args=None, namespace=None):  # keep --config.KEY=VALUE for _train, argparse-style
+        namespace, rest = parse_known(args, namespace)
+        namespace.overrides = list(namespace.overrides) + [a for a in rest if a.startswith("--config.")]
+        return namespace, [a for a in rest if not a.startswith("--config.")]
+
+    p.parse_known_args = parse_with_overrides
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def _train(args) -> int:
+    from jaxdiff.train import config as config_lib
+    from jaxdiff.train import loop
+    from jaxdiff.train.step import NonFiniteError
+
+    config = config_lib.apply_overrides(config_lib.load_config(args.config), args.overrides)
+    loop.initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed)
+    try:
+        result = loop.train(config, args.workdir)
+    except NonFiniteError as e:
+        print(f"jaxdiff: stopped: {e}", file=sys.stderr)
+        return 3
+    loss = "n/a" if result["loss"] is None else f"{result['loss']:.5g}"
+    state = "preempted, resumable" if result["preempted"] else "done"
+    print(f"step {result['step']} ({state}): loss {loss}, skipped {result['skipped']}, workdir {args.workdir}")
+    return 0
+
+
+SUBCOMMANDS.append(_add_train)
+
+
+def _add_generate(sub) -> None:
+    from jaxdiff import generate
+
+    generate.add_parser(sub)
+
+
+SUBCOMMANDS.append(_add_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:
