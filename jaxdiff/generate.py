@@ -42,6 +42,15 @@ def model_defaults(path: Path) -> dict:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
+def enable_compilation_cache() -> None:
+    """Persistent XLA compilation cache (default ~/.cache/jaxdiff/jax_cache) so a second run skips compiling."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        default = os.path.join(os.path.expanduser("~"), ".cache", "jaxdiff", "jax_cache")
+        jax.config.update("jax_compilation_cache_dir", os.environ.get("JAXDIFF_CACHE_DIR", default))
+
+
 def run(args) -> int:
     import jax.numpy as jnp
 
@@ -61,6 +70,7 @@ def run(args) -> int:
     if negatives and len(negatives) not in (1, len(args.prompts)):
         raise ValueError(f"give one --negative for all prompts or one per prompt ({len(args.prompts)})")
 
+    enable_compilation_cache()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     pipe = pipeline_lib.load_pipeline(path, dtype=dtype)
     prompts = [p for p in args.prompts for _ in range(args.num_images)]
