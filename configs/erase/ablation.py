@@ -1,0 +1,34 @@
+# COMMAND: jaxdiff erase --config configs/erase/ablation.py --config.concept=circle --config.anchor=square \
+#   --out runs/ablation_circle
+# Concept Ablation (Kumari et al. 2023): model-based loss ||ε_θ(x_t, c*) − sg ε_θ(x_t, c_anchor)||² on noised
+# anchor images (≈200 generated from the anchor prompt); c* = anchor caption with the concept inserted.
+# Defaults of the README: attn2 K/V ("cross-attn"), batch 4, lr 2e-6 scaled by batch × processes, 100 steps,
+# no prior preservation (":prior" adds it, weight 1). ":runlocal": 5 steps, 4 anchor images.
+"""Concept Ablation; see jaxdiff/erase/ablation.py."""
+
+from jaxdiff.erase.config import base_config, train_block
+
+
+def get_config(arg: str = ""):
+    c = base_config("ablation")
+    c.anchor = "square"
+    c.ablation = dict(
+        loss_type="model-based",
+        with_prior=False,
+        prior_loss_weight=1.0,
+        num_anchor_images=200,
+        scale_lr=True,
+        caption_template="{anchor} {concept}",
+    )
+    c.train = train_block(steps=100, learning_rate=2e-6, batch_size=4, selector="cross-attn-kv")
+    for variant in filter(None, arg.split(",")):
+        if variant == "prior":
+            c.ablation.with_prior = True
+        elif variant == "full":
+            c.train.selector = "full"
+        elif variant == "runlocal":
+            c.ablation.num_anchor_images = 4
+            c.train.update(steps=5, batch_size=2, log_every=1)
+        else:
+            raise ValueError(f"unknown ablation config variant {variant!r} (prior, full, runlocal)")
+    return c

@@ -1,0 +1,34 @@
+# COMMAND: jaxdiff erase --config configs/erase/esd.py --config.concept=circle --out runs/esd_circle
+# ESD (Gandikota et al. 2023): negative-guidance fine-tuning, target ε*(∅) − η(ε*(c) − ε*(∅)); defaults of the
+# paper-era CompVis code (train-esd.py): ESD-x, Adam lr 1e-5, 1000 iterations, batch 1, η 1, CFG 3, DDIM 50, x_t
+# sampled by the trainee. ":new" switches to the diffusers-era code (lr 5e-5, 200 its, η 2, frozen sampler,
+# exact timesteps); ":runlocal" is a seconds-long CPU smoke run.
+"""ESD; see jaxdiff/erase/esd.py for the exact objective and the options."""
+
+from jaxdiff.erase.config import base_config, train_block
+
+
+def get_config(arg: str = ""):
+    c = base_config("esd")
+    c.esd = dict(
+        negative_guidance=1.0,  # η
+        start_guidance=3.0,  # CFG of the partial sampling that produces x_t
+        ddim_steps=50,
+        sampler="trainee",  # "trainee" (paper code) | "frozen" (diffusers code)
+        timestep_mode="compvis",  # "compvis" (t_ddpm jittered in the DDIM interval) | "diffusers" (exact)
+        erase_from="",  # source concept c_f for the erase-from variant ("" = off)
+    )
+    # esd-x | esd-u | esd-all | esd-x-strict, or the CompVis names xattn | noxattn | selfattn | full | notime
+    c.train = train_block(steps=1000, learning_rate=1e-5, batch_size=1, selector="esd-x")
+    for variant in filter(None, arg.split(",")):
+        if variant == "new":
+            c.esd.update(negative_guidance=2.0, sampler="frozen", timestep_mode="diffusers")
+            c.train.update(steps=200, learning_rate=5e-5)
+        elif variant == "u":
+            c.train.selector = "esd-u"
+        elif variant == "runlocal":
+            c.esd.ddim_steps = 4
+            c.train.update(steps=5, log_every=1)
+        else:
+            raise ValueError(f"unknown esd config variant {variant!r} (new, u, runlocal)")
+    return c

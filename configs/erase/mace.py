@@ -1,0 +1,23 @@
+# COMMAND: jaxdiff erase --config configs/erase/mace.py --config.concept=circle --config.anchor=square \
+#   --out runs/mace_circle
+# MACE (Lu et al. 2024), closed-form refinement only: residual tokens of the concept's prompts mapped onto the
+# anchor-substituted prompts, λ 0, preservation cache of captions (COCO in the paper; the preserve prompts and
+# templates here) with ρ 7e-7 applied twice (official quirk, squared). The per-concept LoRA stage is not
+# implemented; `jaxdiff.erase.mace.fuse` does the closed-form LoRA fusion. ":runlocal": the same, tiny model.
+"""MACE CFR; see jaxdiff/erase/mace.py."""
+
+from jaxdiff.erase.config import base_config
+
+
+def get_config(arg: str = ""):
+    c = base_config("mace")
+    c.templates = ("{}", "a photo of {}", "an image of {}")
+    c.mace = dict(
+        lam=0.0, preserve_scale=7e-7, square_preserve_scale=True, with_to_k=True, cache_prompts=""
+    )  # ";"-separated captions for the preservation cache ("" = templates × preserve)
+    for variant in filter(None, arg.split(",")):
+        if variant == "runlocal":
+            pass
+        else:
+            raise ValueError(f"unknown mace config variant {variant!r} (runlocal)")
+    return c

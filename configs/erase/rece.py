@@ -1,0 +1,41 @@
+# COMMAND: jaxdiff erase --config configs/erase/rece.py --config.concept=circle --out runs/rece_circle
+# RECE (Gong et al. 2024): UCE first, then alternate a closed-form regenerating embedding and a UCE edit that
+# erases it, keeping the epoch with the lowest validation score. Defaults of scripts/nudity.sh except the epochs:
+# λ (lamb) 0.1, preserve 0.1, erase 1, "replace", neutral target " "; reg 1e-3 and 1 epoch (artistic styles /
+# hard objects); ":nudity" = reg 0.1, 3 epochs. ":runlocal": 2 epochs on the tiny model.
+"""RECE; see jaxdiff/erase/rece.py."""
+
+from jaxdiff.erase.config import base_config
+
+
+def get_config(arg: str = ""):
+    c = base_config("rece")
+    c.anchor = " "  # RECE's neutral target
+    c.uce = dict(
+        lam=0.5,
+        erase_scale=1.0,
+        preserve_scale=1.0,
+        edit_tokens="last_word",
+        preserve_tokens="last_word",
+        technique="replace",
+        with_to_k=True,
+    )  # the starting UCE edit (towards "")
+    c.rece = dict(
+        epochs=1,
+        reg=1e-3,  # λ of the regenerating-embedding solve (regular_scale)
+        lam=0.1,  # λ₂ (lamb)
+        preserve_scale=0.1,  # λ₁
+        erase_scale=1.0,
+        technique="replace",
+        validate=True,  # score each epoch (probe accuracy on the concept's prompts) and keep the best
+        validate_initial=False,  # also score the UCE starting point as epoch 0
+        num_validation_prompts=8,
+    )
+    for variant in filter(None, arg.split(",")):
+        if variant == "nudity":
+            c.rece.update(reg=0.1, epochs=3)
+        elif variant == "runlocal":
+            c.rece.update(epochs=2, num_validation_prompts=2)
+        else:
+            raise ValueError(f"unknown rece config variant {variant!r} (nudity, runlocal)")
+    return c

@@ -1,0 +1,368 @@
+"""Pieces shared by the erasure methods: parameter selectors and the frozen/trainable split, prompt encodings with
+token bookkeeping, model calls, x̂0, and partial DDIM sampling to x_t inside one compiled `lax.fori_loop`.
+
+Conventions used by every fine-tuning objective in `jaxdiff.erase`:
+
+- An objective is built by `make_loss(model, ...)` and is a pure function
+  `loss(trainable, frozen, batch, rng) -> (scalar loss, aux dict)`, differentiable in `trainable` only.
+- `trainable` holds only the selected leaves of the UNet param tree (nested dicts, same paths as the full tree),
+  `frozen["base"]` is the full tree of the original, frozen model θ*. The trained model is
+  `combine(trainable, frozen["base"])`: its unselected leaves never change, so they are read from θ*.
+- Images/latents are NHWC; contexts are text-encoder hidden states [B, L, D].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxdiff.sampling.schedulers import make_scheduler
+from jaxdiff.sampling.schedulers.common import spaced_timesteps
+
+# The scheduler_config.json of runwayml/stable-diffusion-v1-5 (PNDM there; the same betas drive DDIM/DDPM here).
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
+)
+
+Path = tuple[str, ...]
+
+# XLA options for programs that run once (initialisers): unoptimised code compiles ~10x faster on CPU, where
+# optimising jax.random's threefry alone takes over a second per draw.
+ONE_OFF = {"xla_backend_optimization_level": 0}
+
+
+def run_once(fn, *args):
+    """Run an initialiser compiled with ONE_OFF options; inside a trace (jit / eval_shape), where JAX refuses
+    compiler options on nested jits, it is simply called."""
+    try:
+        return jax.jit(fn, compiler_options=ONE_OFF)(*args)
+    except ValueError as err:
+        if "compiler_options" not in str(err):
+            raise
+        return fn(*args)
+
+
+# ----------------------------------------------------------------------------------------- selectors
+
+
+def _is_linear(path: Path, modules_with_kernel: set[Path]) -> bool:
+    return path[:-1] in modules_with_kernel
+
+
+def _has(path: Path, name: str) -> bool:
+    return name in path
+
+
+def _attn2_kv(path: Path) -> bool:
+    return "attn2" in path and path[-2] in ("to_k", "to_v")
+
+
+_TRANSFORMER = re.compile(r"attentions_\d+$")
+
+# name -> rule(path, is_linear_or_conv) deciding whether a param leaf trains. Flax paths: e.g.
+# ("down_blocks_0", "attentions_0", "transformer_blocks_0", "attn2", "to_k", "kernel").
+SELECTORS: dict[str, Callable[[Path, bool], bool]] = {
+    # ESD, new diffusers code (`get_esd_trainable_parameters`): Linear/Conv2d modules only (norms never train).
+    "esd-x": lambda p, lin: lin and _has(p, "attn2"),
+    "esd-u": lambda p, lin: lin and not _has(p, "attn2"),
+    "esd-all": lambda p, lin: lin,
+    "esd-x-strict": lambda p, lin: _attn2_kv(p),
+    # ESD, original CompVis code (`train_method`): every parameter by name, norms included. CompVis `time_embed`
+    # is `time_embedding` here and its `out.` (final GroupNorm + conv) is conv_norm_out / conv_out.
+    "xattn": lambda p, lin: _has(p, "attn2"),
+    "noxattn": lambda p, lin: not (_has(p, "attn2") or p[0] in ("time_embedding", "conv_norm_out", "conv_out")),
+    "selfattn": lambda p, lin: _has(p, "attn1"),
+    "full": lambda p, lin: True,
+    "notime": lambda p, lin: p[0] not in ("time_embedding", "conv_norm_out", "conv_out"),
+    # Concept Ablation / DoCo `parameter_group=cross-attn`: attn2.to_k and attn2.to_v.
+    "cross-attn-kv": lambda p, lin: _attn2_kv(p),
+    # TRCE stage 2: all of attn1 plus attn2.to_q.
+    "trce": lambda p, lin: _has(p, "attn1") or ("attn2" in p and p[-2] == "to_q"),
+    # SPM's adapter sites: every Linear/Conv inside a Transformer2DModel (`attentions_<i>` of a UNet block).
+    "transformers": lambda p, lin: lin and any(_TRANSFORMER.match(x) for x in p),
+}
+
+
+def flatten(tree) -> dict[Path, object]:
+    return traverse_util.flatten_dict(tree)
+
+
+def unflatten(flat: dict[Path, object]):
+    return traverse_util.unflatten_dict(flat)
+
+
+def selected_paths(params, selector: str | Callable[[Path, bool], bool]) -> list[Path]:
+    """Leaf paths of `params` chosen by a selector name of SELECTORS (or a rule `(path, is_linear) -> bool`)."""
+    if isinstance(selector, str) and selector not in SELECTORS:
+        raise ValueError(f"unknown parameter selector {selector!r}; choose from {', '.join(SELECTORS)}")
+    rule = SELECTORS[selector] if isinstance(selector, str) else selector
+    flat = flatten(params)
+    with_kernel = {p[:-1] for p in flat if p[-1] == "kernel"}
+    return [p for p in flat if rule(p, _is_linear(p, with_kernel))]
+
+
+def mask(params, selector) -> object:
+    """A tree of bools like `params` (True = trains), e.g. for `optax.masked`."""
+    chosen = set(selected_paths(params, selector))
+    return unflatten({p: p in chosen for p in flatten(params)})
+
+
+def split(params, selector):
+    """(trainable, rest): two nested dicts holding the selected / the other leaves, paths unchanged."""
+    chosen = set(selected_paths(params, selector))
+    if not chosen:
+        raise ValueError(f"selector {selector!r} picks no parameter of this model")
+    flat = flatten(params)
+    return unflatten({p: v for p, v in flat.items() if p in chosen}), unflatten(
+        {p: v for p, v in flat.items() if p not in chosen}
+    )
+
+
+def combine(trainable, base):
+    """The full tree: `base` with the leaves present in `trainable` replaced."""
+    flat = flatten(base)
+    for p, v in flatten(trainable).items():
+        if p not in flat:
+            raise KeyError(f"trainable leaf {'/'.join(p)} is not in the model's params")
+        flat[p] = v
+    return unflatten(flat)
+
+
+def path_str(path: Path) -> str:
+    return "/".join(path)
+
+
+# ------------------------------------------------------------------------------------- prompt encodings
+
+
+@dataclasses.dataclass
+class Encoded:
+    """Text-encoder outputs of a list of prompts with the token bookkeeping the closed-form methods need.
+
+    emb [B, L, D] float32 hidden states (what the UNet cross-attends to); ids [B, L] padded token ids;
+    lengths [B]: real tokens including BOS and the first EOS (= the tokenizer's attention_mask.sum()), so the
+    last word token sits at lengths - 2 and the first [EoT] at lengths - 1.
+    """
+
+    emb: jax.Array
+    ids: np.ndarray
+    lengths: np.ndarray
+    prompts: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return int(self.emb.shape[0])
+
+    def __getitem__(self, index) -> Encoded:
+        index = np.atleast_1d(np.arange(len(self))[index])
+        return Encoded(
+            self.emb[index],
+            self.ids[index],
+            self.lengths[index],
+            tuple(self.prompts[i] for i in index) if self.prompts else (),
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[Encoded]) -> Encoded:
+        return Encoded(
+            jnp.concatenate([p.emb for p in parts]),
+            np.concatenate([p.ids for p in parts]),
+            np.concatenate([p.lengths for p in parts]),
+            sum((tuple(p.prompts) for p in parts), ()),
+        )
+
+    def word_ids(self, i: int) -> list[int]:
+        """Token ids of prompt i without BOS/EOS/padding."""
+        return [int(x) for x in self.ids[i, 1 : int(self.lengths[i]) - 1]]
+
+
+def encode(pipe, prompts: Sequence[str], params=None) -> Encoded:
+    """Encode prompts with a `jaxdiff.sampling.pipeline.Pipeline` (SD 1.x/2.x: its one text encoder)."""
+    from jaxdiff.sampling import text
+
+    prompts = list(prompts)
+    emb, _ = pipe.encode_prompts(prompts, params)
+    tok = pipe.tokenizers[0]
+    ids = text.tokenize(tok, prompts)
+    lengths = np.array([min(len(tok(p).input_ids), ids.shape[1]) for p in prompts], np.int32)
+    return Encoded(jnp.asarray(emb, jnp.float32), ids, lengths, tuple(prompts))
+
+
+def find_matching_indices(old: Sequence[int], new: Sequence[int]) -> tuple[list[int], list[int]]:
+    """MACE's `find_matching_indices`: positions of the common prefix and the common suffix of two token
+    sequences (unpadded, BOS/EOS included), i.e. everything but the span where they differ."""
+    start = 0
+    for a, b in zip(old, new):
+        if a != b:
+            break
+        start += 1
+    eo, en = len(old) - 1, len(new) - 1
+    while eo >= start and en >= start and old[eo] == new[en]:
+        eo -= 1
+        en -= 1
+    return list(range(start)) + list(range(eo + 1, len(old))), list(range(start)) + list(range(en + 1, len(new)))
+
+
+def residual_token_pairs(old_ids: Sequence[int], new_ids: Sequence[int], length: int) -> tuple[list[int], list[int]]:
+    """MACE's residual tokens extended to the padded length (`prepare_k_v`): matching positions, then the
+    padding/EoT copies of both prompts aligned from the end of the longer one."""
+    oi, ni = find_matching_indices(old_ids, new_ids)
+    if oi[-1] >= ni[-1]:
+        return oi + list(range(oi[-1] + 1, length)), ni + list(range(ni[-1] + 1, length - (oi[-1] - ni[-1])))
+    return oi + list(range(oi[-1] + 1, length - (ni[-1] - oi[-1]))), ni + list(range(ni[-1] + 1, length))
+
+
+EDIT_TOKEN_MODES = ("last_word", "eot", "last_word_to_end", "all", "residual")
+PRESERVE_TOKEN_MODES = ("last_word", "eot", "nonpad", "all")
+
+
+def pair_token_indices(old: Encoded, i: int, new: Encoded, j: int, mode: str) -> tuple[list[int], list[int]]:
+    """Aligned token positions (in prompt i of `old`, prompt j of `new`) whose old embedding is mapped onto
+    the new one's projection. Modes:
+    last_word: the last word token of each (UCE current code; "" gives BOS);
+    eot: the first [EoT] of each (TRCE's mapped token);
+    last_word_to_end: UCE paper-era slices from the last word to the end, trimmed to equal length;
+    all: every position, aligned (RECE);
+    residual: MACE's residual tokens (common prefix/suffix plus the aligned padding tail)."""
+    L = old.emb.shape[1]
+    lo, ln = int(old.lengths[i]), int(new.lengths[j])
+    if mode == "last_word":
+        return [lo - 2], [ln - 2]
+    if mode == "eot":
+        return [lo - 1], [ln - 1]
+    if mode == "last_word_to_end":
+        fo, fn = lo - 2, ln - 2
+        far = max(fo, fn)
+        return list(range(fo, L - max(0, far - fo))), list(range(fn, L - max(0, far - fn)))
+    if mode == "all":
+        return list(range(L)), list(range(L))
+    if mode == "residual":
+        return residual_token_pairs(old.ids[i, :lo].tolist(), new.ids[j, :ln].tolist(), L)
+    raise ValueError(f"unknown edit token mode {mode!r}; choose from {EDIT_TOKEN_MODES}")
+
+
+def token_indices(enc: Encoded, i: int, mode: str) -> list[int]:
+    """Positions of prompt i used as preserved contexts: last_word, eot, nonpad (BOS..first EOS) or all."""
+    n = int(enc.lengths[i])
+    if mode == "last_word":
+        return [n - 2]
+    if mode == "eot":
+        return [n - 1]
+    if mode == "nonpad":
+        return list(range(n))
+    if mode == "all":
+        return list(range(enc.emb.shape[1]))
+    raise ValueError(f"unknown preserve token mode {mode!r}; choose from {PRESERVE_TOKEN_MODES}")
+
+
+# ------------------------------------------------------------------------------------------ model calls
+
+
+def eps(model, params, x, t, context):
+    """UNet noise prediction in float32; t is broadcast to the batch."""
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+    return model.apply(params, x, t, context).astype(jnp.float32)
+
+
+def eps_many(model, params, x, t, contexts: Sequence):
+    """eps for several contexts at the same (x, t) in one batched call; returns a list."""
+    n = len(contexts)
+    out = eps(
+        model,
+        params,
+        jnp.concatenate([x] * n),
+        jnp.concatenate([jnp.broadcast_to(t, (x.shape[0],))] * n),
+        jnp.concatenate(contexts),
+    )
+    return jnp.split(out, n)
+
+
+def mse(a, b):
+    """torch.nn.MSELoss: mean over all elements."""
+    return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
+
+
+def expand(v, x):
+    v = jnp.ravel(v)
+    return v.reshape(v.shape + (1,) * (x.ndim - 1))
+
+
+def predict_x0(alphas_cumprod, x_t, eps_pred, t):
+    """x̂0 = (x_t - sqrt(1 - ā_t) eps) / sqrt(ā_t) at integer timesteps t [B] (DDPM pred_original_sample)."""
+    a = jnp.asarray(alphas_cumprod, jnp.float32)[jnp.asarray(t, jnp.int32)]
+    return (x_t - expand(jnp.sqrt(1 - a), x_t) * eps_pred) / expand(jnp.sqrt(a), x_t)
+
+
+def ddim(scheduler_config: dict | None = None):
+    """A deterministic DDIM (eta 0) for partial sampling; SD's scheduler config by default."""
+    return make_scheduler("ddim", dict(SD_SCHEDULER if scheduler_config is None else scheduler_config), eta=0.0)
+
+
+def train_timesteps(sched, count: int | None = None) -> np.ndarray:
+    """`scheduler.set_timesteps(count)` of the scheduler's own spacing (default: every training timestep),
+    e.g. SPM's `timesteps_1000`."""
+    c = sched.config
+    n = sched.num_train_timesteps if count is None else count
+    return spaced_timesteps(c["timestep_spacing"], sched.num_train_timesteps, n, c.get("steps_offset", 0))
+
+
+def partial_sample(model, params, sched, plan, x_T, cond, uncond, guidance: float, n_steps):
+    """Run the first `n_steps` steps of `plan` (DDIM) from x_T with classifier-free guidance on `cond`, inside
+    one `lax.fori_loop` (n_steps may be traced: the loop becomes a while loop). No gradient flows through it.
+
+    After n steps the latent sits at plan.timesteps[n] (n < len(plan)), or is fully denoised (n == len(plan)).
+    """
+    params = jax.lax.stop_gradient(params)
+    use_cfg = float(guidance) != 1.0
+
+    def body(i, x):
+        t = jnp.broadcast_to(plan.timesteps[i], (x.shape[0],))
+        if use_cfg:
+            e = eps(model, params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([cond, uncond]))
+            ec, eu = jnp.split(e, 2)
+            e = eu + guidance * (ec - eu)
+        else:
+            e = eps(model, params, x, t, cond)
+        x, _ = sched.step(plan, e, i, x)
+        return x
+
+    return jax.lax.stop_gradient(jax.lax.fori_loop(0, n_steps, body, x_T.astype(jnp.float32)))
+
+
+def ddim_trajectory(model, params, sched, plan, x_T, cond, uncond, guidance: float):
+    """Full DDIM sampling recorded per step (TRCE's stage-2 data): (x_before [N, B, ...], x_after [N, B, ...],
+    eps [N, B, ...], timesteps [N]); x_after[k] is the latent after step k (TRCE stores that one with t_k)."""
+    params = jax.lax.stop_gradient(params)
+
+    def body(x, i):
+        t = jnp.broadcast_to(plan.timesteps[i], (x.shape[0],))
+        e = eps(model, params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([cond, uncond]))
+        ec, eu = jnp.split(e, 2)
+        e = eu + guidance * (ec - eu)
+        x_next, _ = sched.step(plan, e, i, x)
+        return x_next, (x, x_next, e)
+
+    n = plan.timesteps.shape[0]
+    _, (before, after, es) = jax.lax.scan(body, x_T.astype(jnp.float32), jnp.arange(n))
+    return before, after, es, plan.timesteps
+
+
+def broadcast_context(c, batch: int):
+    """[L, D] or [1, L, D] or [B, L, D] -> [B, L, D]."""
+    c = jnp.asarray(c, jnp.float32)
+    if c.ndim == 2:
+        c = c[None]
+    return jnp.broadcast_to(c, (batch,) + c.shape[1:])

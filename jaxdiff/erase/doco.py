@@ -1,0 +1,264 @@
+"""DoCo / CDC — Concept Domain Correction with a concept-preserving gradient (Wu et al., AAAI 2025;
+yongliang-wu/DoCo ebf6ff4), built on Concept Ablation.
+
+Data: latents x of anchor images ("painting", "clothed", …) noised with t ~ U{0..T−1}; target captions embed the
+erased concept, anchor captions are plain; with prior preservation a second batch of anchor-class images and
+prompts. Trainable: attn2 to_k/to_v (selector "cross-attn-kv"); θ* a frozen shadow UNet.
+
+    x̂0_tgt = x̂0(x_t, ε_θ(x_t, t, c_target)),   x̂0_anc = x̂0(x_t, ε_θ*(x_t, t, c_anchor))      (DDPM pred_original_sample)
+    D: PatchGAN on latents [Conv4-s2(C→64) LReLU, Conv4-s2(64→128) BN LReLU, (128→256) BN, (256→512) BN,
+       Conv4-s1(512→1)]
+    L_D      = BCE(D(sg x̂0_anc), 0) + BCE(D(sg x̂0_tgt), 1)          ("real" = anchor = label 0)
+    L_adv(θ) = BCE(D(x̂0_tgt), 0)
+    L_prior(θ) = MSE(ε_θ(x_t^prior, t, c_prior), ε)
+
+Concept-preserving gradient (`DoCo/gradient_clip.py::adjust_gradient`), per parameter tensor, after clipping
+each gradient set to global norm 1 (`max_grad_norm`):
+
+    ĝ_r = g_r / (||g_r|| + 1e-8),  ĝ_u = g_u / (||g_u|| + 1e-8),  cos = ⟨ĝ_u, ĝ_r⟩
+    g_u ← g_u − λ·cos·ĝ_r  if cos < 0         (λ = lambda_ = 1; the normalised form, not PCGrad's exact projection)
+
+and the UNet is updated with g_u only (official quirk: the retain gradient only sets the direction;
+`add_retain_grad=True` adds it). Without surgery (`gradient_clip=False`) the update is the clipped gradient of
+L_adv + 0.1·prior_loss_weight·L_prior. The discriminator trains every step with its own Adam(0.5, 0.999); the
+UNet only after `warm_up` steps. Official quirk (default on, `disc_grad_includes_adv`): after warm-up the
+discriminator's gradient also contains ∇_D L_adv, because `backward(L_adv)` reaches D's parameters and their
+gradients are only zeroed after D's step. BatchNorm runs in training mode (batch statistics) as it always does
+in the official training; running averages are not kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdiff.erase import common
+from jaxdiff.models.layers import conv2d
+from jaxdiff.sampling.schedulers.common import add_noise
+
+# ------------------------------------------------------------------------------------ discriminator
+
+
+def _torch_uniform(fan_in):
+    def init(key, shape, dtype=jnp.float32):
+        bound = 1.0 / jnp.sqrt(jnp.float32(fan_in))
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class _Conv(nn.Module):
+    features: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x):
+        fan_in = 16 * x.shape[-1]
+        kernel = self.param("kernel", _torch_uniform(fan_in), (4, 4, x.shape[-1], self.features))
+        bias = self.param("bias", _torch_uniform(fan_in), (self.features,))
+        return conv2d(x, kernel, self.stride, ((1, 1), (1, 1))) + bias
+
+
+class BatchNormTrain(nn.Module):
+    """BatchNorm2d in training mode: batch statistics over N, H, W (biased variance), affine."""
+
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones_init(), (c,))
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,))
+        mean = jnp.mean(x, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+class PatchGAN(nn.Module):
+    """DoCo's PatchGANDiscriminator on NHWC latents -> logit map [B, h', w', 1]."""
+
+    channels: Sequence[int] = (64, 128, 256, 512)
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        for i, c in enumerate(self.channels):
+            x = _Conv(c, 2, name=f"conv_{i}")(x)
+            if i > 0:
+                x = BatchNormTrain(name=f"bn_{i}")(x)
+            x = nn.leaky_relu(x, 0.2)
+        return _Conv(1, 1, name=f"conv_{len(self.channels)}")(x)
+
+
+def bce_logits(logits, label: float):
+    """torch BCEWithLogitsLoss (mean) against a constant label 0 or 1."""
+    return jnp.mean(jax.nn.softplus(-logits) if label == 1 else jax.nn.softplus(logits))
+
+
+# -------------------------------------------------------------------------------------- surgery
+
+
+def gradient_surgery(g_u, g_r, lam: float = 1.0, eps: float = 1e-8):
+    """DoCo's per-tensor adjustment: g_u − λ·min(cos, 0)·ĝ_r with cos = ⟨ĝ_u, ĝ_r⟩ of the normalised tensors."""
+
+    def one(u, r):
+        rn = r / (jnp.linalg.norm(r.ravel()) + eps)
+        un = u / (jnp.linalg.norm(u.ravel()) + eps)
+        cos = jnp.vdot(un.ravel(), rn.ravel())
+        return u - lam * jnp.minimum(cos, 0.0) * rn
+
+    return jax.tree_util.tree_map(one, g_u, g_r)
+
+
+def clip_by_global_norm(tree, max_norm: float):
+    """torch clip_grad_norm_: scale by max_norm / (norm + 1e-6) when the global norm exceeds max_norm."""
+    norm = optax.global_norm(tree)
+    factor = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree_util.tree_map(lambda g: g * factor, tree)
+
+
+# ---------------------------------------------------------------------------------------- losses
+
+
+@flax.struct.dataclass
+class DoCoState:
+    step: jax.Array
+    trainable: object
+    opt_state: object
+    disc: object
+    disc_opt_state: object
+
+
+class DoCo:
+    """DoCo's pure losses and a jittable training step with separate UNet and discriminator optimiser states.
+
+    batch: latents [B,h,w,C] (anchor images, scaled), target [B,L,D] (captions with the concept), anchor
+    [B,L,D] (plain anchor captions); with prior preservation also prior_latents [B',h,w,C], prior [B',L,D].
+    frozen: {"base": θ*}; the losses that need D read it from frozen["disc"].
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        disc_channels=(64, 128, 256, 512),
+        lambda_: float = 1.0,
+        gradient_clip: bool = True,
+        max_grad_norm: float = 1.0,
+        prior_loss_weight: float = 1.0,
+        warm_up: int = 1000,
+        disc_grad_includes_adv: bool = True,
+        add_retain_grad: bool = False,
+        scheduler_config=None,
+    ):
+        self.model = model
+        self.disc = PatchGAN(tuple(disc_channels))
+        self.lambda_, self.gradient_clip, self.max_grad_norm = lambda_, gradient_clip, max_grad_norm
+        self.prior_loss_weight, self.warm_up = prior_loss_weight, warm_up
+        self.disc_grad_includes_adv, self.add_retain_grad = disc_grad_includes_adv, add_retain_grad
+        sched = common.ddim(scheduler_config)
+        self.acp = jnp.asarray(sched.alphas_cumprod)
+        self.T = sched.num_train_timesteps
+
+    # -- noise draws shared by the adversarial and the prior loss
+    def _noised(self, latents, key):
+        k_n, k_t = jax.random.split(key)
+        noise = jax.random.normal(k_n, latents.shape, jnp.float32)
+        t = jax.random.randint(k_t, (latents.shape[0],), 0, self.T)
+        return add_noise(self.acp, latents.astype(jnp.float32), noise, t), noise, t
+
+    def init_disc(self, key, latent_shape):
+        x = jnp.zeros((2, *latent_shape), jnp.float32)
+        # Runs once: unoptimised XLA compiles the threefry draws ~10x faster on CPU.
+        return common.run_once(lambda k: self.disc.init(k, x)["params"], key)
+
+    def disc_apply(self, d_params, x):
+        return self.disc.apply({"params": d_params}, x)
+
+    def adv_loss(self, trainable, frozen, batch, rng):
+        """L_adv = BCE(D(x̂0_tgt), 0); aux carries x̂0_tgt and x̂0_anc (stop-gradient) for the discriminator."""
+        x_t, _, t = self._noised(batch["latents"], jax.random.fold_in(rng, 0))
+        params = common.combine(trainable, frozen["base"])
+        x0_tgt = common.predict_x0(self.acp, x_t, common.eps(self.model, params, x_t, t, batch["target"]), t)
+        e_anc = common.eps(self.model, jax.lax.stop_gradient(frozen["base"]), x_t, t, batch["anchor"])
+        x0_anc = jax.lax.stop_gradient(common.predict_x0(self.acp, x_t, e_anc, t))
+        logits = self.disc_apply(jax.lax.stop_gradient(frozen["disc"]), x0_tgt)
+        return bce_logits(logits, 0.0), {"x0_target": jax.lax.stop_gradient(x0_tgt), "x0_anchor": x0_anc}
+
+    def prior_loss(self, trainable, frozen, batch, rng):
+        """L_prior = MSE(ε_θ(x_t^prior, t, c_prior), ε)."""
+        x_t, noise, t = self._noised(batch["prior_latents"], jax.random.fold_in(rng, 1))
+        pred = common.eps(self.model, common.combine(trainable, frozen["base"]), x_t, t, batch["prior"])
+        return common.mse(pred, noise), {}
+
+    def disc_loss(self, d_params, x0_anchor, x0_target, adv_weight=0.0):
+        """L_D = BCE(D(x̂0_anc), 0) + BCE(D(x̂0_tgt), 1) (+ adv_weight · BCE(D(x̂0_tgt), 0): the official quirk)."""
+        l_real = bce_logits(self.disc_apply(d_params, x0_anchor), 0.0)
+        logits_tgt = self.disc_apply(d_params, x0_target)
+        l_fake = bce_logits(logits_tgt, 1.0)
+        return l_real + l_fake + adv_weight * bce_logits(logits_tgt, 0.0), {"d_real": l_real, "d_fake": l_fake}
+
+    def unet_grads(self, trainable, frozen, batch, rng):
+        """(update gradient for the UNet, aux): surgery on the clipped L_adv / L_prior gradients, or the clipped
+        gradient of L_adv + 0.1·w·L_prior."""
+        has_prior = "prior_latents" in batch
+        (l_adv, aux), g_adv = jax.value_and_grad(self.adv_loss, has_aux=True)(trainable, frozen, batch, rng)
+        metrics = {"adv": l_adv}
+        if self.gradient_clip:
+            if not has_prior:
+                raise ValueError("DoCo's gradient surgery needs the prior-preservation batch (prior_latents, prior)")
+            (l_prior, _), g_prior = jax.value_and_grad(self.prior_loss, has_aux=True)(trainable, frozen, batch, rng)
+            g_adv = clip_by_global_norm(g_adv, self.max_grad_norm)
+            g_prior = clip_by_global_norm(g_prior, self.max_grad_norm)
+            g = gradient_surgery(g_adv, g_prior, self.lambda_)
+            if self.add_retain_grad:
+                g = jax.tree_util.tree_map(jnp.add, g, g_prior)
+            metrics["prior"] = l_prior
+        elif has_prior:
+            (l_prior, _), g_prior = jax.value_and_grad(self.prior_loss, has_aux=True)(trainable, frozen, batch, rng)
+            w = 0.1 * self.prior_loss_weight
+            g = clip_by_global_norm(jax.tree_util.tree_map(lambda a, b: a + w * b, g_adv, g_prior), self.max_grad_norm)
+            metrics["prior"] = l_prior
+        else:
+            g = clip_by_global_norm(g_adv, self.max_grad_norm)
+        return g, {**aux, **metrics}
+
+    def init_state(self, trainable, unet_opt, disc_opt, key, latent_shape) -> DoCoState:
+        disc = self.init_disc(key, latent_shape)
+        return DoCoState(
+            jnp.zeros((), jnp.int32), trainable, jax.jit(unet_opt.init)(trainable), disc, jax.jit(disc_opt.init)(disc)
+        )
+
+    def make_step(self, unet_opt: optax.GradientTransformation, disc_opt: optax.GradientTransformation):
+        """step(state, frozen, batch, rng) -> (state, metrics): D every step, the UNet after `warm_up` steps
+        (global_step > warm_up, as the official loop)."""
+
+        def step(state: DoCoState, frozen, batch, rng):
+            frozen_d = {**frozen, "disc": state.disc}
+            g, aux = self.unet_grads(state.trainable, frozen_d, batch, rng)
+            active = state.step > self.warm_up
+            updates, opt_state = unet_opt.update(g, state.opt_state, state.trainable)
+            trainable = optax.apply_updates(state.trainable, updates)
+            pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, old)  # noqa: E731
+            trainable, opt_state = pick(trainable, state.trainable), pick(opt_state, state.opt_state)
+            adv_weight = jnp.where(active, 1.0, 0.0) if self.disc_grad_includes_adv else 0.0
+            (l_d, d_aux), g_d = jax.value_and_grad(self.disc_loss, has_aux=True)(
+                state.disc, aux["x0_anchor"], aux["x0_target"], adv_weight
+            )
+            d_updates, disc_opt_state = disc_opt.update(g_d, state.disc_opt_state, state.disc)
+            disc = optax.apply_updates(state.disc, d_updates)
+            metrics = {k: v for k, v in aux.items() if not k.startswith("x0")}
+            metrics.update(d_aux, disc=l_d, unet_active=active)
+            return DoCoState(state.step + 1, trainable, opt_state, disc, disc_opt_state), metrics
+
+        return step
+
+
+def optimizers(unet_lr: float = 6e-6, disc_lr: float = 1e-4, weight_decay: float = 1e-2):
+    """DoCo's optimisers: UNet AdamW(0.9, 0.999, wd 1e-2), discriminator Adam(0.5, 0.999)."""
+    return optax.adamw(unet_lr, b1=0.9, b2=0.999, weight_decay=weight_decay), optax.adam(disc_lr, b1=0.5, b2=0.999)

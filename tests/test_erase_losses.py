@@ -1,0 +1,290 @@
+"""Erasure fine-tuning objectives: selectors, ESD's target, partial sampling, SPM adapters and Facilitated
+Transport, DoCo's gradient surgery and step, and finite losses/gradients of every objective on a tiny UNet."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxdiff.erase import ablation, adapters, common, doco, esd, spm, trce
+from jaxdiff.erase.common import Encoded
+from jaxdiff.models import unet
+from jaxdiff.models.model import create
+
+D, L, LATENT = 12, 6, (8, 8, 4)
+# The smallest UNet with a cross-attention transformer (one, in the down block): compile time dominates here.
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(8,),
+    layers_per_block=1,
+    norm_num_groups=4,
+    cross_attention_dim=D,
+    down_block_types=("CrossAttnDownBlock2D",),
+    up_block_types=("UpBlock2D",),
+    mid_block_type=None,
+    attention_head_dim=2,
+)
+# Unoptimised XLA: halves the CPU compile time of these one-off programs.
+fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = create(unet.ARCHITECTURES["UNet2DConditionModel"], TINY_UNET, abstract=True, attention="einsum")
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.standard_normal(s.shape).astype(np.float32) * 0.3), model.params
+    )
+    return model, params
+
+
+def _ctx(seed, b=1):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((b, L, D)).astype(np.float32))
+
+
+def _assert_finite_grads(grads):
+    leaves = jax.tree_util.tree_leaves(grads)
+    assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert any(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
+
+
+# ----------------------------------------------------------------------------------------- selectors
+
+
+def _names(params, selector):
+    return {"/".join(p) for p in common.selected_paths(params, selector)}
+
+
+def test_selectors_pick_exactly_the_expected_leaves(tiny):
+    _, params = tiny
+    flat = {"/".join(p) for p in common.flatten(params)}
+    attn2 = {p for p in flat if "/attn2/" in p}
+    assert _names(params, "esd-x") == attn2 == _names(params, "xattn")  # attn2 holds only Linear layers
+    assert len(attn2) == 5  # to_q, to_k, to_v kernels, to_out_0 kernel + bias
+    strict = _names(params, "esd-x-strict")
+    assert strict == {p for p in attn2 if p.endswith(("to_k/kernel", "to_v/kernel"))} and len(strict) == 2
+    assert _names(params, "cross-attn-kv") == strict
+    linear = {p for p in flat if p.rsplit("/", 1)[0] + "/kernel" in flat}
+    assert _names(params, "esd-u") == linear - attn2
+    assert "conv_in/kernel" in _names(params, "esd-u") and "time_embedding/linear_1/bias" in _names(params, "esd-u")
+    assert not any(p.endswith("scale") for p in _names(params, "esd-u"))  # norms are not Linear/Conv
+    noxattn = _names(params, "noxattn")
+    assert noxattn == {p for p in flat - attn2 if not p.startswith(("time_embedding", "conv_out", "conv_norm_out"))}
+    assert any(p.endswith("norm1/scale") for p in noxattn)
+    assert _names(params, "trce") == {p for p in flat if "/attn1/" in p or "/attn2/to_q/" in p}
+    sites = _names(params, "transformers")
+    assert sites == {p for p in linear if "/attentions_" in p}
+    assert any("proj_in" in p for p in sites) and any("ff/net_0/proj" in p for p in sites)
+    assert not any("resnets" in p or "/norm" in p for p in sites)
+    # split / combine round trip, and the mask
+    trainable, rest = common.split(params, "esd-x")
+    assert {"/".join(p) for p in common.flatten(trainable)} == attn2
+    for a, b in zip(jax.tree_util.tree_leaves(common.combine(trainable, params)), jax.tree_util.tree_leaves(params)):
+        assert a is b
+    assert sum(jax.tree_util.tree_leaves(common.mask(params, "esd-x-strict"))) == 2
+    with pytest.raises(ValueError, match="unknown parameter selector"):
+        common.selected_paths(params, "nope")
+
+
+# ------------------------------------------------------------------------------------- ESD and sampling
+
+
+class Stub:
+    """A 'UNet' whose prediction is scale * mean(context) + 0.1 x, with the scale a param leaf."""
+
+    @staticmethod
+    def apply(params, x, t, ctx):
+        s = params["layer"]["attn2"]["kernel"]
+        return 0.1 * x + s * jnp.mean(ctx, axis=(1, 2))[:, None, None, None]
+
+
+def test_esd_target_sign_convention_on_hand_built_inputs():
+    e_null, e_cond, e_from = jnp.full((2,), 1.0), jnp.full((2,), 3.0), jnp.full((2,), 5.0)
+    np.testing.assert_allclose(esd.esd_target(e_null, e_cond, 2.0), -3.0)  # ε(∅) − η(ε(c) − ε(∅)) = 1 − 2·2
+    np.testing.assert_allclose(esd.esd_target(e_null, e_cond, 2.0, e_from), 1.0)  # ε(c_f) − η(ε(c) − ε(∅))
+    # the loss uses it with the frozen model for both ε* terms and the trainee for the prediction
+    frozen = {"base": {"layer": {"attn2": {"kernel": jnp.float32(1.0)}}}}
+    trainable = {"layer": {"attn2": {"kernel": jnp.float32(2.0)}}}
+    batch = {"cond": jnp.full((1, L, D), 3.0), "uncond": jnp.full((1, L, D), 1.0)}
+    for mode in esd.TIMESTEP_MODES:
+        for sampler in esd.SAMPLERS:
+            loss = esd.make_loss(
+                Stub, negative_guidance=1.0, ddim_steps=4, latent_shape=(2, 2, 1), sampler=sampler, timestep_mode=mode
+            )
+            value, aux = loss(trainable, frozen, batch, jax.random.PRNGKey(0))
+            # x cancels: pred − target = (2·3) − (1·1 − (1·3 − 1·1)) = 6 − (−1) = 7
+            assert float(value) == pytest.approx(49.0, rel=1e-5)
+    assert [int(esd.compvis_steps(k, 50)) for k in (0, 1, 2, 49)] == [50, 50, 49, 2]
+
+
+def test_partial_sample_runs_the_first_steps_of_the_plan():
+    sched = common.ddim()
+    plan = sched.plan(5)
+    params = {"layer": {"attn2": {"kernel": jnp.float32(0.5)}}}
+    x_T = jnp.asarray(np.random.default_rng(0).standard_normal((1, 2, 2, 1)).astype(np.float32))
+    cond, uncond = jnp.full((1, L, D), 2.0), jnp.zeros((1, L, D))
+    run = jax.jit(lambda n: common.partial_sample(Stub, params, sched, plan, x_T, cond, uncond, 3.0, n))
+    x = x_T
+    for k in range(6):
+        np.testing.assert_allclose(np.asarray(run(k)), np.asarray(x), rtol=1e-5, atol=1e-6)
+        if k < 5:
+            t = plan.timesteps[k]
+            ec, eu = Stub.apply(params, x, t, cond), Stub.apply(params, x, t, uncond)
+            x, _ = sched.step(plan, eu + 3.0 * (ec - eu), k, x)
+
+
+def test_ddim_trajectory_records_every_step():
+    sched = common.ddim()
+    plan = sched.plan(4)
+    params = {"layer": {"attn2": {"kernel": jnp.float32(0.5)}}}
+    x_T = jnp.asarray(np.random.default_rng(1).standard_normal((2, 2, 2, 1)).astype(np.float32))
+    cond, uncond = jnp.full((2, L, D), 2.0), jnp.zeros((2, L, D))
+    before, after, eps_pred, ts = common.ddim_trajectory(Stub, params, sched, plan, x_T, cond, uncond, 7.5)
+    assert before.shape == after.shape == eps_pred.shape == (4, 2, 2, 2, 1) and ts.shape == (4,)
+    np.testing.assert_array_equal(np.asarray(before[0]), np.asarray(x_T))
+    np.testing.assert_array_equal(np.asarray(before[1:]), np.asarray(after[:-1]))
+    partial = common.partial_sample(Stub, params, sched, plan, x_T, cond, uncond, 7.5, 3)
+    np.testing.assert_allclose(np.asarray(after[2]), np.asarray(partial), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- SPM
+
+
+def test_spm_adapter_at_init_leaves_the_model_unchanged(tiny):
+    model, params = tiny
+    ads = spm.init_adapters(params, jax.random.PRNGKey(1))
+    assert ads and all("attentions_" in name for name in ads)
+    assert adapters.num_params(ads) > 0
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, *LATENT)).astype(np.float32))
+    t, c = jnp.array([10.0, 700.0]), _ctx(2, 2)
+    apply = jax.jit(lambda p: model.apply(p, x, t, c))
+    before = np.asarray(apply(params))
+    after = np.asarray(apply(adapters.merge(params, ads)))
+    assert np.max(np.abs(after - before)) <= 1e-6
+    # a trained (non-zero) adapter changes it; two SPMs compose with γ² scaling (official FT)
+    name = next(iter(ads))
+    trained = {**ads, name: {**ads[name], "up": jnp.ones_like(ads[name]["up"])}}
+    assert np.max(np.abs(np.asarray(apply(adapters.merge(params, trained))) - before)) > 1e-4
+    merged = spm.apply_spms(params, [(trained, 0.5), (trained, 0.25)], power=2)
+    key = tuple(name.split("/")) + ("kernel",)
+    delta = common.flatten(merged)[key] - common.flatten(params)[key]
+    np.testing.assert_allclose(
+        np.asarray(delta), (0.25 + 0.0625) * np.asarray(adapters.delta(trained[name])), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_facilitated_transport_gamma():
+    ids = np.array([[0, 5, 6, 1, 1, 1], [0, 6, 7, 8, 1, 1], [0, 9, 1, 1, 1, 1]], np.int32)
+    emb = jnp.asarray(np.random.default_rng(0).standard_normal((3, L, D)).astype(np.float32))
+    enc = Encoded(emb, ids, np.array([4, 5, 3]), ())
+    assert spm.transport_gamma(enc, 0, enc[0]) == pytest.approx(1.0)
+    tokenuni = spm.transport_gamma(enc, 1, enc[0], metric="tokenuni")
+    assert tokenuni == pytest.approx(0.5)  # {6, 7, 8} ∩ {5, 6} over {5, 6}
+    cos = float(np.dot(np.ravel(emb[2]), np.ravel(emb[0])) / np.linalg.norm(emb[2]) / np.linalg.norm(emb[0]))
+    assert spm.transport_gamma(enc, 2, enc[0], metric="clipcos") == pytest.approx(cos, rel=1e-5)
+    assert spm.transport_gamma(enc, 2, enc[0]) == pytest.approx(max(cos, 0.0), rel=1e-5)
+
+
+def test_spm_anchors():
+    c = _ctx(3, 2)
+    a = spm.sample_anchors(jax.random.PRNGKey(0), c, 4)
+    assert a.shape == (2, 4, L, D)
+    ratio = np.linalg.norm(np.asarray(a).reshape(2, 4, -1), axis=-1) / np.linalg.norm(
+        np.asarray(c).reshape(2, 1, -1), axis=-1
+    )
+    assert np.all((ratio >= 0.8 - 1e-5) & (ratio <= 1.2 + 1e-5)) and np.std(ratio) > 0
+
+
+# ---------------------------------------------------------------------------------------------- DoCo
+
+
+def test_doco_gradient_surgery_against_the_formula():
+    rng = np.random.default_rng(0)
+    g_u = {
+        "a": jnp.asarray(rng.standard_normal((3, 4)).astype(np.float32)),
+        "b": jnp.asarray(rng.standard_normal(5).astype(np.float32)),
+    }
+    g_r = {
+        "a": -g_u["a"] + 0.3 * jnp.asarray(rng.standard_normal((3, 4)).astype(np.float32)),
+        "b": jnp.asarray(rng.standard_normal(5).astype(np.float32)),
+    }
+    out = doco.gradient_surgery(g_u, g_r, lam=0.7)
+    for k in g_u:
+        u, r = np.asarray(g_u[k], np.float64).ravel(), np.asarray(g_r[k], np.float64).ravel()
+        rn, un = r / (np.linalg.norm(r) + 1e-8), u / (np.linalg.norm(u) + 1e-8)
+        cos = un @ rn
+        expected = u - 0.7 * cos * rn if cos < 0 else u
+        np.testing.assert_allclose(np.asarray(out[k]).ravel(), expected, rtol=1e-5, atol=1e-6)
+    assert float(jnp.vdot(g_u["a"], g_r["a"])) < 0  # leaf "a" was in conflict
+    # aligned gradients change nothing (bitwise)
+    aligned = doco.gradient_surgery(g_u, jax.tree_util.tree_map(lambda g: 2.0 * g + 0.0, g_u))
+    for k in g_u:
+        assert np.array_equal(np.asarray(aligned[k]), np.asarray(g_u[k]))
+    # with a unit-norm g_u and λ = 1 the conflicting component is removed exactly (PCGrad)
+    unit = {"a": g_u["a"] / jnp.linalg.norm(g_u["a"])}
+    fixed = doco.gradient_surgery(unit, {"a": g_r["a"]})
+    assert abs(float(jnp.vdot(fixed["a"], g_r["a"]))) < 1e-5
+
+
+class KVStub:
+    """A 'UNet' with one cross-attention K/V pair: eps = x * (1 + mean(ctx @ to_k) + mean(ctx @ to_v))."""
+
+    @staticmethod
+    def apply(params, x, t, ctx):
+        a = params["attn2"]
+        s = jnp.mean(ctx @ a["to_k"]["kernel"], axis=(1, 2)) + jnp.mean(ctx @ a["to_v"]["kernel"], axis=(1, 2))
+        return x * (1.0 + s[:, None, None, None]) + 0.01 * t[:, None, None, None] / 1000
+
+
+def test_doco_step_trains_discriminator_always_and_unet_after_warm_up():
+    rng = np.random.default_rng(4)
+    params = {
+        "attn2": {n: {"kernel": jnp.asarray(rng.standard_normal((D, 3)).astype(np.float32))} for n in ("to_k", "to_v")}
+    }
+    method = doco.DoCo(KVStub, disc_channels=(8, 16), warm_up=1)
+    trainable, _ = common.split(params, "cross-attn-kv")
+    unet_opt, disc_opt = doco.optimizers(unet_lr=1e-2, disc_lr=1e-2)
+    state = method.init_state(trainable, unet_opt, disc_opt, jax.random.PRNGKey(0), LATENT)
+    batch = {
+        "latents": jnp.asarray(rng.standard_normal((2, *LATENT)).astype(np.float32)),
+        "target": _ctx(5, 2),
+        "anchor": _ctx(6, 2),
+        "prior_latents": jnp.asarray(rng.standard_normal((2, *LATENT)).astype(np.float32)),
+        "prior": _ctx(6, 2),
+    }
+    step = fast_jit(method.make_step(unet_opt, disc_opt))
+
+    def equal(a, b):
+        return all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
+
+    s, metrics = state, []
+    for k in range(3):
+        new, m = step(s, {"base": params}, batch, jax.random.PRNGKey(k))
+        assert all(np.isfinite(float(v)) for v in m.values())
+        assert not equal(new.disc, s.disc)  # the discriminator trains every step
+        assert equal(new.trainable, s.trainable) == (k <= 1)  # the UNet once global_step > warm_up
+        assert equal(new.opt_state, s.opt_state) == (k <= 1)
+        s, metrics = new, metrics + [m]
+    assert [bool(m["unet_active"]) for m in metrics] == [False, False, True] and int(s.step) == 3
+
+
+def test_trce_hinge_and_never_zeroed_gradients():
+    tx = trce.never_zeroed_gradients()
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    out1, state = tx.update({"w": jnp.array([1.0, 0.0, 0.0])}, state)
+    out2, state = tx.update({"w": jnp.array([0.0, 2.0, 0.0])}, state)
+    np.testing.assert_array_equal(np.asarray(out2["w"]), [1.0, 2.0, 0.0])  # step 2 uses g1 + g2
+    assert isinstance(trce.stage2_optimizer(never_zero_grads=True), optax.GradientTransformation)
+
+
+def test_ablation_masked_reduction_is_the_official_one():
+    pred, target = jnp.ones((2, 4, 4, 3)), jnp.zeros((2, 4, 4, 3))
+    assert float(ablation.masked_loss(pred, target)) == pytest.approx(3.0)  # C x the elementwise mean
+    mask = jnp.zeros((2, 4, 4, 1)).at[:, :2].set(1.0)
+    assert float(ablation.masked_loss(pred.at[:, 2:].set(9.0), target, mask)) == pytest.approx(3.0)
