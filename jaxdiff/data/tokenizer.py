@@ -12,14 +12,35 @@ from pathlib import Path
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def _chain(word: str) -> list[tuple[str, str]]:
-    # CLIP's BPE sees a word as its characters with "</w>" on the last one; merging left to right
-    # rebuilds the whole word as one token.
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    # CLIP's BPE sees a word as its characters with "</w>" on the last one and applies the best-ranked
+    # merge of adjacent symbols until none applies.
     symbols = list(word[:-1]) + [word[-1] + "</w>"]
-    merges, left = [], symbols[0]
-    for right in symbols[1:]:
-        merges.append((left, right))
-        left = left + right
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+    return symbols
+
+
+def _word_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Merges under which every word becomes one token.
+
+    Each word's remaining pieces are merged left to right by merges appended after all earlier ones, so
+    they never fire before a merge another word relies on and words already whole stay whole (a merge
+    chain per word in isolation would not: "el" from "else" would cut into "yellow").
+    """
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        pieces = _bpe(word, ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
     return merges
 
 
@@ -32,13 +53,7 @@ def build_clip_tokenizer(words: Iterable[str], folder: str | os.PathLike, model_
     from transformers import CLIPTokenizer
 
     words = sorted({w.lower() for w in words if w})
-    merges: list[tuple[str, str]] = []
-    seen = set()
-    for word in words:
-        for pair in _chain(word) if len(word) > 1 else []:
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
+    merges = _word_merges(words)
     chars = string.ascii_lowercase + string.digits + string.punctuation
     vocab_tokens = [BOS, EOS] + list(chars) + [c + "</w>" for c in chars]
     vocab_tokens += ["".join(p) for p in merges]
