@@ -45,7 +45,7 @@ def _add_export(sub) -> None:
         description="Export a jaxdiff checkpoint as a diffusers/transformers folder with safetensors weights, "
         "loadable with from_pretrained.",
     )
-    p.add_argument("src", help="jaxdiff checkpoint folder")
+    p.add_argument("src", help="jaxdiff checkpoint folder, or 'shapes' for the embedded model")
     p.add_argument("dst", help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=_export)
@@ -54,9 +54,16 @@ def _add_export(sub) -> None:
 def _export(args) -> int:
     from jaxdiff.convert import checkpoint
 
-    summary = checkpoint.export(args.src, args.dst, overwrite=args.overwrite, progress=None)
+    summary = checkpoint.export(_builtin(args.src), args.dst, overwrite=args.overwrite, progress=None)
     _print_summary("exported", summary)
     return 0
+
+
+def _builtin(path: str) -> str:
+    """A built-in model name ("shapes") -> its folder; anything else unchanged."""
+    from jaxdiff.sampling.pipeline import BUILTIN
+
+    return str(BUILTIN[path]) if path in BUILTIN and not os.path.exists(path) else path
 
 
 def _print_summary(verb: str, summary: dict) -> None:
@@ -75,7 +82,7 @@ def _add_info(sub) -> None:
         help="components, classes, parameter counts, stored dtypes",
         description="Describe a jaxdiff checkpoint, a diffusers pipeline/component folder or a weights file.",
     )
-    p.add_argument("path", help="folder or weights file")
+    p.add_argument("path", nargs="?", default="shapes", help="folder or weights file (default: the embedded shapes)")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     p.set_defaults(func=_info)
 
@@ -83,7 +90,7 @@ def _add_info(sub) -> None:
 def _info(args) -> int:
     from jaxdiff.convert import checkpoint
 
-    result = checkpoint.info(args.path)
+    result = checkpoint.info(_builtin(args.path))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -139,11 +146,11 @@ def _env_int(name: str) -> int | None:
 
 def _train(args) -> int:
     from jaxdiff.train import config as config_lib
-    from jaxdiff.train import loop
+    from jaxdiff.train import distributed, loop
     from jaxdiff.train.step import NonFiniteError
 
     config = config_lib.apply_overrides(config_lib.load_config(args.config), args.overrides)
-    loop.initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed)
+    distributed.initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed)
     try:
         result = loop.train(config, args.workdir)
     except NonFiniteError as e:

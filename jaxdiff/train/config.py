@@ -1,0 +1,278 @@
+"""Training configs: the schema of every key, config-file loading, `--config.a.b=value` overrides and validation."""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import math
+import os
+
+import ml_collections as mlc
+
+from jaxdiff import sharding
+
+# Subtrees whose keys are free-form (a diffusers config.json's keys), not checked against the schema.
+OPEN = ("model.unet",)
+
+CHOICES = {
+    "model.compute_dtype": ("float32", "bfloat16", "float16"),
+    "objective.name": ("denoising",),
+    "objective.prediction_type": ("epsilon", "v_prediction"),
+    "objective.beta_schedule": ("scaled_linear", "linear"),
+    "optimizer.name": ("adamw", "adam", "sgd"),
+    "optimizer.schedule": ("constant", "cosine", "linear"),
+    "train.remat": ("none", "loss", "blocks"),
+    "train.nonfinite": ("skip", "stop"),
+}
+
+
+class ConfigError(ValueError):
+    """A training config that cannot run; raised before anything is compiled."""
+
+
+def default_config() -> mlc.ConfigDict:
+    """Every key a training config may set, with its default (configs/train/*.py start from this)."""
+    c = mlc.ConfigDict()
+    c.seed = 0
+    c.total_steps = 100
+
+    c.model = mlc.ConfigDict()
+    c.model.name = "UNet2DConditionModel"
+    c.model.unet = mlc.ConfigDict()  # diffusers config.json keys; ignored when `pretrained` is set
+    c.model.pretrained = ""  # a diffusers or jaxdiff UNet folder; "" = random init from `seed`
+    c.model.compute_dtype = "float32"  # params stay float32 (master weights); activations in this dtype
+    c.model.attention = "auto"
+
+    c.objective = mlc.ConfigDict()
+    c.objective.name = "denoising"
+    c.objective.prediction_type = "epsilon"
+    c.objective.snr_gamma = 0.0  # > 0: min-SNR-gamma loss weighting (arXiv 2303.09556), 5.0 in the paper
+    c.objective.num_train_timesteps = 1000
+    c.objective.beta_schedule = "scaled_linear"
+    c.objective.beta_start = 0.00085
+    c.objective.beta_end = 0.012
+    c.objective.input_key = "latents"  # batch feature holding x0 [B, H, W, C]
+    c.objective.context_key = "encoder_hidden_states"  # batch feature holding the text context [B, L, D]
+    c.objective.input_scale = 1.0  # x0 = batch[input_key] * input_scale (0.18215 for unscaled SD latents)
+
+    c.data = mlc.ConfigDict()
+    c.data.source = "synthetic"  # "synthetic" | "tfds" | "package.module:function" (returns a random-access source)
+    c.data.name = ""  # TFDS dataset name (source="tfds")
+    c.data.split = "train"
+    c.data.data_dir = ""
+    c.data.features = ()  # features passed to the objective; () = every numeric feature
+    c.data.shuffle = True
+    c.data.seed = 0
+    c.data.global_batch_size = 8
+    c.data.prefetch = 2  # host batches read ahead in a thread
+    c.data.synthetic = mlc.ConfigDict(
+        dict(num_records=256, size=8, channels=4, context_length=4, context_dim=32, classes=8)
+    )
+
+    c.optimizer = mlc.ConfigDict()
+    c.optimizer.name = "adamw"
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.schedule = "constant"  # after `warmup_steps` of linear warm-up
+    c.optimizer.warmup_steps = 0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 1e-2
+    c.optimizer.clip_norm = 1.0  # global-norm clipping; 0 = off
+
+    c.train = mlc.ConfigDict()
+    c.train.trainable = ""  # regex on "a/b/c" param paths; "" = every param
+    c.train.accum_steps = 1  # micro-batches per step (gradient accumulation with lax.scan)
+    c.train.ema_decay = 0.0  # 0 = no EMA params
+    c.train.remat = "none"  # "loss": jax.checkpoint on the loss (save matmuls); "blocks": per UNet block
+    c.train.nonfinite = "stop"  # non-finite loss/grad: "skip" the update or "stop" the run
+    c.train.max_skipped_steps = 0  # with "skip": stop after this many skipped steps in a row (0 = never)
+
+    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # one axis may be -1 (all remaining devices)
+    c.sharding_rules = tuple(sharding.DEFAULT_RULES)
+
+    c.checkpoint = mlc.ConfigDict(dict(every_steps=100, keep=3, async_save=True))
+    c.log = mlc.ConfigDict(dict(every_steps=10, tensorboard=True, progress=True))
+    return c
+
+
+def load_config(spec: str) -> mlc.ConfigDict:
+    """`path/to/config.py` or `path/to/config.py:arg` -> get_config() / get_config(arg)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"_jaxdiff_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config()")
+    config = module.get_config(arg) if arg else module.get_config()
+    return config if isinstance(config, mlc.ConfigDict) else mlc.ConfigDict(config)
+
+
+def _parse_value(text: str, current):
+    if isinstance(current, bool):
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _open(path: str) -> bool:
+    return any(path == o or path.startswith(o + ".") for o in OPEN)
+
+
+def apply_overrides(config: mlc.ConfigDict, overrides: list[str]) -> mlc.ConfigDict:
+    """Apply `--config.a.b=value` (or `config.a.b=value`) strings; unknown keys are a ConfigError."""
+    schema = default_config()
+    config = mlc.ConfigDict(config.to_dict())
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if not text.startswith("config.") or "=" not in text:
+            raise ConfigError(f"expected --config.KEY=VALUE, got {item!r}")
+        key, value = text[len("config.") :].split("=", 1)
+        parts = key.split(".")
+        node, ref = config, schema
+        for i, part in enumerate(parts[:-1]):
+            here = ".".join(parts[: i + 1])
+            if part not in node:
+                if not _open(here):
+                    raise ConfigError(_unknown(here, ref))
+                node[part] = mlc.ConfigDict()
+            node = node[part]
+            ref = ref[part] if ref is not None and part in ref else None
+        leaf = parts[-1]
+        if leaf not in node and not _open(key):
+            raise ConfigError(_unknown(key, node))
+        current = node[leaf] if leaf in node else (ref[leaf] if ref is not None and leaf in ref else None)
+        try:
+            parsed = _parse_value(value, current)
+        except ValueError as e:
+            raise ConfigError(f"--config.{key}: {e}") from None
+        if isinstance(current, mlc.ConfigDict):
+            raise ConfigError(f"--config.{key} is a group of keys ({', '.join(current)}); set one of them")
+        node[leaf] = parsed
+    return config
+
+
+def _unknown(path: str, parent) -> str:
+    name = path.split(".")[-1]
+    known = list(parent.keys()) if parent is not None else []
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{close[0]}?)" if close else ""
+    return f"unknown config key {path!r}{hint}; known keys here: {', '.join(sorted(known))}"
+
+
+def _unknown_keys(config, schema, prefix="") -> list[str]:
+    problems = []
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        if _open(path):
+            continue
+        if key not in schema:
+            problems.append(_unknown(path, schema))
+        elif isinstance(schema[key], mlc.ConfigDict):
+            if not isinstance(config[key], (mlc.ConfigDict, dict)):
+                problems.append(f"config key {path!r} must be a group of keys ({', '.join(schema[key])})")
+            else:
+                problems += _unknown_keys(mlc.ConfigDict(config[key]), schema[key], path + ".")
+    return problems
+
+
+def complete(config: mlc.ConfigDict) -> mlc.ConfigDict:
+    """The schema's defaults for every key the config leaves out (unknown keys are left for `validate`)."""
+    full = default_config()
+    _merge(full, config)
+    return full
+
+
+def _merge(into: mlc.ConfigDict, src) -> None:
+    for key, value in src.items():
+        if key in into and isinstance(into[key], mlc.ConfigDict) and isinstance(value, (mlc.ConfigDict, dict)):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def mesh_shape(mesh: dict, num_devices: int) -> dict[str, int]:
+    """Resolve the -1 axis of a mesh config against `num_devices`; raises ConfigError when it does not fit."""
+    shape = {k: int(v) for k, v in dict(mesh).items()}
+    bad = [f"{k}={v}" for k, v in shape.items() if v == 0 or v < -1]
+    if bad:
+        raise ConfigError(f"mesh axis sizes must be positive or -1, got {', '.join(bad)}")
+    auto = [k for k, v in shape.items() if v == -1]
+    if len(auto) > 1:
+        raise ConfigError(f"at most one mesh axis may be -1, got {', '.join(auto)}")
+    known = math.prod(v for v in shape.values() if v != -1)
+    if auto:
+        if num_devices % known:
+            raise ConfigError(
+                f"mesh {_fmt(shape)} does not divide the {num_devices} devices ({known} does not divide it)"
+            )
+        shape[auto[0]] = num_devices // known
+    if math.prod(shape.values()) != num_devices:
+        raise ConfigError(f"mesh {_fmt(shape)} needs {math.prod(shape.values())} devices but there are {num_devices}")
+    return shape
+
+
+def _fmt(shape: dict) -> str:
+    return "{" + ", ".join(f"{k}={v}" for k, v in shape.items()) + "}"
+
+
+def batch_axes(rules) -> tuple[str, ...]:
+    target = dict(sharding.rules_from_config(rules)).get("batch")
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
+
+def validate(config: mlc.ConfigDict, num_devices: int) -> mlc.ConfigDict:
+    """The completed config, or a ConfigError naming every problem (nothing has been compiled yet)."""
+    problems = _unknown_keys(config, default_config())
+    if problems:
+        raise ConfigError("; ".join(problems))
+    config = complete(config)
+    for path, allowed in CHOICES.items():
+        group, key = path.split(".")
+        if config[group][key] not in allowed:
+            problems.append(f"config.{path}={config[group][key]!r} is not one of {', '.join(allowed)}")
+    unknown_axes = set(config.mesh) - set(sharding.MESH_AXES)
+    if unknown_axes:
+        problems.append(f"unknown mesh axes {sorted(unknown_axes)}; use {', '.join(sharding.MESH_AXES)}")
+    for key in ("total_steps",):
+        if config[key] <= 0:
+            problems.append(f"config.{key} must be positive, got {config[key]}")
+    for path in ("data.global_batch_size", "train.accum_steps", "checkpoint.every_steps", "checkpoint.keep"):
+        group, key = path.split(".")
+        if int(config[group][key]) <= 0:
+            problems.append(f"config.{path} must be positive, got {config[group][key]}")
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        problems.append(f"config.train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+    shape = mesh_shape(config.mesh, num_devices)
+    shards = math.prod(shape[a] for a in batch_axes(config.sharding_rules) if a in shape)
+    batch, accum = config.data.global_batch_size, config.train.accum_steps
+    if batch % accum:
+        raise ConfigError(f"data.global_batch_size={batch} is not divisible by train.accum_steps={accum}")
+    if (batch // accum) % shards:
+        used = [a for a in batch_axes(config.sharding_rules) if a in shape]
+        axes = "×".join(f"{a}={shape[a]}" for a in used if shape[a] > 1) or "×".join(f"{a}=1" for a in used)
+        per_step = f" / train.accum_steps={accum} = {batch // accum} per micro-batch" if accum > 1 else ""
+        raise ConfigError(
+            f"data.global_batch_size={batch}{per_step} is not divisible by the data axes ({axes}) = {shards} devices; "
+            f"use a global_batch_size that is a multiple of {shards * accum}"
+        )
+    return config

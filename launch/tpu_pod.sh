@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Run `jaxdiff train` on every worker of a Cloud TPU VM slice (one process per host; JAX finds the TPU topology
+# and the coordinator itself: `jaxdiff train --distributed` calls jax.distributed.initialize() with no arguments).
+#
+#   TPU_NAME=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh \
+#       --config configs/train/sd15.py --workdir /mnt/shared/runs/sd15 --config.model.pretrained=/mnt/shared/sd15/unet
+#
+# Requirements (not runnable on this machine):
+#   * the repository checked out at $REPO (default ~/jaxdiff) on every worker, with `pip install -e ".[tpu]"`;
+#   * WORKDIR on storage every host sees (a gcsfuse-mounted bucket or NFS): orbax writes each host's shards of
+#     the checkpoint there and every host reads it back on resume; process 0 writes metrics.jsonl/TensorBoard;
+#   * the same command on all workers (--worker=all); a preempted slice gets SIGTERM on every host, JAX's
+#     preemption service agrees on a step, the trainer saves it, and re-running this script resumes.
+# Environment: TPU_NAME, ZONE (required), PROJECT (optional), REPO (default ~/jaxdiff), PYTHON (default python3).
+set -euo pipefail
+: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
+REPO=${REPO:-'~/jaxdiff'}
+PYTHON=${PYTHON:-python3}
+args=$(printf ' %q' "$@")
+gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" ${PROJECT:+--project "$PROJECT"} --worker=all \
+  --command "cd $REPO && $PYTHON -m jaxdiff train --distributed$args"
