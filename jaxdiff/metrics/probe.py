@@ -39,6 +39,21 @@ HEADS: dict[str, tuple[str, int | None, tuple[str, ...]]] = {
 DEFAULT_CONFIG = {"channels": [32, 64, 128], "features": 256, "groups": 8, "image_size": 32}
 
 
+def conv_tower(images, channels, groups):
+    """Shared CNN trunk: per level conv, stride-2 conv, each GroupNorm+SiLU; flattened features [B, D].
+
+    Call inside a compact method: the layers (conv{i}a/b, norm{i}a/b) belong to the caller. Flattening (not
+    pooling) keeps where things are, since slots are the left/right halves.
+    """
+    x = images.astype(jnp.float32) * 2.0 - 1.0
+    for i, c in enumerate(channels):
+        x = nn.Conv(c, (3, 3), padding=1, name=f"conv{i}a")(x)
+        x = nn.silu(nn.GroupNorm(groups, name=f"norm{i}a")(x))
+        x = nn.Conv(c, (3, 3), strides=2, padding=1, name=f"conv{i}b")(x)
+        x = nn.silu(nn.GroupNorm(groups, name=f"norm{i}b")(x))
+    return x.reshape(x.shape[0], -1)
+
+
 class ProbeNet(nn.Module):
     """images [B, H, W, 3] in [0, 1] -> ({head: logits [B, classes]}, features [B, features])."""
 
@@ -48,14 +63,7 @@ class ProbeNet(nn.Module):
 
     @nn.compact
     def __call__(self, images):
-        x = images.astype(jnp.float32) * 2.0 - 1.0
-        for i, c in enumerate(self.channels):
-            x = nn.Conv(c, (3, 3), padding=1, name=f"conv{i}a")(x)
-            x = nn.silu(nn.GroupNorm(self.groups, name=f"norm{i}a")(x))
-            x = nn.Conv(c, (3, 3), strides=2, padding=1, name=f"conv{i}b")(x)
-            x = nn.silu(nn.GroupNorm(self.groups, name=f"norm{i}b")(x))
-        # Flattening (not pooling) keeps where things are: slots are left/right halves.
-        x = x.reshape(x.shape[0], -1)
+        x = conv_tower(images, self.channels, self.groups)
         feats = nn.silu(nn.Dense(self.features, name="fc")(x))
         logits = {name: nn.Dense(len(vocab), name=f"head_{name}")(feats) for name, (_, _, vocab) in HEADS.items()}
         return logits, feats

@@ -18,6 +18,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxdiff.convert.safetensors_io import load_safetensors, write_safetensors
+from jaxdiff.metrics.probe import conv_tower
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "shapes_clip"
 CONFIG = "config.json"
@@ -40,13 +41,7 @@ class ImageEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, images):
-        x = images.astype(jnp.float32) * 2.0 - 1.0
-        for i, c in enumerate(self.channels):
-            x = nn.Conv(c, (3, 3), padding=1, name=f"conv{i}a")(x)
-            x = nn.silu(nn.GroupNorm(self.groups, name=f"norm{i}a")(x))
-            x = nn.Conv(c, (3, 3), strides=2, padding=1, name=f"conv{i}b")(x)
-            x = nn.silu(nn.GroupNorm(self.groups, name=f"norm{i}b")(x))
-        x = x.reshape(x.shape[0], -1)  # keeps left/right
+        x = conv_tower(images, self.channels, self.groups)
         x = nn.silu(nn.Dense(2 * self.projection_dim, name="fc")(x))
         return nn.Dense(self.projection_dim, name="proj")(x)
 

@@ -192,6 +192,9 @@ class Scheduler:
     name = ""
     defaults: dict = {}
     prediction_type = "epsilon"
+    # Sigma-based schedulers (Euler, DPM): with zero terminal SNR, diffusers sets the last alpha_cumprod to
+    # 2**-24 so sigma_max stays finite.
+    clamp_terminal_alpha = False
 
     def __init__(self, config: dict | None = None):
         self.config = resolve_config(self.defaults, config)
@@ -199,6 +202,9 @@ class Scheduler:
         self.num_train_timesteps = int(self.config["num_train_timesteps"])
         self.validate()
         self.alphas_cumprod = make_alphas_cumprod(self.config) if "beta_schedule" in self.config else None
+        if self.clamp_terminal_alpha and self.config.get("rescale_betas_zero_snr"):
+            self.alphas_cumprod = self.alphas_cumprod.copy()
+            self.alphas_cumprod[-1] = 2.0**-24
 
     def validate(self):
         check_common(self.config, self.name)

@@ -69,11 +69,7 @@ class DPMSolverPP(Scheduler):
         time_shift_type="exponential",
     )
 
-    def __init__(self, config=None):
-        super().__init__(config)
-        if self.config["rescale_betas_zero_snr"]:
-            self.alphas_cumprod = self.alphas_cumprod.copy()
-            self.alphas_cumprod[-1] = 2.0**-24
+    clamp_terminal_alpha = True
 
     def validate(self):
         super().validate()

@@ -55,11 +55,7 @@ class EulerDiscrete(Scheduler):
         final_sigmas_type="zero",
     )
 
-    def __init__(self, config=None):
-        super().__init__(config)
-        if self.config["rescale_betas_zero_snr"]:
-            self.alphas_cumprod = self.alphas_cumprod.copy()
-            self.alphas_cumprod[-1] = 2.0**-24
+    clamp_terminal_alpha = True
 
     def validate(self):
         super().validate()
