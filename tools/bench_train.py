@@ -60,18 +60,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    attention_head_dim=8,
-    cross_attention_dim=768,
-    norm_num_groups=32,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
 PARAMS = 859_520_964  # SD1.5 UNet parameters
 
 
@@ -200,11 +188,14 @@ def run_torch(args) -> dict:
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
+    sys.path.insert(0, ROOT)
+    from jaxdiff.models.unet import SD15_CONFIG
+
     lat = args.resolution // 8
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).to(device).train()
+    unet = UNet2DConditionModel(**SD15_CONFIG).to(device).train()
     if args.remat != "none":
         unet.enable_gradient_checkpointing()
     pattern = re.compile(args.trainable) if args.trainable else None

@@ -23,18 +23,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    attention_head_dim=8,
-    cross_attention_dim=768,
-    norm_num_groups=32,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
 CLOSED = ("uce", "uce-paper", "rece", "trce1", "mace", "mace-fuse")
 TRAIN = ("esd-x", "esd-u", "spm", "trce2", "doco", "all_but_one", "ablation")
 
@@ -76,7 +64,7 @@ def check_closed_form(methods, seed: int):
     from jaxdiff.models.model import create
 
     t0 = time.perf_counter()
-    model = create(unet.ARCHITECTURES["UNet2DConditionModel"], SD15_UNET, abstract=False, seed=seed)
+    model = create(unet.ARCHITECTURES["UNet2DConditionModel"], unet.SD15_CONFIG, abstract=False, seed=seed)
     params = model.params
     jax.block_until_ready(params)
     mats = ridge.get_kv(params)
@@ -159,7 +147,7 @@ def check_training(methods, attention: str, batch: int, latent: int, fast: bool)
     from jaxdiff.models import unet
     from jaxdiff.models.model import create
 
-    model = create(unet.ARCHITECTURES["UNet2DConditionModel"], SD15_UNET, abstract=True, attention=attention)
+    model = create(unet.ARCHITECTURES["UNet2DConditionModel"], unet.SD15_CONFIG, abstract=True, attention=attention)
     params = model.params  # ShapeDtypeStructs: nothing allocated
     shape = (latent, latent, 4)
     S = jax.ShapeDtypeStruct

@@ -5,6 +5,7 @@
 # FSDP over all devices, bf16 compute with float32 master weights, remat per UNet block, min-SNR-5 weighting.
 """SD 1.5 UNet2DConditionModel fine-tuning (epsilon prediction) sharded FSDP across the mesh."""
 
+from jaxdiff.models.unet import SD15_CONFIG
 from jaxdiff.train.config import default_config
 
 
@@ -12,18 +13,7 @@ def get_config(arg: str = ""):
     c = default_config()
     c.total_steps = 10_000
     # diffusers' runwayml/stable-diffusion-v1-5 unet/config.json (used when model.pretrained is empty).
-    c.model.unet = dict(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        attention_head_dim=8,
-        cross_attention_dim=768,
-        norm_num_groups=32,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )
+    c.model.unet = dict(SD15_CONFIG)
     c.model.compute_dtype = "bfloat16"
     c.objective.prediction_type = "epsilon"
     c.objective.snr_gamma = 5.0

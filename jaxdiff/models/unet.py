@@ -37,6 +37,21 @@ _REQUIRED_DEFAULTS = {
 }
 
 
+# diffusers' runwayml/stable-diffusion-v1-5 unet/config.json: the reference shape for benchmarks and scale checks.
+SD15_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "norm_num_groups": 32,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}
+
+
 def timestep_embedding(t, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0):
     """Sinusoidal embedding of (possibly fractional) timesteps [B] -> [B, dim], float32 (DDPM / diffusers)."""
     half = dim // 2
