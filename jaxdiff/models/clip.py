@@ -104,11 +104,22 @@ class CLIPTextEmbeddings(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids):
+    def __call__(self, input_ids, token_embeds=None):
         length = input_ids.shape[-1]
         if length > self.max_positions:
             raise ValueError(f"sequence length {length} exceeds max_position_embeddings {self.max_positions}")
-        tokens = Embed(self.vocab_size, self.hidden_size, self.dtype, name="token_embedding")(input_ids)
+        lookup = Embed(self.vocab_size, self.hidden_size, self.dtype, name="token_embedding")
+        if token_embeds is None:
+            tokens = lookup(input_ids)
+        else:
+            expected = input_ids.shape + (self.hidden_size,)
+            if tuple(token_embeds.shape) != expected:
+                raise ValueError(
+                    f"token_embeds must have shape {expected} (input_ids + hidden), got {token_embeds.shape}"
+                )
+            if self.is_initializing():
+                lookup(input_ids)  # the table is part of the model whatever the inputs
+            tokens = jnp.asarray(token_embeds).astype(self.dtype)
         positions = Embed(self.max_positions, self.hidden_size, self.dtype, name="position_embedding")(
             jnp.arange(length)
         )
@@ -139,17 +150,21 @@ class CLIPEncoder(nn.Module):
 
 
 class CLIPTextTransformer(nn.Module):
-    """transformers' `text_model`: embeddings, encoder, final_layer_norm and EOS pooling."""
+    """transformers' `text_model`: embeddings, encoder, final_layer_norm and EOS pooling.
+
+    `token_embeds` [B, L, D] (optional) replaces the token-embedding lookup (transformers' `inputs_embeds` of the
+    token table; position embeddings are still added); `input_ids` are still needed for EOS pooling.
+    """
 
     config: dict
     dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None):
+    def __call__(self, input_ids, attention_mask=None, token_embeds=None):
         c = self.config
         sizes = (_cfg(c, "vocab_size"), _cfg(c, "max_position_embeddings"), _cfg(c, "hidden_size"))
-        x = CLIPTextEmbeddings(*sizes, self.dtype, name="embeddings")(input_ids)
+        x = CLIPTextEmbeddings(*sizes, self.dtype, name="embeddings")(input_ids, token_embeds)
         length = input_ids.shape[-1]
         mask = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, Lq, Lk], causal always
         if attention_mask is not None:
@@ -172,7 +187,8 @@ class CLIPTextModel(nn.Module):
 
     last_hidden_state [B, L, D] (final-layer-normed); hidden_states: embeddings then every layer's output
     (num_layers + 1 entries, not normed); pooler_output [B, D] at the EOS token; text_embeds [B, P] when
-    `with_projection`.
+    `with_projection`. `token_embeds` [B, L, D] (optional, float) replaces the token-embedding lookup of
+    `input_ids` (continuous prompts, soft-prompt attacks); the ids still choose the pooled EOS position.
     """
 
     config: dict
@@ -181,8 +197,10 @@ class CLIPTextModel(nn.Module):
     with_projection: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None):
-        out = CLIPTextTransformer(self.config, self.dtype, self.attention, name="text_model")(input_ids, attention_mask)
+    def __call__(self, input_ids, attention_mask=None, token_embeds=None):
+        out = CLIPTextTransformer(self.config, self.dtype, self.attention, name="text_model")(
+            input_ids, attention_mask, token_embeds
+        )
         if self.with_projection:
             features = _cfg(self.config, "projection_dim")
             proj = Dense(features, use_bias=False, axes=(EMBED, MLP), dtype=self.dtype, name="text_projection")

@@ -113,7 +113,7 @@ class Pipeline:
 
     def __call__(
         self,
-        prompts: str | list[str],
+        prompts: str | list[str] | None = None,
         negative_prompts: str | list[str] | None = None,
         steps: int = 25,
         guidance: float = 7.5,
@@ -124,19 +124,45 @@ class Pipeline:
         width: int | None = None,
         params: dict | None = None,
         progress: bool = False,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
     ) -> np.ndarray:
         """Images [B, H, W, 3] float in [0, 1]. `latents`: NHWC unit Gaussian noise (scaled by the scheduler's
-        init_noise_sigma, as diffusers does); `params` overrides the loaded params (e.g. an erased UNet)."""
+        init_noise_sigma, as diffusers does); `params` overrides the loaded params (e.g. an erased UNet).
+
+        `prompt_embeds` [B, L, D] (SD 1.x/2.x only) conditions the UNet directly instead of `prompts` (which must
+        then be None); `negative_prompt_embeds` [B, L, D] likewise replaces `negative_prompts` (default: the
+        encoding of "" for every row), as in diffusers."""
         from jaxdiff.sampling import make_scheduler
 
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("no prompts given")
+        if prompt_embeds is not None or negative_prompt_embeds is not None:
+            if self.is_sdxl:
+                raise ValueError("prompt_embeds / negative_prompt_embeds are supported for SD 1.x/2.x pipelines only")
+        if prompt_embeds is not None:
+            if prompts is not None:
+                raise ValueError("give prompts or prompt_embeds, not both")
+            prompt_embeds = _embeds(prompt_embeds, "prompt_embeds")
+            batch = prompt_embeds.shape[0]
+        else:
+            if prompts is None:
+                raise ValueError("no prompts given (pass prompts or prompt_embeds)")
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if not prompts:
+                raise ValueError("no prompts given")
+            batch = len(prompts)
+        if negative_prompt_embeds is not None:
+            if negative_prompts is not None:
+                raise ValueError("give negative_prompts or negative_prompt_embeds, not both")
+            negative_prompt_embeds = _embeds(negative_prompt_embeds, "negative_prompt_embeds")
+            if negative_prompt_embeds.shape[0] != batch:
+                raise ValueError(
+                    f"negative_prompt_embeds has {negative_prompt_embeds.shape[0]} rows for {batch} prompts"
+                )
         if negative_prompts is None:
-            negative_prompts = [""] * len(prompts)
-        negative_prompts = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else negative_prompts
-        if len(negative_prompts) != len(prompts):
-            raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+            negative_prompts = [""] * batch
+        negative_prompts = [negative_prompts] * batch if isinstance(negative_prompts, str) else negative_prompts
+        if len(negative_prompts) != batch:
+            raise ValueError(f"{len(negative_prompts)} negative prompts for {batch} prompts")
         if steps <= 0:
             raise ValueError(f"steps must be positive, got {steps}")
         height, width = height or self.default_size, width or self.default_size
@@ -149,13 +175,18 @@ class Pipeline:
         plan = sched.plan(steps)
 
         use_cfg = guidance > 1.0
-        context, pooled = self.encode_prompts(prompts + (negative_prompts if use_cfg else []), params)
+        if prompt_embeds is None and negative_prompt_embeds is None:
+            context, pooled = self.encode_prompts(prompts + (negative_prompts if use_cfg else []), params)
+        else:
+            context, pooled = self._contexts(
+                prompts, negative_prompts, prompt_embeds, negative_prompt_embeds, use_cfg, params
+            )
         added = None
         if self.is_sdxl:
             time_ids = jnp.asarray([[height, width, 0, 0, height, width]] * context.shape[0], jnp.float32)
             added = {"text_embeds": pooled, "time_ids": time_ids}
         shape = (
-            len(prompts),
+            batch,
             height // self.vae_scale_factor,
             width // self.vae_scale_factor,
             self.unet.config.get("in_channels", 4),
@@ -188,6 +219,23 @@ class Pipeline:
                 self._bar[0].close()
                 self._bar[0] = None
         return images
+
+    def _contexts(self, prompts, negative_prompts, prompt_embeds, negative_prompt_embeds, use_cfg, params):
+        """(context [B or 2B, L, D], None) when embeddings replace the prompts or the negative prompts."""
+        cond = self.encode_prompts(prompts, params)[0] if prompt_embeds is None else prompt_embeds
+        if not use_cfg:
+            return cond, None
+        if negative_prompt_embeds is not None:
+            uncond = negative_prompt_embeds
+        elif all(p == negative_prompts[0] for p in negative_prompts):  # e.g. all "": encode once, broadcast
+            uncond = jnp.broadcast_to(self.encode_prompts(negative_prompts[:1], params)[0], cond.shape)
+        else:
+            uncond = self.encode_prompts(negative_prompts, params)[0]
+        if uncond.shape[1:] != cond.shape[1:]:
+            raise ValueError(
+                f"negative conditioning rows have shape {tuple(uncond.shape[1:])}, the prompts' {tuple(cond.shape[1:])}"
+            )
+        return jnp.concatenate([cond, uncond.astype(cond.dtype)]), None
 
     def _sampler(self, name: str, use_cfg: bool, progress: bool):
         """One jitted program per (scheduler, guidance on/off, progress); XLA caches one executable per shape."""
@@ -231,3 +279,11 @@ class Pipeline:
         if self.vae.config.get("shift_factor") is not None:
             z = z + self.vae.config["shift_factor"]
         return jnp.clip(self.vae.decode(vae_params, z) / 2 + 0.5, 0.0, 1.0)
+
+
+def _embeds(x, name: str):
+    """A [B, L, D] float array of text-encoder hidden states (float dtypes kept, others made float32)."""
+    x = jnp.asarray(x)
+    if x.ndim != 3 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty [B, L, D] array, got shape {tuple(x.shape)}")
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
