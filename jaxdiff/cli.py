@@ -165,6 +165,62 @@ def _train(args) -> int:
 SUBCOMMANDS.append(_add_train)
 
 
+def _config_overrides(p) -> None:
+    """Let parser `p` collect --config.KEY=VALUE arguments into `args.overrides` (argparse cannot declare them)."""
+    p.set_defaults(overrides=[])
+    parse_known = p.parse_known_args
+
+    def parse_with_overrides(args=None, namespace=None):
+        namespace, rest = parse_known(args, namespace)
+        namespace.overrides = list(namespace.overrides) + [a for a in rest if a.startswith("--config.")]
+        return namespace, [a for a in rest if not a.startswith("--config.")]
+
+    p.parse_known_args = parse_with_overrides
+
+
+def _add_erase(sub) -> None:
+    p = sub.add_parser(
+        "erase",
+        help="erase a concept with a configs/erase/*.py method; writes the edited model, a grid and a report",
+        description="Erase a concept: --config configs/erase/METHOD.py[:VARIANT] then --config.KEY=VALUE overrides "
+        "(--config.concept=circle --config.preserve='square;triangle' --config.anchor=...). Writes OUT/model (a "
+        "jaxdiff checkpoint; `jaxdiff export OUT/model DST` for diffusers), OUT/before_after.png, OUT/report.json "
+        "and OUT/report.md. Fine-tuning methods resume from OUT/train when rerun with the same config.",
+    )
+    p.add_argument("--config", required=True, help="configs/erase/<method>.py, optionally :VARIANT (e.g. :runlocal)")
+    p.add_argument("--model", default=None, help="'shapes' (default) or a diffusers / jaxdiff pipeline folder")
+    p.add_argument("--out", required=True, help="output folder (resumed if it holds a run of the same config)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it holds something else")
+    p.add_argument("--attacks", action="store_true", help="also measure the two attacks (sets config.eval.attacks)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_erase)
+    _config_overrides(p)
+
+
+def _erase(args) -> int:
+    from jaxdiff.erase.run import erase
+    from jaxdiff.train import config as config_lib
+
+    config = config_lib.apply_overrides(config_lib.load_config(args.config), args.overrides)
+    if args.model:
+        config.model = args.model
+    if args.attacks:
+        config.eval.attacks = True
+    report = erase(config, args.out, progress=not args.no_progress, overwrite=args.overwrite)
+    line = f"{report['method']}: erased {report['concept']!r} in {report['cost']['seconds']:.1f} s"
+    if "erasure" in report:
+        word = report["erasure"]["word"]
+        line += f"; probe sees it in {word['before']:.0%} -> {word['after']:.0%} of images"
+        p = report["preservation"]
+        line += f"; other concepts' shape acc {p['shape_acc']['before']:.0%} -> {p['shape_acc']['after']:.0%}"
+    print(line)
+    print(f"wrote {args.out}/model, before_after.png, report.md, report.json")
+    return 0
+
+
+SUBCOMMANDS.append(_add_erase)
+
+
 def _add_generate(sub) -> None:
     from jaxdiff import generate
 

@@ -49,3 +49,27 @@ def make_grid(images, columns: int | None = None, min_cell: int = 128, pad: int 
         r, c = divmod(i, columns)
         grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = im
     return grid
+
+
+def labeled_rows(rows: list[tuple[str, np.ndarray]], min_cell: int = 64, pad: int = 2, label_width: int = 150) -> np.ndarray:
+    """One uint8 image: a text label, then the images [N, H, W, 3] of each row (rows may differ in length)."""
+    from PIL import Image, ImageDraw
+
+    columns = max(len(images) for _, images in rows)
+    blocks = []
+    for label, images in rows:
+        images = np.asarray([to_uint8(im) for im in images]) if len(images) else np.zeros((0, 1, 1, 3), np.uint8)
+        h = max(min_cell, images.shape[1]) if len(images) else min_cell
+        if len(images):
+            strip = make_grid(images, columns=columns, min_cell=min_cell, pad=pad)
+            if len(images) < columns:  # pad a short row with white cells
+                cell = strip.shape[1] // max(len(images), 1)
+                strip = np.pad(strip, ((0, 0), (0, max(0, columns * cell - strip.shape[1])), (0, 0)), constant_values=255)
+        else:
+            strip = np.full((h + 2 * pad, columns * (h + pad) + pad, 3), 255, np.uint8)
+        text = Image.new("RGB", (label_width, strip.shape[0]), (255, 255, 255))
+        ImageDraw.Draw(text).multiline_text((4, 4), label, fill=(0, 0, 0))
+        blocks.append(np.concatenate([np.asarray(text), strip], axis=1))
+    width = max(b.shape[1] for b in blocks)
+    blocks = [np.pad(b, ((0, 0), (0, width - b.shape[1]), (0, 0)), constant_values=255) for b in blocks]
+    return np.concatenate(blocks, axis=0)

@@ -314,6 +314,27 @@ def save_checkpoint(dst, models: Model | Mapping[str, Model], *, overwrite: bool
         _write_json(tmp / JAXDIFF_INDEX, {"format": "jaxdiff", "version": FORMAT_VERSION, "components": classes})
 
 
+def save_pipeline(src, dst, models: Mapping[str, Model], *, overwrite: bool = False) -> None:
+    """Write a pipeline as a jaxdiff checkpoint from in-memory `models` ({component: Model}, e.g. with an edited
+    UNet), copying the non-model entries of the source pipeline folder `src` (tokenizers, scheduler, model_index.json,
+    sampling defaults) so that the result loads with `load_pipeline` and exports with `export`."""
+    src = Path(src)
+    with atomic_directory(dst, overwrite) as tmp:
+        for entry in src.iterdir():
+            if entry.name in models or entry.name == JAXDIFF_INDEX or entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                if not (entry / CONFIG).is_file():  # tokenizers, schedulers
+                    shutil.copytree(entry, tmp / entry.name)
+            elif entry.suffix in (".json", ".txt", ".md"):
+                shutil.copyfile(entry, tmp / entry.name)
+        for name, model in models.items():
+            source = src / name / CONFIG
+            _write_jaxdiff_component(tmp / name, model, jax.device_get(model.params), source if source.is_file() else None)
+        classes = {name: m.architecture.name for name, m in models.items()}
+        _write_json(tmp / JAXDIFF_INDEX, {"format": "jaxdiff", "version": FORMAT_VERSION, "components": classes})
+
+
 def export(src, dst, *, overwrite: bool = False, progress: bool | None = False) -> dict:
     """A jaxdiff checkpoint folder (or a Model, or {name: Model}) -> a diffusers/transformers folder (safetensors)."""
     dst = Path(dst)

@@ -21,9 +21,28 @@ def base_config(method: str) -> ml_collections.ConfigDict:
     c.anchor = ""
     c.templates = ("{}",)  # prompts built from each concept; e.g. ("a photo of {}", "{}")
     c.model = "shapes"  # "shapes" or a diffusers / jaxdiff checkpoint folder
+    c.num_prompts = 0  # shapes model: add this many world captions naming each concept (and each preserved one)
     c.seed = 0
     c.dtype = "float32"
+    c.eval = eval_block()
     return c
+
+
+def eval_block() -> ml_collections.ConfigDict:
+    """What `jaxdiff erase` measures after the edit (see jaxdiff/erase/evaluate.py) and the attack budgets."""
+    e = ml_collections.ConfigDict()
+    e.num_images = 32  # per prompt set (word, synonyms, held-out templates, preserved concepts)
+    e.steps = 25
+    e.guidance = -1.0  # < 0: the model's sampling_defaults.json (7.5 without one)
+    e.scheduler = "ddim"
+    e.seed = 1234
+    e.attacks = False  # also run the two attacks (regenerating embedding, soft prompt) and report success rates
+    e.attack_images = 16
+    e.attack_steps = 50  # Adam steps of the soft-prompt attack
+    e.attack_tokens = 3  # optimised input embeddings prepended to the prompt
+    e.attack_lr = 1e-2
+    e.attack_reg = 1e-3  # ridge term of the regenerating-embedding solve
+    return e
 
 
 def train_block(
@@ -44,7 +63,8 @@ def train_block(
     t.optimizer = optimizer
     t.weight_decay = weight_decay
     t.max_grad_norm = max_grad_norm  # 0: no clipping
-    t.lr_schedule = "constant"
+    t.lr_schedule = "constant"  # constant | cosine | cosine_with_restarts | linear
+    t.lr_cycles = 1
     t.warmup_steps = 0
     t.log_every = 10
     t.checkpoint_every = 0  # 0: only at the end

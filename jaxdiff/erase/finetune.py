@@ -1,0 +1,143 @@
+"""The fine-tuning loop of the erasure methods: the trainer's step over a trainable subtree, progress, resumable checkpoints.
+
+An objective `loss(trainable, frozen, batch, rng)` (see `jaxdiff.erase.common`) trains through `jaxdiff.train.step`
+(non-finite guard, clipping, the optax chain, one jitted program with the state donated); methods with their own
+update rule (DoCo's two optimisers and gradient surgery) give a `step(state, batch, frozen)` instead. Batches are a
+pure function of the step index, so a killed run resumes from its last orbax checkpoint and ends bit-identical to
+an uninterrupted one. The frozen models are a jit argument, never constants baked into the program.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections as mlc
+import optax
+
+from jaxdiff.train import checkpoint as ckpt_lib
+from jaxdiff.train import metrics as metrics_lib
+from jaxdiff.train import state as state_lib
+from jaxdiff.train import step as step_lib
+
+BatchFn = Callable[[int], dict]  # step index -> batch (deterministic)
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "cosine_with_restarts", "linear")
+
+
+def learning_rate(train: mlc.ConfigDict) -> Callable:
+    """Linear warm-up, then constant / cosine / cosine with `lr_cycles` hard restarts (SPM) / linear decay."""
+    lr, warm, steps = float(train.learning_rate), int(train.warmup_steps), int(train.steps)
+    rest = max(steps - warm, 1)
+    kind = train.lr_schedule
+    if kind not in SCHEDULES:
+        raise ValueError(f"train.lr_schedule must be one of {SCHEDULES}, got {kind!r}")
+    if kind == "constant":
+        after = optax.constant_schedule(lr)
+    elif kind == "cosine":
+        after = optax.cosine_decay_schedule(lr, rest)
+    elif kind == "linear":
+        after = optax.linear_schedule(lr, 0.0, rest)
+    else:
+        cycles = int(train.get("lr_cycles", 1))
+        length = max(rest // cycles, 1)
+        after = optax.join_schedules(
+            [optax.cosine_decay_schedule(lr, length) for _ in range(cycles)], [length * i for i in range(1, cycles)]
+        )
+    if warm == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), after], [warm])
+
+
+def optimizer(train: mlc.ConfigDict, schedule: Callable) -> optax.GradientTransformation:
+    """Adam / AdamW (PyTorch defaults: betas 0.9/0.999, eps 1e-8) / SGD from a config's `train` block."""
+    if train.optimizer == "adam":
+        return optax.adam(schedule)
+    if train.optimizer == "adamw":
+        return optax.adamw(schedule, weight_decay=float(train.weight_decay))
+    if train.optimizer == "sgd":
+        return optax.sgd(schedule)
+    raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {train.optimizer!r}")
+
+
+def trainer_step(loss, trainable, train: mlc.ConfigDict, seed: int, tx: optax.GradientTransformation | None = None):
+    """(jitted step(state, batch, frozen), initial TrainState) for an erasure loss through the trainer's step."""
+    schedule = learning_rate(train)
+    tx = optimizer(train, schedule) if tx is None else tx
+    phase = step_lib.Phase("model", loss, tx, None, schedule, float(train.max_grad_norm))
+    masks = {"model": jax.tree_util.tree_map(lambda _: True, trainable)}
+    state = jax.jit(lambda p: state_lib.create(p, {"model": tx}, masks, seed=seed, ema=False))(trainable)
+    step = jax.jit(step_lib.build([phase], masks), donate_argnums=(0,))
+    return step, state, step_lib.leaf_names(trainable, masks)
+
+
+def run(
+    step: Callable,
+    state: Any,
+    frozen: Any,
+    batch_fn: BatchFn,
+    steps: int,
+    workdir: str,
+    *,
+    checkpoint_every: int = 0,
+    log_every: int = 10,
+    progress: bool = True,
+    leaf_names: dict | None = None,
+    nonfinite: str = "stop",
+) -> tuple[Any, dict]:
+    """Run `step` until `steps`, resuming from `workdir/checkpoints`; returns (final state, info).
+
+    checkpoint_every 0: a checkpoint only at the end (and on SIGTERM). A non-finite loss or gradient stops the run
+    (`step.NonFiniteError`, naming the tensors) unless nonfinite="skip" (the trainer's step left them unchanged).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2, async_save=False)
+    checkpointer.install_sigterm()
+    start = checkpointer.latest_step() or 0
+    writer = None
+    try:
+        if start:
+            abstract = jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+            )
+            state, _, _ = checkpointer.restore(start, abstract)
+        writer = metrics_lib.MetricsWriter(
+            workdir, total_steps=steps, initial_step=start, images_per_step=1, tensorboard=True, progress=progress
+        )
+        if start >= steps:
+            return state, {"steps": start, "resumed_from": start, "compile_s": 0.0, "last": {}}
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch_fn(start), frozen).compile()
+        compile_s = time.perf_counter() - t0
+        writer.message(f"step {start}: compiled the erasure step in {compile_s:.1f} s" + (", resumed" if start else ""))
+        writer.reset_timer(start)
+        last, skipped = {}, 0
+        for i in range(start, steps):
+            state, metrics = compiled(state, batch_fn(i), frozen)
+            metrics = jax.device_get(metrics)
+            if "finite" in metrics:
+                report = step_lib.nonfinite_report(metrics, leaf_names or {}, i + 1)
+                if report is not None:
+                    if nonfinite == "stop":
+                        raise step_lib.NonFiniteError(f"{report}; last checkpoint: {checkpointer.latest_step()}")
+                    skipped += 1
+                    writer.message(f"skipped update: {report}")
+            last = {k: float(v) for k, v in metrics.items() if k != "finite" and getattr(v, "ndim", 1) == 0}
+            writer.advance(1, loss=last.get("loss", next(iter(last.values()), 0.0)))
+            if (i + 1) % max(log_every, 1) == 0 or i + 1 == steps:
+                writer.write(i + 1, last)
+            preempted = checkpointer.preempted(i + 1)
+            if (checkpoint_every and (i + 1) % checkpoint_every == 0) or i + 1 == steps or preempted:
+                checkpointer.save(i + 1, state, {"step": i + 1}, {"step": i + 1})
+            if preempted:
+                checkpointer.wait()
+                writer.message(f"preempted (SIGTERM) at step {i + 1}: checkpoint saved; rerun to resume")
+                raise KeyboardInterrupt("preempted")
+        return state, {"steps": steps, "resumed_from": start, "compile_s": compile_s, "last": last, "skipped": skipped}
+    finally:
+        checkpointer.close()
+        if writer is not None:
+            writer.close()
