@@ -13,7 +13,7 @@ import ml_collections as mlc
 from jaxdiff import sharding
 
 # Subtrees whose keys are free-form (a diffusers config.json's keys), not checked against the schema.
-OPEN = ("model.unet",)
+OPEN = ("model.unet", "data.options")
 
 CHOICES = {
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
@@ -43,6 +43,12 @@ def default_config() -> mlc.ConfigDict:
     c.model.pretrained = ""  # a diffusers or jaxdiff UNet folder; "" = random init from `seed`
     c.model.compute_dtype = "float32"  # params stay float32 (master weights); activations in this dtype
     c.model.attention = "auto"
+    # Frozen encoders for image + caption data (objective.image_key): a diffusers or jaxdiff pipeline folder, or a
+    # built-in name ("shapes"), whose vae/, text_encoder/ and tokenizer/ are used unless given one by one below.
+    c.model.pipeline = ""
+    c.model.pretrained_vae = ""  # an AutoencoderKL folder (diffusers or jaxdiff)
+    c.model.pretrained_text_encoder = ""  # a CLIPTextModel folder (transformers or jaxdiff)
+    c.model.tokenizer = ""  # a CLIP tokenizer folder (for the empty prompt of caption dropout)
 
     c.objective = mlc.ConfigDict()
     c.objective.name = "denoising"
@@ -55,6 +61,11 @@ def default_config() -> mlc.ConfigDict:
     c.objective.input_key = "latents"  # batch feature holding x0 [B, H, W, C]
     c.objective.context_key = "encoder_hidden_states"  # batch feature holding the text context [B, L, D]
     c.objective.input_scale = 1.0  # x0 = batch[input_key] * input_scale (0.18215 for unscaled SD latents)
+    # Image + caption data instead of cached latents: "" = off; else the batch feature holding uint8 images
+    # [B, H, W, 3], encoded in the step by the frozen VAE (posterior sample, shifted and scaled as its config says).
+    c.objective.image_key = ""
+    c.objective.caption_key = "input_ids"  # with image_key: CLIP token ids [B, L], encoded by the frozen text encoder
+    c.objective.caption_dropout = 0.0  # probability of the empty prompt's ids instead (classifier-free guidance)
 
     c.data = mlc.ConfigDict()
     c.data.source = "synthetic"  # "synthetic" | "tfds" | "package.module:function" (returns a random-access source)
@@ -66,6 +77,8 @@ def default_config() -> mlc.ConfigDict:
     c.data.seed = 0
     c.data.global_batch_size = 8
     c.data.prefetch = 2  # host batches read ahead in a thread
+    c.data.tokenizer = ""  # for sources that tokenize captions: a tokenizer or pipeline folder; "" = the model's
+    c.data.options = mlc.ConfigDict()  # keyword options of a "package.module:function" source (free-form)
     c.data.synthetic = mlc.ConfigDict(
         dict(num_records=256, size=8, channels=4, context_length=4, context_dim=32, classes=8)
     )
@@ -237,6 +250,47 @@ def batch_axes(rules) -> tuple[str, ...]:
     return (target,) if isinstance(target, str) else tuple(target or ())
 
 
+FROZEN_KEYS = ("pipeline", "pretrained_vae", "pretrained_text_encoder", "tokenizer")
+
+
+def _data_path_problems(config: mlc.ConfigDict) -> list[str]:
+    """Latents + contexts, or images + captions with the frozen encoders that read them: not half of each."""
+    obj, model, problems = config.objective, config.model, []
+    if not 0.0 <= float(obj.caption_dropout) <= 1.0:
+        problems.append(f"config.objective.caption_dropout must be in [0, 1], got {obj.caption_dropout}")
+    if obj.image_key:
+        if not model.pipeline and not (model.pretrained_vae and model.pretrained_text_encoder):
+            problems.append(
+                f"config.objective.image_key={obj.image_key!r} needs the frozen encoders: set config.model.pipeline "
+                "(a pipeline folder or 'shapes'), or config.model.pretrained_vae and "
+                "config.model.pretrained_text_encoder"
+            )
+        if obj.caption_dropout > 0 and not (model.pipeline or model.tokenizer):
+            problems.append(
+                "config.objective.caption_dropout > 0 needs the empty prompt's token ids: set config.model.tokenizer "
+                "(or config.model.pipeline)"
+            )
+        if obj.input_scale != 1.0:
+            problems.append(
+                "config.objective.input_scale applies to cached latents; with image_key the VAE's scaling_factor "
+                "is used"
+            )
+        features = tuple(config.data.features)
+        missing = [k for k in (obj.image_key, obj.caption_key) if features and k not in features]
+        if missing:
+            problems.append(f"config.data.features={features} leaves out the objective's {missing}")
+    else:
+        set_keys = [f"config.model.{k}" for k in FROZEN_KEYS if model[k]]
+        if set_keys:
+            problems.append(
+                f"{', '.join(set_keys)}: frozen encoders are for image + caption data; set config.objective.image_key "
+                f"(e.g. 'image') or leave them empty to train on cached {obj.input_key!r}"
+            )
+        if obj.caption_dropout > 0:
+            problems.append("config.objective.caption_dropout needs image + caption data (config.objective.image_key)")
+    return problems
+
+
 def validate(config: mlc.ConfigDict, num_devices: int) -> mlc.ConfigDict:
     """The completed config, or a ConfigError naming every problem (nothing has been compiled yet)."""
     problems = _unknown_keys(config, default_config())
@@ -259,6 +313,7 @@ def validate(config: mlc.ConfigDict, num_devices: int) -> mlc.ConfigDict:
             problems.append(f"config.{path} must be positive, got {config[group][key]}")
     if not 0.0 <= config.train.ema_decay < 1.0:
         problems.append(f"config.train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
+    problems += _data_path_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))
 

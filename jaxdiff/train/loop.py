@@ -21,6 +21,7 @@ from jaxdiff.train import checkpoint as ckpt_lib
 from jaxdiff.train import config as config_lib
 from jaxdiff.train import data as data_lib
 from jaxdiff.train import distributed, objectives
+from jaxdiff.train import frozen as frozen_lib
 from jaxdiff.train import metrics as metrics_lib
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import step as step_lib
@@ -66,6 +67,8 @@ class Setup:
     abstract_state: state_lib.TrainState
     state_shardings: state_lib.TrainState
     batch_sharding: NamedSharding
+    frozen: frozen_lib.FrozenModels | None = None  # the VAE and text encoder of image + caption data
+    frozen_shardings: Any = None  # {"vae", "text_encoder"} -> NamedSharding trees
 
 
 def setup(config: mlc.ConfigDict, devices=None) -> Setup:
@@ -90,13 +93,25 @@ def setup(config: mlc.ConfigDict, devices=None) -> Setup:
             return jaxdiff.load_model(path, dtype=dtype, attention=config.model.attention).params
     else:
         unet_config = {"_class_name": config.model.name, **config.model.unet.to_dict()}
+    frozen = None
+    if config.objective.image_key:
+        frozen = frozen_lib.from_config(config, dtype)
+        frozen_lib.check_unet(frozen, unet_config)
+        if not config.data.tokenizer and frozen.paths["tokenizer"] is not None:
+            config.data.tokenizer = str(frozen.paths["tokenizer"])  # captions are tokenized as the model's
+    if config.data.tokenizer:
+        config.data.tokenizer = str(frozen_lib.tokenizer_folder(config.data.tokenizer))
     arch = architecture_for(unet_config)
     model = create(arch, unet_config, abstract=True, dtype=dtype, attention=config.model.attention, seed=config.seed)
 
     apply_fn = model.apply
     if config.train.remat == "blocks":
         apply_fn = objectives.remat_blocks(apply_fn, objectives.unet_block_types())
-    loss_fn = objectives.OBJECTIVES[config.objective.name](apply_fn, config.objective)
+    if frozen is None:
+        loss_fn = objectives.OBJECTIVES[config.objective.name](apply_fn, config.objective)
+    else:
+        encode = frozen_lib.encoder(frozen, config.objective)
+        loss_fn = objectives.image_caption_loss(apply_fn, config.objective, encode)
     schedule = learning_rate_schedule(config.optimizer, config.total_steps)
     tx = optimizer(config.optimizer, schedule)
     phases = [step_lib.Phase("model", loss_fn, tx, config.train.trainable, schedule, config.optimizer.clip_norm)]
@@ -125,6 +140,8 @@ def setup(config: mlc.ConfigDict, devices=None) -> Setup:
         abstract,
         shardings,
         NamedSharding(mesh, spec),
+        frozen,
+        None if frozen is None else frozen.shardings(mesh, rules),
     )
 
 
@@ -186,6 +203,8 @@ def train(config: mlc.ConfigDict, workdir: str, *, devices=None) -> dict:
             else:
                 params = jax.device_put(s.load_pretrained(), s.state_shardings.params)
                 state = jax.jit(s.init_state, out_shardings=s.state_shardings)(params)
+        # The VAE and text encoder are read from their folders on every start: they are not in the checkpoints.
+        frozen = None if s.frozen is None else jax.device_put(s.frozen.load_params(), s.frozen_shardings)
 
         options = step_lib.Options(
             accum_steps=config.train.accum_steps,
@@ -193,14 +212,16 @@ def train(config: mlc.ConfigDict, workdir: str, *, devices=None) -> dict:
             remat=config.train.remat,
             batch_sharding=s.batch_sharding,
         )
-        step_fn = step_lib.jit(step_lib.build(s.phases, s.masks, options), s.state_shardings, s.batch_sharding)
+        step_fn = step_lib.jit(
+            step_lib.build(s.phases, s.masks, options), s.state_shardings, s.batch_sharding, s.frozen_shardings
+        )
         names = step_lib.leaf_names(s.abstract_state.params, s.masks)
         if start >= config.total_steps:
             return {"step": start, "loss": None, "compile_s": 0.0, "preempted": False, "skipped": 0}
 
         batch = next(batches)
         t0 = time.perf_counter()
-        compiled = step_fn.lower(state, batch, None).compile()
+        compiled = step_fn.lower(state, batch, frozen).compile()
         compile_s = time.perf_counter() - t0
         distributed.barrier("train step compiled")
         flops = metrics_lib.flops_of(compiled)
@@ -222,7 +243,7 @@ def train(config: mlc.ConfigDict, workdir: str, *, devices=None) -> dict:
         run = _Run(config, checkpointer, writer, batches, names)
         step = start
         while True:
-            state, metrics = compiled(state, batch, None)
+            state, metrics = compiled(state, batch, frozen)
             step += 1
             run.pending(step, metrics)
             preempted = checkpointer.preempted(step)

@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 
 from jaxdiff.sampling.schedulers import common
 
@@ -108,6 +109,22 @@ def denoising_loss(apply_fn: Callable, cfg, *, model_key: str | None = None) -> 
         else:
             loss = jnp.mean(mse)
         return loss, {"mse": jnp.mean(mse)}
+
+    return loss_fn
+
+
+def image_caption_loss(apply_fn: Callable, cfg, encode: Callable) -> Callable:
+    """`denoising_loss` on images and caption ids: loss_fn(params, frozen, batch, rng) with
+    (encode_rng, loss_rng) = split(rng); latents, context = encode(frozen, batch, encode_rng) (the frozen VAE and
+    text encoder, see train/frozen.py); then exactly denoising_loss(params, -, {latents, context}, loss_rng)."""
+    latents_cfg = mlc.ConfigDict(cfg.to_dict())
+    latents_cfg.update(input_key="latents", context_key="encoder_hidden_states", input_scale=1.0)
+    inner = denoising_loss(apply_fn, latents_cfg)
+
+    def loss_fn(params, frozen, batch, rng):
+        encode_rng, loss_rng = jax.random.split(rng)
+        latents, context = encode(frozen, batch, encode_rng)
+        return inner(params, None, {"latents": latents, "encoder_hidden_states": context}, loss_rng)
 
     return loss_fn
 
