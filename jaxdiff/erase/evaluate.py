@@ -4,8 +4,8 @@ The erased concept is a shape or a colour named by any of its phrasings (`S.SYNO
 Prompts come from the world's own templates with every other attribute drawn at random (deterministic in `seed`):
 
 - "word": train templates naming the concept with the word the user erased;
-- "synonyms": the same templates with the concept's other phrasings (train and held-out ones, e.g. "disc",
-  "round shape", "round disc" for a circle; none exist for most colours);
+- "synonyms": the same templates with the concept's other phrasings that do not contain the erased word (train and
+  held-out ones, e.g. "disc", "round shape", "round disc" for a circle; none exist for most colours);
 - "heldout": the held-out templates, with the erased word;
 - "preserved": scenes of the other concepts of the same kind (other shapes / colours), never the erased one.
 
@@ -43,7 +43,8 @@ class Concept:
 
     @property
     def synonyms(self) -> tuple[str, ...]:
-        return tuple(p for p in S.SYNONYMS[self.name] if p != self.word)
+        """The concept's other phrasings that do not contain the erased word ("round disc" is not a synonym of disc)."""
+        return tuple(p for p in S.SYNONYMS[self.name] if self.word not in p.split())
 
 
 def resolve(word: str) -> Concept:

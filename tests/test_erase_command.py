@@ -1,0 +1,174 @@
+"""`jaxdiff erase`: the command on the shapes model, its outputs, resumable fine-tuning, evaluation helpers, errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxdiff import cli
+from jaxdiff.erase import evaluate as ev
+from jaxdiff.erase import finetune
+from jaxdiff.erase.config import base_config, train_block
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def test_resolve_names_concepts_by_any_phrasing():
+    assert ev.resolve("box") == ev.Concept("box", "square", "shape")
+    assert ev.resolve("Crimson").name == "red" and ev.resolve("red").kind == "colour"
+    assert ev.resolve("circle").synonyms == ("disc", "round shape", "round disc")  # not "circle shape"
+    with pytest.raises(ValueError, match="not a shape or colour"):
+        ev.resolve("dog")
+
+
+def test_prompt_sets_name_the_concept_and_keep_it_out_of_preserved():
+    sets = ev.prompt_sets(ev.resolve("disc"), 12, seed=3)
+    words, scenes = sets["word"]
+    assert all("disc" in p for p in words) and all(s.objects[0].shape == "circle" for s in scenes)
+    assert all("disc" not in p.split() for p in sets["synonyms"][0])
+    assert {p for p in sets["synonyms"][0]} and all(s.objects[0].shape == "circle" for s in sets["synonyms"][1])
+    assert all(s.objects[0].shape != "circle" for s in sets["preserved"][1])
+    assert sets == ev.prompt_sets(ev.resolve("disc"), 12, seed=3)  # deterministic
+    assert ev.prompt_sets(ev.resolve("green"), 4)["synonyms"] == ([], [])  # green has no other phrasing
+
+
+def test_concept_rate_and_scene_accuracy_on_hand_built_predictions():
+    concept = ev.resolve("red")
+    preds = {"colour0": np.array([0, 0, 1, 2]), "shape0": np.array([0, 1, 1, 2])}
+    assert ev.concept_rate(preds, concept) == 0.5
+    _, scenes = ev.captions(None, 4, 0, exclude="red", kind="colour")
+    truth = {
+        "shape0": np.array([["circle", "square", "triangle"].index(s.objects[0].shape) for s in scenes]),
+        "colour0": np.array([["red", "green", "blue", "yellow"].index(s.objects[0].colour) for s in scenes]),
+    }
+    assert ev.scene_accuracy(truth, scenes) == {"shape_acc": 1.0, "colour_acc": 1.0}
+    all_red = {**truth, "colour0": np.zeros(4, int)}
+    assert ev.scene_accuracy(all_red, scenes) == {"shape_acc": 1.0, "colour_acc": 0.0}  # no scene is red
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+def _quadratic_job(tmp_path, steps):
+    """A tiny loss through the trainer's step: resumability is independent of the model."""
+    target = jnp.arange(6.0).reshape(2, 3)
+
+    def loss(trainable, frozen, batch, rng):
+        noise = 0.01 * jax.random.normal(rng, target.shape)
+        return jnp.mean((trainable["w"] * batch["x"] - frozen["base"] + noise) ** 2), {}
+
+    t = train_block(steps=steps, learning_rate=0.1)
+    step, state, names = finetune.trainer_step(loss, {"w": jnp.ones((2, 3))}, t, seed=0)
+    batch_fn = lambda i: {"x": jnp.full((2, 3), 1.0 + 0.1 * (i % 3))}  # noqa: E731
+    return step, state, {"base": target}, batch_fn, names
+
+
+def test_finetune_resumes_bitwise(tmp_path):
+    step, state, frozen, batch_fn, names = _quadratic_job(tmp_path, 6)
+    straight, info = finetune.run(step, state, frozen, batch_fn, 6, str(tmp_path / "a"), progress=False)
+    assert info["resumed_from"] == 0
+    step, state, frozen, batch_fn, names = _quadratic_job(tmp_path, 6)
+    finetune.run(step, state, frozen, batch_fn, 3, str(tmp_path / "b"), progress=False)  # "killed" after 3 steps
+    step, state, frozen, batch_fn, names = _quadratic_job(tmp_path, 6)
+    resumed, info = finetune.run(step, state, frozen, batch_fn, 6, str(tmp_path / "b"), progress=False)
+    assert info["resumed_from"] == 3
+    np.testing.assert_array_equal(np.asarray(straight.params["w"]), np.asarray(resumed.params["w"]))
+    assert not np.allclose(np.asarray(straight.params["w"]), 1.0)  # it trained
+    assert (tmp_path / "b" / "metrics.jsonl").read_text().count("\n") >= 1
+
+
+def test_finetune_stops_on_non_finite_loss_naming_it(tmp_path):
+    def loss(trainable, frozen, batch, rng):
+        return jnp.sum(trainable["w"]) * jnp.log(batch["x"]), {}
+
+    t = train_block(steps=2, learning_rate=0.1)
+    step, state, names = finetune.trainer_step(loss, {"w": jnp.ones(3)}, t, seed=0)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        finetune.run(step, state, {}, lambda i: {"x": jnp.float32(-1.0)}, 2, str(tmp_path), progress=False,
+                     leaf_names=names)
+
+
+def test_learning_rate_schedules():
+    t = train_block(steps=100, learning_rate=1.0)
+    t.update(lr_schedule="cosine_with_restarts", lr_cycles=2, warmup_steps=10)
+    lr = finetune.learning_rate(t)
+    assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(1.0)
+    assert float(lr(54)) < 0.01 and float(lr(55)) == pytest.approx(1.0)  # restart after 45 of 90 decay steps
+    t.lr_schedule = "bogus"
+    with pytest.raises(ValueError, match="lr_schedule"):
+        finetune.learning_rate(t)
+    assert isinstance(finetune.optimizer(train_block(1, 1e-3, optimizer="adamw"), 1e-3), optax.GradientTransformation)
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def uce_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("erase") / "uce"
+    argv = ["erase", "--config", "configs/erase/uce.py", "--config.concept=circle", "--config.preserve=square",
+            "--config.eval.num_images=4", "--config.eval.steps=4", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    return out, argv
+
+
+def test_erase_command_writes_model_grid_and_report(uce_run):
+    from jaxdiff.erase import common
+    from jaxdiff.sampling.pipeline import load_pipeline
+
+    out, _ = uce_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "uce" and report["kind"] == "shape"
+    assert set(report["erasure"]) == {"word", "synonyms", "heldout"}
+    assert 0.0 <= report["erasure"]["word"]["after"] <= 1.0 and report["erasure"]["word"]["n"] == 4
+    assert {"shape_acc", "colour_acc", "frechet", "frechet_floor"} <= set(report["preservation"])
+    assert report["cost"]["seconds"] > 0 and report["cost"]["peak_rss_gb"] > 0
+    assert "| word |" in (out / "report.md").read_text()
+    assert (out / "before_after.png").stat().st_size > 1000
+
+    edited, original = load_pipeline(out / "model"), load_pipeline("shapes")
+    changed = [
+        p for p, a in common.flatten(edited.unet.params).items()
+        if not np.array_equal(np.asarray(a), np.asarray(common.flatten(original.unet.params)[p]))
+    ]
+    assert changed and all("attn2" in p and p[-2] in ("to_k", "to_v") for p in changed)  # UCE edits K/V only
+
+
+def test_erased_model_exports_to_diffusers(uce_run, tmp_path):
+    out, _ = uce_run
+    assert cli.main(["export", str(out / "model"), str(tmp_path / "diffusers")]) == 0
+    assert (tmp_path / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "diffusers" / "tokenizer").is_dir()
+
+
+def test_erase_refuses_an_output_folder_of_another_config(uce_run, capsys):
+    out, argv = uce_run
+    other = [a if not a.startswith("--config.preserve") else "--config.preserve=triangle" for a in argv]
+    assert cli.main(other) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("--config.concept=dog", "not a shape or colour"), ("--config.bogus=1", "unknown config key"),
+     ("--config.concept=", "concept is empty")],
+)
+def test_erase_bad_config_is_one_line_error(tmp_path, capsys, override, message):
+    argv = ["erase", "--config", "configs/erase/uce.py", override, "--out", str(tmp_path / "x"), "--no-progress"]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_method_config_loads_and_names_a_known_method():
+    from jaxdiff.erase import METHODS
+    from jaxdiff.erase.run import METHODS as RUNNERS
+    from jaxdiff.train.config import load_config
+
+    assert set(METHODS) == set(RUNNERS)
+    for name in METHODS:
+        c = load_config(f"configs/erase/{name}.py:runlocal")
+        assert c.method == name and set(base_config(name).eval) == set(c.eval)
