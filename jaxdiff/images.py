@@ -51,7 +51,9 @@ def make_grid(images, columns: int | None = None, min_cell: int = 128, pad: int 
     return grid
 
 
-def labeled_rows(rows: list[tuple[str, np.ndarray]], min_cell: int = 64, pad: int = 2, label_width: int = 150) -> np.ndarray:
+def labeled_rows(
+    rows: list[tuple[str, np.ndarray]], min_cell: int = 64, pad: int = 2, label_width: int = 150
+) -> np.ndarray:
     """One uint8 image: a text label, then the images [N, H, W, 3] of each row (rows may differ in length)."""
     from PIL import Image, ImageDraw
 
@@ -64,7 +66,9 @@ def labeled_rows(rows: list[tuple[str, np.ndarray]], min_cell: int = 64, pad: in
             strip = make_grid(images, columns=columns, min_cell=min_cell, pad=pad)
             if len(images) < columns:  # pad a short row with white cells
                 cell = strip.shape[1] // max(len(images), 1)
-                strip = np.pad(strip, ((0, 0), (0, max(0, columns * cell - strip.shape[1])), (0, 0)), constant_values=255)
+                strip = np.pad(
+                    strip, ((0, 0), (0, max(0, columns * cell - strip.shape[1])), (0, 0)), constant_values=255
+                )
         else:
             strip = np.full((h + 2 * pad, columns * (h + pad) + pad, 3), 255, np.uint8)
         text = Image.new("RGB", (label_width, strip.shape[0]), (255, 255, 255))

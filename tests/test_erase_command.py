@@ -13,7 +13,6 @@ from jaxdiff.erase import evaluate as ev
 from jaxdiff.erase import finetune
 from jaxdiff.erase.config import base_config, train_block
 
-
 # ------------------------------------------------------------------------------------------- evaluation
 
 
@@ -88,8 +87,9 @@ def test_finetune_stops_on_non_finite_loss_naming_it(tmp_path):
     t = train_block(steps=2, learning_rate=0.1)
     step, state, names = finetune.trainer_step(loss, {"w": jnp.ones(3)}, t, seed=0)
     with pytest.raises(FloatingPointError, match="non-finite loss"):
-        finetune.run(step, state, {}, lambda i: {"x": jnp.float32(-1.0)}, 2, str(tmp_path), progress=False,
-                     leaf_names=names)
+        finetune.run(
+            step, state, {}, lambda i: {"x": jnp.float32(-1.0)}, 2, str(tmp_path), progress=False, leaf_names=names
+        )
 
 
 def test_learning_rate_schedules():
@@ -110,8 +110,18 @@ def test_learning_rate_schedules():
 @pytest.fixture(scope="module")
 def uce_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("erase") / "uce"
-    argv = ["erase", "--config", "configs/erase/uce.py", "--config.concept=circle", "--config.preserve=square",
-            "--config.eval.num_images=4", "--config.eval.steps=4", "--out", str(out), "--no-progress"]
+    argv = [
+        "erase",
+        "--config",
+        "configs/erase/uce.py",
+        "--config.concept=circle",
+        "--config.preserve=square",
+        "--config.eval.num_images=4",
+        "--config.eval.steps=4",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     return out, argv
 
@@ -132,7 +142,8 @@ def test_erase_command_writes_model_grid_and_report(uce_run):
 
     edited, original = load_pipeline(out / "model"), load_pipeline("shapes")
     changed = [
-        p for p, a in common.flatten(edited.unet.params).items()
+        p
+        for p, a in common.flatten(edited.unet.params).items()
         if not np.array_equal(np.asarray(a), np.asarray(common.flatten(original.unet.params)[p]))
     ]
     assert changed and all("attn2" in p and p[-2] in ("to_k", "to_v") for p in changed)  # UCE edits K/V only
@@ -154,8 +165,11 @@ def test_erase_refuses_an_output_folder_of_another_config(uce_run, capsys):
 
 @pytest.mark.parametrize(
     "override, message",
-    [("--config.concept=dog", "not a shape or colour"), ("--config.bogus=1", "unknown config key"),
-     ("--config.concept=", "concept is empty")],
+    [
+        ("--config.concept=dog", "not a shape or colour"),
+        ("--config.bogus=1", "unknown config key"),
+        ("--config.concept=", "concept is empty"),
+    ],
 )
 def test_erase_bad_config_is_one_line_error(tmp_path, capsys, override, message):
     argv = ["erase", "--config", "configs/erase/uce.py", override, "--out", str(tmp_path / "x"), "--no-progress"]

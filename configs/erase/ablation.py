@@ -26,9 +26,13 @@ def get_config(arg: str = ""):
             c.ablation.with_prior = True
         elif variant == "full":
             c.train.selector = "full"
+        elif variant == "shapes":
+            c.num_prompts = 8
+            c.ablation.update(num_anchor_images=64, scale_lr=False)
+            c.train.update(steps=300, learning_rate=5e-4, batch_size=4, log_every=50)
         elif variant == "runlocal":
             c.ablation.num_anchor_images = 4
             c.train.update(steps=5, batch_size=2, log_every=1)
         else:
-            raise ValueError(f"unknown ablation config variant {variant!r} (prior, full, runlocal)")
+            raise ValueError(f"unknown ablation config variant {variant!r} (prior, full, runlocal, shapes)")
     return c

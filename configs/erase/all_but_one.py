@@ -15,9 +15,13 @@ def get_config(arg: str = ""):
     )
     c.train = train_block(steps=1000, learning_rate=1e-5, batch_size=1, selector="xattn")
     for variant in filter(None, arg.split(",")):
-        if variant == "runlocal":
+        if variant == "shapes":
+            c.num_prompts = 8
+            c.all_but_one.update(start_guidance=5.0, ddim_steps=25)
+            c.train.update(steps=400, learning_rate=5e-4, log_every=50)
+        elif variant == "runlocal":
             c.all_but_one.ddim_steps = 4
             c.train.update(steps=5, log_every=1)
         else:
-            raise ValueError(f"unknown all_but_one config variant {variant!r} (runlocal)")
+            raise ValueError(f"unknown all_but_one config variant {variant!r} (runlocal, shapes)")
     return c

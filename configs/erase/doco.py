@@ -37,9 +37,13 @@ def get_config(arg: str = ""):
     for variant in filter(None, arg.split(",")):
         if variant == "style":
             c.doco.disc_lr = 5e-4
+        elif variant == "shapes":
+            c.num_prompts = 8
+            c.doco.update(disc_channels=(32, 64), warm_up=20, num_anchor_images=64, scale_lr=False)
+            c.train.update(steps=300, learning_rate=5e-4, batch_size=4, log_every=50)
         elif variant == "runlocal":
             c.doco.update(disc_channels=(8, 16), warm_up=2, num_anchor_images=4)
             c.train.update(steps=5, batch_size=2, log_every=1)
         else:
-            raise ValueError(f"unknown doco config variant {variant!r} (style, runlocal)")
+            raise ValueError(f"unknown doco config variant {variant!r} (style, runlocal, shapes)")
     return c

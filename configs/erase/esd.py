@@ -26,9 +26,13 @@ def get_config(arg: str = ""):
             c.train.update(steps=200, learning_rate=5e-5)
         elif variant == "u":
             c.train.selector = "esd-u"
+        elif variant == "shapes":  # the tiny model needs a larger step size than SD's 1e-5
+            c.num_prompts = 8
+            c.esd.update(start_guidance=5.0, ddim_steps=25)
+            c.train.update(steps=300, learning_rate=3e-4, log_every=50)
         elif variant == "runlocal":
             c.esd.ddim_steps = 4
             c.train.update(steps=5, log_every=1)
         else:
-            raise ValueError(f"unknown esd config variant {variant!r} (new, u, runlocal)")
+            raise ValueError(f"unknown esd config variant {variant!r} (new, u, runlocal, shapes)")
     return c

@@ -18,6 +18,10 @@ def get_config(arg: str = ""):
     for variant in filter(None, arg.split(",")):
         if variant == "runlocal":
             pass
+        elif variant == "shapes":
+            c.num_prompts = 8
+            c.templates = ("{}",)
+            c.mace.preserve_scale = 1e-3
         else:
-            raise ValueError(f"unknown mace config variant {variant!r} (runlocal)")
+            raise ValueError(f"unknown mace config variant {variant!r} (runlocal, shapes)")
     return c

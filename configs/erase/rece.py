@@ -34,8 +34,12 @@ def get_config(arg: str = ""):
     for variant in filter(None, arg.split(",")):
         if variant == "nudity":
             c.rece.update(reg=0.1, epochs=3)
+        elif variant == "shapes":
+            c.num_prompts = 8
+            c.uce.update(edit_tokens="last_word_to_end", preserve_tokens="nonpad")
+            c.rece.update(epochs=2, num_validation_prompts=16, validate_initial=True)
         elif variant == "runlocal":
             c.rece.update(epochs=2, num_validation_prompts=2)
         else:
-            raise ValueError(f"unknown rece config variant {variant!r} (nudity, runlocal)")
+            raise ValueError(f"unknown rece config variant {variant!r} (nudity, runlocal, shapes)")
     return c

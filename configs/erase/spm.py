@@ -30,9 +30,13 @@ def get_config(arg: str = ""):
     c.train.lr_cycles = 3
     c.train.warmup_steps = 500
     for variant in filter(None, arg.split(",")):
-        if variant == "runlocal":
+        if variant == "shapes":
+            c.num_prompts = 8
+            c.spm.update(max_denoising_steps=25, guidance=5.0)
+            c.train.update(steps=400, learning_rate=2e-3, warmup_steps=40, log_every=50)
+        elif variant == "runlocal":
             c.spm.update(max_denoising_steps=4, num_anchors=2)
             c.train.update(steps=5, warmup_steps=1, log_every=1)
         else:
-            raise ValueError(f"unknown spm config variant {variant!r} (runlocal)")
+            raise ValueError(f"unknown spm config variant {variant!r} (runlocal, shapes)")
     return c

@@ -52,8 +52,20 @@ def get_config(arg: str = ""):
                 epochs=1,
                 augment_num=2,
             )
+        elif variant == "shapes":
+            c.num_prompts = 8
+            c.trce.update(
+                seeds_per_concept=2,
+                ddim_steps=25,
+                early_steps=13,
+                uncond_trajectories=16,
+                uncond_per_step=2,
+                epochs=2,
+                data_guidance=5.0,
+            )
+            c.train.learning_rate = 1e-4
         elif variant == "stage1":
             c.trce.stage2 = False
         else:
-            raise ValueError(f"unknown trce config variant {variant!r} (runlocal, stage1)")
+            raise ValueError(f"unknown trce config variant {variant!r} (runlocal, stage1, shapes)")
     return c

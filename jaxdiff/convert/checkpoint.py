@@ -9,8 +9,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +68,7 @@ def architecture_of(config: dict, where: str | os.PathLike):
 
 
 def folder_kind(path: str | os.PathLike) -> str:
-    """"jaxdiff", "pipeline" (diffusers model_index.json), "component" (config.json) or "file"."""
+    """ "jaxdiff", "pipeline" (diffusers model_index.json), "component" (config.json) or "file"."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
@@ -242,8 +242,10 @@ def load_component(path: str | os.PathLike, dtype=jnp.float32, attention: str = 
         names = list(_component_names(path))
         raise ValueError(f"{path}: holds components {', '.join(names)}; load one, e.g. {path / names[0]}")
     if kind == "pipeline":
-        raise ValueError(f"{path}: is a pipeline folder; load one component (e.g. {path / 'unet'}) or all of them "
-                         "with load_components")
+        raise ValueError(
+            f"{path}: is a pipeline folder; load one component (e.g. {path / 'unet'}) or all of them "
+            "with load_components"
+        )
     if kind == "file":
         raise ValueError(f"{path}: is a file; pass the folder holding it and its config.json")
     if (path / PARAMS).is_file():
@@ -330,7 +332,9 @@ def save_pipeline(src, dst, models: Mapping[str, Model], *, overwrite: bool = Fa
                 shutil.copyfile(entry, tmp / entry.name)
         for name, model in models.items():
             source = src / name / CONFIG
-            _write_jaxdiff_component(tmp / name, model, jax.device_get(model.params), source if source.is_file() else None)
+            _write_jaxdiff_component(
+                tmp / name, model, jax.device_get(model.params), source if source.is_file() else None
+            )
         classes = {name: m.architecture.name for name, m in models.items()}
         _write_json(tmp / JAXDIFF_INDEX, {"format": "jaxdiff", "version": FORMAT_VERSION, "components": classes})
 

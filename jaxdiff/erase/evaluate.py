@@ -70,8 +70,14 @@ def _fill(template: str, obj: S.ShapeObject, bg: str, phrase: dict[str, str]) ->
 
 
 def captions(
-    concept: Concept | None, n: int, seed: int, *, phrases: Sequence[str] | None = None, split: str = "train",
-    exclude: str | None = None, kind: str | None = None,
+    concept: Concept | None,
+    n: int,
+    seed: int,
+    *,
+    phrases: Sequence[str] | None = None,
+    split: str = "train",
+    exclude: str | None = None,
+    kind: str | None = None,
 ) -> tuple[list[str], list[S.Scene]]:
     """n single-object (caption, scene) pairs. With `concept`, the object has that shape/colour and the caption
     names it with `phrases` (cycled; default its word); without, the object avoids `exclude` of `kind`."""
@@ -132,7 +138,11 @@ def noise(n: int, shape: Sequence[int], seed: int) -> np.ndarray:
 
 
 def evaluate(
-    probe, concept: Concept, before: dict[str, np.ndarray], after: dict[str, np.ndarray], sets: dict,
+    probe,
+    concept: Concept,
+    before: dict[str, np.ndarray],
+    after: dict[str, np.ndarray],
+    sets: dict,
     floor_images: np.ndarray | None = None,
 ) -> dict:
     """Figures from images of the unedited (`before`) and edited (`after`) model, keyed like `sets`."""

@@ -1,4 +1,4 @@
-"""The fine-tuning loop of the erasure methods: the trainer's step over a trainable subtree, progress, resumable checkpoints.
+"""The erasure fine-tuning loop: the trainer's step over a trainable subtree, progress, resumable checkpoints.
 
 An objective `loss(trainable, frozen, batch, rng)` (see `jaxdiff.erase.common`) trains through `jaxdiff.train.step`
 (non-finite guard, clipping, the optax chain, one jitted program with the state donated); methods with their own

@@ -76,12 +76,17 @@ class Job:
 
     # -- prompts -------------------------------------------------------------------------------------------------
     def prompts_for(self, concepts: list[str]) -> list[str]:
-        """templates × concepts, plus (shapes model, `num_prompts` > 0) captions of the world naming each."""
+        """templates × concepts, plus (shapes model, `num_prompts` > 0) captions of the world naming each, cut
+        after the concept ("a picture of a red circle on the left" -> "a picture of a red circle"): the text
+        encoder is causal, so the concept's token and the [EoT] after it carry the concept, as the closed-form
+        methods' last-word / [EoT] token choices assume."""
         out = [t.format(x) for x in concepts for t in self.config.templates]
         n = int(self.config.num_prompts)
         if n and self.is_shapes:
             for i, x in enumerate(concepts):
-                out += ev.captions(ev.resolve(x), n, self.config.seed + 17 * i)[0]
+                for caption in ev.captions(ev.resolve(x), n, self.config.seed + 17 * i)[0]:
+                    m = re.search(r"(?<![\w-])" + re.escape(x) + r"(?![\w-])", caption)
+                    out.append(caption[: m.end()] if m else caption)
         return out
 
     @functools.cached_property
@@ -127,8 +132,14 @@ class Job:
         return ridge.context_cache(enc.emb, enc.lengths)
 
     # -- images --------------------------------------------------------------------------------------------------
-    def images(self, prompts: list[str], latents: np.ndarray, unet_params=None, params_for_prompt=None,
-               guidance: float | None = None) -> np.ndarray:
+    def images(
+        self,
+        prompts: list[str],
+        latents: np.ndarray,
+        unet_params=None,
+        params_for_prompt=None,
+        guidance: float | None = None,
+    ) -> np.ndarray:
         """Samples for `prompts` from the given starting noise; per-prompt params (SPM) run one prompt at a time."""
         e = self.config.eval
         guidance = self.guidance if guidance is None else guidance
@@ -258,8 +269,16 @@ def _finetune(job: Job, loss, trainable, frozen, batch_fn, tx=None) -> tuple[Any
     t = job.config.train
     step, state, names = finetune.trainer_step(loss, trainable, t, job.config.seed, tx)
     state, info = finetune.run(
-        step, state, frozen, batch_fn, int(t.steps), job.train_dir(),
-        checkpoint_every=int(t.checkpoint_every), log_every=int(t.log_every), progress=job.progress, leaf_names=names,
+        step,
+        state,
+        frozen,
+        batch_fn,
+        int(t.steps),
+        job.train_dir(),
+        checkpoint_every=int(t.checkpoint_every),
+        log_every=int(t.log_every),
+        progress=job.progress,
+        leaf_names=names,
     )
     return state.params, info
 
@@ -345,8 +364,12 @@ def _spm(job: Job) -> Result:
 
     def batch_fn(i):
         idx = _pick(i, target.shape[0], b, job.config.seed)
-        return {"target": target[idx], "positive": target[idx], "surrogate": surrogate[idx],
-                "uncond": jnp.repeat(null, b, axis=0)}
+        return {
+            "target": target[idx],
+            "positive": target[idx],
+            "surrogate": surrogate[idx],
+            "uncond": jnp.repeat(null, b, axis=0),
+        }
 
     adapters = spm.init_adapters(job.original, jax.random.PRNGKey(job.config.seed), rank=int(o.rank))
     trained, info = _finetune(job, loss, adapters, {"base": job.original}, batch_fn)
@@ -357,9 +380,15 @@ def _spm(job: Job) -> Result:
         gamma = spm.transport_gamma(job.encode([prompt]), 0, targets, o.matching_metric, o.facilitate_factor)
         return merge(job.original, trained, jnp.float32(gamma))
 
-    meta = {"rank": int(o.rank), "alpha": float(o.alpha), "ft_power": int(o.ft_power), "targets": job.concepts,
-            "matching_metric": o.matching_metric, "facilitate_factor": float(o.facilitate_factor),
-            "parameters": adapters_lib.num_params(trained)}
+    meta = {
+        "rank": int(o.rank),
+        "alpha": float(o.alpha),
+        "ft_power": int(o.ft_power),
+        "targets": job.concepts,
+        "matching_metric": o.matching_metric,
+        "facilitate_factor": float(o.facilitate_factor),
+        "parameters": adapters_lib.num_params(trained),
+    }
     full = adapters_lib.merge(job.original, trained, 1.0, alpha_over_rank)
     return Result(full, {**info, "adapter_parameters": meta["parameters"]}, params_for_prompt, trained, meta)
 
@@ -391,8 +420,12 @@ def _ablation(job: Job) -> Result:
         t.learning_rate = float(t.learning_rate) * int(t.batch_size)
         job.config.unlock()
         job.config.train = t
-    loss = ablation.make_loss(job.model, loss_type=o.loss_type, prior_loss_weight=o.prior_loss_weight,
-                              scheduler_config=job.pipe.scheduler_config or None)
+    loss = ablation.make_loss(
+        job.model,
+        loss_type=o.loss_type,
+        prior_loss_weight=o.prior_loss_weight,
+        scheduler_config=job.pipe.scheduler_config or None,
+    )
     z, target, anchor = _anchor_data(job, int(o.num_anchor_images))
     b, n = int(t.batch_size), z.shape[0]
 
@@ -435,18 +468,32 @@ def _doco(job: Job) -> Result:
 
     def batch_fn(i):
         idx, jdx = _pick(i, n, b, job.config.seed), _pick(i, n, b, job.config.seed + 1)
-        return {"latents": z[idx], "target": target[idx], "anchor": anchor[idx], "prior_latents": z[jdx],
-                "prior": anchor[jdx]}
+        return {
+            "latents": z[idx],
+            "target": target[idx],
+            "anchor": anchor[idx],
+            "prior_latents": z[jdx],
+            "prior": anchor[jdx],
+        }
 
     trainable, _ = common.split(job.original, t.selector)
     key = jax.random.PRNGKey(job.config.seed)
     state = d.init_state(trainable, unet_opt, disc_opt, key, job.latent_shape)
     inner = d.make_step(unet_opt, disc_opt)
-    step = jax.jit(lambda s, batch, frozen: inner(s, frozen, batch, jax.random.fold_in(key, s.step)),
-                   donate_argnums=(0,))
-    state, info = finetune.run(step, state, {"base": job.original}, batch_fn, int(t.steps), job.train_dir(),
-                               checkpoint_every=int(t.checkpoint_every), log_every=int(t.log_every),
-                               progress=job.progress)
+    step = jax.jit(
+        lambda s, batch, frozen: inner(s, frozen, batch, jax.random.fold_in(key, s.step)), donate_argnums=(0,)
+    )
+    state, info = finetune.run(
+        step,
+        state,
+        {"base": job.original},
+        batch_fn,
+        int(t.steps),
+        job.train_dir(),
+        checkpoint_every=int(t.checkpoint_every),
+        log_every=int(t.log_every),
+        progress=job.progress,
+    )
     return Result(common.combine(state.trainable, job.original), {**info, "learning_rate": lr})
 
 
@@ -457,9 +504,15 @@ def _trce(job: Job) -> Result:
     safe_prompts = job.replaced(job.concept_prompts, job.anchor)
     old, new = job.encode(job.concept_prompts), job.encode(safe_prompts)
     stage1, info1 = trce.eot_mapping(
-        job.original, old, new, job.preservation_cache(),
-        preserve_scale=o.preserve_scale, square_preserve_scale=o.square_preserve_scale,
-        cache_divisor=o.cache_divisor, lam=o.lam, token_weight_scale=tuple(o.token_weight_scale),
+        job.original,
+        old,
+        new,
+        job.preservation_cache(),
+        preserve_scale=o.preserve_scale,
+        square_preserve_scale=o.square_preserve_scale,
+        cache_divisor=o.cache_divisor,
+        lam=o.lam,
+        token_weight_scale=tuple(o.token_weight_scale),
         count_tokens=o.count_tokens,
     )
     if not o.stage2:
@@ -493,13 +546,19 @@ def _trce(job: Job) -> Result:
         rng = np.random.default_rng([job.config.seed, 5, i])
         ju, ku = rng.integers(0, n_u, per), rng.integers(0, n_steps_traj, per)
         return {
-            "x": after[k, j][None], "t": ts[k][None].astype(jnp.float32), "safe": safe[j][None], "neg": cond[j][None],
-            "uncond": null, "x_u": after_u[ku, ju], "t_u": ts[ku].astype(jnp.float32),
+            "x": after[k, j][None],
+            "t": ts[k][None].astype(jnp.float32),
+            "safe": safe[j][None],
+            "neg": cond[j][None],
+            "uncond": null,
+            "x_u": after_u[ku, ju],
+            "t_u": ts[ku].astype(jnp.float32),
             "uncond_u": jnp.repeat(null, per, axis=0),
         }
 
-    loss = trce.make_stage2_loss(job.model, guidance=o.guidance, beta=o.beta, margin=o.margin,
-                                 reg_weight=o.reg_weight, reg_const=o.reg_const)
+    loss = trce.make_stage2_loss(
+        job.model, guidance=o.guidance, beta=o.beta, margin=o.margin, reg_weight=o.reg_weight, reg_const=o.reg_const
+    )
     tx = trce.stage2_optimizer(float(t.learning_rate), float(t.weight_decay), o.quirk_never_zero_grads)
     trainable, _ = common.split(stage1, t.selector)
     trained, info = _finetune(job, loss, trainable, {"base": job.original, "reg": stage1}, batch_fn, tx)
@@ -562,12 +621,17 @@ def _save_outputs(job: Job, result: Result) -> None:
     from jaxdiff.convert import checkpoint
     from jaxdiff.convert.safetensors_io import write_safetensors
 
-    models = {"unet": dataclasses.replace(job.pipe.unet, params=result.unet_params), "vae": job.pipe.vae,
-              "text_encoder": job.pipe.text_encoders[0]}
+    models = {
+        "unet": dataclasses.replace(job.pipe.unet, params=result.unet_params),
+        "vae": job.pipe.vae,
+        "text_encoder": job.pipe.text_encoders[0],
+    }
     checkpoint.save_pipeline(job.pipe.path, job.out / "model", models, overwrite=True)
     if result.adapters is not None:
         with checkpoint.atomic_directory(job.out / "adapter", overwrite=True) as tmp:
-            flat = {f"{name}/{k}": np.asarray(v, np.float32) for name, a in result.adapters.items() for k, v in a.items()}
+            flat = {
+                f"{name}/{k}": np.asarray(v, np.float32) for name, a in result.adapters.items() for k, v in a.items()
+            }
             write_safetensors(tmp / "adapters.safetensors", flat, metadata={"format": "jaxdiff-spm"})
             (tmp / "spm.json").write_text(json.dumps(result.adapter_meta, indent=2) + "\n")
 
@@ -578,7 +642,11 @@ def _sets(job: Job, concept: ev.Concept | None) -> dict[str, tuple[list[str], li
         return ev.prompt_sets(concept, n, int(job.config.eval.seed))
     # No probe for this model: the grid shows the config's prompts.
     syn = [t.format(s) for s in split_list(job.config.synonyms) for t in job.config.templates]
-    return {"word": (job.concept_prompts[:n], []), "synonyms": (syn[:n], []), "preserved": (job.preserve_prompts[:n], [])}
+    return {
+        "word": (job.concept_prompts[:n], []),
+        "synonyms": (syn[:n], []),
+        "preserved": (job.preserve_prompts[:n], []),
+    }
 
 
 def _attacks(job: Job, result: Result, concept: ev.Concept, probe) -> dict:
@@ -594,18 +662,34 @@ def _attacks(job: Job, result: Result, concept: ev.Concept, probe) -> dict:
     t0 = time.perf_counter()
     adv = attacks.regenerating_embedding_attack(edited, job.original, job.context(prompts), reg=float(e.attack_reg))
     images = _images_from_context(job, adv, latents, edited)
-    out["regenerating_embedding"] = {"success": ev.attack_success(probe, concept, images), "n": n,
-                                     "seconds": time.perf_counter() - t0, "reg": float(e.attack_reg)}
+    out["regenerating_embedding"] = {
+        "success": ev.attack_success(probe, concept, images),
+        "n": n,
+        "seconds": time.perf_counter() - t0,
+        "reg": float(e.attack_reg),
+    }
     t0 = time.perf_counter()
     target_latents = _concept_latents(job, prompts, latents)
     contexts, info = attacks.soft_prompt_attack(
-        job.pipe, edited, prompts, target_latents, num_tokens=int(e.attack_tokens), steps=int(e.attack_steps),
-        learning_rate=float(e.attack_lr), seed=int(e.seed))
+        job.pipe,
+        edited,
+        prompts,
+        target_latents,
+        num_tokens=int(e.attack_tokens),
+        steps=int(e.attack_steps),
+        learning_rate=float(e.attack_lr),
+        seed=int(e.seed),
+    )
     images = _images_from_context(job, contexts, latents, edited)
-    out["soft_prompt"] = {"success": ev.attack_success(probe, concept, images), "n": n,
-                          "seconds": time.perf_counter() - t0, "steps": int(e.attack_steps),
-                          "tokens": int(e.attack_tokens), "loss_first": float(info["loss_first"]),
-                          "loss_last": float(info["loss_last"])}
+    out["soft_prompt"] = {
+        "success": ev.attack_success(probe, concept, images),
+        "n": n,
+        "seconds": time.perf_counter() - t0,
+        "steps": int(e.attack_steps),
+        "tokens": int(e.attack_tokens),
+        "loss_first": float(info["loss_first"]),
+        "loss_last": float(info["loss_last"]),
+    }
     out["_images"] = images
     return out
 
@@ -613,8 +697,15 @@ def _attacks(job: Job, result: Result, concept: ev.Concept, probe) -> dict:
 def _images_from_context(job: Job, contexts, latents, unet_params) -> np.ndarray:
     e = job.config.eval
     params = {**job.pipe.params, "unet": unet_params}
-    return job.pipe(None, prompt_embeds=contexts, latents=latents, params=params, steps=int(e.steps),
-                    guidance=job.guidance, scheduler=e.scheduler or None)
+    return job.pipe(
+        None,
+        prompt_embeds=contexts,
+        latents=latents,
+        params=params,
+        steps=int(e.steps),
+        guidance=job.guidance,
+        scheduler=e.scheduler or None,
+    )
 
 
 def _concept_latents(job: Job, prompts, latents):
@@ -644,9 +735,15 @@ def erase(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: bool = Tr
     peak = peak_rss_gb()
     _save_outputs(job, result)
 
-    report = {"method": config.method, "concept": config.concept, "preserve": config.preserve,
-              "anchor": config.anchor, "model": str(config.model),
-              "cost": {"seconds": seconds, "peak_rss_gb": peak}, "info": _jsonable(result.info)}
+    report = {
+        "method": config.method,
+        "concept": config.concept,
+        "preserve": config.preserve,
+        "anchor": config.anchor,
+        "model": str(config.model),
+        "cost": {"seconds": seconds, "peak_rss_gb": peak},
+        "info": _jsonable(result.info),
+    }
     sets = _sets(job, concept)
     before, after, rows = {}, {}, []
     e = config.eval
@@ -698,22 +795,39 @@ def markdown(report: dict) -> str:
         "",
     ]
     if "erasure" in report:
-        lines += ["## Erasure (probe sees the concept; lower is better after the edit)", "",
-                  "| prompts | before | after | n |", "|---|---:|---:|---:|"]
+        lines += [
+            "## Erasure (probe sees the concept; lower is better after the edit)",
+            "",
+            "| prompts | before | after | n |",
+            "|---|---:|---:|---:|",
+        ]
         for name, r in report["erasure"].items():
-            lines.append(f"| {name} | n/a | n/a | 0 |" if r is None else
-                         f"| {name} | {_pct(r['before'])} | {_pct(r['after'])} | {r['n']} |")
+            lines.append(
+                f"| {name} | n/a | n/a | 0 |"
+                if r is None
+                else f"| {name} | {_pct(r['before'])} | {_pct(r['after'])} | {r['n']} |"
+            )
         p = report["preservation"]
-        lines += ["", "## Preservation (prompts of the other concepts)", "", "| measure | before | after |",
-                  "|---|---:|---:|"]
+        lines += [
+            "",
+            "## Preservation (prompts of the other concepts)",
+            "",
+            "| measure | before | after |",
+            "|---|---:|---:|",
+        ]
         for key in ("shape_acc", "colour_acc"):
             lines.append(f"| {key} | {_pct(p[key]['before'])} | {_pct(p[key]['after'])} |")
         lines.append(f"| Fréchet (probe features) vs unedited, same seeds | 0 | {p['frechet']:.2f} |")
         if "frechet_floor" in p:
             lines.append(f"| Fréchet between two seed sets of the unedited model | {p['frechet_floor']:.2f} | |")
     if "robustness" in report:
-        lines += ["", "## Robustness (attack success: probe sees the concept)", "", "| attack | success | budget |",
-                  "|---|---:|---|"]
+        lines += [
+            "",
+            "## Robustness (attack success: probe sees the concept)",
+            "",
+            "| attack | success | budget |",
+            "|---|---:|---|",
+        ]
         r = report["robustness"]
         lines.append(f"| RECE regenerating embedding | {_pct(r['regenerating_embedding']['success'])} | closed form |")
         s = r["soft_prompt"]
