@@ -199,7 +199,10 @@ def _add_erase(sub) -> None:
 
 def _erase(args) -> int:
     from jaxdiff.erase.run import erase
+    from jaxdiff.generate import enable_compilation_cache
     from jaxdiff.train import config as config_lib
+
+    enable_compilation_cache()
 
     config = config_lib.apply_overrides(config_lib.load_config(args.config), args.overrides)
     if args.model:

@@ -9,9 +9,11 @@ last save, a finished stage is skipped):
   vae      diffusers AutoencoderKL, 32x32x3 -> 8x8x4; then scaling_factor = 1 / std(latent means)
   probe    the judge (jaxdiff/metrics/probe.py): object count, per-slot shape/colour/size, position;
            shipped to jaxdiff/assets/shapes_probe
-  unet     diffusers UNet2DConditionModel on scaled latents, epsilon prediction with SD's betas, 10%
-           caption dropout (classifier-free guidance), AdamW + warmup + cosine, EMA, min-SNR weighting;
-           the number of steps is picked from the measured s/step to fit --unet-minutes
+  unet     diffusers UNet2DConditionModel trained by jaxdiff's trainer (configs/train/shapes.py): images and
+           caption ids encoded in the step by the frozen VAE and text encoder above, epsilon prediction with
+           SD's betas, 10% caption dropout (classifier-free guidance), AdamW + warmup + cosine, EMA, min-SNR
+           weighting; orbax checkpoints in unet/train; steps from --unet-steps, or fitted to --unet-minutes
+           by a measured s/step, else the config's 2700
   decoder  the VAE decoder fine-tuned with the encoder frozen (sharper images; latents, scaling factor and
            the UNet stay valid)
   package  jaxdiff/assets/shapes (a jaxdiff checkpoint laid out like a diffusers StableDiffusionPipeline)
@@ -61,6 +63,7 @@ from jaxdiff.models import registry  # noqa: E402
 from jaxdiff.models.model import create  # noqa: E402
 
 STAGES = ("clip", "vae", "probe", "unet", "decoder", "package")
+SHAPES_CONFIG = ROOT / "configs" / "train" / "shapes.py"  # the unet stage's trainer config
 MAX_TOKENS = 32
 DIFFUSERS_VERSION = "0.42.0"
 
@@ -652,129 +655,127 @@ def _ship(src: Path, dst: Path) -> None:
 # ---------------------------------------------------------------- stage 3: UNet
 
 
-def sd_alphas_cumprod() -> np.ndarray:
-    c = SCHEDULER_CONFIG
-    betas = np.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, c["num_train_timesteps"], dtype=np.float64) ** 2
-    return np.cumprod(1.0 - betas).astype(np.float32)
+def unet_workdir(run: Run) -> Path:
+    """The trainer's workdir: orbax checkpoints (resumable), metrics.jsonl, config.json."""
+    return run.dir("unet") / "train"
 
 
-def text_states(run: Run, captions) -> np.ndarray:
-    """Frozen text encoder's last_hidden_state [N, 32, D] for `captions` (batched)."""
-    encoder, tok = load_text_encoder(run)
-    fn = jax.jit(lambda p, ids: encoder.apply(p, ids)["last_hidden_state"])
-    out = []
-    for i in range(0, len(captions), 256):
-        chunk = list(captions[i : i + 256])
-        ids = tokenize(tok, chunk + [""] * (256 - len(chunk)))
-        out.append(np.asarray(fn(encoder.params, jnp.asarray(ids)))[: len(chunk)])
-    return np.concatenate(out)
+def unet_train_config(run: Run, steps: int):
+    """configs/train/shapes.py with this run's text encoder, VAE and tokenizer, its data, batch and step count."""
+    from jaxdiff.train import config as config_lib
+
+    smoke = run.smoke
+    config = config_lib.load_config(str(SHAPES_CONFIG))
+    hidden = checkpoint.read_json(run.dir("clip") / "text_encoder" / "config.json")["hidden_size"]
+    config.seed = run.args.seed + 3
+    config.total_steps = steps
+    config.model.unet = {k: v for k, v in unet_config(hidden, run.tiny).items() if not k.startswith("_")}
+    config.model.pipeline = ""
+    config.model.pretrained_vae = str(run.dir("vae") / "vae")  # its encoder; the decoder stage leaves it as is
+    config.model.pretrained_text_encoder = str(run.dir("clip") / "text_encoder")
+    config.model.tokenizer = str(run.dir("clip") / "tokenizer")
+    config.objective.snr_gamma = hp("unet", "min_snr", smoke)
+    config.objective.caption_dropout = hp("unet", "drop", smoke)
+    config.data.seed = run.args.seed
+    config.data.global_batch_size = hp("unet", "batch", smoke)
+    config.data.options.update(
+        num_records=run.args.num_examples or (2048 if smoke else 0), generate=bool(smoke or run.args.generate_data)
+    )
+    config.optimizer.learning_rate = hp("unet", "lr", smoke)
+    config.optimizer.warmup_steps = min(hp("unet", "warmup", smoke), steps // 2)
+    config.train.ema_decay = hp("unet", "ema", smoke)
+    config.checkpoint.every_steps = run.args.save_every
+    config.log.every_steps = min(25, steps)
+    config.log.tensorboard = False
+    return config
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def measure_unet_s_per_step(run: Run) -> float:
+    """Seconds per step of the trainer on this machine (after compiling), from a throwaway 12-step run."""
+    from jaxdiff.train import loop
+
+    config = unet_train_config(run, 12)
+    config.log.every_steps, config.log.progress = 4, False
+    workdir = run.dir("unet") / "measure"
+    shutil.rmtree(workdir, ignore_errors=True)
+    loop.train(config, str(workdir))
+    rates = [r["steps_per_s"] for r in _metrics(workdir)[1:] if "steps_per_s" in r]  # past the first steps
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 1.0 / float(np.mean(rates))
 
 
 def stage_unet(run: Run) -> dict:
-    smoke = run.smoke
-    data = run.data("train")
-    encoder, _ = load_text_encoder(run)
-    cfg = unet_config(encoder.config["hidden_size"], run.tiny)
-    model = create(registry.architecture_for(cfg), cfg, abstract=False, seed=run.args.seed + 3)
-    scaling = checkpoint.read_json(run.dir("vae") / "vae" / "config.json")["scaling_factor"]
-    lat = np.load(run.dir("vae") / "latents.npz")
-    lat_mean, lat_std = lat["mean"], np.exp(0.5 * lat["logvar"])
-    unique, cap_idx = np.unique(data["captions"], return_inverse=True)
-    print(f"[unet] encoding {len(unique)} unique captions", flush=True)
-    states = text_states(run, list(unique) + [""])
-    empty = len(unique)
-    acp = jnp.asarray(sd_alphas_cumprod())
-    batch = hp("unet", "batch", smoke)
-    gamma = hp("unet", "min_snr", smoke)
-    ema_decay = hp("unet", "ema", smoke)
-    saved = load_state(run.dir("unet") / "state.pkl")
-    steps = saved["meta"]["total_steps"] if saved else None
+    """The shapes UNet trained by jaxdiff's trainer (`jaxdiff.train.loop.train` with configs/train/shapes.py):
+    images and caption ids are encoded in the step by this run's frozen VAE and text encoder; resumes from the
+    trainer's checkpoints. The number of steps is fixed on the first start (unet/plan.json)."""
+    from jaxdiff.api import init_model
+    from jaxdiff.train import loop
 
-    def build(steps):
-        tx, schedule = make_optimizer(hp("unet", "lr", smoke), hp("unet", "warmup", smoke), steps, b2=0.99)
-
-        def loss_fn(params, x0, ctx, key):
-            k1, k2 = jax.random.split(key)
-            t = jax.random.randint(k1, (x0.shape[0],), 0, acp.shape[0])
-            noise = jax.random.normal(k2, x0.shape)
-            a = acp[t][:, None, None, None]
-            xt = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
-            pred = model.apply(params, xt, t, ctx)
-            snr = acp[t] / (1 - acp[t])
-            w = jnp.minimum(snr, gamma) / snr  # min-SNR-gamma for epsilon prediction
-            mse = jnp.square(pred - noise).mean((1, 2, 3))
-            return (w * mse).mean(), mse.mean()
-
-        @jax.jit
-        def step_fn(state, batch):
-            x0, ctx, key = batch
-            (loss, mse), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], x0, ctx, key)
-            updates, opt = tx.update(grads, state["opt"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            n = state["step"] + 1
-            d = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
-            ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
-            return {"params": params, "opt": opt, "ema": ema, "step": n}, {"loss": loss, "mse": mse, "lr": schedule(n)}
-
-        return tx, step_fn
-
-    def batch_fn(rng, step):
-        idx = rng.integers(0, len(lat_mean), batch)
-        x0 = (lat_mean[idx] + lat_std[idx] * rng.standard_normal(lat_mean[idx].shape, np.float32)) * scaling
-        c = np.where(rng.random(batch) < hp("unet", "drop", smoke), empty, cap_idx[idx])
-        return jnp.asarray(x0), jnp.asarray(states[c]), jax.random.PRNGKey(int(rng.integers(2**31)))
-
-    if steps is None:
-        if smoke:
+    plan_path = run.dir("unet") / "plan.json"
+    if plan_path.is_file():
+        steps = json.loads(plan_path.read_text())["steps"]
+    else:
+        per_step = None
+        if run.smoke:
             steps = HPARAMS["unet"]["smoke_steps"]
-            per_step = None
         elif run.args.unet_steps:
-            steps, per_step = run.args.unet_steps, None
+            steps = run.args.unet_steps
+        elif run.args.unet_minutes:
+            per_step = measure_unet_s_per_step(run)
+            steps = max(hp("unet", "min_steps", False), int(run.args.unet_minutes * 60 / per_step))
         else:
-            # Measure s/step (after compiling) on a throwaway state and fit the budget.
-            tx, step_fn = build(10_000)
-            st = {"params": model.params, "opt": tx.init(model.params), "ema": model.params, "step": jnp.int32(0)}
-            rng = np.random.default_rng(0)
-            st, m = step_fn(st, batch_fn(rng, 0))
-            jax.block_until_ready(m)
-            t0 = time.time()
-            for i in range(8):
-                st, m = step_fn(st, batch_fn(rng, i))
-            jax.block_until_ready(m)
-            per_step = (time.time() - t0) / 8
-            steps = max(hp("unet", "min_steps", smoke), int(run.args.unet_minutes * 60 / per_step))
-            del st
+            from jaxdiff.train import config as config_lib
+
+            steps = config_lib.load_config(str(SHAPES_CONFIG)).total_steps
         print(
-            f"[unet] {model.num_params() / 1e6:.2f} M params, batch {batch}, "
+            f"[unet] batch {hp('unet', 'batch', run.smoke)}, "
             f"{'' if per_step is None else f'{per_step:.3f} s/step measured, '}{steps} steps",
             flush=True,
         )
-        run.log(
-            {
-                "stage": "unet",
-                "event": "plan",
-                "steps": steps,
-                "measured_s_per_step": per_step,
-                "params": model.num_params(),
-            }
-        )
-    tx, step_fn = build(steps)
-    state, meta = resume(
-        run,
-        "unet",
-        lambda: {"params": model.params, "opt": tx.init(model.params), "ema": model.params, "step": jnp.int32(0)},
-    )
-    meta["total_steps"] = steps
-    metrics = Trainer(run, "unet", state, steps, step_fn, batch_fn, run.args.save_every)(meta)
+        run.log({"stage": "unet", "event": "plan", "steps": steps, "measured_s_per_step": per_step})
+        _atomic_write_text(plan_path, json.dumps({"steps": steps}) + "\n")
+    config = unet_train_config(run, steps)
+    workdir = unet_workdir(run)
+    t0 = time.time()
+    result = loop.train(config, str(workdir))
+    seconds = time.time() - t0
+    records = _metrics(workdir)
+    final = next((r for r in reversed(records) if "loss" in r), {})
+    rates = [r["steps_per_s"] for r in records if r.get("steps_per_s")]
+    for r in records:
+        if "loss" in r:
+            run.log({"stage": "unet", "step": r["step"], "loss": r["loss"], "mse": r.get("mse")})
     return {
-        "steps": steps,
-        "batch": batch,
-        "final": metrics,
-        "params": model.num_params(),
-        "unique_captions": int(len(unique)),
-        "seconds": round(meta["elapsed"], 1),
-        "s_per_step": round(meta["elapsed"] / max(steps, 1), 4),
+        "steps": result["step"],
+        "batch": config.data.global_batch_size,
+        "final": {k: final[k] for k in ("loss", "mse", "learning_rate") if k in final},
+        "params": init_model({"_class_name": "UNet2DConditionModel", **config.model.unet.to_dict()}).num_params(),
+        "workdir": str(workdir),
+        "compile_s": round(result["compile_s"], 1),
+        "seconds": round(seconds, 1),
+        "s_per_step": round(1.0 / float(np.median(rates)), 4) if rates else None,
     }
+
+
+def trained_unet(run: Run, use_ema: bool = True) -> tuple[dict, int]:
+    """(UNet params, step) from the trainer's latest checkpoint: the EMA params unless `use_ema` is False."""
+    from jaxdiff.train import loop
+
+    plan_path = run.dir("unet") / "plan.json"
+    if not plan_path.is_file() or not (unet_workdir(run) / "checkpoints").is_dir():
+        raise FileNotFoundError(
+            f"no UNet checkpoint in {unet_workdir(run)}: run the unet stage first (a UNet trained before the stage "
+            "used jaxdiff's trainer lives in unet/state.pkl: rerun it with --stage unet --redo)"
+        )
+    config = unet_train_config(run, json.loads(plan_path.read_text())["steps"])
+    state, _, meta = loop.restore(config, str(unet_workdir(run)), devices=jax.devices()[:1])
+    params = state.ema_params() if use_ema else state.params
+    return jax.device_get(params), int(meta["step"])
 
 
 # ---------------------------------------------------------------- decoder fine-tuning
@@ -840,12 +841,10 @@ def write_pipeline(run: Run, dst: Path, use_ema: bool = True) -> dict:
     """The shapes pipeline folder (jaxdiff checkpoint + tokenizer, scheduler, model_index.json), atomically."""
     encoder, _ = load_text_encoder(run)
     vae = checkpoint.load_component(final_vae_path(run))
-    saved = load_state(run.dir("unet") / "state.pkl")
-    if saved is None:
-        raise FileNotFoundError(f"no UNet state in {run.dir('unet')}: run the unet stage first")
+    params, unet_step = trained_unet(run, use_ema)
     cfg = unet_config(encoder.config["hidden_size"], run.tiny)
     unet = create(registry.architecture_for(cfg), cfg, abstract=True)
-    unet.params = jax.tree_util.tree_map(jnp.asarray, saved["train"]["ema" if use_ema else "params"])
+    unet.params = jax.tree_util.tree_map(jnp.asarray, params)
     with checkpoint.atomic_directory(dst, overwrite=True) as tmp:
         checkpoint.save_checkpoint(tmp, {"unet": unet, "vae": vae, "text_encoder": encoder}, overwrite=True)
         shutil.copytree(run.dir("clip") / "tokenizer", tmp / "tokenizer")
@@ -856,7 +855,7 @@ def write_pipeline(run: Run, dst: Path, use_ema: bool = True) -> dict:
     return {
         "path": str(dst),
         "params": params,
-        "unet_step": int(saved["meta"]["step"]),
+        "unet_step": unet_step,
         "bytes": sum(f.stat().st_size for f in dst.rglob("*") if f.is_file()),
     }
 
@@ -895,7 +894,12 @@ def main(argv=None) -> int:
     p.add_argument("--snapshot-out", default=None, help="folder for --stage snapshot (default <workdir>/snapshot)")
     p.add_argument("--smoke", action="store_true", help="tiny step counts and 2048 rendered examples (~3 min)")
     p.add_argument("--tiny", action="store_true", help="tiny model configs (for tests)")
-    p.add_argument("--unet-minutes", type=float, default=40.0, help="UNet time budget, turned into steps by s/step")
+    p.add_argument(
+        "--unet-minutes",
+        type=float,
+        default=None,
+        help="UNet time budget, turned into steps by a measured s/step (default: configs/train/shapes.py's steps)",
+    )
     p.add_argument("--unet-steps", type=int, default=None, help="fixed number of UNet steps (overrides the budget)")
     p.add_argument("--clip-steps", type=int, default=None)
     p.add_argument("--vae-steps", type=int, default=None)
@@ -925,6 +929,10 @@ def main(argv=None) -> int:
         if args.redo and args.stage == stage:
             with contextlib.suppress(FileNotFoundError):
                 (run.dir(stage) / "state.pkl").unlink()
+            if stage == "unet":
+                shutil.rmtree(unet_workdir(run), ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    (run.dir(stage) / "plan.json").unlink()
         t0 = time.time()
         info = RUNNERS[stage](run)
         info["wall_seconds_this_run"] = round(time.time() - t0, 1)

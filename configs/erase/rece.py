@@ -37,7 +37,7 @@ def get_config(arg: str = ""):
         elif variant == "shapes":
             c.num_prompts = 8
             c.uce.update(edit_tokens="last_word_to_end", preserve_tokens="nonpad")
-            c.rece.update(epochs=2, num_validation_prompts=16, validate_initial=True)
+            c.rece.update(epochs=2, num_validation_prompts=16)
         elif variant == "runlocal":
             c.rece.update(epochs=2, num_validation_prompts=2)
         else:

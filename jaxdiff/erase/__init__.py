@@ -5,7 +5,10 @@ Closed form on the cross-attention K/V projections (one ridge kernel, `ridge.py`
 Fine-tuning objectives, `loss(trainable, frozen, batch, rng) -> (loss, aux)` built by `make_loss(model, ...)`:
   esd.py (ESD), spm.py (SPM adapters, latent anchoring, Facilitated Transport), trce.py (stage 2),
   doco.py (DoCo: discriminator, gradient surgery, a two-optimiser step), all_but_one.py, ablation.py.
-Shared: common.py (selectors, frozen/trainable split, encodings, partial sampling), adapters.py (LoRA merge).
+Shared: common.py (selectors, frozen/trainable split, encodings, partial sampling), adapters.py (LoRA merge),
+finetune.py (the fine-tuning loop on the trainer's step: progress, resumable orbax checkpoints).
+Running and judging: run.py (`jaxdiff erase`: method driver, outputs, report), evaluate.py (probe-based erasure,
+preservation and attack figures on the shapes world), attacks.py (RECE regenerating embedding, soft prompt).
 
 Each method's defaults, quirk options and the exact formula implemented are in its module docstring; the
 configs are configs/erase/<method>.py.

@@ -173,10 +173,10 @@ def _uce(job: Job) -> Result:
 
     o = job.config.uce
     edit = job.concept_prompts
-    guide = job.anchor_prompts if job.anchor.strip() else [" " if o.empty_guide_as_space else ""]
-    if o.expand_prompts:
+    guide = job.anchor_prompts if job.anchor.strip() else [" " if o.get("empty_guide_as_space", False) else ""]
+    if o.get("expand_prompts", False):  # RECE's starting UCE block has only the edit options
         edit, guide = uce.expand_prompts(edit, guide, o.concept_type)
-    preserve = job.preserve_prompts + ([""] if o.preserve_empty else [])
+    preserve = job.preserve_prompts + ([""] if o.get("preserve_empty", False) else [])
     params, info = uce.uce(
         job.original,
         job.encode(edit),
