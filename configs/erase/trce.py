@@ -63,7 +63,7 @@ def get_config(arg: str = ""):
                 epochs=2,
                 data_guidance=5.0,
             )
-            c.train.learning_rate = 1e-4
+            c.train.learning_rate = 1e-5
         elif variant == "stage1":
             c.trce.stage2 = False
         else:
