@@ -760,6 +760,12 @@ def erase(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: bool = Tr
         prompts = sets["preserved"][0]
         floor = job.images(prompts, ev.noise(len(prompts), job.latent_shape, int(e.seed) + 1000))
         report.update(ev.evaluate(probe, concept, before, after, sets, floor))
+        # What a perfect erasure towards "nothing" gives: the unedited model on the word prompts without the word
+        # (its prior fills the gap: in shapes, "a red" draws round blobs the probe calls circles).
+        prompts = job.replaced(sets["word"][0], "") if job.concepts == [concept.word] else None
+        if prompts is not None:
+            without = job.images(prompts, ev.noise(len(prompts), job.latent_shape, int(e.seed)))
+            report["erasure"]["word"]["without_word"] = ev.attack_success(probe, concept, without)
         if e.attacks:
             attack = _attacks(job, result, concept, probe)
             rows.append(("soft-prompt\nattack", attack.pop("_images")[:GRID_SAMPLES]))
@@ -807,6 +813,13 @@ def markdown(report: dict) -> str:
                 if r is None
                 else f"| {name} | {_pct(r['before'])} | {_pct(r['after'])} | {r['n']} |"
             )
+        without = (report["erasure"].get("word") or {}).get("without_word")
+        if without is not None:
+            lines += [
+                "",
+                f"The unedited model on the word prompts with the word removed sees the concept in {_pct(without)} "
+                "(same seeds): what a perfect erasure towards nothing would give.",
+            ]
         p = report["preservation"]
         lines += [
             "",
