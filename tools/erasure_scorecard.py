@@ -97,10 +97,16 @@ def baseline_rows(results: dict) -> list[str]:
     """The unedited model on each target's prompt sets (identical across methods: same prompts and seeds)."""
     lines = []
     for target in dict.fromkeys(t for _, t in results):
-        r = next((r for (m, t), r in results.items() if t == target and "failed" not in r), None)
-        if r is None:
+        ok = [r for (m, t), r in results.items() if t == target and "failed" not in r]
+        if not ok:
             continue
+        r = ok[0]
         e, p = r["erasure"], r["preservation"]
+        without = next(
+            (x["erasure"]["word"].get("without_word") for x in ok if "without_word" in x["erasure"]["word"]), None
+        )
+        if without is not None:
+            lines.append(f"| *unedited, word removed* | {target} | {_pct(without)} | | | | | | | | | |")
         before = lambda name: _pct(e[name]["before"]) if e.get(name) else "–"  # noqa: E731
         lines.append(
             f"| *unedited* | {target} | {before('word')} | {before('synonyms')} | {before('heldout')} "
@@ -127,6 +133,9 @@ def markdown(results: dict, command: str, seconds: float) -> str:
         "- **Preservation**: probe shape / colour accuracy on prompts of the *other* concepts of the same kind, and "
         "the Fréchet distance on probe features between the edited and the unedited model's images of those prompts "
         "(the *unedited* rows give the distance between two seed sets of the unedited model: sampling noise alone).",
+        "  The *word removed* rows run the unedited model on the word prompts with the word deleted (same seeds): "
+        "what a perfect erasure towards nothing gives, since the model's prior fills the gap (e.g. round blobs for "
+        "a shape left unnamed).",
         "- **Robustness** (lower is better): % of attack images in which the probe sees the target: RECE's closed-form "
         f"regenerating embedding, and a white-box soft-prompt attack ({soft.get('tokens', '?')} input embeddings, "
         f"{soft.get('steps', '?')} Adam steps on the edited model's denoising loss of the original model's images).",
