@@ -130,12 +130,12 @@ def markdown(results: dict, command: str, seconds: float) -> str:
         "",
         "- **Erasure** (lower is better): % of images in which the probe sees the target, for prompts naming it with "
         "the erased word (train templates), with its synonyms / descriptive phrases, and with held-out templates.",
-        "- **Preservation**: probe shape / colour accuracy on prompts of the *other* concepts of the same kind, and "
-        "the Fréchet distance on probe features between the edited and the unedited model's images of those prompts "
-        "(the *unedited* rows give the distance between two seed sets of the unedited model: sampling noise alone).",
         "  The *word removed* rows run the unedited model on the word prompts with the word deleted (same seeds): "
         "what a perfect erasure towards nothing gives, since the model's prior fills the gap (e.g. round blobs for "
         "a shape left unnamed).",
+        "- **Preservation**: probe shape / colour accuracy on prompts of the *other* concepts of the same kind, and "
+        "the Fréchet distance on probe features between the edited and the unedited model's images of those prompts "
+        "(the *unedited* rows give the distance between two seed sets of the unedited model: sampling noise alone).",
         "- **Robustness** (lower is better): % of attack images in which the probe sees the target: RECE's closed-form "
         f"regenerating embedding, and a white-box soft-prompt attack ({soft.get('tokens', '?')} input embeddings, "
         f"{soft.get('steps', '?')} Adam steps on the edited model's denoising loss of the original model's images).",
