@@ -61,9 +61,9 @@ def _quadratic_job(tmp_path, steps):
         return jnp.mean((trainable["w"] * batch["x"] - frozen["base"] + noise) ** 2), {}
 
     t = train_block(steps=steps, learning_rate=0.1)
-    step, state, names = finetune.trainer_step(loss, {"w": jnp.ones((2, 3))}, t, seed=0)
+    trainer = finetune.trainer_step(loss, {"w": jnp.ones((2, 3))}, t, seed=0)
     batch_fn = lambda i: {"x": jnp.full((2, 3), 1.0 + 0.1 * (i % 3))}  # noqa: E731
-    return step, state, {"base": target}, batch_fn, names
+    return trainer.step, trainer.state, {"base": target}, batch_fn, trainer.leaf_names
 
 
 def test_finetune_resumes_bitwise(tmp_path):
@@ -85,11 +85,80 @@ def test_finetune_stops_on_non_finite_loss_naming_it(tmp_path):
         return jnp.sum(trainable["w"]) * jnp.log(batch["x"]), {}
 
     t = train_block(steps=2, learning_rate=0.1)
-    step, state, names = finetune.trainer_step(loss, {"w": jnp.ones(3)}, t, seed=0)
+    trainer = finetune.trainer_step(loss, {"w": jnp.ones(3)}, t, seed=0)
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         finetune.run(
-            step, state, {}, lambda i: {"x": jnp.float32(-1.0)}, 2, str(tmp_path), progress=False, leaf_names=names
+            trainer.step,
+            trainer.state,
+            {},
+            lambda i: {"x": jnp.float32(-1.0)},
+            2,
+            str(tmp_path),
+            progress=False,
+            leaf_names=trainer.leaf_names,
         )
+
+
+def test_sharded_finetune_matches_one_device(tmp_path):
+    """Concept Ablation's loss on a tiny UNet, 2 steps: fsdp over 8 devices gives the single-device params."""
+    from jaxdiff import sharding
+    from jaxdiff.erase import ablation, common
+    from jaxdiff.models import unet
+    from jaxdiff.models.model import create
+
+    config = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    model = create(unet.ARCHITECTURES["UNet2DConditionModel"], config, abstract=False, attention="einsum", seed=0)
+    loss = ablation.make_loss(model)
+    rng = np.random.default_rng(0)
+    batch = {
+        "latents": jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32),
+        "target": jnp.asarray(rng.standard_normal((2, 3, 16)), jnp.float32),
+        "anchor": jnp.asarray(rng.standard_normal((2, 3, 16)), jnp.float32),
+    }
+    t = train_block(steps=2, learning_rate=1e-3, selector="cross-attn-kv")
+    results = {}
+    for name, mesh in (("one", None), ("fsdp", sharding.make_mesh({"fsdp": 8}))):
+        trainable, _ = common.split(model.params, "cross-attn-kv")
+        frozen = {"base": model.params}
+        trainer = finetune.trainer_step(loss, trainable, t, 0, mesh=mesh, model=model, frozen=frozen)
+        state, _ = finetune.run(
+            trainer.step,
+            trainer.state,
+            frozen,
+            lambda i: batch,
+            2,
+            str(tmp_path / name),
+            progress=False,
+            batch_sharding=trainer.batch_sharding,
+            frozen_sharding=trainer.frozen_sharding,
+        )
+        results[name] = state.params
+    for a, b in zip(jax.tree_util.tree_leaves(results["one"]), jax.tree_util.tree_leaves(results["fsdp"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    kernel = common.flatten(results["fsdp"])[
+        ("down_blocks_0", "attentions_0", "transformer_blocks_0", "attn2", "to_k", "kernel")
+    ]
+    shard = kernel.addressable_shards[0].data
+    assert shard.size < kernel.size  # the trainable K/V leaves are sharded over fsdp
+    assert not np.allclose(
+        np.asarray(results["one"]["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn2"]["to_k"]["kernel"]),
+        np.asarray(
+            common.flatten(model.params)[
+                ("down_blocks_0", "attentions_0", "transformer_blocks_0", "attn2", "to_k", "kernel")
+            ]
+        ),
+    )
 
 
 def test_learning_rate_schedules():

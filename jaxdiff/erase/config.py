@@ -24,6 +24,9 @@ def base_config(method: str) -> ml_collections.ConfigDict:
     c.num_prompts = 0  # shapes model: add this many world captions naming each concept (and each preserved one)
     c.seed = 0
     c.dtype = "float32"
+    # Fine-tuning mesh: the trainable leaves and the frozen UNet(s) are sharded by their logical axes, e.g.
+    # fsdp=-1 spreads them over every device; the default runs on one device. (DoCo's step is not sharded yet.)
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
     c.eval = eval_block()
     return c
 

@@ -9,6 +9,7 @@ an uninterrupted one. The frozen models are a jit argument, never constants bake
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -17,7 +18,9 @@ from typing import Any
 import jax
 import ml_collections as mlc
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxdiff import sharding
 from jaxdiff.train import checkpoint as ckpt_lib
 from jaxdiff.train import metrics as metrics_lib
 from jaxdiff.train import state as state_lib
@@ -63,15 +66,69 @@ def optimizer(train: mlc.ConfigDict, schedule: Callable) -> optax.GradientTransf
     raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {train.optimizer!r}")
 
 
-def trainer_step(loss, trainable, train: mlc.ConfigDict, seed: int, tx: optax.GradientTransformation | None = None):
-    """(jitted step(state, batch, frozen), initial TrainState) for an erasure loss through the trainer's step."""
+def logical_axes_like(tree, model_axes) -> Any:
+    """The model's logical axes for the leaves of `tree` found at the same path in the model's params (a selected
+    subtree); PartitionSpec() (replicated) for leaves the model does not have, e.g. adapters."""
+    from jaxdiff.erase.common import flatten, unflatten
+
+    known = flatten(model_axes)
+    return unflatten({p: known.get(p, PartitionSpec()) for p in flatten(tree)})
+
+
+def frozen_shardings(frozen: dict, model, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> dict:
+    """Shardings of the frozen models passed to the step: each entry shaped like the model's params follows its
+    logical axes (fsdp/tensor), anything else is replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shape = jax.tree_util.tree_structure(model.params)
+    return {
+        k: sharding.param_shardings(v, model.logical_axes, mesh, rules)
+        if jax.tree_util.tree_structure(v) == shape
+        else jax.tree_util.tree_map(lambda _: replicated, v)
+        for k, v in frozen.items()
+    }
+
+
+@dataclasses.dataclass
+class Trainer:
+    """A compiled-on-first-use erasure step with its initial state and where its inputs live."""
+
+    step: Callable  # jitted step(state, batch, frozen) -> (state, metrics), state donated
+    state: Any
+    leaf_names: dict  # the trainable leaves' paths, to name non-finite gradients
+    batch_sharding: Any = None  # None: wherever the arrays are (single device)
+    frozen_sharding: Any = None
+
+
+def trainer_step(
+    loss,
+    trainable,
+    train: mlc.ConfigDict,
+    seed: int,
+    tx: optax.GradientTransformation | None = None,
+    *,
+    mesh: Mesh | None = None,
+    model=None,
+    frozen=None,
+    rules=sharding.DEFAULT_RULES,
+) -> Trainer:
+    """An erasure loss through the trainer's step. With a `mesh` (and the `model` whose params the trainable leaves
+    come from, and the `frozen` models), the state and the frozen models are sharded by their logical axes and the
+    step is jitted with those shardings (batches replicated); without one it runs where the arrays are."""
     schedule = learning_rate(train)
     tx = optimizer(train, schedule) if tx is None else tx
     phase = step_lib.Phase("model", loss, tx, None, schedule, float(train.max_grad_norm))
     masks = {"model": jax.tree_util.tree_map(lambda _: True, trainable)}
-    state = jax.jit(lambda p: state_lib.create(p, {"model": tx}, masks, seed=seed, ema=False))(trainable)
-    step = jax.jit(step_lib.build([phase], masks), donate_argnums=(0,))
-    return step, state, step_lib.leaf_names(trainable, masks)
+    build = step_lib.build([phase], masks)
+    create = lambda p: state_lib.create(p, {"model": tx}, masks, seed=seed, ema=False)  # noqa: E731
+    names = step_lib.leaf_names(trainable, masks)
+    if mesh is None:
+        return Trainer(jax.jit(build, donate_argnums=(0,)), jax.jit(create)(trainable), names)
+    axes = logical_axes_like(trainable, model.logical_axes)
+    state_sh = state_lib.shardings(jax.eval_shape(create, trainable), axes, mesh, rules)
+    state = jax.jit(create, out_shardings=state_sh)(trainable)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    frozen_sh = frozen_shardings(frozen, model, mesh, rules)
+    return Trainer(step_lib.jit(build, state_sh, replicated, frozen_sh), state, names, replicated, frozen_sh)
 
 
 def run(
@@ -87,12 +144,18 @@ def run(
     progress: bool = True,
     leaf_names: dict | None = None,
     nonfinite: str = "stop",
+    batch_sharding=None,
+    frozen_sharding=None,
 ) -> tuple[Any, dict]:
     """Run `step` until `steps`, resuming from `workdir/checkpoints`; returns (final state, info).
 
     checkpoint_every 0: a checkpoint only at the end (and on SIGTERM). A non-finite loss or gradient stops the run
     (`step.NonFiniteError`, naming the tensors) unless nonfinite="skip" (the trainer's step left them unchanged).
+    `batch_sharding` / `frozen_sharding`: where to place each batch and the frozen models (a sharded step's).
     """
+    if frozen_sharding is not None:
+        frozen = jax.device_put(frozen, frozen_sharding)
+    place = (lambda b: jax.device_put(b, batch_sharding)) if batch_sharding is not None else (lambda b: b)
     os.makedirs(workdir, exist_ok=True)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2, async_save=False)
     checkpointer.install_sigterm()
@@ -110,13 +173,13 @@ def run(
         if start >= steps:
             return state, {"steps": start, "resumed_from": start, "compile_s": 0.0, "last": {}}
         t0 = time.perf_counter()
-        compiled = step.lower(state, batch_fn(start), frozen).compile()
+        compiled = step.lower(state, place(batch_fn(start)), frozen).compile()
         compile_s = time.perf_counter() - t0
         writer.message(f"step {start}: compiled the erasure step in {compile_s:.1f} s" + (", resumed" if start else ""))
         writer.reset_timer(start)
         last, skipped = {}, 0
         for i in range(start, steps):
-            state, metrics = compiled(state, batch_fn(i), frozen)
+            state, metrics = compiled(state, place(batch_fn(i)), frozen)
             metrics = jax.device_get(metrics)
             if "finite" in metrics:
                 report = step_lib.nonfinite_report(metrics, leaf_names or {}, i + 1)

@@ -164,6 +164,18 @@ class Job:
     def train_dir(self) -> str:
         return str(self.out / "train")
 
+    @functools.cached_property
+    def mesh(self):
+        """The fine-tuning mesh of `config.mesh` (all devices when an axis is -1, else the first ones)."""
+        from jaxdiff import sharding
+        from jaxdiff.train.config import mesh_shape
+
+        shape = {k: int(v) for k, v in self.config.mesh.to_dict().items()}
+        devices = jax.devices()
+        if -1 not in shape.values():
+            devices = devices[: int(np.prod(list(shape.values())))]
+        return sharding.make_mesh(mesh_shape(shape, len(devices)), devices)
+
 
 # ------------------------------------------------------------------------------------------------ methods
 
@@ -267,10 +279,12 @@ def _finetune(job: Job, loss, trainable, frozen, batch_fn, tx=None) -> tuple[Any
     from jaxdiff.erase import finetune
 
     t = job.config.train
-    step, state, names = finetune.trainer_step(loss, trainable, t, job.config.seed, tx)
+    trainer = finetune.trainer_step(
+        loss, trainable, t, job.config.seed, tx, mesh=job.mesh, model=job.model, frozen=frozen
+    )
     state, info = finetune.run(
-        step,
-        state,
+        trainer.step,
+        trainer.state,
         frozen,
         batch_fn,
         int(t.steps),
@@ -278,7 +292,9 @@ def _finetune(job: Job, loss, trainable, frozen, batch_fn, tx=None) -> tuple[Any
         checkpoint_every=int(t.checkpoint_every),
         log_every=int(t.log_every),
         progress=job.progress,
-        leaf_names=names,
+        leaf_names=trainer.leaf_names,
+        batch_sharding=trainer.batch_sharding,
+        frozen_sharding=trainer.frozen_sharding,
     )
     return state.params, info
 
