@@ -493,6 +493,7 @@ def _doco(job: Job) -> Result:
         }
 
     trainable, _ = common.split(job.original, t.selector)
+    trainable = jax.tree_util.tree_map(jnp.copy, trainable)  # the state is donated; the frozen base is not
     key = jax.random.PRNGKey(job.config.seed)
     state = d.init_state(trainable, unet_opt, disc_opt, key, job.latent_shape)
     inner = d.make_step(unet_opt, disc_opt)
