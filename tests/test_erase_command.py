@@ -204,6 +204,7 @@ def test_erase_command_writes_model_grid_and_report(uce_run):
     assert report["method"] == "uce" and report["kind"] == "shape"
     assert set(report["erasure"]) == {"word", "synonyms", "heldout"}
     assert 0.0 <= report["erasure"]["word"]["after"] <= 1.0 and report["erasure"]["word"]["n"] == 4
+    assert 0.0 <= report["erasure"]["word"]["without_word"] <= 1.0
     assert {"shape_acc", "colour_acc", "frechet", "frechet_floor"} <= set(report["preservation"])
     assert report["cost"]["seconds"] > 0 and report["cost"]["peak_rss_gb"] > 0
     assert "| word |" in (out / "report.md").read_text()
