@@ -214,8 +214,8 @@ def _erase(args) -> int:
     if "erasure" in report:
         word = report["erasure"]["word"]
         line += f"; probe sees it in {word['before']:.0%} -> {word['after']:.0%} of images"
-        p = report["preservation"]
-        line += f"; other concepts' shape acc {p['shape_acc']['before']:.0%} -> {p['shape_acc']['after']:.0%}"
+        acc = report["preservation"][f"{report['kind']}_acc"]  # the preserved concepts are of the same kind
+        line += f"; other {report['kind']}s recognised {acc['before']:.0%} -> {acc['after']:.0%}"
     print(line)
     print(f"wrote {args.out}/model, before_after.png, report.md, report.json")
     return 0
