@@ -56,6 +56,8 @@ def load_pipeline(path_or_name: str | os.PathLike = "shapes", dtype=jnp.float32,
     tokenizer_dirs = [path / "tokenizer"] + ([path / "tokenizer_2"] if len(encoders) > 1 else [])
     scheduler_path = path / "scheduler" / "scheduler_config.json"
     scheduler_config = checkpoint.read_json(scheduler_path) if scheduler_path.exists() else {}
+    index_path = path / checkpoint.MODEL_INDEX
+    index = checkpoint.read_json(index_path) if index_path.is_file() else {}
     return Pipeline(
         path=path,
         unet=models["unet"],
@@ -63,12 +65,17 @@ def load_pipeline(path_or_name: str | os.PathLike = "shapes", dtype=jnp.float32,
         text_encoders=encoders,
         tokenizers=[text.load_tokenizer(d) for d in tokenizer_dirs],
         scheduler_config=scheduler_config,
+        # diffusers' StableDiffusionXLPipeline default; a model_index.json saved by diffusers records it.
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
     )
 
 
 @dataclasses.dataclass
 class Pipeline:
-    """`pipe(prompts, ...)` -> images [B, H, W, 3] in [0, 1]; params live in `self.params` (a dict by component)."""
+    """`pipe(prompts, ...)` -> images [B, H, W, 3] in [0, 1]; params live in `self.params` (a dict by component).
+
+    `force_zeros_for_empty_prompt` (SDXL only, as in diffusers): without negative prompts, the unconditional
+    branch of classifier-free guidance gets zero text embeddings instead of the encoding of ""."""
 
     path: Path
     unet: Model
@@ -76,6 +83,7 @@ class Pipeline:
     text_encoders: list[Model]
     tokenizers: list[Any]
     scheduler_config: dict
+    force_zeros_for_empty_prompt: bool = True
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
     _bar: list = dataclasses.field(default_factory=lambda: [None], repr=False)
 
@@ -132,7 +140,7 @@ class Pipeline:
 
         `prompt_embeds` [B, L, D] (SD 1.x/2.x only) conditions the UNet directly instead of `prompts` (which must
         then be None); `negative_prompt_embeds` [B, L, D] likewise replaces `negative_prompts` (default: the
-        encoding of "" for every row), as in diffusers."""
+        encoding of "" for every row; SDXL with `force_zeros_for_empty_prompt`: zeros), as in diffusers."""
         from jaxdiff.sampling import make_scheduler
 
         if prompt_embeds is not None or negative_prompt_embeds is not None:
@@ -158,6 +166,8 @@ class Pipeline:
                 raise ValueError(
                     f"negative_prompt_embeds has {negative_prompt_embeds.shape[0]} rows for {batch} prompts"
                 )
+        # diffusers' SDXL zeroes the negative embeddings only when no negative prompt is given (not for "").
+        zero_negatives = self.is_sdxl and self.force_zeros_for_empty_prompt and negative_prompts is None
         if negative_prompts is None:
             negative_prompts = [""] * batch
         negative_prompts = [negative_prompts] * batch if isinstance(negative_prompts, str) else negative_prompts
@@ -175,7 +185,11 @@ class Pipeline:
         plan = sched.plan(steps)
 
         use_cfg = guidance > 1.0
-        if prompt_embeds is None and negative_prompt_embeds is None:
+        if prompt_embeds is None and negative_prompt_embeds is None and use_cfg and zero_negatives:
+            context, pooled = self.encode_prompts(prompts, params)
+            context = jnp.concatenate([context, jnp.zeros_like(context)])
+            pooled = jnp.concatenate([pooled, jnp.zeros_like(pooled)])
+        elif prompt_embeds is None and negative_prompt_embeds is None:
             context, pooled = self.encode_prompts(prompts + (negative_prompts if use_cfg else []), params)
         else:
             context, pooled = self._contexts(
