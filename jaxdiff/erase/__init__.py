@@ -7,7 +7,8 @@ Fine-tuning objectives, `loss(trainable, frozen, batch, rng) -> (loss, aux)` bui
   doco.py (DoCo: discriminator, gradient surgery, a two-optimiser step), all_but_one.py, ablation.py.
 Shared: common.py (selectors, frozen/trainable split, encodings, partial sampling), adapters.py (LoRA merge),
 finetune.py (the fine-tuning loop on the trainer's step: progress, resumable orbax checkpoints).
-Running and judging: run.py (`jaxdiff erase`: method driver, outputs, report), evaluate.py (probe-based erasure,
+Running and judging: job.py (one run's pipeline, prompts, encodings, sampling), methods.py (each method as
+`run(job) -> Result`), run.py (`jaxdiff erase`: outputs, grid, report), evaluate.py (probe-based erasure,
 preservation and attack figures on the shapes world), attacks.py (RECE regenerating embedding, soft prompt).
 
 Each method's defaults, quirk options and the exact formula implemented are in its module docstring; the
