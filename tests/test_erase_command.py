@@ -49,6 +49,14 @@ def test_concept_rate_and_scene_accuracy_on_hand_built_predictions():
     assert ev.scene_accuracy(all_red, scenes) == {"shape_acc": 1.0, "colour_acc": 0.0}  # no scene is red
 
 
+def test_frechet_on_few_images_is_finite_and_zero_on_itself():
+    rng = np.random.default_rng(0)
+    f1, f2 = rng.standard_normal((8, 32)), rng.standard_normal((8, 32)) + 1.0  # N < D: singular covariances
+    d = ev.frechet_distance(f1, f2)
+    assert np.isfinite(d) and d > 0
+    assert abs(ev.frechet_distance(f1, f1)) < 1e-3 * d
+
+
 # ------------------------------------------------------------------------------------------- the loop
 
 

@@ -132,6 +132,19 @@ def scene_accuracy(predictions: dict, scenes: Sequence[S.Scene]) -> dict[str, fl
 Generate = Callable[[list[str], np.ndarray], np.ndarray]  # (prompts, noise latents [N,h,w,C]) -> images [N,H,W,3]
 
 
+def frechet_distance(features1, features2) -> float:
+    """Fréchet distance on probe features as pytorch-fid computes it; with few images (N < feature dim) the
+    covariances are singular and sqrtm can come back complex: then both get 1e-4 x their mean variance added to
+    the diagonal (a ridge, as pytorch-fid's own eps offset, but large enough to make the product well posed)."""
+    try:
+        return frechet.frechet_distance_from_features(features1, features2)
+    except ValueError:
+        mu1, s1 = frechet.feature_statistics(features1)
+        mu2, s2 = frechet.feature_statistics(features2)
+        ridge = 1e-4 * float(np.mean(np.concatenate([np.diag(s1), np.diag(s2)]))) * np.eye(len(mu1))
+        return frechet.frechet_distance(mu1, s1 + ridge, mu2, s2 + ridge)
+
+
 def noise(n: int, shape: Sequence[int], seed: int) -> np.ndarray:
     """Unit Gaussian starting latents [n, *shape], the same for the unedited and the edited model."""
     return np.random.default_rng([seed, 99]).standard_normal((n, *shape)).astype(np.float32)
@@ -167,9 +180,9 @@ def evaluate(
             }
     if "preserved" in feats:
         fb, fa = feats["preserved"]
-        out["preservation"]["frechet"] = frechet.frechet_distance_from_features(fb, fa)
+        out["preservation"]["frechet"] = frechet_distance(fb, fa)
         if floor_images is not None:
-            out["preservation"]["frechet_floor"] = frechet.frechet_distance_from_features(fb, probe(floor_images)[1])
+            out["preservation"]["frechet_floor"] = frechet_distance(fb, probe(floor_images)[1])
         out["preservation"]["n"] = len(sets["preserved"][0])
     return out
 
