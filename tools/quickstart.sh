@@ -12,6 +12,6 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.jax_cache}"
     "a green disc on the left and a red box on the right" --steps 25 --seed 0 --out out/ "$@"
 echo "open out/grid.png (each image, and out/generate.json with prompt, seed, steps, scheduler and model)"
 # Erase a concept from the same model and measure it with the shapes probe (before/after grid + report).
-.venv/bin/jaxdiff erase --config configs/erase/uce.py:shapes --config.concept=red --config.preserve="green;blue;yellow" \
-    --out out/erase_red --overwrite
-echo "open out/erase_red/before_after.png and out/erase_red/report.md (the edited model is out/erase_red/model)"
+.venv/bin/jaxdiff erase --config configs/erase/uce.py:shapes --config.concept=box --config.preserve="circle;triangle" \
+    --out out/erase_box --overwrite
+echo "open out/erase_box/before_after.png and out/erase_box/report.md (the edited model is out/erase_box/model)"

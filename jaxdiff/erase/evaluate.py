@@ -159,7 +159,7 @@ def evaluate(
     floor_images: np.ndarray | None = None,
 ) -> dict:
     """Figures from images of the unedited (`before`) and edited (`after`) model, keyed like `sets`."""
-    out = {"concept": concept.name, "word": concept.word, "kind": concept.kind, "erasure": {}, "preservation": {}}
+    out = {"resolved": concept.name, "word": concept.word, "kind": concept.kind, "erasure": {}, "preservation": {}}
     feats = {}
     for name, (prompts, scenes) in sets.items():
         if not prompts:

@@ -226,7 +226,9 @@ def _pct(x) -> str:
 def markdown(report: dict) -> str:
     """report.md: the figures of report.json as tables."""
     lines = [
-        f"# {report['method']}: erase `{report['concept']}` from `{report['model']}`",
+        f"# {report['method']}: erase `{report['concept']}`"
+        + (f" (the {report['resolved']})" if report.get("resolved", report["concept"]) != report["concept"] else "")
+        + f" from `{report['model']}`",
         "",
         f"Edit: {report['cost']['seconds']:.1f} s wall-clock, peak memory {report['cost']['peak_rss_gb']:.2f} GiB "
         "(process RSS).",
