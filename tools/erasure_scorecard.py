@@ -72,7 +72,9 @@ def run_cell(method: str, target: str, workdir: Path, timeout: int, extra: list[
     if proc.returncode != 0:
         lines = [x for x in (proc.stderr or proc.stdout).strip().splitlines() if x.strip()]
         return {"failed": lines[-1] if lines else f"exit status {proc.returncode}"}
-    print(f"  done in {time.time() - start:.0f} s: {proc.stdout.strip().splitlines()[0]}", flush=True)
+    seconds = time.time() - start
+    (out / "scorecard_seconds.txt").write_text(f"{seconds:.1f}\n")  # the whole cell: edit, sampling, attacks
+    print(f"  done in {seconds:.0f} s: {proc.stdout.strip().splitlines()[0]}", flush=True)
     return json.loads(report.read_text())
 
 
@@ -116,7 +118,17 @@ def baseline_rows(results: dict) -> list[str]:
     return lines
 
 
-def markdown(results: dict, command: str, seconds: float) -> str:
+def cell_seconds(workdir: Path, results: dict) -> list[float]:
+    """Wall-clock seconds of each finished cell's whole `jaxdiff erase` run (recorded when it ran)."""
+    out = []
+    for method, target in results:
+        f = workdir / f"{method}-{target}" / "scorecard_seconds.txt"
+        if f.is_file():
+            out.append(float(f.read_text()))
+    return out
+
+
+def markdown(results: dict, command: str, seconds: list[float]) -> str:
     any_ok = next((r for r in results.values() if "failed" not in r), None)
     n = any_ok["erasure"]["word"]["n"] if any_ok else "?"
     atk = any_ok.get("robustness", {}) if any_ok else {}
@@ -124,7 +136,9 @@ def markdown(results: dict, command: str, seconds: float) -> str:
     lines = [
         "# Erasure scorecard on the `shapes` model",
         "",
-        f"Regenerate with `{command}` ({seconds / 60:.0f} min on this CPU). Each row is one `jaxdiff erase` run "
+        f"Regenerate with `{command}`"
+        + (f" ({sum(seconds) / 60:.0f} min for {len(seconds)} cells on this 2-core CPU)" if seconds else "")
+        + ". Each row is one `jaxdiff erase` run "
         "(configs/erase/<method>.py:shapes); every figure is read by the shapes probe from generated images "
         f"({n} per prompt set, 25 DDIM steps, guidance 5, the same seeds before and after the edit).",
         "",
@@ -166,7 +180,6 @@ def main(argv=None) -> int:
     targets = [t for t in args.targets.split(",") if t]
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    start = time.time()
     results = {}
     for target in targets:
         for method in methods:
@@ -174,7 +187,7 @@ def main(argv=None) -> int:
     command = "python tools/erasure_scorecard.py" + (
         "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
     )
-    text = markdown(results, command, time.time() - start)
+    text = markdown(results, command, cell_seconds(workdir, results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
