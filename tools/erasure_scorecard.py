@@ -155,6 +155,11 @@ def markdown(results: dict, command: str, seconds: list[float]) -> str:
         f"{soft.get('steps', '?')} Adam steps on the edited model's denoising loss of the original model's images).",
         "- **Cost**: wall-clock time of the edit (fine-tuning includes compilation) and the process's peak RSS.",
         "",
+        "Every cell preserves the other concepts of the target's kind (`--config.preserve`); Concept Ablation and "
+        "DoCo take the first of them as their anchor (circle -> square, red -> green, box -> circle), TRCE maps onto "
+        "the generic word (shape / colour). The hyper-parameters are each config's `:shapes` variant, chosen by short "
+        "trials on this model, not by a sweep; a method that does little here may need a larger budget.",
+        "",
         "| method | target | erasure: word | synonyms | held-out | preserved shape acc | preserved colour acc "
         "| Fréchet vs unedited | regen. embedding attack | soft-prompt attack | edit s | peak GiB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
