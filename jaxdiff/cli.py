@@ -113,6 +113,19 @@ def _info(args) -> int:
 SUBCOMMANDS: list[Callable] = [_add_convert, _add_export, _add_info]
 
 
+def _config_overrides(p) -> None:
+    """Let parser `p` collect --config.KEY=VALUE arguments into `args.overrides` (argparse cannot declare them)."""
+    p.set_defaults(overrides=[])
+    parse_known = p.parse_known_args
+
+    def parse_with_overrides(args=None, namespace=None):
+        namespace, rest = parse_known(args, namespace)
+        namespace.overrides = list(namespace.overrides) + [a for a in rest if a.startswith("--config.")]
+        return namespace, [a for a in rest if not a.startswith("--config.")]
+
+    p.parse_known_args = parse_with_overrides
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -128,15 +141,8 @@ def _add_train(sub) -> None:
     p.add_argument("--num-processes", type=int, default=_env_int("JAXDIFF_NUM_PROCESSES"))
     p.add_argument("--process-id", type=int, default=_env_int("JAXDIFF_PROCESS_ID"))
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with auto-detection")
-    p.set_defaults(func=_train, overrides=[])
-    parse_known = p.parse_known_args
-
-    def parse_with_overrides(args=None, namespace=None):  # keep --config.KEY=VALUE for _train, argparse-style
-        namespace, rest = parse_known(args, namespace)
-        namespace.overrides = list(namespace.overrides) + [a for a in rest if a.startswith("--config.")]
-        return namespace, [a for a in rest if not a.startswith("--config.")]
-
-    p.parse_known_args = parse_with_overrides
+    p.set_defaults(func=_train)
+    _config_overrides(p)
 
 
 def _env_int(name: str) -> int | None:
@@ -163,19 +169,6 @@ def _train(args) -> int:
 
 
 SUBCOMMANDS.append(_add_train)
-
-
-def _config_overrides(p) -> None:
-    """Let parser `p` collect --config.KEY=VALUE arguments into `args.overrides` (argparse cannot declare them)."""
-    p.set_defaults(overrides=[])
-    parse_known = p.parse_known_args
-
-    def parse_with_overrides(args=None, namespace=None):
-        namespace, rest = parse_known(args, namespace)
-        namespace.overrides = list(namespace.overrides) + [a for a in rest if a.startswith("--config.")]
-        return namespace, [a for a in rest if not a.startswith("--config.")]
-
-    p.parse_known_args = parse_with_overrides
 
 
 def _add_erase(sub) -> None:
