@@ -234,6 +234,32 @@ def test_erased_model_exports_to_diffusers(uce_run, tmp_path):
     assert (tmp_path / "diffusers" / "tokenizer").is_dir()
 
 
+def test_erase_on_a_diffusers_folder_writes_a_loadable_jaxdiff_model(uce_run, tmp_path):
+    """A model without a probe: the edit, the model folder and the grid, no figures."""
+    from jaxdiff.sampling.pipeline import load_pipeline
+
+    out, _ = uce_run
+    assert cli.main(["export", str(out / "model"), str(tmp_path / "src")]) == 0
+    argv = [
+        "erase",
+        "--config",
+        "configs/erase/uce.py",
+        "--config.concept=circle",
+        "--config.eval.num_images=2",
+        "--config.eval.steps=2",
+        "--model",
+        str(tmp_path / "src"),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "erasure" not in report and "No probe" in (tmp_path / "out" / "report.md").read_text()
+    pipe = load_pipeline(tmp_path / "out" / "model")  # a jaxdiff checkpoint with the source's tokenizer/scheduler
+    assert pipe(["circle"], steps=2, guidance=1.0).shape == (1, 32, 32, 3)
+
+
 def test_erase_refuses_an_output_folder_of_another_config(uce_run, capsys):
     out, argv = uce_run
     other = [a if not a.startswith("--config.preserve") else "--config.preserve=triangle" for a in argv]

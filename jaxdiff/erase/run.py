@@ -279,6 +279,10 @@ def markdown(report: dict) -> str:
         lines.append(f"| RECE regenerating embedding | {_pct(r['regenerating_embedding']['success'])} | closed form |")
         s = r["soft_prompt"]
         lines.append(f"| soft prompt ({s['tokens']} tokens) | {_pct(s['success'])} | {s['steps']} Adam steps |")
+    if "erasure" not in report:
+        lines += ["No probe judges this model (the figures exist for the built-in `shapes` model): see the grid."]
     lines += ["", "Samples: before_after.png. Prompts (first of each set):", ""]
-    lines += [f"- {name}: " + "; ".join(f"`{p}`" for p in prompts) for name, prompts in report["prompts"].items()]
+    lines += [
+        f"- {name}: " + "; ".join(f"`{p}`" for p in prompts) for name, prompts in report["prompts"].items() if prompts
+    ]
     return "\n".join(lines) + "\n"
