@@ -310,10 +310,16 @@ def save_checkpoint(dst, models: Model | Mapping[str, Model], *, overwrite: bool
     """Write in-memory models (their current params) as a jaxdiff checkpoint."""
     models = {".": models} if isinstance(models, Model) else dict(models)
     with atomic_directory(dst, overwrite) as tmp:
-        for name, model in models.items():
-            _write_jaxdiff_component(tmp / name, model, jax.device_get(model.params))
-        classes = {name: m.architecture.name for name, m in models.items()}
-        _write_json(tmp / JAXDIFF_INDEX, {"format": "jaxdiff", "version": FORMAT_VERSION, "components": classes})
+        _write_models(tmp, models)
+
+
+def _write_models(folder: Path, models: Mapping[str, Model], config_sources: Mapping[str, Path] | None = None) -> None:
+    """Each model's config and current params as a jaxdiff component, then the checkpoint index."""
+    for name, model in models.items():
+        source = (config_sources or {}).get(name)
+        _write_jaxdiff_component(folder / name, model, jax.device_get(model.params), source)
+    classes = {name: m.architecture.name for name, m in models.items()}
+    _write_json(folder / JAXDIFF_INDEX, {"format": "jaxdiff", "version": FORMAT_VERSION, "components": classes})
 
 
 def save_pipeline(src, dst, models: Mapping[str, Model], *, overwrite: bool = False) -> None:
@@ -330,13 +336,8 @@ def save_pipeline(src, dst, models: Mapping[str, Model], *, overwrite: bool = Fa
                     shutil.copytree(entry, tmp / entry.name)
             elif entry.suffix in (".json", ".txt", ".md"):
                 shutil.copyfile(entry, tmp / entry.name)
-        for name, model in models.items():
-            source = src / name / CONFIG
-            _write_jaxdiff_component(
-                tmp / name, model, jax.device_get(model.params), source if source.is_file() else None
-            )
-        classes = {name: m.architecture.name for name, m in models.items()}
-        _write_json(tmp / JAXDIFF_INDEX, {"format": "jaxdiff", "version": FORMAT_VERSION, "components": classes})
+        sources = {name: src / name / CONFIG for name in models if (src / name / CONFIG).is_file()}
+        _write_models(tmp, models, sources)
 
 
 def export(src, dst, *, overwrite: bool = False, progress: bool | None = False) -> dict:

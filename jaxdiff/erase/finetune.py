@@ -177,28 +177,41 @@ def run(
         compile_s = time.perf_counter() - t0
         writer.message(f"step {start}: compiled the erasure step in {compile_s:.1f} s" + (", resumed" if start else ""))
         writer.reset_timer(start)
-        last, skipped = {}, 0
-        for i in range(start, steps):
-            state, metrics = compiled(state, place(batch_fn(i)), frozen)
+        tally = {"last": {}, "skipped": 0}
+        pending = []  # (step, metrics on device): read one step late so the host never stalls the device
+
+        def flush():
+            if not pending:
+                return
+            done, metrics = pending.pop()
             metrics = jax.device_get(metrics)
             if "finite" in metrics:
-                report = step_lib.nonfinite_report(metrics, leaf_names or {}, i + 1)
+                report = step_lib.nonfinite_report(metrics, leaf_names or {}, done)
                 if report is not None:
                     if nonfinite == "stop":
                         raise step_lib.NonFiniteError(f"{report}; last checkpoint: {checkpointer.latest_step()}")
-                    skipped += 1
+                    tally["skipped"] += 1
                     writer.message(f"skipped update: {report}")
             last = {k: float(v) for k, v in metrics.items() if k != "finite" and getattr(v, "ndim", 1) == 0}
+            tally["last"] = last
             writer.advance(1, loss=last.get("loss", next(iter(last.values()), 0.0)))
-            if (i + 1) % max(log_every, 1) == 0 or i + 1 == steps:
-                writer.write(i + 1, last)
+            if done % max(log_every, 1) == 0 or done == steps:
+                writer.write(done, last)
+
+        for i in range(start, steps):
+            state, metrics = compiled(state, place(batch_fn(i)), frozen)
+            flush()  # the previous step's metrics, while this one runs
+            pending.append((i + 1, metrics))
             preempted = checkpointer.preempted(i + 1)
             if (checkpoint_every and (i + 1) % checkpoint_every == 0) or i + 1 == steps or preempted:
+                flush()  # never checkpoint a step whose non-finite report has not been read
                 checkpointer.save(i + 1, state, {"step": i + 1}, {"step": i + 1})
             if preempted:
                 checkpointer.wait()
                 writer.message(f"preempted (SIGTERM) at step {i + 1}: checkpoint saved; rerun to resume")
                 raise KeyboardInterrupt("preempted")
+        flush()
+        last, skipped = tally["last"], tally["skipped"]
         return state, {"steps": steps, "resumed_from": start, "compile_s": compile_s, "last": last, "skipped": skipped}
     finally:
         checkpointer.close()

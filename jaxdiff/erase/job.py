@@ -125,14 +125,16 @@ class Job:
         unet_params=None,
         params_for_prompt=None,
         guidance: float | None = None,
+        contexts=None,
     ) -> np.ndarray:
-        """Samples for `prompts` from the given starting noise; per-prompt params (SPM) run one prompt at a time."""
+        """Samples for `prompts` (or text `contexts` [N, L, D], e.g. an attack's) from the given starting noise;
+        per-prompt params (SPM) run one prompt at a time."""
         e = self.config.eval
         guidance = self.guidance if guidance is None else guidance
         kw = dict(steps=int(e.steps), guidance=guidance, scheduler=e.scheduler or None)
         if params_for_prompt is None:
             params = {**self.pipe.params, "unet": self.original if unet_params is None else unet_params}
-            return self.pipe(prompts, latents=latents, params=params, **kw)
+            return self.pipe(prompts, latents=latents, params=params, prompt_embeds=contexts, **kw)
         out = []
         for i, p in enumerate(prompts):
             params = {**self.pipe.params, "unet": params_for_prompt(p)}

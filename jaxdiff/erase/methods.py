@@ -134,6 +134,16 @@ def _finetune(job: Job, loss, trainable, frozen, batch_fn, tx=None) -> tuple[Any
     return state.params, info
 
 
+def _finetune_selected(job: Job, loss, batch_fn, base=None, frozen=None, tx=None) -> tuple[Any, dict]:
+    """Fine-tune the leaves of `base` (default: the original UNet) that `config.train.selector` picks; returns the
+    full edited params. `frozen` defaults to {"base": the original UNet}."""
+    base = job.original if base is None else base
+    trainable, _ = common.split(base, job.config.train.selector)
+    frozen = {"base": job.original} if frozen is None else frozen
+    trained, info = _finetune(job, loss, trainable, frozen, batch_fn, tx)
+    return common.combine(trained, base), info
+
+
 def _esd(job: Job) -> Result:
     from jaxdiff.erase import esd
 
@@ -152,17 +162,17 @@ def _esd(job: Job) -> Result:
     null = job.context([""])
     source = job.context([o.erase_from]) if o.erase_from else None
     b = int(t.batch_size)
+    nulls = jnp.repeat(null, b, axis=0)
+    sources = None if source is None else jnp.repeat(source, b, axis=0)
 
     def batch_fn(i):
         idx = _pick(i, cond.shape[0], b, job.config.seed)  # ESD's word sampling: one prompt per example
-        batch = {"cond": cond[idx], "uncond": jnp.repeat(null, b, axis=0)}
-        if source is not None:
-            batch["from"] = jnp.repeat(source, b, axis=0)
+        batch = {"cond": cond[idx], "uncond": nulls}
+        if sources is not None:
+            batch["from"] = sources
         return batch
 
-    trainable, _ = common.split(job.original, t.selector)
-    trained, info = _finetune(job, loss, trainable, {"base": job.original}, batch_fn)
-    return Result(common.combine(trained, job.original), info)
+    return Result(*_finetune_selected(job, loss, batch_fn))
 
 
 def _all_but_one(job: Job) -> Result:
@@ -181,14 +191,13 @@ def _all_but_one(job: Job) -> Result:
     )
     cond, alt, null = job.context(job.concept_prompts), job.context(job.anchor_prompts), job.context([""])
     b = int(t.batch_size)
+    nulls = jnp.repeat(null, b, axis=0)
 
     def batch_fn(i):
         idx = _pick(i, cond.shape[0], b, job.config.seed)
-        return {"cond": cond[idx], "alt": alt[idx], "uncond": jnp.repeat(null, b, axis=0)}
+        return {"cond": cond[idx], "alt": alt[idx], "uncond": nulls}
 
-    trainable, _ = common.split(job.original, t.selector)
-    trained, info = _finetune(job, loss, trainable, {"base": job.original}, batch_fn)
-    return Result(common.combine(trained, job.original), info)
+    return Result(*_finetune_selected(job, loss, batch_fn))
 
 
 def _spm(job: Job) -> Result:
@@ -210,8 +219,8 @@ def _spm(job: Job) -> Result:
     )
     target = job.context(job.concept_prompts)
     surrogate = job.context(job.anchor_prompts)
-    null = job.context([""])
     b = int(t.batch_size)
+    nulls = jnp.repeat(job.context([""]), b, axis=0)
 
     def batch_fn(i):
         idx = _pick(i, target.shape[0], b, job.config.seed)
@@ -219,7 +228,7 @@ def _spm(job: Job) -> Result:
             "target": target[idx],
             "positive": target[idx],
             "surrogate": surrogate[idx],
-            "uncond": jnp.repeat(null, b, axis=0),
+            "uncond": nulls,
         }
 
     adapters = spm.init_adapters(job.original, jax.random.PRNGKey(job.config.seed), rank=int(o.rank))
@@ -285,9 +294,8 @@ def _ablation(job: Job) -> Result:
             batch.update(prior_latents=z[jdx], prior=anchor[jdx])
         return batch
 
-    trainable, _ = common.split(job.original, t.selector)
-    trained, info = _finetune(job, loss, trainable, {"base": job.original}, batch_fn)
-    return Result(common.combine(trained, job.original), {**info, "learning_rate": float(t.learning_rate)})
+    params, info = _finetune_selected(job, loss, batch_fn)
+    return Result(params, {**info, "learning_rate": float(t.learning_rate)})
 
 
 def _doco(job: Job) -> Result:
@@ -387,6 +395,7 @@ def _trce(job: Job) -> Result:
         job.config.unlock()
         job.config.train.steps = steps
     per = int(o.uncond_per_step)
+    nulls_u = jnp.repeat(null, per, axis=0)
     n_steps_traj = after.shape[0]
 
     def batch_fn(i):
@@ -402,16 +411,15 @@ def _trce(job: Job) -> Result:
             "uncond": null,
             "x_u": after_u[ku, ju],
             "t_u": ts[ku].astype(jnp.float32),
-            "uncond_u": jnp.repeat(null, per, axis=0),
+            "uncond_u": nulls_u,
         }
 
     loss = trce.make_stage2_loss(
         job.model, guidance=o.guidance, beta=o.beta, margin=o.margin, reg_weight=o.reg_weight, reg_const=o.reg_const
     )
     tx = trce.stage2_optimizer(float(t.learning_rate), float(t.weight_decay), o.quirk_never_zero_grads)
-    trainable, _ = common.split(stage1, t.selector)
-    trained, info = _finetune(job, loss, trainable, {"base": job.original, "reg": stage1}, batch_fn, tx)
-    return Result(common.combine(trained, stage1), {"stage1": info1, **info})
+    params, info = _finetune_selected(job, loss, batch_fn, stage1, {"base": job.original, "reg": stage1}, tx)
+    return Result(params, {"stage1": info1, **info})
 
 
 def _trajectory(job: Job, sched, plan, x_T, cond, null, guidance):

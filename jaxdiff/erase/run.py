@@ -101,7 +101,7 @@ def _attacks(job: Job, result: Result, concept: ev.Concept, probe) -> dict:
     out = {}
     t0 = time.perf_counter()
     adv = attacks.regenerating_embedding_attack(edited, job.original, job.context(prompts), reg=float(e.attack_reg))
-    images = _images_from_context(job, adv, latents, edited)
+    images = job.images(None, latents, edited, contexts=adv)
     out["regenerating_embedding"] = {
         "success": ev.attack_success(probe, concept, images),
         "n": n,
@@ -120,7 +120,7 @@ def _attacks(job: Job, result: Result, concept: ev.Concept, probe) -> dict:
         learning_rate=float(e.attack_lr),
         seed=int(e.seed),
     )
-    images = _images_from_context(job, contexts, latents, edited)
+    images = job.images(None, latents, edited, contexts=contexts)
     out["soft_prompt"] = {
         "success": ev.attack_success(probe, concept, images),
         "n": n,
@@ -132,20 +132,6 @@ def _attacks(job: Job, result: Result, concept: ev.Concept, probe) -> dict:
     }
     out["_images"] = images
     return out
-
-
-def _images_from_context(job: Job, contexts, latents, unet_params) -> np.ndarray:
-    e = job.config.eval
-    params = {**job.pipe.params, "unet": unet_params}
-    return job.pipe(
-        None,
-        prompt_embeds=contexts,
-        latents=latents,
-        params=params,
-        steps=int(e.steps),
-        guidance=job.guidance,
-        scheduler=e.scheduler or None,
-    )
 
 
 def erase(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: bool = True, overwrite: bool = False) -> dict:
