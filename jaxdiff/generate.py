@@ -54,6 +54,7 @@ def enable_compilation_cache() -> None:
 def run(args) -> int:
     import jax.numpy as jnp
 
+    from jaxdiff.fileio import atomic_write_text
     from jaxdiff.images import make_grid, save_png
     from jaxdiff.sampling import pipeline as pipeline_lib
 
@@ -131,8 +132,6 @@ def run(args) -> int:
         "seconds": round(seconds, 3),
         "images": records,
     }
-    tmp = out / f".generate.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / "generate.json")
+    atomic_write_text(out / "generate.json", json.dumps(record, indent=2) + "\n")
     print(f"wrote {len(ordered)} images, grid.png and generate.json to {out}/ ({seconds:.1f} s)")
     return 0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
+
+from jaxdiff import fileio
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -18,20 +18,11 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Write a PNG atomically (temp file in the same folder, then rename)."""
+    """Write a PNG atomically and durably (temp file in the same folder, fsync, rename)."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(to_uint8(image)).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with fileio.atomic_file(path, "wb") as f:
+        Image.fromarray(to_uint8(image)).save(f, format="PNG")
 
 
 def make_grid(images, columns: int | None = None, min_cell: int = 128, pad: int = 2) -> np.ndarray:

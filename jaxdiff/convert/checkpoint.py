@@ -18,6 +18,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm.auto import tqdm
 
+from jaxdiff import fileio
 from jaxdiff.convert.safetensors_io import SafetensorsFile, dtype_tag, load_safetensors, write_safetensors
 from jaxdiff.convert.table import CheckpointMismatchError
 from jaxdiff.convert.torch_io import TORCH_SUFFIXES, load_torch_state_dict
@@ -56,7 +57,7 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def _write_json(path: Path, value: Mapping) -> None:
-    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")  # inside a tmp folder
 
 
 def architecture_of(config: dict, where: str | os.PathLike):
@@ -82,7 +83,8 @@ def folder_kind(path: str | os.PathLike) -> str:
 
 @contextlib.contextmanager
 def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield `DST.tmp-<pid>` to write into; on success it replaces DST, on failure it is removed."""
+    """Yield `DST.tmp-<pid>` to write into; on success it replaces DST (fsync'd, DST never missing), on failure it
+    is removed."""
     dst = Path(dst)
     if dst.exists() and not overwrite and (dst.is_file() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists and is not empty (use --overwrite / overwrite=True to replace it)")
@@ -91,13 +93,7 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        if dst.exists():
-            old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, dst)
+        fileio.replace_directory(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

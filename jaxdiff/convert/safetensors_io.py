@@ -6,11 +6,12 @@ import json
 import mmap
 import os
 import struct
-import tempfile
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from jaxdiff import fileio
 
 # safetensors dtype tag <-> numpy dtype (all little-endian, as the format prescribes).
 DTYPES: dict[str, np.dtype] = {
@@ -141,7 +142,7 @@ def load_safetensors(path: str | os.PathLike, copy: bool = False) -> dict[str, n
 def write_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Write `tensors` atomically (a temporary file in the same folder, then os.replace)."""
+    """Write `tensors` atomically and durably (`fileio.atomic_file`: a temporary file, fsync, rename)."""
     path = os.fspath(path)
     prepared = []
     for key, value in tensors.items():
@@ -162,17 +163,8 @@ def write_safetensors(
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # pad so the data section starts 8-byte aligned, as the reference writer does
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for array in arrays:
-                f.write(array.reshape(-1).view(np.uint8).data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with fileio.atomic_file(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for array in arrays:
+            f.write(array.reshape(-1).view(np.uint8).data)
