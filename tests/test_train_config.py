@@ -113,5 +113,5 @@ def test_sd15_config_validates_and_builds_abstractly_on_8_devices():
         pytest.skip("needs 8 devices")
     s = loop.setup(config)  # shapes only: nothing allocated, nothing compiled
     assert s.mesh.shape["fsdp"] == 8 and s.model.num_params() > 850_000_000
-    kernel = s.state_shardings.params["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]
+    kernel = s.state_shardings.params["unet"]["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]
     assert kernel.spec[-1] == "fsdp"

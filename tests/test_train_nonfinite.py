@@ -62,16 +62,18 @@ def test_an_infinite_gradient_with_a_finite_loss_names_the_param():
     def loss_fn(p, frozen, batch, rng):  # d/dw sqrt|w| is infinite at w = 0
         return jnp.sum(jnp.sqrt(jnp.abs(p["encoder"]["w"]))) + jnp.sum(p["head"]["w"] ** 2) + 0 * batch["x"].sum(), {}
 
-    phases = [step_lib.Phase("model", loss_fn, optax.sgd(0.1))]
+    networks = {"model": step_lib.Network("model", optax.sgd(0.1))}
+    phases = [step_lib.Phase("model", "model", lambda p, *a: loss_fn(p["model"], *a))]
     masks = {"model": jax.tree_util.tree_map(lambda _: True, params)}
     from jaxdiff.train import state as state_lib
 
-    state = state_lib.create(params, {"model": phases[0].tx}, masks, seed=0, ema=False)
-    new, metrics = jax.jit(step_lib.build(phases, masks))(state, {"x": jnp.ones(2)})
-    report = step_lib.nonfinite_report(jax.device_get(metrics), step_lib.leaf_names(params, masks), 1)
+    state = state_lib.create({"model": params}, {"model": networks["model"].tx}, masks, seed=0)
+    new, metrics = jax.jit(step_lib.build(networks, phases, masks))(state, {"x": jnp.ones(2)})
+    names = step_lib.leaf_names({"model": params}, masks, phases)
+    report = step_lib.nonfinite_report(jax.device_get(metrics), names, 1)
     assert report == "step 1: non-finite gradient in 1 of 3 param tensors: encoder/w"
     assert not bool(metrics["ok"])
-    assert tw.bitwise_equal(new.params, params) and int(new.step) == 1
+    assert tw.bitwise_equal(new.params["model"], params) and int(new.step) == 1
 
 
 def test_checkpointer_refuses_a_non_finite_state(tmp_path):

@@ -61,9 +61,9 @@ def test_fsdp_state_takes_an_eighth_of_the_bytes_per_device(runs):
     per_device = sharding.bytes_per_device(held)
     assert len(per_device) == 8
     assert max(per_device.values()) <= 1.3 * total / 8, (max(per_device.values()), total / 8)
-    kernel = state.params["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]
+    kernel = state.params["unet"]["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]
     assert kernel.sharding.spec[-1] == "fsdp"
-    mu = state.opt_state["model"][0].mu["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]
+    mu = state.opt_state["unet"][0].mu["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]
     assert mu.sharding == kernel.sharding
 
 
@@ -77,6 +77,6 @@ def test_checkpoint_restores_onto_a_different_mesh_shape(runs, mesh):
     assert tw.bitwise_equal(jax.tree_util.tree_map(np.asarray, state), saved)
     assert {d for leaf in jax.tree_util.tree_leaves(state) for d in leaf.sharding.device_set} == set(devices)
     if mesh.get("fsdp", 1) > 1:
-        kernel = state.params["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]
+        kernel = state.params["unet"]["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]
         assert kernel.sharding.mesh.shape["fsdp"] == mesh["fsdp"] and kernel.sharding.spec[-1] == "fsdp"
     assert data["position"] == 3 and meta["step"] == 3

@@ -140,7 +140,7 @@ def _restore_main(workdir: str, out: str, *overrides: str) -> None:
 
     distributed.initialize_distributed_from_env()
     state, data, meta = loop.restore(tiny_config(*overrides), workdir)
-    kernel = state.params["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]
+    kernel = state.params["unet"]["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]
     assert len(kernel.sharding.device_set) == jax.device_count() > len(jax.local_devices())
     gathered = multihost_utils.process_allgather(state.params, tiled=True)
     if jax.process_index() == 0:

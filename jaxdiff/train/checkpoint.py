@@ -46,7 +46,11 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        # cleanup_tmp_directories: a writer killed mid-save leaves a `<step>.orbax-checkpoint-tmp-*` folder, never
+        # committed; it is ignored by restore and removed here.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
+        )
         # Replica-parallel saving slices every replicated array per replica with small jitted programs (one
         # compile per shape: seconds on CPU for a UNet); keep orbax's choice on accelerators, turn it off on CPU.
         array_handler = ocp.type_handlers.ArrayHandler(

@@ -21,7 +21,7 @@ CHOICES = {
     "objective.prediction_type": ("epsilon", "v_prediction"),
     "objective.beta_schedule": ("scaled_linear", "linear"),
     "optimizer.name": ("adamw", "adam", "sgd"),
-    "optimizer.schedule": ("constant", "cosine", "linear"),
+    "optimizer.schedule": ("constant", "cosine", "cosine_with_restarts", "linear"),
     "train.remat": ("none", "loss", "blocks"),
     "train.nonfinite": ("skip", "stop"),
 }
@@ -36,6 +36,7 @@ def default_config() -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.seed = 0
     c.total_steps = 100
+    c.resume_if_changed = False  # resume a workdir whose saved config differs (the changed keys are printed)
 
     c.model = mlc.ConfigDict()
     c.model.name = "UNet2DConditionModel"
@@ -98,6 +99,7 @@ def default_config() -> mlc.ConfigDict:
     c.train.trainable = ""  # regex on "a/b/c" param paths; "" = every param
     c.train.accum_steps = 1  # micro-batches per step (gradient accumulation with lax.scan)
     c.train.ema_decay = 0.0  # 0 = no EMA params
+    c.train.ema_warmup = False  # decay min(ema_decay, (1 + step) / (10 + step)): early EMA follows the params
     c.train.remat = "none"  # "loss": jax.checkpoint on the loss (save matmuls); "blocks": per UNet block
     c.train.nonfinite = "stop"  # non-finite loss/grad: "skip" the update or "stop" the run
     c.train.max_skipped_steps = 0  # with "skip": stop after this many skipped steps in a row (0 = never)

@@ -119,6 +119,32 @@ def flops_of(compiled) -> float | None:
 # --------------------------------------------------------------------------------------------- writer
 
 
+def truncate_jsonl(workdir: str, step: int) -> None:
+    """Cut `workdir/metrics.jsonl` back to the rows of steps <= `step`, dropping a torn last row (a kill mid-write):
+    a resumed run then appends without duplicates. Atomic: the file is replaced, never rewritten in place."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.read().split("\n")
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # empty or torn
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            kept.append(line)
+    if len(kept) == len([x for x in lines if x]):
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("".join(x + "\n" for x in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     """JSONL (workdir/metrics.jsonl) + TensorBoard (workdir/tensorboard) + a tqdm bar; only process 0 writes.
 

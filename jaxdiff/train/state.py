@@ -1,4 +1,4 @@
-"""The train state pytree (step, params, optimiser states, EMA, rng, data position) and its mesh shardings."""
+"""The train state pytree (step, per-network params, optimiser states and EMA, rng, data position), its shardings."""
 
 from __future__ import annotations
 
@@ -61,58 +61,59 @@ def merge(a: Any, b: Any) -> Any:
     return jax.tree_util.tree_map(lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None)
 
 
-def union(*masks: Any) -> Any:
-    return jax.tree_util.tree_map(lambda *ms: any(ms), *masks)
-
-
 @flax.struct.dataclass
 class TrainState:
     """Everything a run needs to continue bit-for-bit: a pytree of arrays, saved whole in each checkpoint.
 
-    params: the models being trained (float32 master weights, frozen leaves included, as their optimisers need);
-    opt_state: one optimiser state per phase, e.g. {"model": ...} or {"generator": ..., "critic": ...};
-    ema: EMA of the trainable leaves (None elsewhere), or None when disabled;
-    rng: the run's base PRNG key (step s uses fold_in(rng, s)); data_position: global batches consumed.
+    params: {network: params} (float32 master weights, frozen leaves of a network included);
+    opt_state: {network: optax state of its trainable leaves}; ema: {network: EMA of its trainable leaves} for
+    the networks that keep one; rng: the run's base PRNG key (step s uses fold_in(rng, s));
+    data_position: global batches consumed.
     """
 
     step: jax.Array
-    params: Any
+    params: dict[str, Any]
     opt_state: dict[str, Any]
-    ema: Any
+    ema: dict[str, Any]
     rng: jax.Array
     data_position: jax.Array
 
-    def ema_params(self) -> Any:
-        """The full params with EMA values on the trainable leaves (the params themselves without EMA)."""
-        return self.params if self.ema is None else merge(self.ema, self.params)
+    def ema_params(self, network: str) -> Any:
+        """`network`'s params with EMA values on its trainable leaves (the params themselves without EMA)."""
+        ema = self.ema.get(network)
+        return self.params[network] if ema is None else merge(ema, self.params[network])
 
 
-def create(params: Any, txs: dict[str, optax.GradientTransformation], masks: dict[str, Any], *, seed: int, ema: bool):
-    """A fresh state: `txs[name]` is initialised on the leaves `masks[name]` selects."""
-    opt_state = {name: tx.init(partition(params, masks[name])[0]) for name, tx in txs.items()}
-    ema_tree = partition(params, union(*masks.values()))[0] if ema else None
-    if ema_tree is not None:
-        ema_tree = jax.tree_util.tree_map(jnp.copy, ema_tree)
+def create(
+    params: dict[str, Any],
+    txs: dict[str, optax.GradientTransformation],
+    masks: dict[str, Any],
+    *,
+    seed: int,
+    ema: tuple[str, ...] = (),
+) -> TrainState:
+    """A fresh state: `txs[net]` is initialised on the leaves of `params[net]` that `masks[net]` selects; the
+    networks named in `ema` start their EMA at their params."""
+    opt_state = {net: tx.init(partition(params[net], masks[net])[0]) for net, tx in txs.items()}
+    ema_trees = {net: jax.tree_util.tree_map(jnp.copy, partition(params[net], masks[net])[0]) for net in ema}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=opt_state,
-        ema=ema_tree,
+        ema=ema_trees,
         rng=jax.random.PRNGKey(seed),
         data_position=jnp.zeros((), jnp.int32),
     )
 
 
-def shardings(abstract_state: TrainState, logical_axes: Any, mesh: Mesh, rules) -> TrainState:
-    """NamedShardings for every leaf: params by their logical axes; optimiser and EMA leaves like the param whose
-    path ends theirs (same shape); everything else (counts, keys, step) replicated."""
-    param_sh = sharding_lib.param_shardings(abstract_state.params, logical_axes, mesh, rules)
+def _like_params(tree: Any, params: Any, param_shardings: Any, replicated: NamedSharding) -> Any:
+    """Shardings for an optimiser / EMA tree of one network: a leaf takes the sharding of the param whose path ends
+    its own and whose shape it has (Adam's mu and nu); anything else (counts, scalars) is replicated."""
     by_path = {}
     for (path, leaf), sh in zip(
-        jax.tree_util.tree_leaves_with_path(abstract_state.params), jax.tree_util.tree_leaves(param_sh)
+        jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(param_shardings)
     ):
         by_path[tuple(path_str([k]) for k in path)] = (tuple(leaf.shape), sh)
-    replicated = NamedSharding(mesh, PartitionSpec())
 
     def like_param(path, leaf):
         keys = tuple(path_str([k]) for k in path)
@@ -122,11 +123,32 @@ def shardings(abstract_state: TrainState, logical_axes: Any, mesh: Mesh, rules) 
                 return hit[1]
         return replicated
 
+    return jax.tree_util.tree_map_with_path(like_param, tree)
+
+
+def shardings(abstract_state: TrainState, logical_axes: dict[str, Any], mesh: Mesh, rules) -> TrainState:
+    """NamedShardings for every leaf: each network's params by its logical axes (replicated where a network has
+    none), its optimiser and EMA leaves like the params they follow; step, rng and position replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params_sh = {}
+    for net, params in abstract_state.params.items():
+        axes = (logical_axes or {}).get(net)
+        if axes is None:
+            params_sh[net] = jax.tree_util.tree_map(lambda _: replicated, params)
+        else:
+            params_sh[net] = sharding_lib.param_shardings(params, axes, mesh, rules)
+
+    def per_network(trees):
+        return {
+            net: _like_params(tree, abstract_state.params[net], params_sh[net], replicated)
+            for net, tree in trees.items()
+        }
+
     return TrainState(
         step=replicated,
-        params=param_sh,
-        opt_state=jax.tree_util.tree_map_with_path(like_param, abstract_state.opt_state),
-        ema=None if abstract_state.ema is None else jax.tree_util.tree_map_with_path(like_param, abstract_state.ema),
+        params=params_sh,
+        opt_state=per_network(abstract_state.opt_state),
+        ema=per_network(abstract_state.ema),
         rng=replicated,
         data_position=replicated,
     )

@@ -1,4 +1,5 @@
-"""One training step from (loss_fn, trainable leaves, optax chain) phases: accumulation, EMA, non-finite guard, jit."""
+"""One training step over named networks: phases in order (e.g. critic xk, then generator), each updating one
+network with its optimiser; accumulation, EMA, the non-finite guard and clipping; jit with shardings."""
 
 from __future__ import annotations
 
@@ -15,28 +16,44 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxdiff.train import state as state_lib
 from jaxdiff.train.state import TrainState
 
-# loss_fn(params, frozen, batch, rng) -> (loss [], aux {name: []}): `params` is the state's params (the
-# trainable leaves are differentiated, the rest held fixed), `frozen` the models that never train (VAE,
-# text encoder, teacher), `batch` a dict of [B, ...] arrays.
+# loss_fn(params, frozen, batch, rng) -> (loss [], aux): `params` is {network: params} (the phase's trainable
+# leaves are differentiated, everything else held fixed), `frozen` the models that never train (VAE, text encoder,
+# teacher) plus frozen["produced"][phase] = what an earlier phase of the same step returned in aux["produced"],
+# `batch` a dict of [B, ...] arrays. aux: {name: scalar} (logged) and optionally "produced": {name: array}.
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+# grad_fn(params, frozen, batch, rng) -> (grads shaped like params[network], loss [], aux): for update rules that
+# are not the gradient of one loss (DoCo's gradient surgery); leaves outside the network's mask are ignored.
+GradFn = Callable[[Any, Any, dict, jax.Array], tuple[Any, jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """A trained network: its optimiser, schedule (for logging), trainable leaves, clipping and EMA."""
+
+    name: str
+    tx: optax.GradientTransformation
+    learning_rate: Callable[[jax.Array], jax.Array] | None = None  # schedule(count), logged
+    trainable: state_lib.Selector = None  # which leaves of this network's params train (see state.mask)
+    clip_norm: float = 0.0  # > 0: scale the gradients to this global norm when above it
+    ema_decay: float = 0.0  # > 0: keep an EMA of the trainable leaves
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)) at update n (EMA warm-up)
 
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """One optimiser's update inside a step; several phases run in order (e.g. critic, then generator)."""
+    """One update of one network inside a step; phases run in order, each sees the params the earlier ones left."""
 
     name: str
-    loss_fn: LossFn
-    tx: optax.GradientTransformation
-    trainable: state_lib.Selector = None  # which leaves of params this phase trains (see state.mask)
-    learning_rate: Callable[[jax.Array], jax.Array] | None = None  # schedule(count), logged
-    clip_norm: float = 0.0  # > 0: scale the gradients to this global norm when above it
+    network: str
+    loss_fn: LossFn | None = None
+    grad_fn: GradFn | None = None  # instead of loss_fn
+    repeat: int = 1  # updates of this phase per step (e.g. a fake score k times per generator update)
+    active: Callable[[jax.Array], jax.Array] | None = None  # step -> bool: apply the update only then (warm-ups)
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
     accum_steps: int = 1  # micro-batches per step, accumulated with lax.scan
-    ema_decay: float = 0.0
     remat: str = "none"  # "loss": jax.checkpoint around the loss saving only matmul outputs
     batch_sharding: NamedSharding | None = None  # to keep each micro-batch spread over the data axes
 
@@ -68,89 +85,137 @@ def _where(ok, new, old):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
-def build(phases: list[Phase], masks: dict[str, Any], options: Options = Options()) -> Callable:
-    """step(state, batch, frozen) -> (state, metrics). Not jitted (see `jit`).
-
-    metrics: "loss"/"loss_<phase>", "grad_norm[_<phase>]" (before clipping), "learning_rate[_<phase>]", each aux
-    value, "ok" (the update was applied), and "finite/<phase>" = [loss finite, then one flag per trainable leaf]
-    so that the host can name what went non-finite (`nonfinite_report`).
-    """
+def _check(networks: dict[str, Network], phases: list[Phase], masks: dict[str, Any], options: Options) -> None:
     names = [p.name for p in phases]
     if len(set(names)) != len(names):
         raise ValueError(f"phase names must differ: {names}")
-    ema_mask = state_lib.union(*(masks[p.name] for p in phases))
-    n = int(options.accum_steps)
+    for p in phases:
+        if p.network not in networks:
+            raise ValueError(f"phase {p.name!r} updates network {p.network!r}, not one of {sorted(networks)}")
+        if (p.loss_fn is None) == (p.grad_fn is None):
+            raise ValueError(f"phase {p.name!r} needs exactly one of loss_fn and grad_fn")
+        if p.grad_fn is not None and options.accum_steps > 1:
+            raise ValueError(f"phase {p.name!r}: a grad_fn phase does not support accum_steps > 1")
+    missing = [n for n in networks if n not in masks]
+    if missing:
+        raise ValueError(f"no trainable mask for network(s) {missing}")
 
-    def phase_update(phase, index, params, opt_state, batch, frozen, rng):
-        train, fixed = state_lib.partition(params, masks[phase.name])
+
+def build(
+    networks: dict[str, Network], phases: list[Phase], masks: dict[str, Any], options: Options = Options()
+) -> Callable:
+    """step(state, batch, frozen) -> (state, metrics). Not jitted (see `jit`).
+
+    metrics: "loss"/"loss_<phase>", "grad_norm[_<phase>]" (before clipping), "learning_rate[_<network>]", each aux
+    scalar, "ok" (every update was applied), and "finite/<phase>" = [loss finite, then one flag per trainable leaf]
+    so that the host can name what went non-finite (`nonfinite_report`). One phase: no suffixes.
+    """
+    _check(networks, phases, masks, options)
+    n = int(options.accum_steps)
+    single = len(phases) == 1
+
+    def gradients(phase, params, frozen, batch, rng):
+        net = phase.network
+        train, fixed = state_lib.partition(params[net], masks[net])
+        if phase.grad_fn is not None:
+            grads, loss, aux = phase.grad_fn(params, frozen, batch, rng)
+            grads = state_lib.partition(grads, masks[net])[0]
+            return train, fixed, grads, jnp.asarray(loss, jnp.float32), aux
 
         def loss_of(trainable, mb, r):
-            loss, aux = phase.loss_fn(state_lib.merge(trainable, fixed), frozen, mb, r)
-            return loss.astype(jnp.float32), {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
+            loss, aux = phase.loss_fn({**params, net: state_lib.merge(trainable, fixed)}, frozen, mb, r)
+            produced = aux.pop("produced", {})
+            aux = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
+            return loss.astype(jnp.float32), (aux, produced)
 
         grad_fn = jax.value_and_grad(_remat(loss_of, options.remat), has_aux=True)
-        rng = jax.random.fold_in(rng, index)
         if n == 1:
-            (loss, aux), grads = grad_fn(train, batch, rng)
-        else:
-            micro = _micro_batches(batch, n, options.batch_sharding)
+            (loss, (aux, produced)), grads = grad_fn(train, batch, rng)
+            return train, fixed, grads, loss, {**aux, "produced": produced}
+        micro = _micro_batches(batch, n, options.batch_sharding)
 
-            def body(carry, xs):
-                mb, i = xs
-                (loss_i, aux_i), g = grad_fn(train, mb, jax.random.fold_in(rng, i))
-                acc_g, acc_l, acc_a = carry
-                add = lambda x, y: x + y
-                new = (jax.tree_util.tree_map(add, acc_g, g), acc_l + loss_i, jax.tree_util.tree_map(add, acc_a, aux_i))
-                return new, None
+        def body(carry, xs):
+            mb, i = xs
+            (loss_i, (aux_i, _)), g = grad_fn(train, mb, jax.random.fold_in(rng, i))
+            acc_g, acc_l, acc_a = carry
+            add = lambda x, y: x + y
+            return (
+                jax.tree_util.tree_map(add, acc_g, g),
+                acc_l + loss_i,
+                jax.tree_util.tree_map(add, acc_a, aux_i),
+            ), None
 
-            zeros_g = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), train)
-            _, aux_shape = jax.eval_shape(loss_of, train, jax.tree_util.tree_map(lambda x: x[0], micro), rng)
-            zeros_a = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
-            (grads, loss, aux), _ = jax.lax.scan(
-                body, (zeros_g, jnp.zeros((), jnp.float32), zeros_a), (micro, jnp.arange(n))
-            )
-            grads = jax.tree_util.tree_map(lambda g, p: (g / n).astype(p.dtype), grads, train)
-            loss, aux = loss / n, jax.tree_util.tree_map(lambda a: a / n, aux)
+        zeros_g = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), train)
+        _, (aux_shape, _) = jax.eval_shape(loss_of, train, jax.tree_util.tree_map(lambda x: x[0], micro), rng)
+        zeros_a = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+        (grads, loss, aux), _ = jax.lax.scan(
+            body, (zeros_g, jnp.zeros((), jnp.float32), zeros_a), (micro, jnp.arange(n))
+        )
+        grads = jax.tree_util.tree_map(lambda g, p: (g / n).astype(p.dtype), grads, train)
+        return train, fixed, grads, loss / n, jax.tree_util.tree_map(lambda a: a / n, aux)
 
+    def phase_update(phase, rng, step, params, opt_state, frozen, batch):
+        network = networks[phase.network]
+        train, fixed, grads, loss, aux = gradients(phase, params, frozen, batch, rng)
+        produced = aux.pop("produced", {})
         # One pass over the gradients gives each leaf's sum of squares: finite iff the leaf is (barring overflow
         # of a sum above 3e38), and together the global norm for clipping and logging.
         squares = [jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(grads)]
         finite = jnp.isfinite(jnp.stack([loss] + squares))
         ok = jnp.all(finite)
         grad_norm = jnp.sqrt(sum(squares)) if squares else jnp.zeros((), jnp.float32)
-        if phase.clip_norm > 0:
-            scale = jnp.minimum(1.0, phase.clip_norm / jnp.maximum(grad_norm, 1e-30))
+        if network.clip_norm > 0:
+            scale = jnp.minimum(1.0, network.clip_norm / jnp.maximum(grad_norm, 1e-30))
             grads = jax.tree_util.tree_map(lambda g: (g * scale).astype(g.dtype), grads)
 
         def apply(_):
-            updates, new_opt = phase.tx.update(grads, opt_state, train)
+            updates, new_opt = network.tx.update(grads, opt_state, train)
             return optax.apply_updates(train, updates), new_opt
 
         # A skipped update leaves params and optimiser state untouched. lax.cond runs only the taken branch, in
         # place on the donated buffers; a jnp.where over every parameter and moment made the SD1.5 step ~2x slower.
-        new_train, new_opt = jax.lax.cond(ok, apply, lambda _: (train, opt_state), None)
-        suffix = "" if len(phases) == 1 else f"_{phase.name}"
+        take = ok if phase.active is None else ok & phase.active(step)
+        new_train, new_opt = jax.lax.cond(take, apply, lambda _: (train, opt_state), None)
+        suffix = "" if single else f"_{phase.name}"
         metrics = {f"loss{suffix}": loss, f"grad_norm{suffix}": grad_norm}
-        if phase.learning_rate is not None:
-            metrics[f"learning_rate{suffix}"] = jnp.asarray(phase.learning_rate(_count(opt_state)), jnp.float32)
-        metrics.update({f"{k}{suffix}": v for k, v in aux.items()})
-        return state_lib.merge(new_train, fixed), new_opt, ok, finite, metrics
+        metrics.update({f"{k}{suffix}": jnp.asarray(v, jnp.float32) for k, v in aux.items()})
+        return state_lib.merge(new_train, fixed), new_opt, ok, finite, metrics, produced
 
     def step(state: TrainState, batch: dict, frozen: Any = None):
         rng = jax.random.fold_in(state.rng, state.step)
-        params, opt_states, metrics, finite, all_ok = state.params, dict(state.opt_state), {}, {}, jnp.bool_(True)
+        params, opt_states = dict(state.params), dict(state.opt_state)
+        metrics, finite, produced = {}, {}, {}
+        ok_of = {net: jnp.bool_(True) for net in networks}
         for index, phase in enumerate(phases):
-            params, opt_states[phase.name], ok, finite[phase.name], m = phase_update(
-                phase, index, params, opt_states[phase.name], batch, frozen, rng
-            )
-            metrics.update(m)
+            net = phase.network
+            for r in range(phase.repeat):
+                phase_rng = jax.random.fold_in(rng, index)
+                if r:
+                    phase_rng = jax.random.fold_in(phase_rng, r)
+                inputs = frozen if not produced else {**(frozen or {}), "produced": dict(produced)}
+                params[net], opt_states[net], ok, fin, m, out = phase_update(
+                    phase, phase_rng, state.step, params, opt_states[net], inputs, batch
+                )
+                ok_of[net] = ok_of[net] & ok
+                finite[phase.name] = fin if r == 0 else finite[phase.name] & fin
+                metrics.update(m)
+            if out:
+                produced[phase.name] = out
+        for net, network in networks.items():
+            if network.learning_rate is not None:
+                key = "learning_rate" if len(networks) == 1 else f"learning_rate_{net}"
+                metrics[key] = jnp.asarray(network.learning_rate(_count(state.opt_state[net])), jnp.float32)
+        ema = dict(state.ema)
+        for net, old in state.ema.items():
+            d = jnp.float32(networks[net].ema_decay)
+            if networks[net].ema_warmup:
+                count = state.step.astype(jnp.float32)
+                d = jnp.minimum(d, (1.0 + count) / (10.0 + count))
+            current = state_lib.partition(params[net], masks[net])[0]
+            ema[net] = _where(ok_of[net], jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, old, current), old)
+        all_ok = jnp.bool_(True)
+        for ok in ok_of.values():
             all_ok = all_ok & ok
-        ema = state.ema
-        if ema is not None:
-            d = options.ema_decay
-            current = state_lib.partition(params, ema_mask)[0]
-            new_ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema, current)
-            ema = _where(all_ok, new_ema, ema)
         metrics["ok"] = all_ok
         metrics["finite"] = finite
         new_state = state.replace(
@@ -180,11 +245,16 @@ def jit(step: Callable, state_shardings: TrainState, batch_sharding: NamedShardi
     )
 
 
-def leaf_names(params: Any, masks: dict[str, Any]) -> dict[str, list[str]]:
-    """Per phase, the paths of its trainable leaves in the order of the "finite/<phase>" flags."""
+def leaf_names(params: dict[str, Any], masks: dict[str, Any], phases: list[Phase]) -> dict[str, list[str]]:
+    """Per phase, the paths of its network's trainable leaves in the order of the "finite/<phase>" flags."""
     return {
-        name: [state_lib.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(state_lib.partition(params, m)[0])]
-        for name, m in masks.items()
+        p.name: [
+            state_lib.path_str(path)
+            for path, _ in jax.tree_util.tree_leaves_with_path(
+                state_lib.partition(params[p.network], masks[p.network])[0]
+            )
+        ]
+        for p in phases
     }
 
 
