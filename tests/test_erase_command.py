@@ -1,6 +1,7 @@
 """`jaxdiff erase`: the command on the shapes model, its outputs, resumable fine-tuning, evaluation helpers, errors."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -199,6 +200,9 @@ def uce_run(tmp_path_factory):
         str(out),
         "--no-progress",
     ]
+    # A typo first: refused before anything is written, so the corrected command below is not refused.
+    assert cli.main([a if a != "--config.concept=circle" else "--config.concept=dog" for a in argv]) == 2
+    assert not out.exists()
     assert cli.main(argv) == 0
     return out, argv
 
@@ -267,18 +271,72 @@ def test_erase_refuses_an_output_folder_of_another_config(uce_run, capsys):
     assert "different config" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("--config.concept=dog", "not a shape or colour"),
-        ("--config.bogus=1", "unknown config key"),
-        ("--config.concept=", "concept is empty"),
-    ],
-)
-def test_erase_bad_config_is_one_line_error(tmp_path, capsys, override, message):
-    argv = ["erase", "--config", "configs/erase/uce.py", override, "--out", str(tmp_path / "x"), "--no-progress"]
-    assert cli.main(argv) == 2
-    assert message in capsys.readouterr().err
+BAD_CONFIGS = [
+    ("uce", "--config.concept=dog", "not a shape or colour"),
+    ("uce", "--config.bogus=1", "unknown config key"),
+    ("uce", "--config.concept=", "concept is empty"),
+    ("uce", "--config.concept=circle;dog --config.num_prompts=2", "'dog' is not a shape"),  # world captions of each
+    ("uce", "--config.preserve=square;dog --config.num_prompts=2", "'dog' is not a shape"),
+    ("uce", "--config.eval.scheduler=bogus", "config.eval.scheduler='bogus' is unknown"),
+    ("uce", "--config.method=bogus", "unknown erasure method"),
+    ("uce", "--config.model=/no/such/model", "no model at /no/such/model"),
+    ("ablation", "--config.anchor=", "ablation needs an anchor concept"),
+]
+
+
+@pytest.mark.parametrize("method, overrides, message", BAD_CONFIGS)
+def test_erase_bad_config_is_one_line_error_and_writes_nothing(tmp_path, capsys, method, overrides, message):
+    out = tmp_path / "x"
+    argv = ["erase", "--config", f"configs/erase/{method}.py:runlocal", *overrides.split(), "--out", str(out)]
+    assert cli.main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("jaxdiff: error: ") and err.count("\n") == 1, err
+    assert sorted(tmp_path.iterdir()) == []  # no OUT/config.json: the corrected rerun will not be refused
+
+    # With --overwrite, an existing OUT is left as it was (and no staging folder is made).
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    assert cli.main([*argv, "--overwrite", "--no-progress"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"] and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_erase_overwrite_replaces_the_old_output_only_once_the_new_one_is_complete(
+    uce_run, tmp_path, monkeypatch, capsys
+):
+    from jaxdiff.erase import run
+
+    old, argv = uce_run
+    out = tmp_path / "out"
+    shutil.copytree(old, out)
+    files = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    other = [a if not a.startswith("--config.preserve") else "--config.preserve=triangle" for a in argv]
+    other[other.index("--out") + 1] = str(out)
+
+    def killed(job, result):  # the process dies after the edit, before the new outputs are written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "_save_outputs", killed)
+    assert cli.main([*other, "--overwrite"]) == 130
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == files  # the old run is whole
+    staging = run.staging_folder(out)
+    assert json.loads((staging / "config.json").read_text())["preserve"] == "triangle"
+    assert cli.main(other) == 2 and "different config" in capsys.readouterr().err  # without --overwrite: refused
+
+    # Stands for the fine-tuning checkpoints of the killed run: the rerun must work in (resume from) the staging folder.
+    (staging / "train").mkdir()
+    (staging / "train" / "step_5").write_text("checkpoint")
+    monkeypatch.undo()
+    seen = []
+    method = run.METHODS["uce"]
+    monkeypatch.setitem(
+        run.METHODS, "uce", lambda job: seen.append((job.out, (job.out / "train").exists())) or method(job)
+    )
+    assert cli.main([*other, "--overwrite"]) == 0
+    assert seen == [(staging, True)]
+    assert json.loads((out / "report.json").read_text())["preserve"] == "triangle"
+    assert json.loads((out / "config.json").read_text())["preserve"] == "triangle"
+    assert (out / "train" / "step_5").read_text() == "checkpoint" and (out / "model" / "jaxdiff.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, tmp or old folder left
 
 
 def test_every_method_config_loads_and_names_a_known_method():

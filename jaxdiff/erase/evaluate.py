@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from jaxdiff.data import shapes as S
+from jaxdiff.errors import UserError
 from jaxdiff.metrics import frechet
 
 SETS = ("word", "synonyms", "heldout", "preserved")
@@ -48,14 +49,14 @@ class Concept:
 
 
 def resolve(word: str) -> Concept:
-    """The shapes concept named by `word` (any phrasing); ValueError naming the vocabulary otherwise."""
+    """The shapes concept named by `word` (any phrasing); a UserError naming the vocabulary otherwise."""
     key = " ".join(word.lower().split())
     for kind, names in KINDS.items():
         for name in names:
             if key in S.SYNONYMS[name]:
                 return Concept(key, name, kind)
     known = ", ".join(f"{n} ({'/'.join(S.SYNONYMS[n][1:]) or '-'})" for names in KINDS.values() for n in names)
-    raise ValueError(f"{word!r} is not a shape or colour of the shapes world; known: {known}")
+    raise UserError(f"{word!r} is not a shape or colour of the shapes world; known: {known}")
 
 
 def _fill(template: str, obj: S.ShapeObject, bg: str, phrase: dict[str, str]) -> str:

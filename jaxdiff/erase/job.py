@@ -19,6 +19,7 @@ import numpy as np
 from jaxdiff.erase import common
 from jaxdiff.erase import evaluate as ev
 from jaxdiff.erase.config import split_list
+from jaxdiff.errors import UserError
 
 
 def peak_rss_gb() -> float:
@@ -46,13 +47,19 @@ class Job:
         self.config, self.out, self.progress = config, out, progress
         self.concepts = split_list(config.concept)
         if not self.concepts:
-            raise ValueError("config.concept is empty: name the concept to erase, e.g. --config.concept=circle")
+            raise UserError("config.concept is empty: name the concept to erase, e.g. --config.concept=circle")
         self.preserve = split_list(config.preserve)
         self.anchor = config.anchor
         self.is_shapes = str(config.model) == "shapes" or Path(str(config.model)).resolve() == BUILTIN["shapes"]
+        # The shapes concepts this run resolves (the evaluated one; all of them when world captions are added),
+        # checked before the model loads so a typo costs nothing.
+        self.concept = ev.resolve(self.concepts[0]) if self.is_shapes else None
+        if self.is_shapes and int(config.num_prompts):
+            for word in self.concepts + self.preserve:
+                ev.resolve(word)
         self.pipe = load_pipeline(config.model)
         if self.pipe.is_sdxl:
-            raise ValueError("jaxdiff erase supports SD 1.x/2.x pipelines (one text encoder); this one is SDXL")
+            raise UserError("jaxdiff erase supports SD 1.x/2.x pipelines (one text encoder); this one is SDXL")
         self.model = self.pipe.unet
         self.original = self.pipe.unet.params
         c = self.model.config

@@ -10,6 +10,9 @@ Output folder:
   report.json, report.md   erasure / preservation figures from the shapes probe (built-in `shapes` model), the
                     edit's wall-clock time and peak memory, optionally attack success rates
   train/            fine-tuning methods: orbax checkpoints (a killed run resumes), metrics.jsonl, TensorBoard
+
+Everything the run needs (config values, the concept, the model) is checked before the first write. `overwrite`
+builds the new run in OUT.staging and swaps it in for OUT only once complete; a rerun after a kill resumes there.
 """
 
 from __future__ import annotations
@@ -25,36 +28,73 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
+from jaxdiff import fileio
 from jaxdiff.erase import evaluate as ev
 from jaxdiff.erase.config import split_list
 from jaxdiff.erase.job import Job, Result, peak_rss_gb, probe
 from jaxdiff.erase.methods import METHODS
+from jaxdiff.errors import UserError
 
 # ---------------------------------------------------------------------------------------------- the command
 
 GRID_SAMPLES = 6
+NEEDS_ANCHOR = ("ablation", "doco")  # the methods whose data are the anchor's images (methods._anchor_data)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _saved_config(folder: Path) -> dict | None:
+    """The config of the erase run in `folder`, None when it holds none (or an unreadable one)."""
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
-def _prepare_out(out: Path, config: mlc.ConfigDict, overwrite: bool) -> None:
-    """An empty or new folder, or the folder of an interrupted run of the same config (which then resumes)."""
-    saved = out / "config.json"
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not saved.is_file():
-            raise FileExistsError(f"{out} exists and is not an erase output folder (use --overwrite to replace it)")
-        elif json.loads(saved.read_text()) != json.loads(config.to_json_best_effort()):
-            raise FileExistsError(
-                f"{out} holds a run with a different config (see its config.json); use --overwrite or another --out"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    _write_text(saved, config.to_json_best_effort(indent=2) + "\n")
+def staging_folder(out: Path) -> Path:
+    """Where `--overwrite` builds the run that replaces OUT; it is swapped in once complete (a rerun resumes it)."""
+    out = Path(os.path.abspath(out))  # "." and ".." have no name to add to
+    return out.with_name(f"{out.name}.staging")
+
+
+def _work_folder(out: Path, config: mlc.ConfigDict, overwrite: bool) -> Path:
+    """Where this run writes, decided without writing anything: OUT when it is new, empty or holds an interrupted
+    run of the same config (which then resumes); with `overwrite`, OUT.staging, so OUT stays whole until the new
+    run is complete."""
+    mine = json.loads(config.to_json_best_effort())
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())) or _saved_config(out) == mine:
+        return out
+    if not overwrite:
+        what = "holds a run with a different config (see its config.json)"
+        if _saved_config(out) is None:
+            what = "exists and is not an erase output folder"
+        raise FileExistsError(
+            f"{out} {what}; use --overwrite (it is replaced once the new run is done) or another --out"
+        )
+    staging = staging_folder(out)
+    if staging.is_dir() and any(staging.iterdir()) and _saved_config(staging) is None:
+        raise FileExistsError(f"{staging} (where --overwrite builds the new {out}) holds something else; move it")
+    return staging
+
+
+def _start(work: Path, config: mlc.ConfigDict) -> None:
+    """Record the config in the work folder; a staging folder left by a replacement run of another config goes."""
+    text = config.to_json_best_effort(indent=2) + "\n"
+    if work.exists() and _saved_config(work) not in (None, json.loads(text)):
+        shutil.rmtree(work)  # only OUT.staging can get here: OUT itself is used only when new, empty or the same run
+    work.mkdir(parents=True, exist_ok=True)
+    fileio.atomic_write_text(work / "config.json", text)
+
+
+def _validate(config: mlc.ConfigDict) -> None:
+    """Config values the run would only trip over after the edit."""
+    from jaxdiff.sampling.schedulers import DIFFUSERS_CLASSES, SCHEDULERS
+
+    if config.method not in METHODS:
+        raise UserError(f"unknown erasure method {config.method!r}; choose from {', '.join(METHODS)}")
+    if config.method in NEEDS_ANCHOR and not str(config.anchor).strip():
+        raise UserError(f"{config.method} needs an anchor concept (--config.anchor=...), e.g. square for circle")
+    scheduler = config.eval.scheduler
+    if scheduler and scheduler not in SCHEDULERS and scheduler not in DIFFUSERS_CLASSES:
+        raise UserError(f"config.eval.scheduler={scheduler!r} is unknown; choose from {', '.join(SCHEDULERS)}")
 
 
 def _save_outputs(job: Job, result: Result) -> None:
@@ -138,14 +178,12 @@ def erase(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: bool = Tr
     """Run the configured method; write model/, before_after.png, report.json and report.md to `out`."""
     from jaxdiff.images import labeled_rows, save_png
 
-    if config.method not in METHODS:
-        raise ValueError(f"unknown erasure method {config.method!r}; choose from {', '.join(METHODS)}")
     out = Path(out)
-    _prepare_out(out, config, overwrite)
-    job = Job(config, out, progress)
-    concept = None
-    if job.is_shapes:
-        concept = ev.resolve(job.concepts[0])
+    _validate(config)
+    work = _work_folder(out, config, overwrite)
+    job = Job(config, work, progress)  # resolves the concept and loads the model: nothing is written before
+    concept = job.concept
+    _start(work, config)
     t0 = time.perf_counter()
     result = METHODS[config.method](job)
     jax.block_until_ready(result.unet_params)
@@ -189,9 +227,11 @@ def erase(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: bool = Tr
             rows.append(("soft-prompt\nattack", attack.pop("_images")[:GRID_SAMPLES]))
             report["robustness"] = attack
     report["prompts"] = {name: prompts[:4] for name, (prompts, _) in sets.items()}
-    save_png(out / "before_after.png", labeled_rows(rows))
-    _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    _write_text(out / "report.md", markdown(report))
+    save_png(work / "before_after.png", labeled_rows(rows))
+    fileio.atomic_write_text(work / "report.json", json.dumps(report, indent=2) + "\n")
+    fileio.atomic_write_text(work / "report.md", markdown(report))
+    if work != out:
+        fileio.replace_directory(work, out)  # the old OUT goes only now, in one exchange
     return report
 
 
