@@ -11,6 +11,7 @@ import os
 import ml_collections as mlc
 
 from jaxdiff import sharding
+from jaxdiff.errors import UserError
 
 # Subtrees whose keys are free-form (a diffusers config.json's keys), not checked against the schema.
 OPEN = ("model.unet", "data.options")
@@ -27,7 +28,7 @@ CHOICES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A training config that cannot run; raised before anything is compiled."""
 
 
