@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxdiff import selectors
 from jaxdiff.erase import common, mace, rece, ridge, trce, uce
 from jaxdiff.erase.common import Encoded
 from jaxdiff.models import clip, unet
@@ -183,7 +184,7 @@ def test_uce_maps_target_tokens_to_the_guide_outputs(unet_params, text):
         before = jnp.linalg.norm(old_m[n] @ c - old_m[n] @ g)
         assert float(jnp.linalg.norm(m @ c - old_m[n] @ g)) < 0.5 * float(before)
     # only attn2 K/V changed
-    flat_a, flat_b = common.flatten(unet_params), common.flatten(new)
+    flat_a, flat_b = selectors.flatten(unet_params), selectors.flatten(new)
     changed = {p for p in flat_a if not np.array_equal(np.asarray(flat_a[p]), np.asarray(flat_b[p]))}
     assert changed and all(p[-3] == "attn2" and p[-2] in ("to_k", "to_v") for p in changed)
 
@@ -391,7 +392,7 @@ def test_configs_name_real_parameters():
             unknown = set(c[block].keys()) - accepted - extras
             assert not unknown, f"{name}: config keys {unknown} match no parameter"
             if "train" in c:
-                assert c.train.selector in common.SELECTORS
+                assert c.train.selector in selectors.SELECTORS
         with pytest.raises(ValueError, match="unknown"):
             _load_config(name, "nonsense")
     assert _load_config("esd", "runlocal").train.steps < _load_config("esd").train.steps

@@ -1,4 +1,4 @@
-"""Erasure fine-tuning objectives: selectors, ESD's target, partial sampling, SPM adapters and Facilitated
+"""Erasure fine-tuning objectives: ESD's target, partial sampling, SPM adapters and Facilitated
 Transport, DoCo's gradient surgery and step, and finite losses/gradients of every objective on a tiny UNet."""
 
 import functools
@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxdiff import selectors
 from jaxdiff.erase import ablation, adapters, common, doco, esd, spm, trce
 from jaxdiff.erase.common import Encoded
 from jaxdiff.models import unet
@@ -51,44 +52,6 @@ def _assert_finite_grads(grads):
     leaves = jax.tree_util.tree_leaves(grads)
     assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
-
-
-# ----------------------------------------------------------------------------------------- selectors
-
-
-def _names(params, selector):
-    return {"/".join(p) for p in common.selected_paths(params, selector)}
-
-
-def test_selectors_pick_exactly_the_expected_leaves(tiny):
-    _, params = tiny
-    flat = {"/".join(p) for p in common.flatten(params)}
-    attn2 = {p for p in flat if "/attn2/" in p}
-    assert _names(params, "esd-x") == attn2 == _names(params, "xattn")  # attn2 holds only Linear layers
-    assert len(attn2) == 5  # to_q, to_k, to_v kernels, to_out_0 kernel + bias
-    strict = _names(params, "esd-x-strict")
-    assert strict == {p for p in attn2 if p.endswith(("to_k/kernel", "to_v/kernel"))} and len(strict) == 2
-    assert _names(params, "cross-attn-kv") == strict
-    linear = {p for p in flat if p.rsplit("/", 1)[0] + "/kernel" in flat}
-    assert _names(params, "esd-u") == linear - attn2
-    assert "conv_in/kernel" in _names(params, "esd-u") and "time_embedding/linear_1/bias" in _names(params, "esd-u")
-    assert not any(p.endswith("scale") for p in _names(params, "esd-u"))  # norms are not Linear/Conv
-    noxattn = _names(params, "noxattn")
-    assert noxattn == {p for p in flat - attn2 if not p.startswith(("time_embedding", "conv_out", "conv_norm_out"))}
-    assert any(p.endswith("norm1/scale") for p in noxattn)
-    assert _names(params, "trce") == {p for p in flat if "/attn1/" in p or "/attn2/to_q/" in p}
-    sites = _names(params, "transformers")
-    assert sites == {p for p in linear if "/attentions_" in p}
-    assert any("proj_in" in p for p in sites) and any("ff/net_0/proj" in p for p in sites)
-    assert not any("resnets" in p or "/norm" in p for p in sites)
-    # split / combine round trip, and the mask
-    trainable, rest = common.split(params, "esd-x")
-    assert {"/".join(p) for p in common.flatten(trainable)} == attn2
-    for a, b in zip(jax.tree_util.tree_leaves(common.combine(trainable, params)), jax.tree_util.tree_leaves(params)):
-        assert a is b
-    assert sum(jax.tree_util.tree_leaves(common.mask(params, "esd-x-strict"))) == 2
-    with pytest.raises(ValueError, match="unknown parameter selector"):
-        common.selected_paths(params, "nope")
 
 
 # ------------------------------------------------------------------------------------- ESD and sampling
@@ -172,7 +135,7 @@ def test_spm_adapter_at_init_leaves_the_model_unchanged(tiny):
     assert np.max(np.abs(np.asarray(apply(adapters.merge(params, trained))) - before)) > 1e-4
     merged = spm.apply_spms(params, [(trained, 0.5), (trained, 0.25)], power=2)
     key = tuple(name.split("/")) + ("kernel",)
-    delta = common.flatten(merged)[key] - common.flatten(params)[key]
+    delta = selectors.flatten(merged)[key] - selectors.flatten(params)[key]
     np.testing.assert_allclose(
         np.asarray(delta), (0.25 + 0.0625) * np.asarray(adapters.delta(trained[name])), rtol=1e-5, atol=1e-7
     )
@@ -247,7 +210,7 @@ def test_doco_step_trains_discriminator_always_and_unet_after_warm_up():
         "attn2": {n: {"kernel": jnp.asarray(rng.standard_normal((D, 3)).astype(np.float32))} for n in ("to_k", "to_v")}
     }
     method = doco.DoCo(KVStub, disc_channels=(8, 16), warm_up=1)
-    trainable, _ = common.split(params, "cross-attn-kv")
+    trainable, _ = selectors.split(params, "cross-attn-kv")
     unet_opt, disc_opt = doco.optimizers(unet_lr=1e-2, disc_lr=1e-2)
     state = method.init_state(trainable, unet_opt, disc_opt, jax.random.PRNGKey(0), LATENT)
     batch = {

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from test_erase_losses import LATENT, TINY_UNET, _assert_finite_grads, _ctx, fast_jit
 
-from jaxdiff.erase import ablation, all_but_one, common, doco, esd, spm, trce
+from jaxdiff import selectors
+from jaxdiff.erase import ablation, all_but_one, doco, esd, spm, trce
 from jaxdiff.models import unet
 from jaxdiff.models.model import create
 
@@ -32,7 +33,7 @@ def _objective(name, model, params):
     lat = jnp.asarray(np.random.default_rng(13).standard_normal((b, *LATENT)).astype(np.float32))
     if name == "esd":
         loss = esd.make_loss(model, ddim_steps=3, latent_shape=LATENT)
-        return loss, common.split(params, "esd-x")[0], {"cond": c, "uncond": u}
+        return loss, selectors.split(params, "esd-x")[0], {"cond": c, "uncond": u}
     if name == "doco":
         method = doco.DoCo(model, disc_channels=(8, 16))
         disc = method.init_disc(jax.random.PRNGKey(0), LATENT)
@@ -46,7 +47,7 @@ def _objective(name, model, params):
             return l_adv + l_prior, {"adv": l_adv, "prior": l_prior}
 
         batch = {"latents": lat, "target": c, "anchor": alt, "prior_latents": lat, "prior": alt}
-        return loss, common.split(params, "cross-attn-kv")[0], batch
+        return loss, selectors.split(params, "cross-attn-kv")[0], batch
     if name == "spm":
         loss = spm.make_loss(model, max_denoising_steps=3, latent_shape=LATENT, num_anchors=2)
         ads = spm.init_adapters(params, jax.random.PRNGKey(0))
@@ -63,14 +64,14 @@ def _objective(name, model, params):
             "t_u": jnp.array([100, 900]),
             "uncond_u": jnp.concatenate([u, u]),
         }
-        return loss, common.split(params, "trce")[0], batch
+        return loss, selectors.split(params, "trce")[0], batch
     if name == "all_but_one":
         loss = all_but_one.make_loss(model, ddim_steps=3, latent_shape=LATENT)
-        return loss, common.split(params, "xattn")[0], {"cond": c, "alt": u, "uncond": u}
+        return loss, selectors.split(params, "xattn")[0], {"cond": c, "alt": u, "uncond": u}
     if name == "ablation":
         loss = ablation.make_loss(model)
         batch = {"latents": lat, "target": c, "anchor": alt, "prior_latents": lat, "prior": alt}
-        return loss, common.split(params, "cross-attn-kv")[0], batch
+        return loss, selectors.split(params, "cross-attn-kv")[0], batch
     raise KeyError(name)
 
 

@@ -143,7 +143,8 @@ def check_training(methods, attention: str, batch: int, latent: int, fast: bool)
     import jax.numpy as jnp
     import optax
 
-    from jaxdiff.erase import ablation, all_but_one, common, doco, esd, spm, trce
+    from jaxdiff import selectors
+    from jaxdiff.erase import ablation, all_but_one, doco, esd, spm, trce
     from jaxdiff.models import unet
     from jaxdiff.models.model import create
 
@@ -168,7 +169,7 @@ def check_training(methods, attention: str, batch: int, latent: int, fast: bool)
         adam = optax.adam(1e-5)
         if name in ("esd-x", "esd-u"):
             loss = esd.make_loss(model, latent_shape=shape)
-            trainable = common.split(params, name)[0]
+            trainable = selectors.split(params, name)[0]
             return step_of(loss, adam), trainable, {"base": params}, {"cond": ctx, "uncond": ctx}, adam
         if name == "spm":
             loss = spm.make_loss(model, latent_shape=shape)
@@ -194,12 +195,12 @@ def check_training(methods, attention: str, batch: int, latent: int, fast: bool)
                 "t_u": S((4,), jnp.int32),
                 "uncond_u": S((4, 77, 768), jnp.float32),
             }
-            return step_of(loss, opt), common.split(params, "trce")[0], {"base": params, "reg": params}, b, opt
+            return step_of(loss, opt), selectors.split(params, "trce")[0], {"base": params, "reg": params}, b, opt
         if name == "all_but_one":
             loss = all_but_one.make_loss(model, latent_shape=shape)
             return (
                 step_of(loss, adam),
-                common.split(params, "xattn")[0],
+                selectors.split(params, "xattn")[0],
                 {"base": params},
                 {"cond": ctx, "alt": ctx, "uncond": ctx},
                 adam,
@@ -207,7 +208,7 @@ def check_training(methods, attention: str, batch: int, latent: int, fast: bool)
         if name == "ablation":
             loss = ablation.make_loss(model)
             b = {"latents": lat, "target": ctx, "anchor": ctx}
-            return step_of(loss, adam), common.split(params, "cross-attn-kv")[0], {"base": params}, b, adam
+            return step_of(loss, adam), selectors.split(params, "cross-attn-kv")[0], {"base": params}, b, adam
         raise KeyError(name)
 
     for name in methods:
@@ -215,7 +216,7 @@ def check_training(methods, attention: str, batch: int, latent: int, fast: bool)
         if name == "doco":
             method = doco.DoCo(model)
             unet_opt, disc_opt = doco.optimizers()
-            trainable = common.split(params, "cross-attn-kv")[0]
+            trainable = selectors.split(params, "cross-attn-kv")[0]
             state = jax.eval_shape(
                 lambda: method.init_state(
                     jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), trainable),

@@ -5,7 +5,7 @@ Closed form on the cross-attention K/V projections (one ridge kernel, `ridge.py`
 Fine-tuning objectives, `loss(trainable, frozen, batch, rng) -> (loss, aux)` built by `make_loss(model, ...)`:
   esd.py (ESD), spm.py (SPM adapters, latent anchoring, Facilitated Transport), trce.py (stage 2),
   doco.py (DoCo: discriminator, gradient surgery, a two-optimiser step), all_but_one.py, ablation.py.
-Shared: common.py (selectors, frozen/trainable split, encodings, partial sampling), adapters.py (LoRA merge),
+Shared: common.py (encodings, model calls, partial sampling), adapters.py (LoRA merge),
 finetune.py (the fine-tuning loop on the trainer's step: progress, resumable orbax checkpoints).
 Running and judging: job.py (one run's pipeline, prompts, encodings, sampling), methods.py (each method as
 `run(job) -> Result`), run.py (`jaxdiff erase`: outputs, grid, report), evaluate.py (probe-based erasure,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import selectors
 from jaxdiff.erase import common
 from jaxdiff.sampling.schedulers.common import add_noise
 
@@ -54,11 +55,11 @@ def make_loss(model, *, loss_type: str = "model-based", prior_loss_weight: float
 
     def loss(trainable, frozen, batch, rng):
         base = frozen["base"]
-        params = common.combine(trainable, base)
+        params = selectors.combine(trainable, base)
         x_t, noise, t = noised(batch["latents"], jax.random.fold_in(rng, 0))
         pred = common.eps(model, params, x_t, t, batch["target"])
         if loss_type == "model-based":
-            current = common.combine(jax.lax.stop_gradient(trainable), jax.lax.stop_gradient(base))
+            current = selectors.combine(jax.lax.stop_gradient(trainable), jax.lax.stop_gradient(base))
             target = jax.lax.stop_gradient(common.eps(model, current, x_t, t, batch["anchor"]))
         else:
             target = noise

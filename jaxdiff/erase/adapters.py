@@ -19,11 +19,12 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.erase.common import flatten, path_str, run_once, selected_paths, unflatten
+from jaxdiff.erase.common import run_once
+from jaxdiff.selectors import flatten, path_str, selected_paths, unflatten
 
 
 def init(params, selector="transformers", rank: int = 1, key=None):
-    """Adapters (zero `up`) for every kernel leaf chosen by `selector` (see common.SELECTORS)."""
+    """Adapters (zero `up`) for every kernel leaf chosen by `selector` (see `jaxdiff.selectors`)."""
     key = jax.random.PRNGKey(0) if key is None else key
     flat = flatten(params)
     paths = [p for p in selected_paths(params, selector) if p[-1] == "kernel"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import selectors
 from jaxdiff.erase import common
 
 
@@ -50,14 +51,14 @@ def make_loss(
         k_noise, k_depth = jax.random.split(rng)
         x_T = jax.random.normal(k_noise, (b, *latent_shape), jnp.float32)
         depth = jax.random.randint(k_depth, (), 0, ddim_steps)
-        sampling = common.combine(jax.lax.stop_gradient(trainable), base) if sampler == "trainee" else base
+        sampling = selectors.combine(jax.lax.stop_gradient(trainable), base) if sampler == "trainee" else base
         x = common.partial_sample(model, sampling, sched, plan, x_T, cond, null, start_guidance, depth)
         t = jnp.broadcast_to(plan.timesteps[depth], (b,))
 
         e_alt, e_null = common.eps_many(model, jax.lax.stop_gradient(base), x, t, [alt, null])
         target = jax.lax.stop_gradient(guidance_target_scale * (e_alt - e_null))
         e_null = jax.lax.stop_gradient(e_null)
-        p_cond, p_null = common.eps_many(model, common.combine(trainable, base), x, t, [cond, null])
+        p_cond, p_null = common.eps_many(model, selectors.combine(trainable, base), x, t, [cond, null])
         l_guid = common.mse(p_cond - p_null, target)
         l_drift = common.mse(p_null, e_null)
         return l_guid + drift_weight * l_drift, {"guidance": l_guid, "drift": l_drift, "t": jnp.mean(t)}

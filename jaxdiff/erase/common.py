@@ -1,5 +1,6 @@
-"""Pieces shared by the erasure methods: parameter selectors and the frozen/trainable split, prompt encodings with
-token bookkeeping, model calls, x̂0, and partial DDIM sampling to x_t inside one compiled `lax.fori_loop`.
+"""Pieces shared by the erasure methods: prompt encodings with token bookkeeping, model calls, x̂0, partial DDIM.
+
+Which leaves train (named selectors, the frozen/trainable split) is `jaxdiff.selectors`.
 
 Conventions used by every fine-tuning objective in `jaxdiff.erase`:
 
@@ -7,21 +8,20 @@ Conventions used by every fine-tuning objective in `jaxdiff.erase`:
   `loss(trainable, frozen, batch, rng) -> (scalar loss, aux dict)`, differentiable in `trainable` only.
 - `trainable` holds only the selected leaves of the UNet param tree (nested dicts, same paths as the full tree),
   `frozen["base"]` is the full tree of the original, frozen model θ*. The trained model is
-  `combine(trainable, frozen["base"])`: its unselected leaves never change, so they are read from θ*.
+  `selectors.combine(trainable, frozen["base"])`: its unselected leaves never change, so they are read from θ*.
 - Images/latents are NHWC; contexts are text-encoder hidden states [B, L, D].
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+from jaxdiff import selectors
 from jaxdiff.sampling.schedulers import make_scheduler
 from jaxdiff.sampling.schedulers.common import spaced_timesteps
 
@@ -38,7 +38,8 @@ SD_SCHEDULER = dict(
     prediction_type="epsilon",
 )
 
-Path = tuple[str, ...]
+# erase/finetune.py and the fine-tuning runners of erase/methods.py reach these through this module.
+split, combine, flatten, unflatten = selectors.split, selectors.combine, selectors.flatten, selectors.unflatten
 
 # XLA options for programs that run once (initialisers): unoptimised code compiles ~10x faster on CPU, where
 # optimising jax.random's threefry alone takes over a second per draw.
@@ -54,96 +55,6 @@ def run_once(fn, *args):
         if "compiler_options" not in str(err):
             raise
         return fn(*args)
-
-
-# ----------------------------------------------------------------------------------------- selectors
-
-
-def _is_linear(path: Path, modules_with_kernel: set[Path]) -> bool:
-    return path[:-1] in modules_with_kernel
-
-
-def _has(path: Path, name: str) -> bool:
-    return name in path
-
-
-def _attn2_kv(path: Path) -> bool:
-    return "attn2" in path and path[-2] in ("to_k", "to_v")
-
-
-_TRANSFORMER = re.compile(r"attentions_\d+$")
-
-# name -> rule(path, is_linear_or_conv) deciding whether a param leaf trains. Flax paths: e.g.
-# ("down_blocks_0", "attentions_0", "transformer_blocks_0", "attn2", "to_k", "kernel").
-SELECTORS: dict[str, Callable[[Path, bool], bool]] = {
-    # ESD, new diffusers code (`get_esd_trainable_parameters`): Linear/Conv2d modules only (norms never train).
-    "esd-x": lambda p, lin: lin and _has(p, "attn2"),
-    "esd-u": lambda p, lin: lin and not _has(p, "attn2"),
-    "esd-all": lambda p, lin: lin,
-    "esd-x-strict": lambda p, lin: _attn2_kv(p),
-    # ESD, original CompVis code (`train_method`): every parameter by name, norms included. CompVis `time_embed`
-    # is `time_embedding` here and its `out.` (final GroupNorm + conv) is conv_norm_out / conv_out.
-    "xattn": lambda p, lin: _has(p, "attn2"),
-    "noxattn": lambda p, lin: not (_has(p, "attn2") or p[0] in ("time_embedding", "conv_norm_out", "conv_out")),
-    "selfattn": lambda p, lin: _has(p, "attn1"),
-    "full": lambda p, lin: True,
-    "notime": lambda p, lin: p[0] not in ("time_embedding", "conv_norm_out", "conv_out"),
-    # Concept Ablation / DoCo `parameter_group=cross-attn`: attn2.to_k and attn2.to_v.
-    "cross-attn-kv": lambda p, lin: _attn2_kv(p),
-    # TRCE stage 2: all of attn1 plus attn2.to_q.
-    "trce": lambda p, lin: _has(p, "attn1") or ("attn2" in p and p[-2] == "to_q"),
-    # SPM's adapter sites: every Linear/Conv inside a Transformer2DModel (`attentions_<i>` of a UNet block).
-    "transformers": lambda p, lin: lin and any(_TRANSFORMER.match(x) for x in p),
-}
-
-
-def flatten(tree) -> dict[Path, object]:
-    return traverse_util.flatten_dict(tree)
-
-
-def unflatten(flat: dict[Path, object]):
-    return traverse_util.unflatten_dict(flat)
-
-
-def selected_paths(params, selector: str | Callable[[Path, bool], bool]) -> list[Path]:
-    """Leaf paths of `params` chosen by a selector name of SELECTORS (or a rule `(path, is_linear) -> bool`)."""
-    if isinstance(selector, str) and selector not in SELECTORS:
-        raise ValueError(f"unknown parameter selector {selector!r}; choose from {', '.join(SELECTORS)}")
-    rule = SELECTORS[selector] if isinstance(selector, str) else selector
-    flat = flatten(params)
-    with_kernel = {p[:-1] for p in flat if p[-1] == "kernel"}
-    return [p for p in flat if rule(p, _is_linear(p, with_kernel))]
-
-
-def mask(params, selector) -> object:
-    """A tree of bools like `params` (True = trains), e.g. for `optax.masked`."""
-    chosen = set(selected_paths(params, selector))
-    return unflatten({p: p in chosen for p in flatten(params)})
-
-
-def split(params, selector):
-    """(trainable, rest): two nested dicts holding the selected / the other leaves, paths unchanged."""
-    chosen = set(selected_paths(params, selector))
-    if not chosen:
-        raise ValueError(f"selector {selector!r} picks no parameter of this model")
-    flat = flatten(params)
-    return unflatten({p: v for p, v in flat.items() if p in chosen}), unflatten(
-        {p: v for p, v in flat.items() if p not in chosen}
-    )
-
-
-def combine(trainable, base):
-    """The full tree: `base` with the leaves present in `trainable` replaced."""
-    flat = flatten(base)
-    for p, v in flatten(trainable).items():
-        if p not in flat:
-            raise KeyError(f"trainable leaf {'/'.join(p)} is not in the model's params")
-        flat[p] = v
-    return unflatten(flat)
-
-
-def path_str(path: Path) -> str:
-    return "/".join(path)
 
 
 # ------------------------------------------------------------------------------------- prompt encodings

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxdiff import selectors
 from jaxdiff.erase import common
 from jaxdiff.models.layers import conv2d
 from jaxdiff.sampling.schedulers.common import add_noise
@@ -183,7 +184,7 @@ class DoCo:
     def adv_loss(self, trainable, frozen, batch, rng):
         """L_adv = BCE(D(x̂0_tgt), 0); aux carries x̂0_tgt and x̂0_anc (stop-gradient) for the discriminator."""
         x_t, _, t = self._noised(batch["latents"], jax.random.fold_in(rng, 0))
-        params = common.combine(trainable, frozen["base"])
+        params = selectors.combine(trainable, frozen["base"])
         x0_tgt = common.predict_x0(self.acp, x_t, common.eps(self.model, params, x_t, t, batch["target"]), t)
         e_anc = common.eps(self.model, jax.lax.stop_gradient(frozen["base"]), x_t, t, batch["anchor"])
         x0_anc = jax.lax.stop_gradient(common.predict_x0(self.acp, x_t, e_anc, t))
@@ -193,7 +194,7 @@ class DoCo:
     def prior_loss(self, trainable, frozen, batch, rng):
         """L_prior = MSE(ε_θ(x_t^prior, t, c_prior), ε)."""
         x_t, noise, t = self._noised(batch["prior_latents"], jax.random.fold_in(rng, 1))
-        pred = common.eps(self.model, common.combine(trainable, frozen["base"]), x_t, t, batch["prior"])
+        pred = common.eps(self.model, selectors.combine(trainable, frozen["base"]), x_t, t, batch["prior"])
         return common.mse(pred, noise), {}
 
     def disc_loss(self, d_params, x0_anchor, x0_target, adv_weight=0.0):

@@ -21,7 +21,7 @@ compiled `lax.fori_loop`, from noise up to a random step; two conventions (`time
 `sampler` chooses who generates x_t: "trainee" (paper code: the model being trained, under no_grad) or
 "frozen" (new code: the original model). Defaults follow the paper code: compvis, trainee, η 1, CFG 3, DDIM 50.
 
-Trainable leaves (selector names of `common.SELECTORS`): esd-x (attn2 Linear modules), esd-u (every Linear/Conv
+Trainable leaves (names of `jaxdiff.selectors.SELECTORS`): esd-x (attn2 Linear modules), esd-u (every Linear/Conv
 outside attn2), esd-all, esd-x-strict (attn2 to_k/to_v); or the old code's xattn / noxattn / selfattn / full /
 notime.
 """
@@ -31,6 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import selectors
 from jaxdiff.erase import common
 
 SAMPLERS = ("trainee", "frozen")
@@ -81,7 +82,7 @@ def make_loss(
         k_noise, k_depth, k_t = jax.random.split(rng, 3)
         x_T = jax.random.normal(k_noise, (b, *latent_shape), jnp.float32)
         depth = jax.random.randint(k_depth, (), 0, n)
-        sampling_params = common.combine(jax.lax.stop_gradient(trainable), base) if sampler == "trainee" else base
+        sampling_params = selectors.combine(jax.lax.stop_gradient(trainable), base) if sampler == "trainee" else base
         prompt = cond if source is None else source
         if timestep_mode == "compvis":
             steps = compvis_steps(depth, n)
@@ -98,7 +99,7 @@ def make_loss(
         outs = common.eps_many(model, frozen_params, x, t, contexts)
         target = esd_target(outs[0], outs[1], negative_guidance, None if source is None else outs[2])
         target = jax.lax.stop_gradient(target)
-        pred = common.eps(model, common.combine(trainable, base), x, t, prompt)
+        pred = common.eps(model, selectors.combine(trainable, base), x, t, prompt)
         value = common.mse(pred, target)
         return value, {"t": jnp.mean(t), "steps": steps}
 

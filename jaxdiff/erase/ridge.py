@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.erase.common import ONE_OFF, Path, flatten, path_str, unflatten
+from jaxdiff.erase.common import ONE_OFF
+from jaxdiff.selectors import Path, flatten, path_str, unflatten
 
 HIGHEST = jax.lax.Precision.HIGHEST
 KV_NAMES = ("to_k", "to_v")

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxdiff import selectors
 from jaxdiff.erase import common, ridge
 from jaxdiff.erase.common import Encoded
 
@@ -146,7 +147,7 @@ def make_stage2_loss(
         negv = (1 + guidance) * e_neg - guidance * e_null
         pos, negv = jax.lax.stop_gradient(pos), jax.lax.stop_gradient(negv)
 
-        ft = common.combine(trainable, jax.lax.stop_gradient(frozen["reg"]))
+        ft = selectors.combine(trainable, jax.lax.stop_gradient(frozen["reg"]))
         xu, tu = batch["x_u"], jnp.asarray(batch["t_u"], jnp.float32)
         out = common.eps(
             model,
