@@ -9,11 +9,15 @@ import sys
 from collections.abc import Callable, Sequence
 
 import jaxdiff
+from jaxdiff.errors import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
 
-# Errors a user can cause and fix: reported in one `jaxdiff: error:` line, exit status 2, no traceback.
-# CorruptCheckpointError, UnsafeCheckpointError and CheckpointMismatchError are ValueErrors; OSError covers
-# FileNotFoundError, FileExistsError and permission problems.
-_USER_ERRORS = (ValueError, OSError)
+# Errors a user can cause and fix: reported in one `jaxdiff: error:` line, exit status 2, no traceback (ConfigError,
+# CorruptCheckpointError, UnsafeCheckpointError, CheckpointMismatchError... are UserErrors). Anything else is a bug
+# and keeps its traceback.
+_USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Raised by modules that import jax: named here, looked up only once imported (`jaxdiff --help` stays jax-free).
+_PROMPT_TOO_LONG = ("jaxdiff.sampling.text", "PromptTooLongError")  # a ValueError: sampling/ keeps its own base
+_NONFINITE = (("jaxdiff.train.step", "NonFiniteError"), ("jaxdiff.train.checkpoint", "NonFiniteCheckpointError"))
 
 
 def _add_convert(sub) -> None:
@@ -163,8 +167,7 @@ def _train(args) -> int:
         print(f"jaxdiff: stopped: {e}", file=sys.stderr)
         return 3
     loss = "n/a" if result["loss"] is None else f"{result['loss']:.5g}"
-    state = "preempted, resumable" if result["preempted"] else "done"
-    print(f"step {result['step']} ({state}): loss {loss}, skipped {result['skipped']}, workdir {args.workdir}")
+    print(f"step {result['step']} (done): loss {loss}, skipped {result['skipped']}, workdir {args.workdir}")
     return 0
 
 
@@ -235,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _loaded(*names: tuple[str, str]) -> tuple[type, ...]:
+    """The exception classes (module, class name) whose modules are imported: no other can have been raised."""
+    return tuple(getattr(sys.modules[m], c) for m, c in names if m in sys.modules)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -244,12 +252,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except _USER_ERRORS as e:
         print(f"jaxdiff: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except ValueError as e:
+        if not isinstance(e, _loaded(_PROMPT_TOO_LONG)):
+            raise  # a bug: its traceback shows where
+        print(f"jaxdiff: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except FloatingPointError as e:
+        if not isinstance(e, _loaded(*_NONFINITE)):
+            raise
+        print(f"jaxdiff: stopped: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
     except ImportError as e:
         if getattr(e, "name", None) != "torch":
             raise  # a broken install should show its traceback
         print(f"jaxdiff: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except Preempted as e:
+        print(f"jaxdiff: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("jaxdiff: interrupted", file=sys.stderr)
         return 130
