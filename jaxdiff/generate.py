@@ -8,6 +8,8 @@ import re
 import time
 from pathlib import Path
 
+from jaxdiff.errors import UserError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -51,12 +53,28 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", os.environ.get("JAXDIFF_CACHE_DIR", default))
 
 
+def _check_against(pipe, scheduler: str, steps: int, height: int | None, width: int | None) -> None:
+    """The flags the loaded model constrains, as one-line errors: the sampler would raise them as internal ones."""
+    from jaxdiff.sampling import make_scheduler
+
+    # The UNet halves the latents once per extra block: the size must divide by that and by the VAE's factor.
+    factor = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.get("block_out_channels", (0,) * 4)) - 1)
+    for flag, size in (("--height", height), ("--width", width)):
+        if size is not None and (size <= 0 or size % factor):
+            raise UserError(f"{flag} must be a positive multiple of {factor} for this model, got {size}")
+    try:
+        make_scheduler(scheduler, pipe.scheduler_config).plan(steps)
+    except ValueError as e:  # the model's scheduler config or --steps (e.g. more than its training timesteps)
+        raise UserError(f"--scheduler {scheduler} with --steps {steps}: {e}") from None
+
+
 def run(args) -> int:
     import jax.numpy as jnp
 
     from jaxdiff.fileio import atomic_write_text
     from jaxdiff.images import make_grid, save_png
     from jaxdiff.sampling import pipeline as pipeline_lib
+    from jaxdiff.sampling.schedulers import DIFFUSERS_CLASSES, SCHEDULERS
 
     path = pipeline_lib.resolve(args.model)  # unknown model: one-line error before anything is loaded
     defaults = {"steps": 25, "guidance": 7.5, "scheduler": "ddim", **model_defaults(path)}
@@ -64,16 +82,19 @@ def run(args) -> int:
     guidance = args.guidance if args.guidance is not None else defaults["guidance"]
     scheduler = args.scheduler or defaults["scheduler"]
     if steps <= 0:
-        raise ValueError(f"--steps must be positive, got {steps}")
+        raise UserError(f"--steps must be positive, got {steps}")
     if args.num_images <= 0:
-        raise ValueError(f"--num-images must be positive, got {args.num_images}")
+        raise UserError(f"--num-images must be positive, got {args.num_images}")
     negatives = args.negative or None
     if negatives and len(negatives) not in (1, len(args.prompts)):
-        raise ValueError(f"give one --negative for all prompts or one per prompt ({len(args.prompts)})")
+        raise UserError(f"give one --negative for all prompts or one per prompt ({len(args.prompts)})")
+    if DIFFUSERS_CLASSES.get(scheduler, scheduler) not in SCHEDULERS:
+        raise UserError(f"--scheduler {scheduler!r} is unknown; choose from {', '.join(SCHEDULERS)}")
 
     enable_compilation_cache()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     pipe = pipeline_lib.load_pipeline(path, dtype=dtype)
+    _check_against(pipe, scheduler, steps, args.height, args.width)
     prompts = [p for p in args.prompts for _ in range(args.num_images)]
     if negatives:
         negatives = [

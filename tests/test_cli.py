@@ -67,7 +67,12 @@ def test_info_reports_stored_dtypes_of_a_bin_file(tmp_path, capsys):
     torch.save({"w": torch.ones(2, 3, dtype=torch.float16), "b": torch.zeros(3)}, tmp_path / "m.bin")
     code, out, _ = _run(capsys, "info", "--json", tmp_path / "m.bin")
     assert code == 0
-    assert json.loads(out)["components"]["."] == {"weights": ["m.bin"], "tensors": 2, "params": 9, "dtypes": {"F16": 1, "F32": 1}}
+    assert json.loads(out)["components"]["."] == {
+        "weights": ["m.bin"],
+        "tensors": 2,
+        "params": 9,
+        "dtypes": {"F16": 1, "F32": 1},
+    }
 
 
 def test_convert_single_file_needs_config(tmp_path, capsys, pipeline_dir):
@@ -92,7 +97,9 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, pipeline_dir):
 
     marker = tmp_path / "pwned"
     torch.save({"x": _Exploit(marker)}, tmp_path / "evil.bin")
-    code, _, err = _run(capsys, "convert", tmp_path / "evil.bin", tmp_path / "jx", "--config", pipeline_dir / "unet" / "config.json")
+    code, _, err = _run(
+        capsys, "convert", tmp_path / "evil.bin", tmp_path / "jx", "--config", pipeline_dir / "unet" / "config.json"
+    )
     _assert_one_line_error(code, err, "refused for safety", "evil.bin")
     assert not marker.exists() and not (tmp_path / "jx").exists()
 
@@ -119,3 +126,93 @@ def test_help_for_every_subcommand(capsys, command):
 def test_python_dash_m_jaxdiff_runs():
     out = subprocess.run([sys.executable, "-m", "jaxdiff", "--version"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "jaxdiff 0.1.0"
+
+
+# ------------------------------------------------------------------------------------------- what main() catches
+
+
+def _raise_in(monkeypatch, command, error):
+    """Make the subcommand function `command` (e.g. "_info") raise `error`."""
+
+    def raising(args):
+        raise error
+
+    monkeypatch.setattr(cli, command, raising)
+
+
+def _user_errors():
+    from jaxdiff.convert.safetensors_io import CorruptCheckpointError
+    from jaxdiff.convert.table import CheckpointMismatchError
+    from jaxdiff.convert.torch_io import UnsafeCheckpointError
+    from jaxdiff.erase.evaluate import resolve
+    from jaxdiff.errors import UserError
+    from jaxdiff.sampling.text import PromptTooLongError
+    from jaxdiff.train.config import ConfigError
+
+    try:
+        resolve("dog")
+    except UserError as e:
+        unknown_concept = e
+    return [
+        UserError("bad flag"),
+        ConfigError("unknown config key 'x'"),
+        CorruptCheckpointError("w.safetensors", "truncated"),
+        UnsafeCheckpointError("evil.bin"),
+        CheckpointMismatchError(["a/kernel"], where="w.safetensors"),  # lists keys, one line per kind
+        PromptTooLongError("prompt is 90 tokens"),
+        unknown_concept,
+        FileNotFoundError("no such file: x"),
+        FileExistsError("out exists"),
+        PermissionError("out: permission denied"),
+        IsADirectoryError("x is a folder"),
+        NotADirectoryError("x is a file"),
+    ]
+
+
+@pytest.mark.parametrize("error", _user_errors(), ids=lambda e: type(e).__name__)
+def test_each_user_error_exits_2_with_a_message_and_no_traceback(monkeypatch, capsys, error):
+    _raise_in(monkeypatch, "_info", error)
+    code, out, err = _run(capsys, "info")
+    assert code == 2 and out == "" and err == f"jaxdiff: error: {error}\n" and "Traceback" not in err
+    if "\n" not in str(error):
+        _assert_one_line_error(code, err)
+
+
+@pytest.mark.parametrize(
+    "error", [ValueError("shapes (2, 3) and (4,) not aligned"), RuntimeError("bug"), TypeError("bug"), KeyError("k")]
+)
+def test_internal_errors_keep_their_traceback(monkeypatch, error):
+    """A plain ValueError (e.g. a shape mismatch deep in a model) is a bug, not bad input: it is not swallowed."""
+
+    _raise_in(monkeypatch, "_info", error)
+    with pytest.raises(type(error)) as e:
+        cli.main(["info"])
+    assert e.value is error
+
+
+def test_other_os_and_floating_point_errors_are_not_user_errors(monkeypatch):
+    for error in (OSError(5, "Input/output error"), FloatingPointError("overflow in a numpy op")):
+        _raise_in(monkeypatch, "_info", error)
+        with pytest.raises(type(error)):
+            cli.main(["info"])
+
+
+def test_non_finite_stops_exit_3_with_one_line(monkeypatch, capsys):
+    from jaxdiff import errors
+    from jaxdiff.train.checkpoint import NonFiniteCheckpointError
+    from jaxdiff.train.step import NonFiniteError
+
+    for error in (NonFiniteError("non-finite loss at step 7"), NonFiniteCheckpointError("NaN in params/w at step 7")):
+        _raise_in(monkeypatch, "_info", error)
+        code, _, err = _run(capsys, "info")
+        assert code == errors.EXIT_NONFINITE == 3
+        assert err == f"jaxdiff: stopped: {error}\n"
+
+
+def test_preempted_exits_75_from_any_command(monkeypatch, capsys):
+    from jaxdiff import errors
+
+    _raise_in(monkeypatch, "_convert", errors.Preempted(12, "runs/x"))
+    code, _, err = _run(capsys, "convert", "a", "b")
+    assert code == errors.EXIT_PREEMPTED == 75
+    assert err.count("\n") == 1 and "preempted (SIGTERM) at step 12" in err and "runs/x" in err

@@ -42,8 +42,12 @@ def test_generate_writes_images_grid_and_record(folder, tmp_path):
     "extra,message",
     [
         (["--steps", "0"], "steps must be positive"),
-        (["--height", "10"], "multiples of"),
+        (["--height", "10"], "--height must be a positive multiple of"),
+        (["--width", "-8"], "--width must be a positive multiple of"),
         (["--model", "/no/such/model"], "no model at"),
+        (["--scheduler", "bogus"], "--scheduler 'bogus' is unknown"),
+        (["--steps", "5000"], "cannot be larger than num_train_timesteps"),
+        (["--negative", "a", "--negative", "b"], "one --negative for all prompts"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(folder, tmp_path, capsys, extra, message):

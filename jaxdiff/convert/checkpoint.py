@@ -22,6 +22,7 @@ from jaxdiff import fileio
 from jaxdiff.convert.safetensors_io import SafetensorsFile, dtype_tag, load_safetensors, write_safetensors
 from jaxdiff.convert.table import CheckpointMismatchError
 from jaxdiff.convert.torch_io import TORCH_SUFFIXES, load_torch_state_dict
+from jaxdiff.errors import UserError
 from jaxdiff.models import registry
 from jaxdiff.models.model import Model, create
 
@@ -50,9 +51,9 @@ def read_json(path: str | os.PathLike) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise UserError(f"{path}: expected a JSON object")
     return value
 
 
@@ -65,7 +66,7 @@ def architecture_of(config: dict, where: str | os.PathLike):
     try:
         return registry.architecture_for(config)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise UserError(f"{where}: {e}") from None
 
 
 def folder_kind(path: str | os.PathLike) -> str:
@@ -78,7 +79,7 @@ def folder_kind(path: str | os.PathLike) -> str:
     for name, kind in ((JAXDIFF_INDEX, "jaxdiff"), (MODEL_INDEX, "pipeline"), (CONFIG, "component")):
         if (path / name).is_file():
             return kind
-    raise ValueError(f"{path}: not a model folder (no {JAXDIFF_INDEX}, {MODEL_INDEX} or {CONFIG} in it)")
+    raise UserError(f"{path}: not a model folder (no {JAXDIFF_INDEX}, {MODEL_INDEX} or {CONFIG} in it)")
 
 
 @contextlib.contextmanager
@@ -102,7 +103,7 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
 def _check_not_inside(src: Path, dst: Path) -> None:
     src, dst = src.resolve(), dst.resolve()
     if dst == src or dst in src.parents:
-        raise ValueError(f"destination {dst} would replace the source {src}; choose another folder")
+        raise UserError(f"destination {dst} would replace the source {src}; choose another folder")
 
 
 # ---------------------------------------------------------------- reading PyTorch-layout weights
@@ -143,7 +144,7 @@ def read_state_dict(files: list[Path] | Path) -> dict[str, np.ndarray]:
         elif f.suffix in TORCH_SUFFIXES:
             state.update(load_torch_state_dict(f))
         else:
-            raise ValueError(f"{f}: unknown weights format (expected .safetensors or {'/'.join(TORCH_SUFFIXES)})")
+            raise UserError(f"{f}: unknown weights format (expected .safetensors or {'/'.join(TORCH_SUFFIXES)})")
     return state
 
 
@@ -200,9 +201,9 @@ def _write_diffusers_component(folder: Path, model: Model, params, config_source
 def _component_names(src: Path) -> dict[str, str]:
     index = read_json(src / JAXDIFF_INDEX)
     if index.get("format") != "jaxdiff" or not isinstance(index.get("components"), dict):
-        raise ValueError(f"{src / JAXDIFF_INDEX}: not a jaxdiff checkpoint index")
+        raise UserError(f"{src / JAXDIFF_INDEX}: not a jaxdiff checkpoint index")
     if index.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{src / JAXDIFF_INDEX}: format version {index['version']} is newer than this jaxdiff reads")
+        raise UserError(f"{src / JAXDIFF_INDEX}: format version {index['version']} is newer than this jaxdiff reads")
     return index["components"]
 
 
@@ -236,14 +237,14 @@ def load_component(path: str | os.PathLike, dtype=jnp.float32, attention: str = 
     kind = folder_kind(path)
     if kind == "jaxdiff" and list(_component_names(path)) != ["."]:
         names = list(_component_names(path))
-        raise ValueError(f"{path}: holds components {', '.join(names)}; load one, e.g. {path / names[0]}")
+        raise UserError(f"{path}: holds components {', '.join(names)}; load one, e.g. {path / names[0]}")
     if kind == "pipeline":
-        raise ValueError(
+        raise UserError(
             f"{path}: is a pipeline folder; load one component (e.g. {path / 'unet'}) or all of them "
             "with load_components"
         )
     if kind == "file":
-        raise ValueError(f"{path}: is a file; pass the folder holding it and its config.json")
+        raise UserError(f"{path}: is a file; pass the folder holding it and its config.json")
     if (path / PARAMS).is_file():
         model, params = _read_jaxdiff_params(path, dtype=dtype, attention=attention)
     else:
@@ -269,15 +270,15 @@ def convert(src, dst, *, config=None, overwrite: bool = False, progress: bool | 
     src, dst = Path(src), Path(dst)
     kind = folder_kind(src)
     if kind == "jaxdiff":
-        raise ValueError(f"{src}: is already a jaxdiff checkpoint (use export to get a diffusers folder)")
+        raise UserError(f"{src}: is already a jaxdiff checkpoint (use export to get a diffusers folder)")
     if kind == "file" and config is None:
-        raise ValueError(f"{src}: converting a single weights file needs its config (--config config.json)")
+        raise UserError(f"{src}: converting a single weights file needs its config (--config config.json)")
     _check_not_inside(src, dst)
     roles = _pipeline_entries(src) if kind == "pipeline" else {}
     if kind == "pipeline":
         plan = {n: (src / n, src / n / CONFIG, None) for n, role in roles.items() if role == "model"}
         if not plan:
-            raise ValueError(f"{src / MODEL_INDEX}: no component jaxdiff supports ({', '.join(registry.supported())})")
+            raise UserError(f"{src / MODEL_INDEX}: no component jaxdiff supports ({', '.join(registry.supported())})")
     else:
         plan = {".": (src, Path(config) if config else src / CONFIG, [src] if kind == "file" else None)}
     summary = {"src": str(src), "dst": str(dst), "components": {}}
@@ -348,7 +349,7 @@ def export(src, dst, *, overwrite: bool = False, progress: bool | None = False) 
     else:
         src = Path(src)
         if folder_kind(src) != "jaxdiff":
-            raise ValueError(f"{src}: not a jaxdiff checkpoint (no {JAXDIFF_INDEX}); use convert for diffusers folders")
+            raise UserError(f"{src}: not a jaxdiff checkpoint (no {JAXDIFF_INDEX}); use convert for diffusers folders")
         _check_not_inside(src, dst)
         names = _component_names(src)
         jobs = {n: (lambda n=n: _read_jaxdiff_params(src / n), src / n / CONFIG) for n in names}

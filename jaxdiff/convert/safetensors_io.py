@@ -12,6 +12,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxdiff import fileio
+from jaxdiff.errors import UserError
 
 # safetensors dtype tag <-> numpy dtype (all little-endian, as the format prescribes).
 DTYPES: dict[str, np.dtype] = {
@@ -39,7 +40,7 @@ def dtype_tag(dtype) -> str:
     return tag
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(UserError):
     """A checkpoint file that cannot be parsed: truncated, not the format it claims, or inconsistent."""
 
     def __init__(self, path, reason: str):

@@ -9,13 +9,15 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxdiff.errors import UserError
+
 # Transforms from a PyTorch tensor to the Flax leaf (the inverse is applied on export).
 IDENTITY = "identity"  # norms, biases, embeddings
 LINEAR = "linear"  # torch Linear weight [out, in]  <->  Dense kernel [in, out]
 CONV = "conv"  # torch Conv2d weight [O, I, kh, kw]  <->  kernel [kh, kw, I, O]
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint does not match the model: lists every missing, unexpected and mis-shaped key."""
 
     def __init__(self, missing=(), unexpected=(), misshaped=(), where: str = "checkpoint"):

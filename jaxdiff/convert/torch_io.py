@@ -10,6 +10,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxdiff.convert.safetensors_io import CorruptCheckpointError
+from jaxdiff.errors import UserError
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -17,7 +18,7 @@ TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _REFUSED = ("weights only load failed", "unsupported global", "unsupported operand")
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserError):
     """A pickle that would import or call arbitrary code: refused, never executed."""
 
     def __init__(self, path, detail: str = ""):
