@@ -167,8 +167,7 @@ def _train(args) -> int:
         print(f"jaxdiff: stopped: {e}", file=sys.stderr)
         return 3
     loss = "n/a" if result["loss"] is None else f"{result['loss']:.5g}"
-    state = "preempted, resumable" if result["preempted"] else "done"
-    print(f"step {result['step']} ({state}): loss {loss}, skipped {result['skipped']}, workdir {args.workdir}")
+    print(f"step {result['step']} (done): loss {loss}, skipped {result['skipped']}, workdir {args.workdir}")
     return 0
 
 
