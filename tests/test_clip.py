@@ -61,12 +61,24 @@ def _inputs(eos_token_id):
     return ids.astype(np.int32), mask
 
 
+def _randomized(model):
+    """Every parameter random: the default init leaves biases at 0 and LayerNorm weights at 1, which would hide a
+    dropped or swapped bias or norm parameter."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.2 if name.endswith("bias") or "norm" in name else 0.5 * float(p.std())
+            p.add_(scale * torch.randn(p.shape, generator=g))
+            assert float(p.std()) > 0.05 * max(scale, 1e-3), name  # no parameter is left constant
+    return model
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
     cls_name, overrides, padded = CASES[request.param]
     torch.manual_seed(0)
     config = transformers.CLIPTextConfig(**TINY, **overrides)
-    pt = getattr(transformers, cls_name)(config).eval()
+    pt = _randomized(getattr(transformers, cls_name)(config).eval())
     folder = tmp_path_factory.mktemp(request.param)
     pt.save_pretrained(folder)
     state = load_file(os.path.join(folder, "model.safetensors"))
