@@ -204,15 +204,45 @@ class KVStub:
         return x * (1.0 + s[:, None, None, None]) + 0.01 * t[:, None, None, None] / 1000
 
 
-def test_doco_step_trains_discriminator_always_and_unet_after_warm_up():
+def _doco_reference_step(method, unet_opt, disc_opt):
+    """DoCo's step as it was before the runner (jaxdiff 7c51171, erase/doco.py::make_step): the oracle."""
+
+    def step(s, frozen, batch, rng):
+        g, aux = method.unet_grads(s["unet"], {**frozen, "disc": s["disc"]}, batch, rng)
+        active = s["step"] > method.warm_up
+        updates, opt_state = unet_opt.update(g, s["unet_opt"], s["unet"])
+        trainable = optax.apply_updates(s["unet"], updates)
+        pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, old)  # noqa: E731
+        trainable, opt_state = pick(trainable, s["unet"]), pick(opt_state, s["unet_opt"])
+        adv_weight = jnp.where(active, 1.0, 0.0) if method.disc_grad_includes_adv else 0.0
+        (_, _), g_d = jax.value_and_grad(method.disc_loss, has_aux=True)(
+            s["disc"], aux["x0_anchor"], aux["x0_target"], adv_weight
+        )
+        d_updates, disc_opt_state = disc_opt.update(g_d, s["disc_opt"], s["disc"])
+        disc = optax.apply_updates(s["disc"], d_updates)
+        return {
+            "step": s["step"] + 1,
+            "unet": trainable,
+            "unet_opt": opt_state,
+            "disc": disc,
+            "disc_opt": disc_opt_state,
+        }
+
+    return step
+
+
+def test_doco_on_the_runner_equals_its_pre_runner_step_and_trains_the_unet_only_after_warm_up():
+    from jaxdiff.train import state as state_lib
+    from jaxdiff.train import step as step_lib
+
     rng = np.random.default_rng(4)
     params = {
         "attn2": {n: {"kernel": jnp.asarray(rng.standard_normal((D, 3)).astype(np.float32))} for n in ("to_k", "to_v")}
     }
     method = doco.DoCo(KVStub, disc_channels=(8, 16), warm_up=1)
     trainable, _ = selectors.split(params, "cross-attn-kv")
-    unet_opt, disc_opt = doco.optimizers(unet_lr=1e-2, disc_lr=1e-2)
-    state = method.init_state(trainable, unet_opt, disc_opt, jax.random.PRNGKey(0), LATENT)
+    unet_opt, disc_opt = optax.adamw(1e-2, weight_decay=1e-2), optax.adam(1e-2, b1=0.5)
+    disc = method.init_disc(jax.random.PRNGKey(0), LATENT)
     batch = {
         "latents": jnp.asarray(rng.standard_normal((2, *LATENT)).astype(np.float32)),
         "target": _ctx(5, 2),
@@ -220,20 +250,39 @@ def test_doco_step_trains_discriminator_always_and_unet_after_warm_up():
         "prior_latents": jnp.asarray(rng.standard_normal((2, *LATENT)).astype(np.float32)),
         "prior": _ctx(6, 2),
     }
-    step = fast_jit(method.make_step(unet_opt, disc_opt))
+    networks = {"unet": step_lib.Network("unet", unet_opt), "disc": step_lib.Network("disc", disc_opt)}
+    masks = {k: jax.tree_util.tree_map(lambda _: True, v) for k, v in {"unet": trainable, "disc": disc}.items()}
+    state = state_lib.create({"unet": trainable, "disc": disc}, {"unet": unet_opt, "disc": disc_opt}, masks, seed=3)
+    step = fast_jit(step_lib.build(networks, method.phases(), masks))
+    reference = fast_jit(_doco_reference_step(method, unet_opt, disc_opt))
+    ref = {"step": jnp.int32(0), "unet": trainable, "unet_opt": unet_opt.init(trainable), "disc": disc}
+    ref["disc_opt"] = disc_opt.init(disc)
 
     def equal(a, b):
         return all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
 
-    s, metrics = state, []
     for k in range(3):
-        new, m = step(s, {"base": params}, batch, jax.random.PRNGKey(k))
-        assert all(np.isfinite(float(v)) for v in m.values())
-        assert not equal(new.disc, s.disc)  # the discriminator trains every step
-        assert equal(new.trainable, s.trainable) == (k <= 1)  # the UNet once global_step > warm_up
-        assert equal(new.opt_state, s.opt_state) == (k <= 1)
-        s, metrics = new, metrics + [m]
-    assert [bool(m["unet_active"]) for m in metrics] == [False, False, True] and int(s.step) == 3
+        new, m = step(state, batch, {"base": params})
+        # the runner's rng for phase 0 of step k: fold_in(fold_in(PRNGKey(seed), k), 0)
+        ref = reference(ref, {"base": params}, batch, jax.random.fold_in(jax.random.fold_in(state.rng, k), 0))
+        assert bool(m["ok"]) and all(np.isfinite(float(v)) for key, v in m.items() if key != "finite")
+        assert not equal(new.params["disc"], state.params["disc"])  # the discriminator trains every step
+        assert equal(new.params["unet"], state.params["unet"]) == (k <= 1)  # the UNet once global_step > warm_up
+        assert equal(new.opt_state["unet"], state.opt_state["unet"]) == (k <= 1)
+        for ours, theirs in [("unet", "unet"), ("disc", "disc")]:
+            assert tw_max_abs_diff(new.params[ours], ref[theirs]) <= 1e-6
+        assert tw_max_abs_diff(new.opt_state["disc"], ref["disc_opt"]) <= 1e-6
+        assert tw_max_abs_diff(new.opt_state["unet"], ref["unet_opt"]) <= 1e-6
+        state = new
+    assert int(state.step) == 3
+
+
+def tw_max_abs_diff(a, b) -> float:
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb)
+    return max(
+        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)), initial=0)) for x, y in zip(la, lb)
+    )
 
 
 def test_trce_hinge_and_never_zeroed_gradients():

@@ -144,9 +144,11 @@ def check_training(methods, attention: str, batch: int, latent: int, fast: bool)
     import optax
 
     from jaxdiff import selectors
-    from jaxdiff.erase import ablation, all_but_one, doco, esd, spm, trce
+    from jaxdiff.erase import ablation, all_but_one, doco, esd, finetune, spm, trce
     from jaxdiff.models import unet
     from jaxdiff.models.model import create
+    from jaxdiff.train import state as state_lib
+    from jaxdiff.train import step as step_lib
 
     model = create(unet.ARCHITECTURES["UNet2DConditionModel"], unet.SD15_CONFIG, abstract=True, attention=attention)
     params = model.params  # ShapeDtypeStructs: nothing allocated
@@ -157,13 +159,8 @@ def check_training(methods, attention: str, batch: int, latent: int, fast: bool)
     key = jax.random.PRNGKey(0)
     options = {"xla_backend_optimization_level": 0} if fast else None
 
-    def step_of(loss, opt):
-        def step(trainable, opt_state, frozen, batch_, rng):
-            (value, _), grads = jax.value_and_grad(loss, has_aux=True)(trainable, frozen, batch_, rng)
-            updates, opt_state = opt.update(grads, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), opt_state, value
-
-        return step
+    def step_of(loss, opt):  # the runner's step over one network, as `jaxdiff erase` compiles it
+        return [step_lib.Network("unet", opt)], finetune.single_loss(loss)
 
     def setup(name):
         adam = optax.adam(1e-5)
@@ -215,30 +212,30 @@ def check_training(methods, attention: str, batch: int, latent: int, fast: bool)
         start = time.perf_counter()
         if name == "doco":
             method = doco.DoCo(model)
-            unet_opt, disc_opt = doco.optimizers()
+            disc = jax.eval_shape(lambda k: method.init_disc(k, shape), key)
             trainable = selectors.split(params, "cross-attn-kv")[0]
-            state = jax.eval_shape(
-                lambda: method.init_state(
-                    jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), trainable),
-                    unet_opt,
-                    disc_opt,
-                    key,
-                    shape,
-                )
+            networks, phases = (
+                [step_lib.Network("unet", optax.adamw(6e-6)), step_lib.Network("disc", optax.adam(1e-4))],
+                method.phases(),
             )
+            trainables = {"unet": trainable, "disc": disc}
             b = {"latents": lat, "target": ctx, "anchor": ctx, "prior_latents": lat, "prior": ctx}
-            fn = jax.jit(method.make_step(unet_opt, disc_opt), compiler_options=options)
-            lowered = fn.lower(state, {"base": params}, b, key)
+            frozen = {"base": params}
         else:
-            step, trainable, frozen, b, opt = setup(name)
-            opt_state = jax.eval_shape(opt.init, trainable)
-            fn = jax.jit(step, compiler_options=options)
-            lowered = fn.lower(abstract(trainable), opt_state, frozen, b, key)
+            (networks, phases), trainable, frozen, b, _ = setup(name)
+            trainables = {"unet": trainable}
+        nets = {n.name: n for n in networks}
+        masks = {k: jax.tree_util.tree_map(lambda _: True, v) for k, v in trainables.items()}
+        state = jax.eval_shape(
+            lambda p: state_lib.create(p, {k: n.tx for k, n in nets.items()}, masks, seed=0), trainables
+        )
+        fn = jax.jit(step_lib.build(nets, phases, masks), compiler_options=options, donate_argnums=(0,))
+        lowered = fn.lower(state, b, frozen)
         t_lower = time.perf_counter() - start
         compiled = lowered.compile()
         t_compile = time.perf_counter() - start - t_lower
         mem = compiled.memory_analysis()
-        n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable if name != "doco" else state.trainable))
+        n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainables))
         fields = dict(trainable_M=n_train / 1e6, lower_s=t_lower, compile_s=t_compile)
         if mem is not None:
             fields.update(

@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -41,6 +40,7 @@ from jaxdiff import selectors
 from jaxdiff.erase import common
 from jaxdiff.models.layers import conv2d
 from jaxdiff.sampling.schedulers.common import add_noise
+from jaxdiff.train import step as step_lib
 
 # ------------------------------------------------------------------------------------ discriminator
 
@@ -126,17 +126,8 @@ def clip_by_global_norm(tree, max_norm: float):
 # ---------------------------------------------------------------------------------------- losses
 
 
-@flax.struct.dataclass
-class DoCoState:
-    step: jax.Array
-    trainable: object
-    opt_state: object
-    disc: object
-    disc_opt_state: object
-
-
 class DoCo:
-    """DoCo's pure losses and a jittable training step with separate UNet and discriminator optimiser states.
+    """DoCo's pure losses and its two runner phases (UNet with gradient surgery, then discriminator).
 
     batch: latents [B,h,w,C] (anchor images, scaled), target [B,L,D] (captions with the concept), anchor
     [B,L,D] (plain anchor captions); with prior preservation also prior_latents [B',h,w,C], prior [B',L,D].
@@ -229,37 +220,26 @@ class DoCo:
             g = clip_by_global_norm(g_adv, self.max_grad_norm)
         return g, {**aux, **metrics}
 
-    def init_state(self, trainable, unet_opt, disc_opt, key, latent_shape) -> DoCoState:
-        disc = self.init_disc(key, latent_shape)
-        return DoCoState(
-            jnp.zeros((), jnp.int32), trainable, jax.jit(unet_opt.init)(trainable), disc, jax.jit(disc_opt.init)(disc)
-        )
+    def phases(self) -> list[step_lib.Phase]:
+        """The runner's phases of one DoCo step: the UNet's surgery gradient (applied once the step exceeds
+        `warm_up`, as the official loop's global_step > warm_up), then the discriminator every step on the x̂0 the
+        UNet phase produced before its update. Networks: "unet" (the trainable leaves), "disc" (PatchGAN)."""
 
-    def make_step(self, unet_opt: optax.GradientTransformation, disc_opt: optax.GradientTransformation):
-        """step(state, frozen, batch, rng) -> (state, metrics): D every step, the UNet after `warm_up` steps
-        (global_step > warm_up, as the official loop)."""
+        def active(step):
+            return step > self.warm_up
 
-        def step(state: DoCoState, frozen, batch, rng):
-            frozen_d = {**frozen, "disc": state.disc}
-            g, aux = self.unet_grads(state.trainable, frozen_d, batch, rng)
-            active = state.step > self.warm_up
-            updates, opt_state = unet_opt.update(g, state.opt_state, state.trainable)
-            trainable = optax.apply_updates(state.trainable, updates)
-            pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, old)  # noqa: E731
-            trainable, opt_state = pick(trainable, state.trainable), pick(opt_state, state.opt_state)
-            adv_weight = jnp.where(active, 1.0, 0.0) if self.disc_grad_includes_adv else 0.0
-            (l_d, d_aux), g_d = jax.value_and_grad(self.disc_loss, has_aux=True)(
-                state.disc, aux["x0_anchor"], aux["x0_target"], adv_weight
-            )
-            d_updates, disc_opt_state = disc_opt.update(g_d, state.disc_opt_state, state.disc)
-            disc = optax.apply_updates(state.disc, d_updates)
-            metrics = {k: v for k, v in aux.items() if not k.startswith("x0")}
-            metrics.update(d_aux, disc=l_d, unet_active=active)
-            return DoCoState(state.step + 1, trainable, opt_state, disc, disc_opt_state), metrics
+        def unet_grad(params, frozen, batch, rng):
+            g, aux = self.unet_grads(params["unet"], {**frozen, "disc": params["disc"]}, batch, rng)
+            produced = {"x0_anchor": aux.pop("x0_anchor"), "x0_target": aux.pop("x0_target")}
+            adv = aux.pop("adv")
+            return g, adv, {**aux, "produced": produced}
 
-        return step
+        def disc_loss(params, frozen, batch, rng):
+            x0 = frozen["produced"]["unet"]
+            adv_weight = jnp.where(active(frozen["step"]), 1.0, 0.0) if self.disc_grad_includes_adv else 0.0
+            return self.disc_loss(params["disc"], x0["x0_anchor"], x0["x0_target"], adv_weight)
 
-
-def optimizers(unet_lr: float = 6e-6, disc_lr: float = 1e-4, weight_decay: float = 1e-2):
-    """DoCo's optimisers: UNet AdamW(0.9, 0.999, wd 1e-2), discriminator Adam(0.5, 0.999)."""
-    return optax.adamw(unet_lr, b1=0.9, b2=0.999, weight_decay=weight_decay), optax.adam(disc_lr, b1=0.5, b2=0.999)
+        return [
+            step_lib.Phase("unet", "unet", grad_fn=unet_grad, active=active),
+            step_lib.Phase("disc", "disc", disc_loss),
+        ]

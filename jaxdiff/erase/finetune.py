@@ -1,17 +1,14 @@
-"""The erasure fine-tuning loop: the trainer's step over a trainable subtree, progress, resumable checkpoints.
+"""Erasure fine-tuning on the runner: named networks (the selected UNet leaves, adapters, a discriminator) sharded by
+their logical axes on the job's mesh, the frozen UNet(s) beside them, batches as a pure function of the step.
 
-An objective `loss(trainable, frozen, batch, rng)` (see `jaxdiff.erase.common`) trains through `jaxdiff.train.step`
-(non-finite guard, clipping, the optax chain, one jitted program with the state donated); methods with their own
-update rule (DoCo's two optimisers and gradient surgery) give a `step(state, batch, frozen)` instead. Batches are a
-pure function of the step index, so a killed run resumes from its last orbax checkpoint and ends bit-identical to
-an uninterrupted one. The frozen models are a jit argument, never constants baked into the program.
+An objective `loss(trainable, frozen, batch, rng)` (see `jaxdiff.erase.common`) becomes one phase of one network
+("unet"); methods with their own update rule (DoCo's discriminator and gradient surgery) pass their networks and
+phases. Everything else — non-finite guard, clipping, optax, checkpoints, resume after a kill, SIGTERM, metrics — is
+`jaxdiff.train.runner`'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,49 +18,30 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff import sharding
-from jaxdiff.train import checkpoint as ckpt_lib
-from jaxdiff.train import metrics as metrics_lib
+from jaxdiff.train import optim, runner
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import step as step_lib
 
 BatchFn = Callable[[int], dict]  # step index -> batch (deterministic)
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "cosine_with_restarts", "linear")
 
 
-def learning_rate(train: mlc.ConfigDict) -> Callable:
-    """Linear warm-up, then constant / cosine / cosine with `lr_cycles` hard restarts (SPM) / linear decay."""
-    lr, warm, steps = float(train.learning_rate), int(train.warmup_steps), int(train.steps)
-    rest = max(steps - warm, 1)
-    kind = train.lr_schedule
-    if kind not in SCHEDULES:
-        raise ValueError(f"train.lr_schedule must be one of {SCHEDULES}, got {kind!r}")
-    if kind == "constant":
-        after = optax.constant_schedule(lr)
-    elif kind == "cosine":
-        after = optax.cosine_decay_schedule(lr, rest)
-    elif kind == "linear":
-        after = optax.linear_schedule(lr, 0.0, rest)
-    else:
-        cycles = int(train.get("lr_cycles", 1))
-        length = max(rest // cycles, 1)
-        after = optax.join_schedules(
-            [optax.cosine_decay_schedule(lr, length) for _ in range(cycles)], [length * i for i in range(1, cycles)]
-        )
-    if warm == 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), after], [warm])
+def schedule(train: mlc.ConfigDict) -> Callable:
+    """The learning-rate schedule of an erase config's `train` block."""
+    return optim.schedule(
+        train.learning_rate,
+        train.steps,
+        kind=train.lr_schedule,
+        warmup_steps=train.warmup_steps,
+        cycles=int(train.get("lr_cycles", 1)),
+    )
 
 
-def optimizer(train: mlc.ConfigDict, schedule: Callable) -> optax.GradientTransformation:
-    """Adam / AdamW (PyTorch defaults: betas 0.9/0.999, eps 1e-8) / SGD from a config's `train` block."""
-    if train.optimizer == "adam":
-        return optax.adam(schedule)
-    if train.optimizer == "adamw":
-        return optax.adamw(schedule, weight_decay=float(train.weight_decay))
-    if train.optimizer == "sgd":
-        return optax.sgd(schedule)
-    raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {train.optimizer!r}")
+def optimizer(train: mlc.ConfigDict, learning_rate=None) -> optax.GradientTransformation:
+    """Adam / AdamW / plain SGD from an erase config's `train` block (PyTorch's defaults)."""
+    lr = schedule(train) if learning_rate is None else learning_rate
+    return optim.optimizer(
+        train.optimizer, lr, b1=0.0 if train.optimizer == "sgd" else 0.9, weight_decay=float(train.weight_decay)
+    )
 
 
 def logical_axes_like(tree, model_axes) -> Any:
@@ -88,132 +66,67 @@ def frozen_shardings(frozen: dict, model, mesh: Mesh, rules=sharding.DEFAULT_RUL
     }
 
 
-@dataclasses.dataclass
-class Trainer:
-    """A compiled-on-first-use erasure step with its initial state and where its inputs live."""
-
-    step: Callable  # jitted step(state, batch, frozen) -> (state, metrics), state donated
-    state: Any
-    leaf_names: dict  # the trainable leaves' paths, to name non-finite gradients
-    batch_sharding: Any = None  # None: wherever the arrays are (single device)
-    frozen_sharding: Any = None
+def unet_network(train: mlc.ConfigDict, tx: optax.GradientTransformation | None = None) -> step_lib.Network:
+    """The "unet" network of a config's `train` block: its optimiser (or `tx`), schedule and clipping."""
+    lr = schedule(train)
+    return step_lib.Network(
+        "unet", optimizer(train, lr) if tx is None else tx, lr, clip_norm=float(train.max_grad_norm)
+    )
 
 
-def trainer_step(
-    loss,
-    trainable,
-    train: mlc.ConfigDict,
-    seed: int,
-    tx: optax.GradientTransformation | None = None,
-    *,
-    mesh: Mesh | None = None,
-    model=None,
-    frozen=None,
-    rules=sharding.DEFAULT_RULES,
-) -> Trainer:
-    """An erasure loss through the trainer's step. With a `mesh` (and the `model` whose params the trainable leaves
-    come from, and the `frozen` models), the state and the frozen models are sharded by their logical axes and the
-    step is jitted with those shardings (batches replicated); without one it runs where the arrays are."""
-    schedule = learning_rate(train)
-    tx = optimizer(train, schedule) if tx is None else tx
-    phase = step_lib.Phase("model", loss, tx, None, schedule, float(train.max_grad_norm))
-    masks = {"model": jax.tree_util.tree_map(lambda _: True, trainable)}
-    build = step_lib.build([phase], masks)
-    create = lambda p: state_lib.create(p, {"model": tx}, masks, seed=seed, ema=False)  # noqa: E731
-    names = step_lib.leaf_names(trainable, masks)
-    if mesh is None:
-        return Trainer(jax.jit(build, donate_argnums=(0,)), jax.jit(create)(trainable), names)
-    axes = logical_axes_like(trainable, model.logical_axes)
-    state_sh = state_lib.shardings(jax.eval_shape(create, trainable), axes, mesh, rules)
-    state = jax.jit(create, out_shardings=state_sh)(trainable)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    frozen_sh = frozen_shardings(frozen, model, mesh, rules)
-    return Trainer(step_lib.jit(build, state_sh, replicated, frozen_sh), state, names, replicated, frozen_sh)
+def single_loss(loss) -> list[step_lib.Phase]:
+    """One phase training "unet" on `loss(trainable, frozen, batch, rng)`."""
+    return [step_lib.Phase("unet", "unet", lambda p, frozen, batch, rng: loss(p["unet"], frozen, batch, rng))]
 
 
 def run(
-    step: Callable,
-    state: Any,
-    frozen: Any,
+    networks: list[step_lib.Network],
+    phases: list[step_lib.Phase],
+    params: dict[str, Any],
+    frozen: dict,
     batch_fn: BatchFn,
-    steps: int,
+    train: mlc.ConfigDict,
     workdir: str,
     *,
-    checkpoint_every: int = 0,
-    log_every: int = 10,
+    seed: int,
+    mesh: Mesh,
+    model,
     progress: bool = True,
-    leaf_names: dict | None = None,
-    nonfinite: str = "stop",
-    batch_sharding=None,
-    frozen_sharding=None,
+    rules=sharding.DEFAULT_RULES,
 ) -> tuple[Any, dict]:
-    """Run `step` until `steps`, resuming from `workdir/checkpoints`; returns (final state, info).
+    """Train `params` ({network: initial params}) until `train.steps`, resuming from `workdir`; (final state, info).
 
-    checkpoint_every 0: a checkpoint only at the end (and on SIGTERM). A non-finite loss or gradient stops the run
-    (`step.NonFiniteError`, naming the tensors) unless nonfinite="skip" (the trainer's step left them unchanged).
-    `batch_sharding` / `frozen_sharding`: where to place each batch and the frozen models (a sharded step's).
+    The "unet" network's leaves and every frozen entry shaped like the model's params are sharded by the model's
+    logical axes on `mesh`; other networks (adapters, a discriminator) and batches are replicated.
     """
-    if frozen_sharding is not None:
-        frozen = jax.device_put(frozen, frozen_sharding)
-    place = (lambda b: jax.device_put(b, batch_sharding)) if batch_sharding is not None else (lambda b: b)
-    os.makedirs(workdir, exist_ok=True)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2, async_save=False)
-    checkpointer.install_sigterm()
-    start = checkpointer.latest_step() or 0
-    writer = None
-    try:
-        if start:
-            abstract = jax.tree_util.tree_map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-            )
-            state, _, _ = checkpointer.restore(start, abstract)
-        writer = metrics_lib.MetricsWriter(
-            workdir, total_steps=steps, initial_step=start, images_per_step=1, tensorboard=True, progress=progress
-        )
-        if start >= steps:
-            return state, {"steps": start, "resumed_from": start, "compile_s": 0.0, "last": {}}
-        t0 = time.perf_counter()
-        compiled = step.lower(state, place(batch_fn(start)), frozen).compile()
-        compile_s = time.perf_counter() - t0
-        writer.message(f"step {start}: compiled the erasure step in {compile_s:.1f} s" + (", resumed" if start else ""))
-        writer.reset_timer(start)
-        tally = {"last": {}, "skipped": 0}
-        pending = []  # (step, metrics on device): read one step late so the host never stalls the device
-
-        def flush():
-            if not pending:
-                return
-            done, metrics = pending.pop()
-            metrics = jax.device_get(metrics)
-            if "finite" in metrics:
-                report = step_lib.nonfinite_report(metrics, leaf_names or {}, done)
-                if report is not None:
-                    if nonfinite == "stop":
-                        raise step_lib.NonFiniteError(f"{report}; last checkpoint: {checkpointer.latest_step()}")
-                    tally["skipped"] += 1
-                    writer.message(f"skipped update: {report}")
-            last = {k: float(v) for k, v in metrics.items() if k != "finite" and getattr(v, "ndim", 1) == 0}
-            tally["last"] = last
-            writer.advance(1, loss=last.get("loss", next(iter(last.values()), 0.0)))
-            if done % max(log_every, 1) == 0 or done == steps:
-                writer.write(done, last)
-
-        for i in range(start, steps):
-            state, metrics = compiled(state, place(batch_fn(i)), frozen)
-            flush()  # the previous step's metrics, while this one runs
-            pending.append((i + 1, metrics))
-            preempted = checkpointer.preempted(i + 1)
-            if (checkpoint_every and (i + 1) % checkpoint_every == 0) or i + 1 == steps or preempted:
-                flush()  # never checkpoint a step whose non-finite report has not been read
-                checkpointer.save(i + 1, state, {"step": i + 1}, {"step": i + 1})
-            if preempted:
-                checkpointer.wait()
-                writer.message(f"preempted (SIGTERM) at step {i + 1}: checkpoint saved; rerun to resume")
-                raise KeyboardInterrupt("preempted")
-        flush()
-        last, skipped = tally["last"], tally["skipped"]
-        return state, {"steps": steps, "resumed_from": start, "compile_s": compile_s, "last": last, "skipped": skipped}
-    finally:
-        checkpointer.close()
-        if writer is not None:
-            writer.close()
+    nets = {n.name: n for n in networks}
+    masks = {name: state_lib.mask(params[name], nets[name].trainable) for name in nets}
+    ema = tuple(name for name, n in nets.items() if n.ema_decay > 0)
+    create = lambda p: state_lib.create(p, {k: n.tx for k, n in nets.items()}, masks, seed=seed, ema=ema)  # noqa: E731
+    axes = {"unet": logical_axes_like(params["unet"], model.logical_axes)} if "unet" in params else {}
+    state_sh = state_lib.shardings(jax.eval_shape(create, params), axes, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    frozen_sh = frozen_shardings(frozen, model, mesh, rules)
+    step = step_lib.jit(step_lib.build(nets, phases, masks), state_sh, replicated, frozen_sh)
+    settings = runner.Settings(
+        total_steps=int(train.steps),
+        checkpoint_every=int(train.checkpoint_every),
+        keep=2,
+        async_save=False,
+        log_every=int(train.log_every),
+        progress=progress,
+        label="erasure step",
+    )
+    abstract = state_lib.abstract(jax.eval_shape(create, params), state_sh)
+    state, summary = runner.run(
+        step,
+        lambda: jax.jit(create, out_shardings=state_sh)(params),
+        abstract,
+        runner.StepBatches(batch_fn, replicated),
+        workdir,
+        settings,
+        frozen=jax.device_put(frozen, frozen_sh),
+        leaf_names=step_lib.leaf_names(params, masks, phases),
+    )
+    info = {k: summary[k] for k in ("resumed_from", "compile_s", "last", "skipped")}
+    return state, {"steps": summary["step"], **info}

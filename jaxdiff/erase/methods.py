@@ -111,27 +111,24 @@ def _pick(step: int, n: int, batch: int, seed: int) -> np.ndarray:
 
 
 def _finetune(job: Job, loss, trainable, frozen, batch_fn, tx=None) -> tuple[Any, dict]:
+    """Train `trainable` (the "unet" network: selected UNet leaves or adapters) on `loss` with the runner."""
     from jaxdiff.erase import finetune
 
     t = job.config.train
-    trainer = finetune.trainer_step(
-        loss, trainable, t, job.config.seed, tx, mesh=job.mesh, model=job.model, frozen=frozen
-    )
     state, info = finetune.run(
-        trainer.step,
-        trainer.state,
+        [finetune.unet_network(t, tx)],
+        finetune.single_loss(loss),
+        {"unet": trainable},
         frozen,
         batch_fn,
-        int(t.steps),
+        t,
         job.train_dir(),
-        checkpoint_every=int(t.checkpoint_every),
-        log_every=int(t.log_every),
+        seed=job.config.seed,
+        mesh=job.mesh,
+        model=job.model,
         progress=job.progress,
-        leaf_names=trainer.leaf_names,
-        batch_sharding=trainer.batch_sharding,
-        frozen_sharding=trainer.frozen_sharding,
     )
-    return state.params, info
+    return state.params["unet"], info
 
 
 def _finetune_selected(job: Job, loss, batch_fn, base=None, frozen=None, tx=None) -> tuple[Any, dict]:
@@ -299,9 +296,9 @@ def _ablation(job: Job) -> Result:
 
 
 def _doco(job: Job) -> Result:
-    import optax
-
     from jaxdiff.erase import doco, finetune
+    from jaxdiff.train import optim
+    from jaxdiff.train.step import Network
 
     o, t = job.config.doco, job.config.train
     lr = float(t.learning_rate) * (int(t.batch_size) if o.scale_lr else 1)
@@ -317,8 +314,6 @@ def _doco(job: Job) -> Result:
         add_retain_grad=o.add_retain_grad,
         scheduler_config=job.pipe.scheduler_config or None,
     )
-    unet_opt = optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=float(t.weight_decay))
-    disc_opt = optax.adam(float(o.disc_lr), b1=float(o.disc_betas[0]), b2=float(o.disc_betas[1]))
     z, target, anchor = _anchor_data(job, int(o.num_anchor_images))
     b, n = int(t.batch_size), z.shape[0]
 
@@ -333,25 +328,27 @@ def _doco(job: Job) -> Result:
         }
 
     trainable, _ = common.split(job.original, t.selector)
-    trainable = jax.tree_util.tree_map(jnp.copy, trainable)  # the state is donated; the frozen base is not
-    key = jax.random.PRNGKey(job.config.seed)
-    state = d.init_state(trainable, unet_opt, disc_opt, key, job.latent_shape)
-    inner = d.make_step(unet_opt, disc_opt)
-    step = jax.jit(
-        lambda s, batch, frozen: inner(s, frozen, batch, jax.random.fold_in(key, s.step)), donate_argnums=(0,)
-    )
+    disc = d.init_disc(jax.random.PRNGKey(job.config.seed), job.latent_shape)
+    networks = [  # DoCo clips inside its gradient surgery, so neither network clips again
+        Network("unet", optim.optimizer("adamw", lr, weight_decay=float(t.weight_decay))),
+        Network(
+            "disc", optim.optimizer("adam", float(o.disc_lr), b1=float(o.disc_betas[0]), b2=float(o.disc_betas[1]))
+        ),
+    ]
     state, info = finetune.run(
-        step,
-        state,
+        networks,
+        d.phases(),
+        {"unet": trainable, "disc": disc},
         {"base": job.original},
         batch_fn,
-        int(t.steps),
+        t,
         job.train_dir(),
-        checkpoint_every=int(t.checkpoint_every),
-        log_every=int(t.log_every),
+        seed=job.config.seed,
+        mesh=job.mesh,
+        model=job.model,
         progress=job.progress,
     )
-    return Result(common.combine(state.trainable, job.original), {**info, "learning_rate": lr})
+    return Result(common.combine(state.params["unet"], job.original), {**info, "learning_rate": lr})
 
 
 def _trce(job: Job) -> Result:

@@ -17,9 +17,10 @@ from jaxdiff.train import state as state_lib
 from jaxdiff.train.state import TrainState
 
 # loss_fn(params, frozen, batch, rng) -> (loss [], aux): `params` is {network: params} (the phase's trainable
-# leaves are differentiated, everything else held fixed), `frozen` the models that never train (VAE, text encoder,
-# teacher) plus frozen["produced"][phase] = what an earlier phase of the same step returned in aux["produced"],
-# `batch` a dict of [B, ...] arrays. aux: {name: scalar} (logged) and optionally "produced": {name: array}.
+# leaves are differentiated, everything else held fixed), `frozen` the dict of models that never train (VAE, text
+# encoder, teacher) plus frozen["step"] (the step index) and frozen["produced"][phase] = what an earlier phase of
+# the same step returned in aux["produced"]; `batch` a dict of [B, ...] arrays. aux: {name: scalar} (logged) and
+# optionally "produced": {name: array}.
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
 # grad_fn(params, frozen, batch, rng) -> (grads shaped like params[network], loss [], aux): for update rules that
 # are not the gradient of one loss (DoCo's gradient surgery); leaves outside the network's mask are ignored.
@@ -192,7 +193,7 @@ def build(
                 phase_rng = jax.random.fold_in(rng, index)
                 if r:
                     phase_rng = jax.random.fold_in(phase_rng, r)
-                inputs = frozen if not produced else {**(frozen or {}), "produced": dict(produced)}
+                inputs = {**(frozen or {}), "step": state.step, "produced": dict(produced)}
                 params[net], opt_states[net], ok, fin, m, out = phase_update(
                     phase, phase_rng, state.step, params, opt_states[net], inputs, batch
                 )
