@@ -61,8 +61,19 @@ def test_frechet_on_few_images_is_finite_and_zero_on_itself():
 # ------------------------------------------------------------------------------------------- the loop
 
 
-def _quadratic_job(tmp_path, steps):
-    """A tiny loss through the trainer's step: resumability is independent of the model."""
+def _mesh(n=1):
+    from jaxdiff import sharding
+
+    return sharding.make_mesh({"fsdp": n}, jax.devices()[:n])
+
+
+class _NoAxes:
+    logical_axes: dict = {}
+    params: dict = {}
+
+
+def _quadratic(tmp_path, name, steps, total=None):
+    """A tiny loss through the runner: resumability is independent of the model. `steps` < `total` stops early."""
     target = jnp.arange(6.0).reshape(2, 3)
 
     def loss(trainable, frozen, batch, rng):
@@ -70,22 +81,30 @@ def _quadratic_job(tmp_path, steps):
         return jnp.mean((trainable["w"] * batch["x"] - frozen["base"] + noise) ** 2), {}
 
     t = train_block(steps=steps, learning_rate=0.1)
-    trainer = finetune.trainer_step(loss, {"w": jnp.ones((2, 3))}, t, seed=0)
     batch_fn = lambda i: {"x": jnp.full((2, 3), 1.0 + 0.1 * (i % 3))}  # noqa: E731
-    return trainer.step, trainer.state, {"base": target}, batch_fn, trainer.leaf_names
+    return finetune.run(
+        [finetune.unet_network(t)],
+        finetune.single_loss(loss),
+        {"unet": {"w": jnp.ones((2, 3))}},
+        {"base": target},
+        batch_fn,
+        t,
+        str(tmp_path / name),
+        seed=0,
+        mesh=_mesh(),
+        model=_NoAxes(),
+        progress=False,
+    )
 
 
 def test_finetune_resumes_bitwise(tmp_path):
-    step, state, frozen, batch_fn, names = _quadratic_job(tmp_path, 6)
-    straight, info = finetune.run(step, state, frozen, batch_fn, 6, str(tmp_path / "a"), progress=False)
+    straight, info = _quadratic(tmp_path, "a", 6)
     assert info["resumed_from"] == 0
-    step, state, frozen, batch_fn, names = _quadratic_job(tmp_path, 6)
-    finetune.run(step, state, frozen, batch_fn, 3, str(tmp_path / "b"), progress=False)  # "killed" after 3 steps
-    step, state, frozen, batch_fn, names = _quadratic_job(tmp_path, 6)
-    resumed, info = finetune.run(step, state, frozen, batch_fn, 6, str(tmp_path / "b"), progress=False)
+    _quadratic(tmp_path, "b", 3)  # a run that stopped after 3 steps (kill -9 is tested in test_runner_faults.py)
+    resumed, info = _quadratic(tmp_path, "b", 6)
     assert info["resumed_from"] == 3
-    np.testing.assert_array_equal(np.asarray(straight.params["w"]), np.asarray(resumed.params["w"]))
-    assert not np.allclose(np.asarray(straight.params["w"]), 1.0)  # it trained
+    np.testing.assert_array_equal(np.asarray(straight.params["unet"]["w"]), np.asarray(resumed.params["unet"]["w"]))
+    assert not np.allclose(np.asarray(straight.params["unet"]["w"]), 1.0)  # it trained
     assert (tmp_path / "b" / "metrics.jsonl").read_text().count("\n") >= 1
 
 
@@ -94,17 +113,19 @@ def test_finetune_stops_on_non_finite_loss_naming_it(tmp_path):
         return jnp.sum(trainable["w"]) * jnp.log(batch["x"]), {}
 
     t = train_block(steps=2, learning_rate=0.1)
-    trainer = finetune.trainer_step(loss, {"w": jnp.ones(3)}, t, seed=0)
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         finetune.run(
-            trainer.step,
-            trainer.state,
+            [finetune.unet_network(t)],
+            finetune.single_loss(loss),
+            {"unet": {"w": jnp.ones(3)}},
             {},
             lambda i: {"x": jnp.float32(-1.0)},
-            2,
+            t,
             str(tmp_path),
+            seed=0,
+            mesh=_mesh(),
+            model=_NoAxes(),
             progress=False,
-            leaf_names=trainer.leaf_names,
         )
 
 
@@ -137,22 +158,22 @@ def test_sharded_finetune_matches_one_device(tmp_path):
     }
     t = train_block(steps=2, learning_rate=1e-3, selector="cross-attn-kv")
     results = {}
-    for name, mesh in (("one", None), ("fsdp", sharding.make_mesh({"fsdp": 8}))):
+    for name, mesh in (("one", _mesh(1)), ("fsdp", sharding.make_mesh({"fsdp": 8}))):
         trainable, _ = common.split(model.params, "cross-attn-kv")
-        frozen = {"base": model.params}
-        trainer = finetune.trainer_step(loss, trainable, t, 0, mesh=mesh, model=model, frozen=frozen)
         state, _ = finetune.run(
-            trainer.step,
-            trainer.state,
-            frozen,
+            [finetune.unet_network(t)],
+            finetune.single_loss(loss),
+            {"unet": trainable},
+            {"base": model.params},
             lambda i: batch,
-            2,
+            t,
             str(tmp_path / name),
+            seed=0,
+            mesh=mesh,
+            model=model,
             progress=False,
-            batch_sharding=trainer.batch_sharding,
-            frozen_sharding=trainer.frozen_sharding,
         )
-        results[name] = state.params
+        results[name] = state.params["unet"]
     for a, b in zip(jax.tree_util.tree_leaves(results["one"]), jax.tree_util.tree_leaves(results["fsdp"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     kernel = common.flatten(results["fsdp"])[
@@ -173,12 +194,12 @@ def test_sharded_finetune_matches_one_device(tmp_path):
 def test_learning_rate_schedules():
     t = train_block(steps=100, learning_rate=1.0)
     t.update(lr_schedule="cosine_with_restarts", lr_cycles=2, warmup_steps=10)
-    lr = finetune.learning_rate(t)
+    lr = finetune.schedule(t)
     assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(1.0)
     assert float(lr(54)) < 0.01 and float(lr(55)) == pytest.approx(1.0)  # restart after 45 of 90 decay steps
     t.lr_schedule = "bogus"
-    with pytest.raises(ValueError, match="lr_schedule"):
-        finetune.learning_rate(t)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        finetune.schedule(t)
     assert isinstance(finetune.optimizer(train_block(1, 1e-3, optimizer="adamw"), 1e-3), optax.GradientTransformation)
 
 
