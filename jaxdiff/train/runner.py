@@ -33,16 +33,18 @@ from jaxdiff.train import distributed
 from jaxdiff.train import metrics as metrics_lib
 from jaxdiff.train import step as step_lib
 
-# Fault injection for the tests of the fault matrix: JAXDIFF_FAULT="MOMENT@STEP" sends this process SIGKILL at that
-# moment of that step. MOMENT: "step" (the step is dispatched, its result not yet read), "save" (an asynchronous
-# checkpoint write was started and is in flight), "saved" (the checkpoint is committed, nothing after it done).
+# Fault injection for the tests of the fault matrix (tests/test_runner_faults.py): JAXDIFF_FAULT="MOMENT@STEP"
+# sends this process SIGKILL at that moment of that step ("MOMENT@STEP:term": SIGTERM, a preemption notice).
+# MOMENT: "step" (the step is dispatched, its result not yet read), "save" (a checkpoint write was started and, when
+# asynchronous, is in flight), "saved" (the checkpoint is committed, nothing after it done).
 FAULT_ENV = "JAXDIFF_FAULT"
 
 
 def _fault(moment: str, step: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if spec and spec == f"{moment}@{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    spec = os.environ.get(FAULT_ENV, "")
+    where, _, how = spec.partition(":")
+    if where == f"{moment}@{step}":
+        os.kill(os.getpid(), signal.SIGTERM if how == "term" else signal.SIGKILL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,7 +247,7 @@ def run(
 
 
 def _fault_waits(step: int) -> bool:
-    return os.environ.get(FAULT_ENV) == f"saved@{step}"
+    return os.environ.get(FAULT_ENV, "").startswith(f"saved@{step}")
 
 
 class _Log:
