@@ -1,6 +1,7 @@
 """Pieces shared by the erasure methods: prompt encodings with token bookkeeping, model calls, x̂0, partial DDIM.
 
-Which leaves train (named selectors, the frozen/trainable split) is `jaxdiff.selectors`.
+Which leaves train (named selectors, the frozen/trainable split) is `jaxdiff.selectors`; the guided sampling loop
+is `jaxdiff.sampling.denoise`, wrapped here for the objectives (float32, no gradient).
 
 Conventions used by every fine-tuning objective in `jaxdiff.erase`:
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import selectors
+from jaxdiff.sampling.denoise import denoise
 from jaxdiff.sampling.schedulers import make_scheduler
 from jaxdiff.sampling.schedulers.common import spaced_timesteps
 
@@ -230,45 +232,45 @@ def train_timesteps(sched, count: int | None = None) -> np.ndarray:
     return spaced_timesteps(c["timestep_spacing"], sched.num_train_timesteps, n, c.get("steps_offset", 0))
 
 
+def _frozen_eps(model, params):
+    """eps of params that sampling never differentiates through."""
+    params = jax.lax.stop_gradient(params)
+    return lambda x, t, context: eps(model, params, x, t, context)
+
+
 def partial_sample(model, params, sched, plan, x_T, cond, uncond, guidance: float, n_steps):
-    """Run the first `n_steps` steps of `plan` (DDIM) from x_T with classifier-free guidance on `cond`, inside
-    one `lax.fori_loop` (n_steps may be traced: the loop becomes a while loop). No gradient flows through it.
+    """The first `n_steps` steps of `plan` (DDIM) from x_T with classifier-free guidance on `cond`, in float32 with
+    no gradient (`jaxdiff.sampling.denoise` inside the caller's jit; n_steps may be traced).
 
     After n steps the latent sits at plan.timesteps[n] (n < len(plan)), or is fully denoised (n == len(plan)).
     """
-    params = jax.lax.stop_gradient(params)
-    use_cfg = float(guidance) != 1.0
-
-    def body(i, x):
-        t = jnp.broadcast_to(plan.timesteps[i], (x.shape[0],))
-        if use_cfg:
-            e = eps(model, params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([cond, uncond]))
-            ec, eu = jnp.split(e, 2)
-            e = eu + guidance * (ec - eu)
-        else:
-            e = eps(model, params, x, t, cond)
-        x, _ = sched.step(plan, e, i, x)
-        return x
-
-    return jax.lax.stop_gradient(jax.lax.fori_loop(0, n_steps, body, x_T.astype(jnp.float32)))
+    x = denoise(
+        _frozen_eps(model, params),
+        sched,
+        plan,
+        x_T.astype(jnp.float32),
+        cond,
+        uncond,
+        guidance,
+        end=n_steps,
+    )
+    return jax.lax.stop_gradient(x)
 
 
 def ddim_trajectory(model, params, sched, plan, x_T, cond, uncond, guidance: float):
     """Full DDIM sampling recorded per step (TRCE's stage-2 data): (x_before [N, B, ...], x_after [N, B, ...],
     eps [N, B, ...], timesteps [N]); x_after[k] is the latent after step k (TRCE stores that one with t_k)."""
-    params = jax.lax.stop_gradient(params)
-
-    def body(x, i):
-        t = jnp.broadcast_to(plan.timesteps[i], (x.shape[0],))
-        e = eps(model, params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([cond, uncond]))
-        ec, eu = jnp.split(e, 2)
-        e = eu + guidance * (ec - eu)
-        x_next, _ = sched.step(plan, e, i, x)
-        return x_next, (x, x_next, e)
-
-    n = plan.timesteps.shape[0]
-    _, (before, after, es) = jax.lax.scan(body, x_T.astype(jnp.float32), jnp.arange(n))
-    return before, after, es, plan.timesteps
+    _, trajectory = denoise(
+        _frozen_eps(model, params),
+        sched,
+        plan,
+        x_T.astype(jnp.float32),
+        cond,
+        uncond,
+        guidance,
+        record=True,
+    )
+    return tuple(trajectory)
 
 
 def broadcast_context(c, batch: int):

@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxdiff.convert import checkpoint
 from jaxdiff.models.model import Model
-from jaxdiff.sampling import text
+from jaxdiff.sampling import denoise, text
 
 # diffusers scheduler class -> jaxdiff scheduler name
 SCHEDULER_NAMES = {
@@ -269,25 +269,24 @@ class Pipeline:
             self._bar[0].update(1)
 
     def _sample(self, sched, use_cfg, progress, unet_params, vae_params, plan, context, added, latents, guidance, key):
-        x = latents * plan.init_noise_sigma
-        carry = sched.init_carry(plan, x)
+        def model(x, t, cond):
+            return self.unet.apply(unet_params, x, t, *cond).astype(jnp.float32)
 
-        def body(i, state):
-            x, carry, key = state
-            key, step_key = jax.random.split(key)
-            x_in = sched.scale_model_input(plan, x, i)
-            t = jnp.broadcast_to(plan.timesteps[i], (context.shape[0],))
-            model_in = jnp.concatenate([x_in, x_in]) if use_cfg else x_in
-            out = self.unet.apply(unet_params, model_in, t, context, added).astype(jnp.float32)
-            if use_cfg:
-                cond, uncond = jnp.split(out, 2)
-                out = uncond + guidance * (cond - uncond)
-            x, carry = sched.step(plan, out, i, x, carry, step_key)
-            if progress:
-                jax.debug.callback(self._tick, i)
-            return x, carry, key
-
-        x, _, _ = jax.lax.fori_loop(0, plan.timesteps.shape[0], body, (x, carry, key))
+        n = latents.shape[0]
+        cond, uncond = (context, added), None
+        if use_cfg:  # the conditioning holds the prompts' rows, then the negative prompts' rows
+            cond, uncond = jax.tree_util.tree_map(lambda a: a[:n], cond), jax.tree_util.tree_map(lambda a: a[n:], cond)
+        x = denoise.denoise(
+            model,
+            sched,
+            plan,
+            latents * plan.init_noise_sigma,
+            cond,
+            uncond,
+            guidance,
+            key=key,
+            on_step=self._tick if progress else None,
+        )
         return self.decode_latents(vae_params, x)
 
     def decode_latents(self, vae_params, latents):

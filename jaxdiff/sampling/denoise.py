@@ -1,0 +1,98 @@
+"""The guided denoising loop: classifier-free guidance and a scheduler's steps start..end, traced into one program."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Trajectory(NamedTuple):
+    """What `denoise(..., record=True)` saw at each step k of start..end (leading axis end - start): the latent fed
+    to the step (at timesteps[k]), the latent after it, the guided model output, and the step's timestep."""
+
+    before: jax.Array
+    after: jax.Array
+    prediction: jax.Array
+    timesteps: jax.Array
+
+
+def _guidance_is_one(guidance) -> bool:
+    """True for a concrete guidance of exactly 1, where CFG reduces to the conditional prediction."""
+    if isinstance(guidance, jax.core.Tracer):
+        return False
+    return float(guidance) == 1.0
+
+
+def denoise(
+    model: Callable,
+    sched,
+    plan,
+    x,
+    cond,
+    uncond=None,
+    guidance=1.0,
+    *,
+    start=0,
+    end=None,
+    key=None,
+    record: bool = False,
+    on_step: Callable | None = None,
+):
+    """Steps `start`..`end` (default: to the end) of `plan` from the latent `x` (at plan.timesteps[start]); call it
+    inside the caller's jit: the loop is one `lax.fori_loop` (`lax.scan` when recording), with no host round-trip
+    unless `on_step` is given.
+
+    model(x, t [B], cond) -> prediction [B, ...]: the denoiser with its params closed over; `cond` is any pytree of
+    per-row conditioning (a context [B, L, D], or (context, added_cond)). With `uncond` (same structure) the model
+    runs once per step on the cond and uncond rows together and classifier-free guidance combines them,
+    uncond + guidance * (cond - uncond); without it, or with a concrete guidance of exactly 1, only `cond` runs.
+    `guidance` may be traced. `key`: split once per step for stochastic schedulers (DDPM, DDIM with eta > 0).
+    Multistep schedulers (PNDM, DPM-Solver) start their history afresh at `start`.
+
+    Returns the latent after step end - 1 or, with `record` (start and end then static), (latent, Trajectory).
+    `start`/`end` may be traced without `record` (the loop becomes a while loop)."""
+    end = plan.timesteps.shape[0] if end is None else end
+    use_cfg = uncond is not None and not _guidance_is_one(guidance)
+    # Concatenated once, outside the loop: each step makes one model call on [cond; uncond] rows.
+    context = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), cond, uncond) if use_cfg else cond
+
+    def step(i, x, carry, key):
+        step_key = None
+        if key is not None:
+            key, step_key = jax.random.split(key)
+        x_in = sched.scale_model_input(plan, x, i)
+        model_in = jnp.concatenate([x_in, x_in]) if use_cfg else x_in
+        t = jnp.broadcast_to(plan.timesteps[i], (model_in.shape[0],))
+        out = model(model_in, t, context)
+        if use_cfg:
+            out_cond, out_uncond = jnp.split(out, 2)
+            out = out_uncond + guidance * (out_cond - out_uncond)
+        x_next, carry = sched.step(plan, out, i, x, carry, step_key)
+        if on_step is not None:
+            jax.debug.callback(on_step, i)
+        return x_next, carry, key, out
+
+    carry = sched.init_carry(plan, x)
+    if not record:
+
+        def body(i, state):
+            x, carry, key = state
+            x, carry, key, _ = step(i, x, carry, key)
+            return x, carry, key
+
+        return jax.lax.fori_loop(start, end, body, (x, carry, key))[0]
+
+    if not (isinstance(start, (int, np.integer)) and isinstance(end, (int, np.integer))):
+        raise TypeError(f"recording needs static start and end (Python ints), got {start!r} and {end!r}")
+
+    def scan_body(state, i):
+        x, carry, key = state
+        x_next, carry, key, out = step(i, x, carry, key)
+        return (x_next, carry, key), (x, x_next, out)
+
+    (x, _, _), (before, after, prediction) = jax.lax.scan(scan_body, (x, carry, key), jnp.arange(int(start), int(end)))
+    return x, Trajectory(before, after, prediction, plan.timesteps[start:end])
