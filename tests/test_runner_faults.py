@@ -106,3 +106,36 @@ def test_resuming_with_a_changed_config_names_the_keys_and_refuses_unless_allowe
     allowed = _final(_run(workdir, "--config-extra", "other", "--resume-if-changed"))
     assert allowed["summary"]["resumed_from"] == 8
     assert json.loads((workdir / "config.json").read_text())["extra"] == "other"
+
+
+def test_erase_killed_mid_fine_tuning_resumes_to_the_uninterrupted_model(tmp_path):
+    """A real kill -9 of `jaxdiff erase` (ESD) between checkpoints; the rerun ends with the same edited UNet."""
+    argv = [
+        "erase",
+        "--config",
+        "configs/erase/esd.py:runlocal",
+        "--config.train.steps=6",
+        "--config.train.checkpoint_every=2",
+        "--config.eval.num_images=2",
+        "--config.eval.steps=2",
+        "--no-progress",
+    ]
+
+    def erase(out, fault=None):
+        env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+        env.pop("JAXDIFF_FAULT", None)
+        if fault:
+            env["JAXDIFF_FAULT"] = fault
+        cmd = [sys.executable, "-m", "jaxdiff", *argv, "--out", str(out)]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+    reference = erase(tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = erase(tmp_path / "killed", fault="step@5")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (tmp_path / "killed" / "model").exists()
+    resumed = erase(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step 4: compiled the erasure step" in resumed.stdout + resumed.stderr  # resumed, not restarted
+    weights = "model/unet/params.safetensors"
+    assert (tmp_path / "killed" / weights).read_bytes() == (tmp_path / "reference" / weights).read_bytes()
