@@ -155,11 +155,12 @@ def _env_int(name: str) -> int | None:
 
 
 def _train(args) -> int:
+    from jaxdiff.config import load_config
     from jaxdiff.train import config as config_lib
     from jaxdiff.train import distributed, loop
     from jaxdiff.train.step import NonFiniteError
 
-    config = config_lib.apply_overrides(config_lib.load_config(args.config), args.overrides)
+    config = config_lib.apply_overrides(load_config(args.config), args.overrides)
     distributed.initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed)
     try:
         result = loop.train(config, args.workdir)
@@ -194,13 +195,13 @@ def _add_erase(sub) -> None:
 
 
 def _erase(args) -> int:
+    from jaxdiff.config import apply_overrides, load_config
     from jaxdiff.erase.run import erase
     from jaxdiff.generate import enable_compilation_cache
-    from jaxdiff.train import config as config_lib
 
     enable_compilation_cache()
 
-    config = config_lib.apply_overrides(config_lib.load_config(args.config), args.overrides)
+    config = apply_overrides(load_config(args.config), args.overrides)
     if args.model:
         config.model = args.model
     if args.attacks:

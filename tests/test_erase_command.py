@@ -361,9 +361,9 @@ def test_erase_overwrite_replaces_the_old_output_only_once_the_new_one_is_comple
 
 
 def test_every_method_config_loads_and_names_a_known_method():
+    from jaxdiff.config import load_config
     from jaxdiff.erase import METHODS
     from jaxdiff.erase.run import METHODS as RUNNERS
-    from jaxdiff.train.config import load_config
 
     assert set(METHODS) == set(RUNNERS)
     for name in METHODS:

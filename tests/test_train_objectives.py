@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff.train import metrics as metrics_lib
 from jaxdiff.train import objectives
+from jaxdiff.train import writer as writer_lib
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -82,15 +82,15 @@ def _read_records(path):
         (length_crc,) = struct.unpack("<I", data[8:12])
         payload = data[12 : 12 + length]
         (payload_crc,) = struct.unpack("<I", data[12 + length : 16 + length])
-        assert length_crc == metrics_lib._masked_crc(data[:8]) and payload_crc == metrics_lib._masked_crc(payload)
+        assert length_crc == writer_lib._masked_crc(data[:8]) and payload_crc == writer_lib._masked_crc(payload)
         out.append(payload)
         data = data[16 + length :]
     return out
 
 
 def test_metrics_writer_writes_jsonl_and_tensorboard_events(tmp_path):
-    assert metrics_lib.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    writer = metrics_lib.MetricsWriter(
+    assert writer_lib.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    writer = writer_lib.MetricsWriter(
         str(tmp_path), total_steps=10, initial_step=0, images_per_step=8, step_flops=2e12, progress=False
     )
     writer.reset_timer(0)
@@ -108,4 +108,4 @@ def test_metrics_writer_writes_jsonl_and_tensorboard_events(tmp_path):
 
 def test_flops_from_xla_cost_analysis():
     compiled = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile()
-    assert metrics_lib.flops_of(compiled) == pytest.approx(2 * 64 * 32 * 16, rel=0.1)
+    assert writer_lib.flops_of(compiled) == pytest.approx(2 * 64 * 32 * 16, rel=0.1)

@@ -12,6 +12,7 @@ import pytest
 import train_worker as tw
 
 from jaxdiff import cli, sharding
+from jaxdiff.config import load_config
 from jaxdiff.convert.checkpoint import save_checkpoint
 from jaxdiff.data import shapes_source
 from jaxdiff.models.model import create
@@ -229,7 +230,7 @@ def test_config_errors_name_the_problem_before_anything_compiles(pipeline, overr
 
 
 def test_shapes_config_builds_on_the_builtin_pipeline_and_the_cli_reports_a_missing_one(capsys, tmp_path):
-    config = config_lib.load_config("configs/train/shapes.py")
+    config = load_config("configs/train/shapes.py")
     s = loop.setup(config, jax.devices()[:1])
     assert s.frozen.paths["tokenizer"] == (BUILTIN["shapes"] / "tokenizer").resolve()
     assert s.frozen.vae.config["scaling_factor"] > 0 and s.config.objective.caption_dropout == 0.1

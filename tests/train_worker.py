@@ -11,6 +11,7 @@ import time
 import jax
 import numpy as np
 
+from jaxdiff.config import load_config
 from jaxdiff.train import config as config_lib
 from jaxdiff.train import data as data_lib
 
@@ -20,7 +21,7 @@ TINY = os.path.join(ROOT, "configs", "train", "unet_tiny.py")
 
 def tiny_config(*overrides: str):
     return config_lib.apply_overrides(
-        config_lib.load_config(TINY),
+        load_config(TINY),
         ["--config.log.progress=false", "--config.log.tensorboard=false", *overrides],
     )
 

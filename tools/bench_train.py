@@ -101,13 +101,14 @@ def run_jax(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    from jaxdiff.config import load_config
     from jaxdiff.train import config as config_lib
-    from jaxdiff.train import loop, metrics
+    from jaxdiff.train import loop, writer
     from jaxdiff.train import state as state_lib
     from jaxdiff.train import step as step_lib
 
     lat = args.resolution // 8
-    config = config_lib.load_config(os.path.join(ROOT, "configs", "train", "sd15.py:synthetic"))
+    config = load_config(os.path.join(ROOT, "configs", "train", "sd15.py:synthetic"))
     config = config_lib.apply_overrides(
         config,
         [
@@ -131,8 +132,8 @@ def run_jax(args) -> dict:
     abstract_batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.batch_sharding) for k, v in host_batch.items()
     }
-    options = step_lib.Options(ema_decay=0.0, remat=config.train.remat, batch_sharding=s.batch_sharding)
-    step = step_lib.jit(step_lib.build(s.phases, s.masks, options), s.state_shardings, s.batch_sharding)
+    options = step_lib.Options(remat=config.train.remat, batch_sharding=s.batch_sharding)
+    step = step_lib.jit(step_lib.build(s.networks, s.phases, s.masks, options), s.state_shardings, s.batch_sharding)
     # Compile from shapes alone, before the ~10 GB state exists, so the compiler's memory never adds to it.
     t0 = time.perf_counter()
     compiled = step.lower(state_lib.abstract(s.abstract_state, s.state_shardings), abstract_batch, None).compile()
@@ -143,7 +144,7 @@ def run_jax(args) -> dict:
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
     batch = {k: jax.device_put(v, s.batch_sharding) for k, v in host_batch.items()}
-    flops = metrics.flops_of(compiled)
+    flops = writer.flops_of(compiled)
 
     holder = {"state": state}
 
@@ -162,7 +163,9 @@ def run_jax(args) -> dict:
         "jax_trainable_params": int(
             sum(
                 np.prod(x.shape)
-                for x in jax.tree_util.tree_leaves(state_lib.partition(s.abstract_state.params, s.masks["model"])[0])
+                for x in jax.tree_util.tree_leaves(
+                    state_lib.partition(s.abstract_state.params["unet"], s.masks["unet"])[0]
+                )
             )
         ),
         "jax_init_s": init_s,

@@ -1,17 +1,14 @@
-"""Training configs: the schema of every key, config-file loading, `--config.a.b=value` overrides and validation."""
+"""Training configs: the schema of every key, its `--config.a.b=value` overrides and validation."""
 
 from __future__ import annotations
 
-import ast
-import difflib
-import importlib.util
 import math
-import os
 
 import ml_collections as mlc
 
+from jaxdiff import config as config_io
 from jaxdiff import sharding
-from jaxdiff.errors import UserError
+from jaxdiff.config import ConfigError, unknown_key  # noqa: F401  (ConfigError: part of this API)
 
 # Subtrees whose keys are free-form (a diffusers config.json's keys), not checked against the schema.
 OPEN = ("model.unet", "data.options")
@@ -26,10 +23,6 @@ CHOICES = {
     "train.remat": ("none", "loss", "blocks"),
     "train.nonfinite": ("skip", "stop"),
 }
-
-
-class ConfigError(UserError):
-    """A training config that cannot run; raised before anything is compiled."""
 
 
 def default_config() -> mlc.ConfigDict:
@@ -113,83 +106,13 @@ def default_config() -> mlc.ConfigDict:
     return c
 
 
-def load_config(spec: str) -> mlc.ConfigDict:
-    """`path/to/config.py` or `path/to/config.py:arg` -> get_config() / get_config(arg)."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location(f"_jaxdiff_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path} has no get_config()")
-    config = module.get_config(arg) if arg else module.get_config()
-    return config if isinstance(config, mlc.ConfigDict) else mlc.ConfigDict(config)
-
-
-def _parse_value(text: str, current):
-    if isinstance(current, bool):
-        low = text.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {text!r}")
-    if isinstance(current, int):
-        return int(text)
-    if isinstance(current, float):
-        return float(text)
-    if isinstance(current, str):
-        return text
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+def apply_overrides(config: mlc.ConfigDict, overrides: list[str]) -> mlc.ConfigDict:
+    """`--config.a.b=value` overrides of a training config, checked against this schema (free-form under OPEN)."""
+    return config_io.apply_overrides(config, overrides, schema=default_config(), open_keys=OPEN)
 
 
 def _open(path: str) -> bool:
-    return any(path == o or path.startswith(o + ".") for o in OPEN)
-
-
-def apply_overrides(config: mlc.ConfigDict, overrides: list[str]) -> mlc.ConfigDict:
-    """Apply `--config.a.b=value` (or `config.a.b=value`) strings; unknown keys are a ConfigError."""
-    schema = default_config()
-    config = mlc.ConfigDict(config.to_dict())
-    for item in overrides:
-        text = item[2:] if item.startswith("--") else item
-        if not text.startswith("config.") or "=" not in text:
-            raise ConfigError(f"expected --config.KEY=VALUE, got {item!r}")
-        key, value = text[len("config.") :].split("=", 1)
-        parts = key.split(".")
-        node, ref = config, schema
-        for i, part in enumerate(parts[:-1]):
-            here = ".".join(parts[: i + 1])
-            if part not in node:
-                if not _open(here):
-                    raise ConfigError(_unknown(here, ref))
-                node[part] = mlc.ConfigDict()
-            node = node[part]
-            ref = ref[part] if ref is not None and part in ref else None
-        leaf = parts[-1]
-        if leaf not in node and not _open(key):
-            raise ConfigError(_unknown(key, node))
-        current = node[leaf] if leaf in node else (ref[leaf] if ref is not None and leaf in ref else None)
-        try:
-            parsed = _parse_value(value, current)
-        except ValueError as e:
-            raise ConfigError(f"--config.{key}: {e}") from None
-        if isinstance(current, mlc.ConfigDict):
-            raise ConfigError(f"--config.{key} is a group of keys ({', '.join(current)}); set one of them")
-        node[leaf] = parsed
-    return config
-
-
-def _unknown(path: str, parent) -> str:
-    name = path.split(".")[-1]
-    known = list(parent.keys()) if parent is not None else []
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean {path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{close[0]}?)" if close else ""
-    return f"unknown config key {path!r}{hint}; known keys here: {', '.join(sorted(known))}"
+    return config_io.is_open(path, OPEN)
 
 
 def _unknown_keys(config, schema, prefix="") -> list[str]:
@@ -199,7 +122,7 @@ def _unknown_keys(config, schema, prefix="") -> list[str]:
         if _open(path):
             continue
         if key not in schema:
-            problems.append(_unknown(path, schema))
+            problems.append(unknown_key(path, schema))
         elif isinstance(schema[key], mlc.ConfigDict):
             if not isinstance(config[key], (mlc.ConfigDict, dict)):
                 problems.append(f"config key {path!r} must be a group of keys ({', '.join(schema[key])})")

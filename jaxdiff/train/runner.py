@@ -30,8 +30,8 @@ import jax
 from jaxdiff.errors import Preempted, UserError
 from jaxdiff.train import checkpoint as ckpt_lib
 from jaxdiff.train import distributed
-from jaxdiff.train import metrics as metrics_lib
 from jaxdiff.train import step as step_lib
+from jaxdiff.train import writer as writer_lib
 
 # Fault injection for the tests of the fault matrix (tests/test_runner_faults.py): JAXDIFF_FAULT="MOMENT@STEP"
 # sends this process SIGKILL at that moment of that step ("MOMENT@STEP:term": SIGTERM, a preemption notice).
@@ -178,7 +178,7 @@ def run(
             start = 0
             state = init_state()
         if main:
-            metrics_lib.truncate_jsonl(workdir, start)
+            writer_lib.truncate_jsonl(workdir, start)
         if start >= settings.total_steps:
             return state, {
                 "step": start,
@@ -194,8 +194,8 @@ def run(
         compiled = step_fn.lower(state, batch, frozen).compile()
         compile_s = time.perf_counter() - t0
         distributed.barrier(f"{settings.label} compiled")
-        flops = metrics_lib.flops_of(compiled)
-        writer = metrics_lib.MetricsWriter(
+        flops = writer_lib.flops_of(compiled)
+        writer = writer_lib.MetricsWriter(
             workdir,
             total_steps=settings.total_steps,
             initial_step=start,

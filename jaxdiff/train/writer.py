@@ -1,4 +1,4 @@
-"""Training metrics: a JSONL log, TensorBoard event files (pure Python, no TensorFlow), a tqdm bar, FLOPs from XLA."""
+"""The training log writer: a JSONL log, TensorBoard event files (pure Python, no TensorFlow), a tqdm bar, FLOPs."""
 
 from __future__ import annotations
 
