@@ -27,14 +27,20 @@ class ShapesConfig(tfds.core.BuilderConfig):
     p_single: float = 0.6  # fraction of one-object scenes
 
 
-def make_example(split: str, index: int, size: int, p_single: float = 0.6) -> dict[str, Any]:
-    """The deterministic example `index` of `split`: image, train and held-out captions, labels."""
+def scene_and_captions(split: str, index: int, p_single: float = 0.6) -> tuple[shapes.Scene, str, str]:
+    """The scene and the (train, held-out) captions of example `index` of `split`, without rendering it."""
     rng = np.random.default_rng([_SPLIT_SEEDS[split], index])
     scene = shapes.sample_scene(rng, num_objects=1 if rng.random() < p_single else 2)
+    return scene, shapes.caption(scene, rng, "train"), shapes.caption(scene, rng, "heldout")
+
+
+def make_example(split: str, index: int, size: int, p_single: float = 0.6) -> dict[str, Any]:
+    """The deterministic example `index` of `split`: image, train and held-out captions, labels."""
+    scene, caption, heldout = scene_and_captions(split, index, p_single)
     return {
         "image": shapes.render(scene, size),
-        "caption": shapes.caption(scene, rng, "train"),
-        "heldout_caption": shapes.caption(scene, rng, "heldout"),
+        "caption": caption,
+        "heldout_caption": heldout,
         **shapes.scene_labels(scene),
     }
 
