@@ -2,7 +2,15 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import pytest
+
+DEVICES = 8
+# Always 8 virtual devices, whatever XLA_FLAGS already holds (a device count there is replaced, the rest kept): the
+# sharding tests assert they have them instead of skipping.
+_flags = [
+    f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+]
+os.environ["XLA_FLAGS"] = " ".join([*_flags, f"--xla_force_host_platform_device_count={DEVICES}"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -13,3 +21,13 @@ _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 jax.config.update("jax_compilation_cache_dir", os.environ.get("JAXDIFF_TEST_CACHE", _CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+
+@pytest.fixture(scope="session")
+def eight_devices():
+    """The 8 devices the multi-device tests run on: fewer is a failure, never a silent skip."""
+    devices = jax.devices()
+    assert len(devices) >= DEVICES, (
+        f"{len(devices)} {jax.default_backend()} device(s), the test needs {DEVICES} "
+        f"(XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')!r})"
+    )
+    return devices[:DEVICES]

@@ -21,7 +21,7 @@ CONFIG = dict(
 )
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+@pytest.mark.usefixtures("eight_devices")
 def test_fsdp_sharded_unet_matches_unsharded_with_an_eighth_of_the_bytes():
     model = create(ARCHITECTURES["UNet2DConditionModel"], CONFIG, abstract=False, seed=3)
     mesh = sharding.make_mesh({"fsdp": 8})
@@ -45,9 +45,8 @@ def test_fsdp_sharded_unet_matches_unsharded_with_an_eighth_of_the_bytes():
     assert max(per_device.values()) <= 1.15 * total / 8, (max(per_device.values()), total / 8)
 
 
+@pytest.mark.usefixtures("eight_devices")
 def test_logical_rules_replicate_what_does_not_divide_and_use_each_mesh_axis_once():
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices")
     mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
     spec = sharding.logical_to_mesh_spec(PartitionSpec("embed", "heads"), (64, 64), mesh)
     assert spec == PartitionSpec("fsdp", "tensor")

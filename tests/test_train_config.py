@@ -1,7 +1,6 @@
 """Config errors (unknown key, mesh that does not divide the devices, batch not divisible by the data axes) give
 one clear message from `jaxdiff train` before anything is compiled; overrides parse to the schema's types."""
 
-import jax
 import pytest
 import train_worker as tw
 from jax._src import monitoring
@@ -29,7 +28,7 @@ def _train_cli(capsys, tmp_path, *args):
     return rc, out, err
 
 
-@pytest.mark.skipif(jax.device_count() != 8, reason="the messages quote 8 devices")
+@pytest.mark.usefixtures("eight_devices")  # the messages quote 8 devices
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -105,12 +104,11 @@ def test_overrides_parse_to_the_schema_types_and_open_keys():
     assert validated.checkpoint.keep == 3  # defaults fill what the file leaves out
 
 
+@pytest.mark.usefixtures("eight_devices")
 def test_sd15_config_validates_and_builds_abstractly_on_8_devices():
     from jaxdiff.train import loop
 
     config = config_lib.load_config("configs/train/sd15.py")
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices")
     s = loop.setup(config)  # shapes only: nothing allocated, nothing compiled
     assert s.mesh.shape["fsdp"] == 8 and s.model.num_params() > 850_000_000
     kernel = s.state_shardings.params["unet"]["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]

@@ -40,7 +40,7 @@ def _losses(workdir):
     return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices to restore the 4-device runs")
+@pytest.mark.usefixtures("eight_devices")  # restores the 4-device runs here
 def test_two_processes_of_two_devices_match_one_process_of_four(tmp_path):
     multi, single = tmp_path / "multi", tmp_path / "single"
     # The single-process reference runs alongside (it mostly waits for its compile-cache hits).
