@@ -130,7 +130,8 @@ def test_finetune_stops_on_non_finite_loss_naming_it(tmp_path):
 
 
 def test_sharded_finetune_matches_one_device(tmp_path):
-    """Concept Ablation's loss on a tiny UNet, 2 steps: fsdp over 8 devices gives the single-device params."""
+    """Concept Ablation's loss on a tiny UNet, 2 real updates: fsdp over 8 devices gives the single-device gradients
+    (metrics, Adam's moments) and params."""
     from jaxdiff import sharding
     from jaxdiff.erase import ablation, common
     from jaxdiff.models import unet
@@ -157,9 +158,11 @@ def test_sharded_finetune_matches_one_device(tmp_path):
         "anchor": jnp.asarray(rng.standard_normal((2, 3, 16)), jnp.float32),
     }
     t = train_block(steps=2, learning_rate=1e-3, selector="cross-attn-kv")
-    results = {}
+    t.log_every = 1
+    assert float(finetune.schedule(t)(0)) > 0  # no warm-up from 0: both steps update the params
+    trainable, _ = common.split(model.params, "cross-attn-kv")
+    results, states, metrics = {}, {}, {}
     for name, mesh in (("one", _mesh(1)), ("fsdp", sharding.make_mesh({"fsdp": 8}))):
-        trainable, _ = common.split(model.params, "cross-attn-kv")
         state, _ = finetune.run(
             [finetune.unet_network(t)],
             finetune.single_loss(loss),
@@ -173,9 +176,22 @@ def test_sharded_finetune_matches_one_device(tmp_path):
             model=model,
             progress=False,
         )
-        results[name] = state.params["unet"]
+        results[name], states[name] = state.params["unet"], jax.device_get(state)
+        metrics[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    # Every trained leaf moved far beyond the tolerance below before the two runs are compared.
+    for a, b in zip(jax.tree_util.tree_leaves(results["one"]), jax.tree_util.tree_leaves(trainable)):
+        assert np.max(np.abs(np.asarray(a) - np.asarray(b))) > 100 * 1e-6
+    assert [m["step"] for m in metrics["one"]] == [m["step"] for m in metrics["fsdp"]] == [1, 2]
+    for key in ("loss", "grad_norm", "learning_rate"):  # the gradients, step by step
+        np.testing.assert_allclose([m[key] for m in metrics["fsdp"]], [m[key] for m in metrics["one"]], rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(results["one"]), jax.tree_util.tree_leaves(results["fsdp"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(states["one"].opt_state), jax.tree_util.tree_leaves(states["fsdp"].opt_state)
+    ):
+        # Adam's moments (sums of the gradients), to 1e-5 of each leaf's largest: a near-zero entry is a sum of
+        # cancelling terms whose rounding differs with the reduction order.
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.max(np.abs(b)))
     kernel = common.flatten(results["fsdp"])[
         ("down_blocks_0", "attentions_0", "transformer_blocks_0", "attn2", "to_k", "kernel")
     ]
