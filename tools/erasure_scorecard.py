@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -170,6 +169,8 @@ def markdown(results: dict, command: str, seconds: list[float]) -> str:
 
 
 def main(argv=None) -> int:
+    from jaxdiff import fileio
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated shapes concepts")
@@ -195,9 +196,7 @@ def main(argv=None) -> int:
     text = markdown(results, command, cell_seconds(workdir, results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    fileio.atomic_write_text(out, text)
     (out.with_suffix(".json")).write_text(
         json.dumps({f"{m}-{t}": r for (m, t), r in results.items()}, indent=2, default=str) + "\n"
     )

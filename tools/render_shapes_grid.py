@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxdiff import fileio  # noqa: E402
 from jaxdiff.data import shapes  # noqa: E402
 
 
@@ -30,20 +30,11 @@ def make_grid(images: list[np.ndarray], cols: int, scale: int, pad: int = 2) -> 
 
 
 def save_png_atomic(array: np.ndarray, path: str) -> None:
-    """Writes a PNG through a temporary file in the same folder, then renames it into place."""
+    """Writes a PNG through a temporary file in the same folder, fsync'd, then renamed into place."""
     from PIL import Image
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a PNG for the README should be readable
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with fileio.atomic_file(path, "wb") as f:
+        Image.fromarray(array).save(f, format="PNG")
 
 
 def main(argv: list[str] | None = None) -> int:
