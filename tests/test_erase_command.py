@@ -309,22 +309,23 @@ def test_erase_refuses_an_output_folder_of_another_config(uce_run, capsys):
 
 
 BAD_CONFIGS = [
-    ("uce", "--config.concept=dog", "not a shape or colour"),
-    ("uce", "--config.bogus=1", "unknown config key"),
-    ("uce", "--config.concept=", "concept is empty"),
-    ("uce", "--config.concept=circle;dog --config.num_prompts=2", "'dog' is not a shape"),  # world captions of each
-    ("uce", "--config.preserve=square;dog --config.num_prompts=2", "'dog' is not a shape"),
-    ("uce", "--config.eval.scheduler=bogus", "config.eval.scheduler='bogus' is unknown"),
-    ("uce", "--config.method=bogus", "unknown erasure method"),
-    ("uce", "--config.model=/no/such/model", "no model at /no/such/model"),
-    ("ablation", "--config.anchor=", "ablation needs an anchor concept"),
+    ("uce.py:runlocal", "--config.concept=dog", "not a shape or colour"),
+    ("uce.py:runlocal", "--config.bogus=1", "unknown config key"),
+    ("uce.py:runlocal", "--config.concept=", "concept is empty"),
+    ("uce.py:runlocal", "--config.concept=circle;dog --config.num_prompts=2", "'dog' is not a shape"),
+    ("uce.py:runlocal", "--config.preserve=square;dog --config.num_prompts=2", "'dog' is not a shape"),
+    ("uce.py:runlocal", "--config.eval.scheduler=bogus", "config.eval.scheduler='bogus' is unknown"),
+    ("uce.py:runlocal", "--config.method=bogus", "unknown erasure method"),
+    ("uce.py:runlocal", "--config.model=/no/such/model", "no model at /no/such/model"),
+    ("ablation.py:runlocal", "--config.anchor=", "ablation needs an anchor concept"),
+    ("uce.py:bogus", "", "unknown uce config variant 'bogus'"),  # raised by the config file itself
 ]
 
 
-@pytest.mark.parametrize("method, overrides, message", BAD_CONFIGS)
-def test_erase_bad_config_is_one_line_error_and_writes_nothing(tmp_path, capsys, method, overrides, message):
+@pytest.mark.parametrize("config, overrides, message", BAD_CONFIGS)
+def test_erase_bad_config_is_one_line_error_and_writes_nothing(tmp_path, capsys, config, overrides, message):
     out = tmp_path / "x"
-    argv = ["erase", "--config", f"configs/erase/{method}.py:runlocal", *overrides.split(), "--out", str(out)]
+    argv = ["erase", "--config", f"configs/erase/{config}", *overrides.split(), "--out", str(out)]
     assert cli.main([*argv, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith("jaxdiff: error: ") and err.count("\n") == 1, err

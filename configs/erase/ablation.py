@@ -7,6 +7,7 @@
 """Concept Ablation; see jaxdiff/erase/ablation.py."""
 
 from jaxdiff.erase.config import base_config, train_block
+from jaxdiff.errors import UserError
 
 
 def get_config(arg: str = ""):
@@ -34,5 +35,5 @@ def get_config(arg: str = ""):
             c.ablation.num_anchor_images = 4
             c.train.update(steps=5, batch_size=2, log_every=1)
         else:
-            raise ValueError(f"unknown ablation config variant {variant!r} (prior, full, runlocal, shapes)")
+            raise UserError(f"unknown ablation config variant {variant!r} (prior, full, runlocal, shapes)")
     return c

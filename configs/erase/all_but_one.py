@@ -6,6 +6,7 @@
 """All but One; see jaxdiff/erase/all_but_one.py for the exact objective."""
 
 from jaxdiff.erase.config import base_config, train_block
+from jaxdiff.errors import UserError
 
 
 def get_config(arg: str = ""):
@@ -23,5 +24,5 @@ def get_config(arg: str = ""):
             c.all_but_one.ddim_steps = 4
             c.train.update(steps=5, log_every=1)
         else:
-            raise ValueError(f"unknown all_but_one config variant {variant!r} (runlocal, shapes)")
+            raise UserError(f"unknown all_but_one config variant {variant!r} (runlocal, shapes)")
     return c

@@ -7,6 +7,7 @@
 """DoCo; see jaxdiff/erase/doco.py."""
 
 from jaxdiff.erase.config import base_config, train_block
+from jaxdiff.errors import UserError
 
 
 def get_config(arg: str = ""):
@@ -45,5 +46,5 @@ def get_config(arg: str = ""):
             c.doco.update(disc_channels=(8, 16), warm_up=2, num_anchor_images=4)
             c.train.update(steps=5, batch_size=2, log_every=1)
         else:
-            raise ValueError(f"unknown doco config variant {variant!r} (style, runlocal, shapes)")
+            raise UserError(f"unknown doco config variant {variant!r} (style, runlocal, shapes)")
     return c

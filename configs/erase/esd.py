@@ -6,6 +6,7 @@
 """ESD; see jaxdiff/erase/esd.py for the exact objective and the options."""
 
 from jaxdiff.erase.config import base_config, train_block
+from jaxdiff.errors import UserError
 
 
 def get_config(arg: str = ""):
@@ -34,5 +35,5 @@ def get_config(arg: str = ""):
             c.esd.ddim_steps = 4
             c.train.update(steps=5, log_every=1)
         else:
-            raise ValueError(f"unknown esd config variant {variant!r} (new, u, runlocal, shapes)")
+            raise UserError(f"unknown esd config variant {variant!r} (new, u, runlocal, shapes)")
     return c

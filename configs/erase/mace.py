@@ -7,6 +7,7 @@
 """MACE CFR; see jaxdiff/erase/mace.py."""
 
 from jaxdiff.erase.config import base_config
+from jaxdiff.errors import UserError
 
 
 def get_config(arg: str = ""):
@@ -23,5 +24,5 @@ def get_config(arg: str = ""):
             c.templates = ("{}",)
             c.mace.preserve_scale = 1e-3
         else:
-            raise ValueError(f"unknown mace config variant {variant!r} (runlocal, shapes)")
+            raise UserError(f"unknown mace config variant {variant!r} (runlocal, shapes)")
     return c

@@ -6,6 +6,7 @@
 """RECE; see jaxdiff/erase/rece.py."""
 
 from jaxdiff.erase.config import base_config
+from jaxdiff.errors import UserError
 
 
 def get_config(arg: str = ""):
@@ -41,5 +42,5 @@ def get_config(arg: str = ""):
         elif variant == "runlocal":
             c.rece.update(epochs=2, num_validation_prompts=2)
         else:
-            raise ValueError(f"unknown rece config variant {variant!r} (nudity, runlocal, shapes)")
+            raise UserError(f"unknown rece config variant {variant!r} (nudity, runlocal, shapes)")
     return c

@@ -6,6 +6,7 @@
 """SPM; see jaxdiff/erase/spm.py."""
 
 from jaxdiff.erase.config import base_config, train_block
+from jaxdiff.errors import UserError
 
 
 def get_config(arg: str = ""):
@@ -38,5 +39,5 @@ def get_config(arg: str = ""):
             c.spm.update(max_denoising_steps=4, num_anchors=2)
             c.train.update(steps=5, warmup_steps=1, log_every=1)
         else:
-            raise ValueError(f"unknown spm config variant {variant!r} (runlocal, shapes)")
+            raise UserError(f"unknown spm config variant {variant!r} (runlocal, shapes)")
     return c

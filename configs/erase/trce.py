@@ -7,6 +7,7 @@
 """TRCE; see jaxdiff/erase/trce.py."""
 
 from jaxdiff.erase.config import base_config, train_block
+from jaxdiff.errors import UserError
 
 
 def get_config(arg: str = ""):
@@ -67,5 +68,5 @@ def get_config(arg: str = ""):
         elif variant == "stage1":
             c.trce.stage2 = False
         else:
-            raise ValueError(f"unknown trce config variant {variant!r} (runlocal, stage1, shapes)")
+            raise UserError(f"unknown trce config variant {variant!r} (runlocal, stage1, shapes)")
     return c

@@ -7,6 +7,7 @@
 """UCE; see jaxdiff/erase/uce.py."""
 
 from jaxdiff.erase.config import base_config
+from jaxdiff.errors import UserError
 
 
 def get_config(arg: str = ""):
@@ -39,5 +40,5 @@ def get_config(arg: str = ""):
             c.num_prompts = 8
             c.uce.update(edit_tokens="last_word_to_end", preserve_tokens="nonpad")
         else:
-            raise ValueError(f"unknown uce config variant {variant!r} (paper, runlocal, shapes)")
+            raise UserError(f"unknown uce config variant {variant!r} (paper, runlocal, shapes)")
     return c

@@ -9,6 +9,7 @@
 import json
 from pathlib import Path
 
+from jaxdiff.errors import UserError
 from jaxdiff.train.config import default_config
 
 UNET_CONFIG = Path(__file__).resolve().parents[2] / "jaxdiff" / "assets" / "shapes" / "unet" / "config.json"
@@ -48,5 +49,5 @@ def get_config(arg: str = ""):
         c.checkpoint.every_steps = 3
         c.log.every_steps = 1
     elif arg:
-        raise ValueError(f"configs/train/shapes.py: unknown variant {arg!r} (use '' or 'smoke')")
+        raise UserError(f"configs/train/shapes.py: unknown variant {arg!r} (use '' or 'smoke')")
     return c
