@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxdiff import fileio
+
 ITEMS = ("state", "data", "meta")
 
 
@@ -77,6 +79,7 @@ class Checkpointer:
         )
         self._preempted = threading.Event()
         self._previous_handler = None
+        self._unsynced: list[int] = []  # committed steps whose files are not fsync'd yet
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -87,6 +90,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, data: dict, meta: dict) -> None:
         """Save `state` at `step` (async unless configured otherwise); NonFiniteCheckpointError if any leaf is
         non-finite, in which case nothing is written."""
+        self._sync_committed()
         bad = nonfinite_leaves(state)
         if bad:
             more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
@@ -102,6 +106,7 @@ class Checkpointer:
             ),
             force=True,
         )
+        self._unsynced.append(int(step))
 
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict, dict]:
         """(state, data, meta) at `step` (latest when None). `abstract_state`: ShapeDtypeStructs with the target
@@ -121,11 +126,26 @@ class Checkpointer:
         )
         return restored.state, restored.data, restored.meta
 
+    def _sync_committed(self) -> None:
+        """fsync the files and folders of the steps written so far (after their commit), so that a committed step
+        survives a power loss, not only a killed process. An asynchronous save is waited for first; orbax waits for
+        it anyway before it starts the next one."""
+        if not self._unsynced:
+            return
+        self.manager.wait_until_finished()
+        for step in self._unsynced:
+            folder = os.path.join(self.directory, str(step))
+            if os.path.isdir(folder):
+                fileio.fsync_tree(folder)
+        fileio.fsync_path(self.directory)
+        self._unsynced = []
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self._sync_committed()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
         self.uninstall_sigterm()
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 
+from jaxdiff import fileio
 from jaxdiff.errors import Preempted, UserError
 from jaxdiff.train import checkpoint as ckpt_lib
 from jaxdiff.train import distributed
@@ -125,13 +126,7 @@ def _check_config(workdir: str, config: dict | None, resuming: bool, allow_chang
                 f"{workdir} holds a run with another config; changed: {'; '.join(diff)}. Rerun with the saved "
                 "values, use another workdir, or allow it (--config.resume_if_changed=true)"
             )
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fileio.atomic_write_text(path, json.dumps(config, indent=2) + "\n")
 
 
 def run(

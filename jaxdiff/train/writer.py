@@ -137,12 +137,9 @@ def truncate_jsonl(workdir: str, step: int) -> None:
             kept.append(line)
     if len(kept) == len([x for x in lines if x]):
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write("".join(x + "\n" for x in kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from jaxdiff import fileio
+
+    fileio.atomic_write_text(path, "".join(x + "\n" for x in kept))
 
 
 class MetricsWriter:
