@@ -16,7 +16,6 @@ from jaxdiff.errors import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USER_ERROR, Pree
 # and keeps its traceback.
 _USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 # Raised by modules that import jax: named here, looked up only once imported (`jaxdiff --help` stays jax-free).
-_PROMPT_TOO_LONG = ("jaxdiff.sampling.text", "PromptTooLongError")  # a ValueError: sampling/ keeps its own base
 _NONFINITE = (("jaxdiff.train.step", "NonFiniteError"), ("jaxdiff.train.checkpoint", "NonFiniteCheckpointError"))
 
 
@@ -252,11 +251,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except _USER_ERRORS as e:
-        print(f"jaxdiff: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except ValueError as e:
-        if not isinstance(e, _loaded(_PROMPT_TOO_LONG)):
-            raise  # a bug: its traceback shows where
         print(f"jaxdiff: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except FloatingPointError as e:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.convert import checkpoint
+from jaxdiff.errors import UserError
 from jaxdiff.models.model import Model
 from jaxdiff.sampling import denoise, text
 
@@ -51,7 +52,7 @@ def load_pipeline(path_or_name: str | os.PathLike = "shapes", dtype=jnp.float32,
     models = checkpoint.load_components(path, dtype=dtype, attention=attention)
     missing = [name for name in ("unet", "vae", "text_encoder") if name not in models]
     if missing:
-        raise ValueError(f"{path} is not a text-to-image pipeline: missing components {missing}")
+        raise UserError(f"{path} is not a text-to-image pipeline: missing components {missing}")
     encoders = [models["text_encoder"]] + ([models["text_encoder_2"]] if "text_encoder_2" in models else [])
     tokenizer_dirs = [path / "tokenizer"] + ([path / "tokenizer_2"] if len(encoders) > 1 else [])
     scheduler_path = path / "scheduler" / "scheduler_config.json"
@@ -148,25 +149,25 @@ class Pipeline:
 
         if prompt_embeds is not None or negative_prompt_embeds is not None:
             if self.is_sdxl:
-                raise ValueError("prompt_embeds / negative_prompt_embeds are supported for SD 1.x/2.x pipelines only")
+                raise UserError("prompt_embeds / negative_prompt_embeds are supported for SD 1.x/2.x pipelines only")
         if prompt_embeds is not None:
             if prompts is not None:
-                raise ValueError("give prompts or prompt_embeds, not both")
+                raise UserError("give prompts or prompt_embeds, not both")
             prompt_embeds = _embeds(prompt_embeds, "prompt_embeds")
             batch = prompt_embeds.shape[0]
         else:
             if prompts is None:
-                raise ValueError("no prompts given (pass prompts or prompt_embeds)")
+                raise UserError("no prompts given (pass prompts or prompt_embeds)")
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             if not prompts:
-                raise ValueError("no prompts given")
+                raise UserError("no prompts given")
             batch = len(prompts)
         if negative_prompt_embeds is not None:
             if negative_prompts is not None:
-                raise ValueError("give negative_prompts or negative_prompt_embeds, not both")
+                raise UserError("give negative_prompts or negative_prompt_embeds, not both")
             negative_prompt_embeds = _embeds(negative_prompt_embeds, "negative_prompt_embeds")
             if negative_prompt_embeds.shape[0] != batch:
-                raise ValueError(
+                raise UserError(
                     f"negative_prompt_embeds has {negative_prompt_embeds.shape[0]} rows for {batch} prompts"
                 )
         # diffusers' SDXL zeroes the negative embeddings only when no negative prompt is given (not for "").
@@ -175,13 +176,13 @@ class Pipeline:
             negative_prompts = [""] * batch
         negative_prompts = [negative_prompts] * batch if isinstance(negative_prompts, str) else negative_prompts
         if len(negative_prompts) != batch:
-            raise ValueError(f"{len(negative_prompts)} negative prompts for {batch} prompts")
+            raise UserError(f"{len(negative_prompts)} negative prompts for {batch} prompts")
         if steps <= 0:
-            raise ValueError(f"steps must be positive, got {steps}")
+            raise UserError(f"steps must be positive, got {steps}")
         height, width = height or self.default_size, width or self.default_size
         factor = self.vae_scale_factor * 2 ** (len(self.unet.config.get("block_out_channels", (0,) * 4)) - 1)
         if height <= 0 or width <= 0 or height % factor or width % factor:
-            raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+            raise UserError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
         params = self.params if params is None else params
         name = scheduler or self.default_scheduler()
         sched = make_scheduler(name, self.scheduler_config)
@@ -212,7 +213,7 @@ class Pipeline:
             latents = _initial_noise(jax.random.PRNGKey(seed), shape)
         latents = jnp.asarray(latents, jnp.float32)
         if latents.shape != shape:
-            raise ValueError(f"latents must have shape {shape}, got {latents.shape}")
+            raise UserError(f"latents must have shape {shape}, got {latents.shape}")
 
         fn = self._sampler(name, use_cfg, progress)
         if progress:
@@ -249,7 +250,7 @@ class Pipeline:
         else:
             uncond = self.encode_prompts(negative_prompts, params)[0]
         if uncond.shape[1:] != cond.shape[1:]:
-            raise ValueError(
+            raise UserError(
                 f"negative conditioning rows have shape {tuple(uncond.shape[1:])}, the prompts' {tuple(cond.shape[1:])}"
             )
         return jnp.concatenate([cond, uncond.astype(cond.dtype)]), None
@@ -301,7 +302,7 @@ def _embeds(x, name: str):
     """A [B, L, D] float array of text-encoder hidden states (float dtypes kept, others made float32)."""
     x = jnp.asarray(x)
     if x.ndim != 3 or x.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty [B, L, D] array, got shape {tuple(x.shape)}")
+        raise UserError(f"{name} must be a non-empty [B, L, D] array, got shape {tuple(x.shape)}")
     return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
 
 

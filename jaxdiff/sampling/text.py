@@ -8,8 +8,10 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.errors import UserError
 
-class PromptTooLongError(ValueError):
+
+class PromptTooLongError(UserError):
     """A prompt has more tokens than the tokenizer's model_max_length."""
 
 

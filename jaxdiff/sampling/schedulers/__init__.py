@@ -1,5 +1,6 @@
 """Diffusion schedulers as pure JAX step functions, one module per family."""
 
+from jaxdiff.errors import UserError
 from jaxdiff.sampling.schedulers.common import add_noise, velocity
 from jaxdiff.sampling.schedulers.ddim import DDIM
 from jaxdiff.sampling.schedulers.ddpm import DDPM
@@ -33,7 +34,7 @@ def make_scheduler(name: str, config: dict | None = None, **options):
     other schedulers are ignored, unsupported values raise ValueError naming the key). `options`: ddim's eta."""
     key = DIFFUSERS_CLASSES.get(name, name)
     if key not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+        raise UserError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
     return SCHEDULERS[key](config, **options)
 
 

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.errors import UserError
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("linspace", "leading", "trailing")
 
@@ -24,7 +26,7 @@ def resolve_config(defaults: dict, config: dict | None) -> dict:
 def check(cfg: dict, key: str, allowed, name: str):
     """ValueError naming `key` unless cfg[key] is one of `allowed`."""
     if cfg[key] not in allowed:
-        raise ValueError(f"{name}: unsupported {key}={cfg[key]!r} (supported: {', '.join(map(repr, allowed))})")
+        raise UserError(f"{name}: unsupported {key}={cfg[key]!r} (supported: {', '.join(map(repr, allowed))})")
 
 
 def check_common(cfg: dict, name: str, predictions=("epsilon", "v_prediction", "sample")):
@@ -40,9 +42,9 @@ def check_common(cfg: dict, name: str, predictions=("epsilon", "v_prediction", "
 
 def check_steps(n, num_train_timesteps: int, limit: bool = True) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {n!r}")
+        raise UserError(f"num_inference_steps must be a positive integer, got {n!r}")
     if limit and n > num_train_timesteps:
-        raise ValueError(f"num_inference_steps={n} cannot be larger than num_train_timesteps={num_train_timesteps}")
+        raise UserError(f"num_inference_steps={n} cannot be larger than num_train_timesteps={num_train_timesteps}")
     return int(n)
 
 
@@ -101,7 +103,7 @@ def make_betas(cfg: dict) -> np.ndarray:
         x = torch_linspace32(-6.0, 6.0, n)
         betas = (np.float32(1) / (np.float32(1) + np.exp(-x))) * np.float32(b1 - b0) + np.float32(b0)
     else:
-        raise ValueError(f"unsupported beta_schedule={cfg['beta_schedule']!r}")
+        raise UserError(f"unsupported beta_schedule={cfg['beta_schedule']!r}")
     if cfg.get("rescale_betas_zero_snr"):
         betas = rescale_zero_terminal_snr(betas)
     return betas.astype(np.float32)
@@ -120,7 +122,7 @@ def spaced_timesteps(spacing: str, num_train: int, n: int, steps_offset: int = 0
         return (np.arange(0, n) * ratio).round()[::-1].copy().astype(np.int64) + steps_offset
     if spacing == "trailing":
         return np.round(np.arange(num_train, 0, -num_train / n)).astype(np.int64) - 1
-    raise ValueError(f"unsupported timestep_spacing={spacing!r}")
+    raise UserError(f"unsupported timestep_spacing={spacing!r}")
 
 
 # --------------------------------------------------------------------------------------------- sigmas
@@ -182,7 +184,7 @@ def draw_noise(key, noise, like, what: str):
     if noise is not None:
         return jnp.asarray(noise, like.dtype)
     if key is None:
-        raise ValueError(f"{what} needs a PRNG key (or noise=...) for its noise")
+        raise UserError(f"{what} needs a PRNG key (or noise=...) for its noise")
     return jax.random.normal(key, like.shape, like.dtype)
 
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.errors import UserError
 from jaxdiff.sampling.schedulers.common import Scheduler, check_steps, draw_noise, f32, spaced_timesteps
 
 
@@ -47,7 +48,7 @@ class DDIM(Scheduler):
         super().__init__(config)
         self.eta = float(eta if eta is not None else (config or {}).get("eta", 0.0))
         if self.eta < 0:
-            raise ValueError(f"ddim: eta must be >= 0, got {self.eta}")
+            raise UserError(f"ddim: eta must be >= 0, got {self.eta}")
 
     def plan(self, num_inference_steps: int) -> DDIMPlan:
         c = self.config

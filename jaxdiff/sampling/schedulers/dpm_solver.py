@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.errors import UserError
 from jaxdiff.sampling.schedulers.common import (
     Scheduler,
     check,
@@ -82,7 +83,7 @@ class DPMSolverPP(Scheduler):
         for key in ("use_beta_sigmas", "use_flow_sigmas", "use_dynamic_shifting"):
             check(c, key, (False, None), n)
         if sum(bool(c[k]) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_lu_lambdas")) > 1:
-            raise ValueError(f"{n}: use_karras_sigmas, use_exponential_sigmas and use_lu_lambdas are exclusive")
+            raise UserError(f"{n}: use_karras_sigmas, use_exponential_sigmas and use_lu_lambdas are exclusive")
 
     def _timesteps_sigmas(self, n: int):
         c, T, acp = self.config, self.num_train_timesteps, self.alphas_cumprod

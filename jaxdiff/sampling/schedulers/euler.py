@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.errors import UserError
 from jaxdiff.sampling.schedulers.common import (
     Scheduler,
     check,
@@ -65,7 +66,7 @@ class EulerDiscrete(Scheduler):
         check(c, "timestep_type", ("discrete", "continuous"), n)
         check(c, "final_sigmas_type", ("zero", "sigma_min"), n)
         if c["use_karras_sigmas"] and c["use_exponential_sigmas"]:
-            raise ValueError(f"{n}: use_karras_sigmas and use_exponential_sigmas are exclusive")
+            raise UserError(f"{n}: use_karras_sigmas and use_exponential_sigmas are exclusive")
 
     def plan(self, num_inference_steps: int) -> EulerPlan:
         c, T = self.config, self.num_train_timesteps

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.errors import UserError
 from jaxdiff.sampling.schedulers.common import Scheduler, check, check_steps, exponential_sigmas, f32, karras_sigmas
 
 
@@ -54,9 +55,9 @@ class FlowEuler(Scheduler):
         for key in ("use_dynamic_shifting", "invert_sigmas", "use_beta_sigmas", "stochastic_sampling"):
             check(c, key, (False, None), n)
         if c["shift"] <= 0:
-            raise ValueError(f"{n}: shift must be > 0, got {c['shift']!r}")
+            raise UserError(f"{n}: shift must be > 0, got {c['shift']!r}")
         if c["use_karras_sigmas"] and c["use_exponential_sigmas"]:
-            raise ValueError(f"{n}: use_karras_sigmas and use_exponential_sigmas are exclusive")
+            raise UserError(f"{n}: use_karras_sigmas and use_exponential_sigmas are exclusive")
 
     def plan(self, num_inference_steps: int) -> FlowPlan:
         c, T = self.config, self.num_train_timesteps

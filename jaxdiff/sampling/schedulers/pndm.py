@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.errors import UserError
 from jaxdiff.sampling.schedulers.common import Scheduler, check_common, check_steps, f32
 
 # linear multistep weights on (e_new, e_-1, e_-2, e_-3) by the length of diffusers' `ets` list after the append
@@ -68,7 +69,7 @@ class PNDM(Scheduler):
             plms = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1].copy()
         else:
             if n < 4:
-                raise ValueError("pndm: PRK warm-up needs num_inference_steps >= 4 (or skip_prk_steps=True)")
+                raise UserError("pndm: PRK warm-up needs num_inference_steps >= 4 (or skip_prk_steps=True)")
             prk = np.array(base[-4:]).repeat(2) + np.tile(np.array([0, ratio // 2]), 4)
             prk = (prk[:-1].repeat(2)[1:-1])[::-1].copy()
             plms = base[:-3][::-1].copy()
