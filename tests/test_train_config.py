@@ -6,6 +6,7 @@ import train_worker as tw
 from jax._src import monitoring
 
 from jaxdiff import cli
+from jaxdiff.config import load_config
 from jaxdiff.train import config as config_lib
 
 
@@ -85,7 +86,7 @@ def test_unknown_key_set_inside_a_config_file_is_refused(capsys, tmp_path, compi
 
 def test_overrides_parse_to_the_schema_types_and_open_keys():
     config = config_lib.apply_overrides(
-        config_lib.load_config(tw.TINY + ":fsdp"),
+        load_config(tw.TINY + ":fsdp"),
         [
             "--config.data.shuffle=false",
             "--config.total_steps=7",
@@ -108,7 +109,7 @@ def test_overrides_parse_to_the_schema_types_and_open_keys():
 def test_sd15_config_validates_and_builds_abstractly_on_8_devices():
     from jaxdiff.train import loop
 
-    config = config_lib.load_config("configs/train/sd15.py")
+    config = load_config("configs/train/sd15.py")
     s = loop.setup(config)  # shapes only: nothing allocated, nothing compiled
     assert s.mesh.shape["fsdp"] == 8 and s.model.num_params() > 850_000_000
     kernel = s.state_shardings.params["unet"]["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]

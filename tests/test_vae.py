@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
+from parity import assert_parity
 from safetensors.numpy import load_file
 
 from jaxdiff.convert.table import CheckpointMismatchError
 from jaxdiff.models.model import create
 from jaxdiff.models.vae import ARCHITECTURES
-from parity import assert_parity
 
 ARCH = ARCHITECTURES["AutoencoderKL"]
 
