@@ -12,6 +12,7 @@ import transformers
 from parity import assert_parity
 from safetensors.numpy import load_file, save_file
 
+from jaxdiff.convert import layout
 from jaxdiff.convert.table import CheckpointMismatchError
 from jaxdiff.models.clip import ARCHITECTURES
 from jaxdiff.models.model import create
@@ -19,8 +20,13 @@ from jaxdiff.models.model import create
 EOS = 400  # not the largest id, so the first-EOS rule and the legacy argmax rule pick different positions
 PAD = 1
 TINY = dict(
-    vocab_size=1000, hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=16,
-    bos_token_id=0, pad_token_id=PAD,
+    vocab_size=1000,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    max_position_embeddings=16,
+    bos_token_id=0,
+    pad_token_id=PAD,
 )
 
 # name -> (transformers class, config overrides, whether inputs are right-padded with an attention mask)
@@ -102,11 +108,19 @@ def case(request, tmp_path_factory):
 
     arch = ARCHITECTURES[cls_name]
     model = create(arch, config_dict, abstract=True)
-    params = model.load_state_dict(state)
+    params = layout.load_state_dict(model, state)
     out = jax.jit(model.apply)(params, jnp.asarray(ids), None if mask is None else jnp.asarray(mask))
     return dict(
-        name=cls_name, pt=pt, state=state, model=model, params=params, ids=ids, mask=mask,
-        ref=ref, out=jax.device_get(out), num_layers=config.num_hidden_layers,
+        name=cls_name,
+        pt=pt,
+        state=state,
+        model=model,
+        params=params,
+        ids=ids,
+        mask=mask,
+        ref=ref,
+        out=jax.device_get(out),
+        num_layers=config.num_hidden_layers,
     )
 
 
@@ -124,7 +138,7 @@ def test_outputs_match_transformers(case):
 
 
 def test_param_tree_mirrors_pytorch_names(case):
-    keys = {e.torch_key for e in case["model"].conversion_table()}
+    keys = {e.torch_key for e in layout.conversion_table(case["model"])}
     assert "text_model.embeddings.token_embedding.weight" in keys
     assert "text_model.encoder.layers.0.self_attn.q_proj.weight" in keys
     assert "text_model.final_layer_norm.weight" in keys
@@ -137,10 +151,12 @@ def test_param_tree_mirrors_pytorch_names(case):
 
 
 def test_state_dict_round_trip_is_bitwise(case):
-    exported = case["model"].to_state_dict(case["params"])
+    exported = layout.to_state_dict(case["model"], case["params"])
     # transformers 5 saves CLIPTextModel without the `text_model.` prefix; jaxdiff exports the Hub spelling.
-    original = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
-                for k, v in case["state"].items()}
+    original = {
+        k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
+        for k, v in case["state"].items()
+    }
     assert sorted(exported) == sorted(original)
     for key, value in original.items():
         assert exported[key].dtype == value.dtype and exported[key].shape == value.shape, key
@@ -148,7 +164,7 @@ def test_state_dict_round_trip_is_bitwise(case):
 
 
 def test_export_loads_in_transformers(case, tmp_path):
-    save_file(case["model"].to_state_dict(case["params"]), os.path.join(tmp_path, "model.safetensors"))
+    save_file(layout.to_state_dict(case["model"], case["params"]), os.path.join(tmp_path, "model.safetensors"))
     case["pt"].config.save_pretrained(tmp_path)
     reloaded = getattr(transformers, case["name"]).from_pretrained(tmp_path).eval()
     for name, tensor in case["pt"].state_dict().items():
@@ -159,10 +175,10 @@ def test_legacy_position_ids_buffer_is_ignored_and_missing_keys_are_reported(cas
     state = dict(case["state"])
     prefix = "text_model." if case["name"] == "CLIPTextModelWithProjection" else ""
     state[prefix + "embeddings.position_ids"] = np.arange(16, dtype=np.int64)[None]
-    case["model"].load_state_dict(state)
+    layout.load_state_dict(case["model"], state)
     del state[prefix + "final_layer_norm.weight"]
     with pytest.raises(CheckpointMismatchError, match="final_layer_norm.weight"):
-        case["model"].load_state_dict(state)
+        layout.load_state_dict(case["model"], state)
 
 
 def test_bfloat16_compute_stays_close(case):
@@ -179,20 +195,42 @@ def test_bfloat16_compute_stays_close(case):
 FULL_SIZE = {
     # SD 1.x: OpenAI CLIP ViT-L/14 text tower.
     "CLIPTextModel": (
-        dict(vocab_size=49408, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-             intermediate_size=3072, max_position_embeddings=77, hidden_act="quick_gelu"),
+        dict(
+            vocab_size=49408,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+        ),
         123_060_480,
     ),
     # SD 2.x: OpenCLIP ViT-H text tower without its last layer.
     "ViT-H-23": (
-        dict(vocab_size=49408, hidden_size=1024, num_hidden_layers=23, num_attention_heads=16,
-             intermediate_size=4096, max_position_embeddings=77, hidden_act="gelu"),
+        dict(
+            vocab_size=49408,
+            hidden_size=1024,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+        ),
         340_387_840,
     ),
     # SDXL text_encoder_2: OpenCLIP bigG with projection.
     "CLIPTextModelWithProjection": (
-        dict(vocab_size=49408, hidden_size=1280, num_hidden_layers=32, num_attention_heads=20,
-             intermediate_size=5120, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280),
+        dict(
+            vocab_size=49408,
+            hidden_size=1280,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            intermediate_size=5120,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=1280,
+        ),
         694_659_840,
     ),
 }

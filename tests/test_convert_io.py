@@ -22,17 +22,34 @@ from jaxdiff.convert.table import CheckpointMismatchError
 from jaxdiff.convert.torch_io import UnsafeCheckpointError, load_torch_state_dict
 
 UNET = dict(
-    sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    sample_size=8,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    cross_attention_dim=32,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     attention_head_dim=4,
 )
 VAE = dict(
-    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[16, 32],
-    layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16,
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    block_out_channels=[16, 32],
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=16,
 )
 CLIP = dict(
-    vocab_size=60, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-    max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    vocab_size=60,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    max_position_embeddings=16,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
 )
 
 
@@ -58,11 +75,18 @@ def tiny_pipeline(folder):
     tok_src.mkdir()
     (tok_src / "vocab.json").write_text(json.dumps(vocab))
     (tok_src / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = transformers.CLIPTokenizer(str(tok_src / "vocab.json"), str(tok_src / "merges.txt"), model_max_length=16)
+    tokenizer = transformers.CLIPTokenizer(
+        str(tok_src / "vocab.json"), str(tok_src / "merges.txt"), model_max_length=16
+    )
     text_encoder = _randomized(transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP)), 2)
     pipe = StableDiffusionPipeline(
-        vae=_randomized(AutoencoderKL(**VAE), 1), text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet(),
-        scheduler=DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None,
+        vae=_randomized(AutoencoderKL(**VAE), 1),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=tiny_unet(),
+        scheduler=DDIMScheduler(clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
@@ -118,8 +142,13 @@ def test_safetensors_reader_equals_reference_reader(tmp_path, dtype):
 
 
 def test_safetensors_writer_is_read_by_reference_reader(tmp_path):
-    tensors = {"f32": np.arange(6, dtype=np.float32).reshape(2, 3), "f16": np.ones(3, np.float16), "i32": np.arange(5, dtype=np.int32),
-               "u8": np.arange(3, dtype=np.uint8), "f64": np.zeros((), np.float64)}
+    tensors = {
+        "f32": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "f16": np.ones(3, np.float16),
+        "i32": np.arange(5, dtype=np.int32),
+        "u8": np.arange(3, dtype=np.uint8),
+        "f64": np.zeros((), np.float64),
+    }
     write_safetensors(tmp_path / "w.safetensors", tensors, metadata={"format": "pt"})
     _assert_bitwise_equal(load_file(str(tmp_path / "w.safetensors")), tensors)
     assert sorted(os.listdir(tmp_path)) == ["w.safetensors"]  # no temporary file left behind
@@ -156,7 +185,11 @@ class _Exploit:
 
 
 def test_bin_loads_through_weights_only_and_upcasts(tmp_path):
-    state = {"w": torch.randn(3, 4, dtype=torch.bfloat16), "h": torch.randn(2, dtype=torch.float16), "i": torch.arange(3)}
+    state = {
+        "w": torch.randn(3, 4, dtype=torch.bfloat16),
+        "h": torch.randn(2, dtype=torch.float16),
+        "i": torch.arange(3),
+    }
     torch.save({"state_dict": state, "global_step": 7}, tmp_path / "m.ckpt")
     loaded = load_torch_state_dict(tmp_path / "m.ckpt")
     assert sorted(loaded) == ["h", "i", "w"]
@@ -191,8 +224,15 @@ def test_unet_from_bin_equals_unet_from_safetensors(tmp_path):
 
 def test_convert_then_export_is_bitwise_lossless(pipeline_dir, converted, exported):
     assert json.loads((converted / "jaxdiff.json").read_text())["components"] == {
-        "text_encoder": "CLIPTextModel", "unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
-    for name, weights in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")]:
+        "text_encoder": "CLIPTextModel",
+        "unet": "UNet2DConditionModel",
+        "vae": "AutoencoderKL",
+    }
+    for name, weights in [
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+    ]:
         original = load_file(str(pipeline_dir / name / f"{weights}.safetensors"))
         _assert_bitwise_equal(load_file(str(exported / name / f"{weights}.safetensors")), original)
         assert (exported / name / "config.json").read_bytes() == (pipeline_dir / name / "config.json").read_bytes()
@@ -258,7 +298,11 @@ def test_load_model_reads_both_formats_identically(pipeline_dir, converted):
 
 
 def test_init_model_is_abstract_from_dict_file_or_folder(pipeline_dir):
-    for source in (dict(UNET, _class_name="UNet2DConditionModel"), pipeline_dir / "unet" / "config.json", pipeline_dir / "unet"):
+    for source in (
+        dict(UNET, _class_name="UNet2DConditionModel"),
+        pipeline_dir / "unet" / "config.json",
+        pipeline_dir / "unet",
+    ):
         model = jaxdiff.init_model(source)
         leaves = jax.tree.leaves(model.params)
         assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
@@ -271,10 +315,17 @@ def test_init_model_is_abstract_from_dict_file_or_folder(pipeline_dir):
 
 
 def test_jaxdiff_checkpoint_loads_without_torch(converted):
-    code = "import sys; sys.modules['torch'] = None; import jaxdiff; print(jaxdiff.load_model(sys.argv[1]).num_params())"
+    code = (
+        "import sys; sys.modules['torch'] = None; import jaxdiff; print(jaxdiff.load_model(sys.argv[1]).num_params())"
+    )
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", code, str(converted / "text_encoder")], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(converted / "text_encoder")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) > 0
 

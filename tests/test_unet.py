@@ -7,6 +7,7 @@ import pytest
 import torch
 from parity import assert_parity
 
+from jaxdiff.convert import layout
 from jaxdiff.models.model import create
 from jaxdiff.models.unet import ARCHITECTURES
 
@@ -84,7 +85,7 @@ def test_unet_matches_diffusers(reference):
     name, ref, folder = reference
     config = json.loads((folder / "config.json").read_text())
     model = create(UNET, config, abstract=True)
-    params = model.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"))
+    params = layout.load_state_dict(model, load_file(folder / "diffusion_pytorch_model.safetensors"))
     sample, t, context, added = _inputs(name)
     out = jax.jit(model.apply)(params, sample, t, context, added)
     with torch.no_grad():
@@ -105,7 +106,7 @@ def test_unet_state_dict_round_trip_is_bitwise(reference):
 
     state = load_file(folder / "diffusion_pytorch_model.safetensors")
     model = create(UNET, json.loads((folder / "config.json").read_text()), abstract=True)
-    back = model.to_state_dict(model.load_state_dict(state))
+    back = layout.to_state_dict(model, layout.load_state_dict(model, state))
     assert sorted(back) == sorted(state)
     for key, tensor in state.items():
         np.testing.assert_array_equal(back[key], tensor, err_msg=key)
@@ -121,7 +122,7 @@ def test_unet_bfloat16_compute_stays_close(reference):
     state = load_file(folder / "diffusion_pytorch_model.safetensors")
     f32 = create(UNET, config, abstract=True)
     bf16 = create(UNET, config, abstract=True, dtype=jnp.bfloat16)
-    params = f32.load_state_dict(state)
+    params = layout.load_state_dict(f32, state)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
     args = _inputs(name)
     a = np.asarray(jax.jit(f32.apply)(params, *args))

@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from parity import assert_parity
 from safetensors.numpy import load_file
 
+from jaxdiff.convert import layout
 from jaxdiff.convert.table import CheckpointMismatchError
 from jaxdiff.models.model import create
 from jaxdiff.models.vae import ARCHITECTURES
@@ -53,7 +54,7 @@ def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_vae")
     vae.save_pretrained(path, safe_serialization=True)
     config = json.loads((path / "config.json").read_text())
-    state = load_file(str(path / ARCH.weights_name))
+    state = load_file(str(path / layout.LAYOUTS[ARCH.name].weights_name))
     return vae, config, state
 
 
@@ -61,7 +62,7 @@ def tiny(tmp_path_factory):
 def loaded(tiny):
     _, config, state = tiny
     model = create(ARCH, config, abstract=True)
-    return model, model.load_state_dict(state)
+    return model, layout.load_state_dict(model, state)
 
 
 def _nchw(x):
@@ -114,14 +115,14 @@ def test_old_attention_spelling_loads(tiny, loaded, conv_shaped):
                     tensor = tensor[:, :, None, None]
         old[key] = tensor
     assert any(k.endswith("mid_block.attentions.0.proj_attn.weight") for k in old)
-    legacy_params = model.load_state_dict(old)
+    legacy_params = layout.load_state_dict(model, old)
     jax.tree_util.tree_map(np.testing.assert_array_equal, legacy_params, params)
 
 
 def test_state_dict_round_trip_is_bitwise(tiny, loaded):
     _, _, state = tiny
     model, params = loaded
-    exported = model.to_state_dict(params)
+    exported = layout.to_state_dict(model, params)
     assert set(exported) == set(state)
     for key, tensor in state.items():
         assert exported[key].dtype == np.float32 and exported[key].shape == tensor.shape, key
@@ -144,14 +145,14 @@ def test_missing_key_is_reported(tiny, loaded):
     model, _ = loaded
     broken = {k: v for k, v in state.items() if k != "decoder.conv_out.bias"}
     with pytest.raises(CheckpointMismatchError, match="decoder.conv_out.bias"):
-        model.load_state_dict(broken)
+        layout.load_state_dict(model, broken)
 
 
 def test_optional_convs_and_attention_follow_config():
     options = dict(use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False)
     torch_keys = set(TorchAutoencoderKL(**TINY, **options).state_dict())
     model = create(ARCH, dict(TINY, **options), abstract=True)
-    assert {e.torch_key for e in model.conversion_table()} == torch_keys
+    assert {e.torch_key for e in layout.conversion_table(model)} == torch_keys
     assert "quant_conv" not in model.params and "attentions_0" not in model.params["encoder"]["mid_block"]
 
 

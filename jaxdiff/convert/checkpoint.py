@@ -19,6 +19,7 @@ from flax import traverse_util
 from tqdm.auto import tqdm
 
 from jaxdiff import fileio
+from jaxdiff.convert import layout
 from jaxdiff.convert.safetensors_io import SafetensorsFile, dtype_tag, load_safetensors, write_safetensors
 from jaxdiff.convert.table import CheckpointMismatchError
 from jaxdiff.convert.torch_io import TORCH_SUFFIXES, load_torch_state_dict
@@ -153,7 +154,7 @@ def _read_torch_layout(folder: Path, config_path: Path, files: list[Path] | None
     model = create(architecture_of(config, config_path), config, abstract=True, **kw)
     files = files or find_weights(folder)
     where = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
-    return model, model.load_state_dict(read_state_dict(files), where=where)
+    return model, layout.load_state_dict(model, read_state_dict(files), where=where)
 
 
 # ---------------------------------------------------------------- the jaxdiff format
@@ -194,8 +195,8 @@ def _write_jaxdiff_component(folder: Path, model: Model, params, config_source: 
 def _write_diffusers_component(folder: Path, model: Model, params, config_source: Path | None = None) -> None:
     _write_config(folder, model, config_source)
     # transformers refuses safetensors whose metadata lacks a known "format"; "pt" is what torch writers use.
-    state = model.to_state_dict(params)
-    write_safetensors(folder / model.architecture.weights_name, state, metadata={"format": "pt"})
+    state = layout.to_state_dict(model, params)
+    write_safetensors(folder / layout.layout(model).weights_name, state, metadata={"format": "pt"})
 
 
 def _component_names(src: Path) -> dict[str, str]:

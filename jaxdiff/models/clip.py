@@ -27,8 +27,6 @@ DEFAULTS = {
 # Legacy configs (before transformers PR #24773) say eos_token_id=2 and pool at argmax(input_ids).
 LEGACY_EOS_TOKEN_ID = 2
 
-_PREFIX = "text_model."
-
 
 def _cfg(config, key):
     return config.get(key, DEFAULTS[key])
@@ -54,17 +52,17 @@ class CLIPAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask):
-        b, l, d = x.shape
+        b, length, d = x.shape
         head_dim = d // self.num_heads
 
         def proj(name):
             y = Dense(d, axes=(EMBED, HEADS), dtype=self.dtype, name=name)(x)
-            return y.reshape(b, l, self.num_heads, head_dim)
+            return y.reshape(b, length, self.num_heads, head_dim)
 
         # dot_product_attention scales by head_dim**-0.5, as CLIPAttention does.
         q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
         out = dot_product_attention(q, k, v, mask=mask, implementation=self.attention)
-        return Dense(d, axes=(HEADS, EMBED), dtype=self.dtype, name="out_proj")(out.reshape(b, l, d))
+        return Dense(d, axes=(HEADS, EMBED), dtype=self.dtype, name="out_proj")(out.reshape(b, length, d))
 
 
 class CLIPMLP(nn.Module):
@@ -219,29 +217,17 @@ def example_inputs(config: dict) -> tuple:
     return (jnp.zeros((1, _cfg(config, "max_position_embeddings")), jnp.int32),)
 
 
-def _unprefixed(key: str) -> tuple[str, ...]:
-    # transformers 5 saves CLIPTextModel without the `text_model.` prefix (it still loads either spelling).
-    return (key[len(_PREFIX) :],) if key.startswith(_PREFIX) else ()
-
-
 ARCHITECTURES = {
     "CLIPTextModel": Architecture(
         name="CLIPTextModel",
         kind="clip_text",
         build=_builder(False),
         example_inputs=example_inputs,
-        list_names=("layers",),
-        weights_name="model.safetensors",
-        aliases=_unprefixed,
-        ignore=("position_ids",),  # a persistent buffer in checkpoints saved by transformers < 4.31
     ),
     "CLIPTextModelWithProjection": Architecture(
         name="CLIPTextModelWithProjection",
         kind="clip_text",
         build=_builder(True),
         example_inputs=example_inputs,
-        list_names=("layers",),
-        weights_name="model.safetensors",
-        ignore=("position_ids",),
     ),
 }

@@ -11,26 +11,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.convert import table as table_lib
-
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-    """How to build, initialise and convert one model class (e.g. "UNet2DConditionModel").
+    """How to build and initialise one model class (e.g. "UNet2DConditionModel"); its PyTorch layout is in
+    `jaxdiff.convert.layout`.
 
-    build(config, dtype, attention) -> nn.Module; example_inputs(config) -> tuple of arrays for init;
-    list_names: Flax module names spelled `name_<i>` that PyTorch spells `name.<i>`;
-    aliases(torch_key) -> alternative spellings accepted on import; ignore: key suffixes skipped on import.
+    build(config, dtype, attention) -> nn.Module; example_inputs(config) -> tuple of arrays for init.
     """
 
     name: str
     kind: str  # "unet" | "vae" | "clip_text"
     build: Callable[..., nn.Module]
     example_inputs: Callable[[dict], tuple]
-    list_names: tuple[str, ...]
-    weights_name: str  # file name used on export (diffusers or transformers convention)
-    aliases: Callable[[str], tuple[str, ...]] = lambda key: ()
-    ignore: tuple[str, ...] = ()
     init_method: str | None = None  # module method used for init when __call__ is not enough
 
 
@@ -61,20 +54,6 @@ class Model:
 
     def num_params(self) -> int:
         return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(self.params)))
-
-    def conversion_table(self) -> list[table_lib.Entry]:
-        return table_lib.build_table(self.params, self.architecture.list_names)
-
-    def to_state_dict(self, params=None) -> dict[str, np.ndarray]:
-        """PyTorch-layout float32 tensors keyed by diffusers/transformers names."""
-        return table_lib.state_dict_from_params(self.conversion_table(), self.params if params is None else params)
-
-    def load_state_dict(self, state, where: str = "checkpoint"):
-        """Params from a PyTorch state dict (numpy arrays), strictly checked against this model."""
-        arch = self.architecture
-        table = self.conversion_table()
-        aliases = {e.torch_key: arch.aliases(e.torch_key) for e in table}
-        return table_lib.load_state_dict(table, state, self.params, aliases=aliases, ignore=arch.ignore, where=where)
 
 
 def create(architecture: Architecture, config: dict, *, abstract: bool, dtype=jnp.float32, attention="auto", seed=0):

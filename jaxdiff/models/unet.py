@@ -255,17 +255,5 @@ ARCHITECTURES = {
         kind="unet",
         build=build,
         example_inputs=example_inputs,
-        list_names=(
-            "down_blocks",
-            "up_blocks",
-            "resnets",
-            "attentions",
-            "downsamplers",
-            "upsamplers",
-            "transformer_blocks",
-            "to_out",
-            "net",
-        ),
-        weights_name="diffusion_pytorch_model.safetensors",
     )
 }

@@ -210,29 +210,11 @@ def example_inputs(config: dict) -> tuple:
     return (jnp.zeros((1, size, size, config.get("in_channels", 3)), jnp.float32),)
 
 
-_OLD_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-
-
-def aliases(torch_key: str) -> tuple[str, ...]:
-    """Old diffusers/LDM spelling of a VAE attention key (e.g. `stabilityai/sd-vae-ft-mse`): `to_q` -> `query`."""
-    if ".attentions." not in torch_key:
-        return ()
-    head, _, leaf = torch_key.rpartition(".")
-    for new, old in _OLD_ATTENTION_NAMES.items():
-        if head.endswith("." + new):
-            return (f"{head[: -len(new)]}{old}.{leaf}",)
-    return ()
-
-
 ARCHITECTURES = {
     "AutoencoderKL": Architecture(
         name="AutoencoderKL",
         kind="vae",
         build=build,
         example_inputs=example_inputs,
-        list_names=("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers", "to_out"),
-        weights_name="diffusion_pytorch_model.safetensors",
-        aliases=aliases,
-        ignore=(),
     )
 }
