@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -72,57 +75,59 @@ def test_probe_shapes_targets_and_roundtrip(tmp_path):
 
 def test_every_vocabulary_word_is_one_token_and_heldout_prompts_fit(tmp_path):
     from jaxdiff.data.tokenizer import build_clip_tokenizer
+    from jaxdiff.train.shapes.common import vocabulary_words
+    from jaxdiff.train.shapes.models import MAX_TOKENS
 
-    train = _tool("train_shapes")
-    words = train.vocabulary_words()
+    words = vocabulary_words()
     assert {"circle", "disc", "figure", "backdrop", "yellow", "crimson", "sided"} <= set(words)
-    tok = build_clip_tokenizer(words, tmp_path / "tok", train.MAX_TOKENS)
+    tok = build_clip_tokenizer(words, tmp_path / "tok", MAX_TOKENS)
     assert [w for w in words if len(tok.tokenize(w)) != 1] == []
     rng = np.random.default_rng(0)
     longest = max(len(tok(S.caption(S.sample_scene(rng, 2), rng, "heldout")).input_ids) for _ in range(300))
-    assert longest <= train.MAX_TOKENS
+    assert longest <= MAX_TOKENS
 
 
-def test_train_shapes_smoke_stages_resume_and_skip(tmp_path, capsys, monkeypatch):
-    train = _tool("train_shapes")
-    with pytest.raises(SystemExit) as e:
-        train.main(["--help"])
-    assert e.value.code == 0 and "--stage" in capsys.readouterr().out
-    w = tmp_path / "w"
-    clip = [
+def _smoke_flags(workdir, stage, steps):
+    return [
         "--smoke",
         "--tiny",
         "--generate-data",
         "--num-examples",
         "64",
         "--workdir",
-        str(w),
+        str(workdir),
         "--stage",
-        "clip",
-        "--clip-steps",
-        "4",
+        stage,
+        f"--{stage}-steps",
+        str(steps),
         "--save-every",
         "2",
     ]
 
-    # A run killed after its first saved state (step 2)...
-    save_state = train.save_state
 
-    def dies_after_saving(path, state):
-        save_state(path, state)
-        raise KeyboardInterrupt("killed")
+def test_train_shapes_smoke_stages_resume_and_skip(tmp_path, capsys, monkeypatch):
+    from jaxdiff.errors import EXIT_PREEMPTED
 
-    monkeypatch.setattr(train, "save_state", dies_after_saving)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(clip)
-    monkeypatch.setattr(train, "save_state", save_state)
+    train = _tool("train_shapes")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0 and "--stage" in capsys.readouterr().out
+    w = tmp_path / "w"
+    clip = _smoke_flags(w, "clip", 4)
+
+    # A run stopped by SIGTERM during step 3 (the runner's fault hook sends it) saves step 3 and exits 75...
+    monkeypatch.setenv("JAXDIFF_FAULT", "step@3:term")
+    assert train.main(clip) == EXIT_PREEMPTED
+    monkeypatch.delenv("JAXDIFF_FAULT")
     assert not (w / "clip" / "done.json").exists()
-    # ...restarts from it and finishes,
+    assert sorted(int(d.name) for d in (w / "clip" / "train" / "checkpoints").iterdir() if d.name.isdigit()) == [2, 3]
+    # ...restarts from that checkpoint and finishes,
     capsys.readouterr()
     assert train.main(clip) == 0
-    assert "resuming from step 2" in capsys.readouterr().out
+    assert "step 3: compiled the clip step" in capsys.readouterr().out
     done = json.loads((w / "clip" / "done.json").read_text())
-    assert done["steps"] == 4 and (w / "clip" / "text_encoder" / "params.safetensors").is_file()
+    assert done["steps"] == 4 and done["resumed_from"] == 3
+    assert (w / "clip" / "text_encoder" / "params.safetensors").is_file()
     steps = [
         r["step"]
         for r in map(json.loads, (w / "log.jsonl").read_text().splitlines())
@@ -133,14 +138,50 @@ def test_train_shapes_smoke_stages_resume_and_skip(tmp_path, capsys, monkeypatch
     # and a finished stage is skipped.
     assert train.main(clip) == 0
     assert "already done" in capsys.readouterr().out
+    # Other settings for a started stage are refused (exit 2), not silently mixed into its checkpoints.
+    (w / "clip" / "done.json").unlink()
+    assert train.main(_smoke_flags(w, "clip", 5)) == 2
+    assert "changed: " in capsys.readouterr().err
 
-    vae = [*clip[:7], "--stage", "vae", "--vae-steps", "2"]
-    assert train.main(vae) == 0
+    assert train.main(_smoke_flags(w, "vae", 2)) == 0
     vae_cfg = json.loads((w / "vae" / "vae" / "config.json").read_text())
     assert vae_cfg["_class_name"] == "AutoencoderKL" and vae_cfg["scaling_factor"] > 0
     latents = np.load(w / "vae" / "latents.npz")
     assert latents["mean"].shape == (64, 8, 8, 4)
     assert np.std(latents["mean"]) * vae_cfg["scaling_factor"] == pytest.approx(1.0, rel=1e-3)
+
+
+def test_train_shapes_stage_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path):
+    """kill -9 of the command right after the probe stage's step-2 checkpoint; the rerun resumes from it and ends
+    with the same probe, bit for bit, as a run never interrupted (batches are a function of the step)."""
+    import jax
+
+    train = _tool("train_shapes")
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    env = {
+        **os.environ,
+        "JAXDIFF_FAULT": "saved@2",
+        "JAX_COMPILATION_CACHE_DIR": str(jax.config.jax_compilation_cache_dir),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+    }
+    cmd = [sys.executable, str(ROOT / "tools" / "train_shapes.py"), *_smoke_flags(killed, "probe", 5)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert not (killed / "probe" / "done.json").exists()
+
+    assert train.main(_smoke_flags(killed, "probe", 5)) == 0
+    assert train.main(_smoke_flags(clean, "probe", 5)) == 0
+    resumed = json.loads((killed / "probe" / "done.json").read_text())
+    assert resumed["resumed_from"] == 2 and resumed["steps"] == 5
+    assert json.loads((clean / "probe" / "done.json").read_text())["resumed_from"] == 0
+    a, b = (probe_lib.load_probe(w / "probe" / "probe").params for w in (killed, clean))
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    rows = [
+        [json.loads(r) for r in (w / "probe" / "train" / "metrics.jsonl").read_text().splitlines()]
+        for w in (killed, clean)
+    ]
+    assert [(r["step"], r["loss"]) for r in rows[0]] == [(r["step"], r["loss"]) for r in rows[1]]
 
 
 @pytest.mark.skipif(not (ASSETS / "shapes" / "jaxdiff.json").is_file(), reason="shapes assets not trained yet")
