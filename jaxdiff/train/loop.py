@@ -194,5 +194,6 @@ def train(config: mlc.ConfigDict, workdir: str, *, devices=None) -> dict:
         leaf_names=step_lib.leaf_names(s.abstract_state.params, s.masks, s.phases),
         config=json.loads(config.to_json_best_effort()),
         step_flops_scale=len(s.mesh.devices.flat),
+        where=f"mesh {dict(s.mesh.shape)}",
     )
     return summary

@@ -64,6 +64,7 @@ class Settings:
     images_per_step: int = 1  # for the images/s column
     label: str = "train step"  # what the compile message calls the step
     resume_if_changed: bool = False  # resume although the saved config differs
+    resume_hint: str = "--config.resume_if_changed=true"  # how the caller's users allow that (in the refusal)
 
 
 class StepBatches:
@@ -112,7 +113,7 @@ def changed_keys(saved: dict, current: dict, ignore: tuple[str, ...] = ("resume_
     return out
 
 
-def _check_config(workdir: str, config: dict | None, resuming: bool, allow_changes: bool) -> None:
+def _check_config(workdir: str, config: dict | None, resuming: bool, settings: Settings) -> None:
     """Refuse to resume a run whose saved config differs (unless allowed); then save this config atomically."""
     if config is None or jax.process_index() != 0:
         return
@@ -121,10 +122,10 @@ def _check_config(workdir: str, config: dict | None, resuming: bool, allow_chang
         with open(path) as f:
             saved = json.load(f)
         diff = changed_keys(saved, config)
-        if diff and not allow_changes:
+        if diff and not settings.resume_if_changed:
             raise UserError(
                 f"{workdir} holds a run with another config; changed: {'; '.join(diff)}. Rerun with the saved "
-                "values, use another workdir, or allow it (--config.resume_if_changed=true)"
+                f"values, use another workdir, or allow it ({settings.resume_hint})"
             )
     fileio.atomic_write_text(path, json.dumps(config, indent=2) + "\n")
 
@@ -141,6 +142,7 @@ def run(
     leaf_names: dict[str, list[str]] | None = None,
     config: dict | None = None,
     step_flops_scale: int = 1,
+    where: str = "",
 ) -> tuple[Any, dict]:
     """Train until `settings.total_steps`, resuming from `workdir/checkpoints`; returns (final state, summary).
 
@@ -148,7 +150,8 @@ def run(
     state, placed (called only without a checkpoint); abstract_state: ShapeDtypeStructs with this run's shardings
     (what a checkpoint is restored onto); batches: `next()`, `state()`, `restore()`, `batches_consumed()`,
     `close()` (train.data.BatchIterator or StepBatches); frozen: the placed frozen models, a jit argument.
-    summary: {"step", "resumed_from", "loss", "last" (last logged scalars), "compile_s", "skipped"}.
+    where: how the compile message names the devices (e.g. the mesh). summary: {"step", "resumed_from", "loss",
+    "last" (last logged scalars), "compile_s", "skipped"}.
     Raises errors.Preempted after saving on SIGTERM, step.NonFiniteError on a non-finite update with "stop".
     """
     main = jax.process_index() == 0
@@ -160,7 +163,7 @@ def run(
     writer = None
     try:
         start = checkpointer.latest_step()
-        _check_config(workdir, config, start is not None, settings.resume_if_changed)
+        _check_config(workdir, config, start is not None, settings)
         if start is not None:
             state, data_state, _ = checkpointer.restore(start, abstract_state)
             batches.restore(data_state)
@@ -204,7 +207,7 @@ def run(
             f"step {start}: compiled the {settings.label} in {compile_s:.1f} s"
             + (f" ({flops * step_flops_scale / 1e12:.3g} TFLOP per step)" if flops else "")
             + (", resumed" if start else "")
-            + f"; {jax.device_count()} device(s), {jax.process_count()} process(es)"
+            + f"; {where or f'{jax.device_count()} device(s)'}, {jax.process_count()} process(es)"
         )
         log = _Log(settings, checkpointer, writer, leaf_names or {})
         step = start
