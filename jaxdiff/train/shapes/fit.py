@@ -66,7 +66,7 @@ def train(
         log_every=min(25, steps),
         images_per_step=run.hp(stage, "batch"),
         label=f"{stage} step",
-        resume_hint=f"the same flags, or --redo {stage} to train the stage again from scratch",
+        resume_hint=f"the same flags, or --stage {stage} --redo to train the stage again from scratch",
     )
     workdir = run.train_dir(stage)
     saved_config = {"stage": stage, "steps": steps, "batch": settings.images_per_step, "seed": seed, **config}
