@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -12,41 +10,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxdiff import selectors
 from jaxdiff import sharding as sharding_lib
 
-# A selector of trainable leaves: None (all), a regex searched in "a/b/c" leaf paths, a callable
-# (path_string, leaf) -> bool, or a pytree of bools shaped like the params.
-Selector = Any
-
-
-def path_str(path) -> str:
-    """ "down_blocks_0/resnets_0/conv1/kernel" for a jax key path."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
-def mask(params: Any, selector: Selector) -> Any:
-    """A pytree of Python bools shaped like `params`: which leaves train."""
-    if selector is None or selector == "":
-        return jax.tree_util.tree_map(lambda _: True, params)
-    if isinstance(selector, str):
-        pattern = re.compile(selector)
-        fn: Callable = lambda path, leaf: bool(pattern.search(path))
-    elif callable(selector):
-        fn = selector
-    else:
-        return jax.tree_util.tree_map(bool, selector)
-    result = jax.tree_util.tree_map_with_path(lambda p, leaf: bool(fn(path_str(p), leaf)), params)
-    if not any(jax.tree_util.tree_leaves(result)):
-        raise ValueError(f"the trainable selector {selector!r} selects no parameter")
-    return result
+# Which leaves train: see jaxdiff.selectors (None = all, a named selector, a regex on "a/b/c" paths, a callable
+# (path_string, leaf) -> bool, or a pytree of bools).
+Selector = selectors.Selector
+path_str = selectors.path_str
+mask = selectors.mask
 
 
 def partition(tree: Any, selected: Any) -> tuple[Any, Any]:
