@@ -11,7 +11,7 @@ import pytest
 
 from jaxdiff import cli
 from jaxdiff.erase import evaluate as ev
-from jaxdiff.erase import finetune
+from jaxdiff.erase import finetune, registry
 from jaxdiff.erase.config import base_config, train_block
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -341,7 +341,7 @@ def test_erase_bad_config_is_one_line_error_and_writes_nothing(tmp_path, capsys,
 def test_erase_overwrite_replaces_the_old_output_only_once_the_new_one_is_complete(
     uce_run, tmp_path, monkeypatch, capsys
 ):
-    from jaxdiff.erase import run
+    from jaxdiff.erase import run, uce
 
     old, argv = uce_run
     out = tmp_path / "out"
@@ -365,10 +365,8 @@ def test_erase_overwrite_replaces_the_old_output_only_once_the_new_one_is_comple
     (staging / "train" / "step_5").write_text("checkpoint")
     monkeypatch.undo()
     seen = []
-    method = run.METHODS["uce"]
-    monkeypatch.setitem(
-        run.METHODS, "uce", lambda job: seen.append((job.out, (job.out / "train").exists())) or method(job)
-    )
+    method = uce.run  # the registry calls the module's `run` at call time
+    monkeypatch.setattr(uce, "run", lambda job: seen.append((job.out, (job.out / "train").exists())) or method(job))
     assert cli.main([*other, "--overwrite"]) == 0
     assert seen == [(staging, True)]
     assert json.loads((out / "report.json").read_text())["preserve"] == "triangle"
@@ -379,10 +377,90 @@ def test_erase_overwrite_replaces_the_old_output_only_once_the_new_one_is_comple
 
 def test_every_method_config_loads_and_names_a_known_method():
     from jaxdiff.config import load_config
-    from jaxdiff.erase import METHODS
-    from jaxdiff.erase.run import METHODS as RUNNERS
 
-    assert set(METHODS) == set(RUNNERS)
-    for name in METHODS:
+    for name, info in registry.methods().items():
         c = load_config(f"configs/erase/{name}.py:runlocal")
         assert c.method == name and set(base_config(name).eval) == set(c.eval)
+        if info.selector is not None:  # the declared default is the config's
+            assert load_config(f"configs/erase/{name}.py").train.selector == info.selector, name
+
+
+METHOD_NAMES = ["uce", "rece", "mace", "trce", "esd", "spm", "all_but_one", "ablation", "doco"]
+
+
+def test_registry_finds_the_nine_methods_in_display_order():
+    from jaxdiff.erase import uce
+    from jaxdiff.errors import UserError
+
+    found = registry.methods()
+    assert list(found) == METHOD_NAMES  # finetune.py has a `run` but no METHOD: not a method
+    assert all(info.name == name and info.module.__name__ == f"jaxdiff.erase.{name}" for name, info in found.items())
+    assert registry.get("uce").module is uce and registry.get("uce").kind == "closed_form"
+    assert [n for n, i in found.items() if i.needs_anchor] == ["ablation", "doco"]
+    with pytest.raises(UserError, match="unknown erasure method 'bogus'; choose from uce, rece, mace"):
+        registry.get("bogus")
+
+
+NEW_METHOD = """\"\"\"A method added by dropping its module into the package.\"\"\"
+
+from jaxdiff.erase.registry import MethodInfo
+
+METHOD = MethodInfo(kind="finetune", order=55, selector="esd-u", needs_anchor=True, anchor="other_concept")
+
+
+def run(job):
+    return "ran"
+"""
+
+
+def test_a_module_dropped_into_the_package_is_a_method(tmp_path, monkeypatch):
+    """A new module with METHOD and run(job) is found, in its place, with nothing else to register: the package's
+    search path gets a folder holding only the new file, so the checkout is not touched."""
+    import sys
+
+    import jaxdiff.erase
+
+    (tmp_path / "zz_new_method.py").write_text(NEW_METHOD)
+    (tmp_path / "zz_helper.py").write_text("def run(job):\n    return 'not a method: no METHOD'\n")
+    monkeypatch.setattr(jaxdiff.erase, "__path__", [*jaxdiff.erase.__path__, str(tmp_path)])
+    registry.clear_cache()
+    try:
+        found = registry.methods()
+        assert list(found) == [*METHOD_NAMES[:5], "zz_new_method", *METHOD_NAMES[5:]]  # order 55: after esd
+        info = registry.get("zz_new_method")
+        assert info.needs_anchor and info.selector == "esd-u" and info.module.run(None) == "ran"
+    finally:  # the later tests see the package as it is
+        monkeypatch.undo()
+        for name in ("zz_new_method", "zz_helper"):
+            sys.modules.pop(f"jaxdiff.erase.{name}", None)
+            vars(jaxdiff.erase).pop(name, None)
+        registry.clear_cache()
+    assert list(registry.methods()) == METHOD_NAMES
+
+
+def test_method_info_refuses_unknown_kinds_and_anchors():
+    with pytest.raises(ValueError, match="kind"):
+        registry.MethodInfo(kind="magic", order=1)
+    with pytest.raises(ValueError, match="anchor"):
+        registry.MethodInfo(kind="finetune", order=1, anchor="elsewhere")
+    with pytest.raises(ValueError, match="needs an anchor"):
+        registry.MethodInfo(kind="finetune", order=1, needs_anchor=True)
+
+
+def test_scorecard_reads_methods_and_anchors_from_the_registry():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "erasure_scorecard.py"
+    spec = importlib.util.spec_from_file_location("erasure_scorecard", path)
+    scorecard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scorecard)
+    anchors = {
+        m: [a for a in scorecard.cell_args(m, "circle") if a.startswith("--config.anchor=")] for m in METHOD_NAMES
+    }
+    assert anchors == {
+        **{m: [] for m in METHOD_NAMES},
+        "trce": ["--config.anchor=shape"],  # the generic word of the target's kind
+        "ablation": ["--config.anchor=square"],  # the first other concept of its kind
+        "doco": ["--config.anchor=square"],
+    }

@@ -23,13 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from jaxdiff.erase import registry
 
-METHODS = ("uce", "rece", "mace", "trce", "esd", "spm", "all_but_one", "ablation", "doco")
+ROOT = Path(__file__).resolve().parent.parent  # the cells' configs/erase/<method>.py are relative to it
 TARGETS = ("circle", "red", "box")
-ANCHOR_METHODS = ("ablation", "doco", "trce")  # these map the concept onto another named concept
 
 
 def cell_args(method: str, target: str) -> list[str]:
@@ -38,8 +35,9 @@ def cell_args(method: str, target: str) -> list[str]:
     concept = ev.resolve(target)
     others = list(concept.others)
     args = [f"--config.concept={target}", f"--config.preserve={';'.join(others)}"]
-    if method in ANCHOR_METHODS:
-        args.append(f"--config.anchor={others[0] if method != 'trce' else concept.kind}")
+    anchor = registry.get(method).anchor
+    if anchor is not None:
+        args.append(f"--config.anchor={others[0] if anchor == 'other_concept' else concept.kind}")
     return args
 
 
@@ -171,8 +169,9 @@ def markdown(results: dict, command: str, seconds: list[float]) -> str:
 def main(argv=None) -> int:
     from jaxdiff import fileio
 
+    known = list(registry.methods())
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
+    p.add_argument("--methods", default=",".join(known), help="comma-separated (default: all)")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated shapes concepts")
     p.add_argument("--workdir", default="runs/scorecard", help="one folder per cell; finished cells are reused")
     p.add_argument("--out", default="docs/erasure_scorecard.md")
@@ -180,9 +179,9 @@ def main(argv=None) -> int:
     p.add_argument("extra", nargs="*", help="--config.KEY=VALUE overrides passed to every cell (after --)")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(known))
     if unknown:
-        p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        p.error(f"unknown methods {unknown}; choose from {', '.join(known)}")
     targets = [t for t in args.targets.split(",") if t]
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -6,24 +6,13 @@ Fine-tuning objectives, `loss(trainable, frozen, batch, rng) -> (loss, aux)` bui
   esd.py (ESD), spm.py (SPM adapters, latent anchoring, Facilitated Transport), trce.py (stage 2),
   doco.py (DoCo: discriminator, gradient surgery, a two-optimiser step), all_but_one.py, ablation.py.
 Shared: common.py (encodings, model calls, partial sampling), adapters.py (LoRA merge),
-finetune.py (the fine-tuning loop on the trainer's step: progress, resumable orbax checkpoints).
-Running and judging: job.py (one run's pipeline, prompts, encodings, sampling), methods.py (each method as
-`run(job) -> Result`), run.py (`jaxdiff erase`: outputs, grid, report), evaluate.py (probe-based erasure,
-preservation and attack figures on the shapes world), attacks.py (RECE regenerating embedding, soft prompt).
+finetune.py (the fine-tuning loop on the trainer's step: progress, resumable orbax checkpoints; the methods
+call `train_selected` / `train_unet` with batches drawn by `pick`).
+Each method is one module with `METHOD = registry.MethodInfo(...)` (kind, default selector, anchor, display order)
+and `run(job) -> Result`; registry.py finds them (`registry.methods()`, `registry.get(name)`), so adding a method is
+its module and its config, configs/erase/<method>.py. Running and judging: job.py (one run's pipeline, prompts,
+encodings, sampling, anchor images), run.py (`jaxdiff erase`: outputs, grid, report), evaluate.py (probe-based
+erasure, preservation and attack figures on the shapes world), attacks.py (RECE regenerating embedding, soft prompt).
 
-Each method's defaults, quirk options and the exact formula implemented are in its module docstring; the
-configs are configs/erase/<method>.py.
+Each method's defaults, quirk options and the exact formula implemented are in its module docstring.
 """
-
-# method -> (module, kind, default trainable selector)
-METHODS = {
-    "uce": ("jaxdiff.erase.uce", "closed_form", None),
-    "rece": ("jaxdiff.erase.rece", "closed_form", None),
-    "trce": ("jaxdiff.erase.trce", "closed_form+finetune", "trce"),
-    "mace": ("jaxdiff.erase.mace", "closed_form", None),
-    "esd": ("jaxdiff.erase.esd", "finetune", "esd-x"),
-    "spm": ("jaxdiff.erase.spm", "adapter", "transformers"),
-    "doco": ("jaxdiff.erase.doco", "finetune", "cross-attn-kv"),
-    "all_but_one": ("jaxdiff.erase.all_but_one", "finetune", "xattn"),
-    "ablation": ("jaxdiff.erase.ablation", "finetune", "cross-attn-kv"),
-}

@@ -21,10 +21,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 
 from jaxdiff import selectors
-from jaxdiff.erase import common
+from jaxdiff.erase import common, finetune
+from jaxdiff.erase.job import Job, Result
+from jaxdiff.erase.registry import MethodInfo
+from jaxdiff.errors import UserError
 from jaxdiff.sampling.schedulers.common import add_noise
+
+# Trained on images of the anchor (square for circle), which the scorecard picks among the target's kind.
+METHOD = MethodInfo(kind="finetune", order=80, selector="cross-attn-kv", needs_anchor=True, anchor="other_concept")
 
 LOSS_TYPES = ("model-based", "noise-based")
 
@@ -42,7 +49,7 @@ def make_loss(model, *, loss_type: str = "model-based", prior_loss_weight: float
     latents [B,h,w,C], target c* [B,L,D], anchor [B,L,D], optional mask [B,h,w,1], optional prior_latents and
     prior (then the prior term is added with `prior_loss_weight`)."""
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        raise UserError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     sched = common.ddim(scheduler_config)
     acp = jnp.asarray(sched.alphas_cumprod)
     T = sched.num_train_timesteps
@@ -73,3 +80,35 @@ def make_loss(model, *, loss_type: str = "model-based", prior_loss_weight: float
         return value, aux
 
     return loss
+
+
+# ------------------------------------------------------------------------------------------- the method
+
+
+def run(job: Job) -> Result:
+    """Concept Ablation: fine-tune the concept prompts onto the original model's anchor images."""
+    o, t = job.config.ablation, job.config.train
+    if o.scale_lr:
+        t = mlc.ConfigDict(t.to_dict())
+        t.learning_rate = float(t.learning_rate) * int(t.batch_size)
+        job.config.unlock()
+        job.config.train = t
+    loss = make_loss(
+        job.model,
+        loss_type=o.loss_type,
+        prior_loss_weight=o.prior_loss_weight,
+        scheduler_config=job.pipe.scheduler_config or None,
+    )
+    z, target, anchor = job.anchor_data(int(o.num_anchor_images))
+    b, n = int(t.batch_size), z.shape[0]
+
+    def batch_fn(i):
+        idx = finetune.pick(i, n, b, job.config.seed)
+        batch = {"latents": z[idx], "target": target[idx], "anchor": anchor[idx]}
+        if o.with_prior:
+            jdx = finetune.pick(i, n, b, job.config.seed + 1)
+            batch.update(prior_latents=z[jdx], prior=anchor[jdx])
+        return batch
+
+    params, info = finetune.train_selected(job, loss, batch_fn)
+    return Result(params, {**info, "learning_rate": float(t.learning_rate)})

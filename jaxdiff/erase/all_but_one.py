@@ -23,7 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import selectors
-from jaxdiff.erase import common
+from jaxdiff.erase import common, finetune
+from jaxdiff.erase.job import Job, Result
+from jaxdiff.erase.registry import MethodInfo
+from jaxdiff.errors import UserError
+
+METHOD = MethodInfo(kind="finetune", order=70, selector="xattn")
 
 
 def make_loss(
@@ -40,7 +45,7 @@ def make_loss(
     """`loss(trainable, frozen, batch, rng) -> (loss, aux)`; frozen: {"base": θ*}; batch: {"cond": c* [B,L,D],
     "alt": c_alt [B,L,D], "uncond": ∅ [B,L,D]}."""
     if sampler not in ("trainee", "frozen"):
-        raise ValueError(f"sampler must be 'trainee' or 'frozen', got {sampler!r}")
+        raise UserError(f"sampler must be 'trainee' or 'frozen', got {sampler!r}")
     sched = common.ddim(scheduler_config)
     plan = sched.plan(ddim_steps)
 
@@ -64,3 +69,30 @@ def make_loss(
         return l_guid + drift_weight * l_drift, {"guidance": l_guid, "drift": l_drift, "t": jnp.mean(t)}
 
     return loss
+
+
+# ------------------------------------------------------------------------------------------- the method
+
+
+def run(job: Job) -> Result:
+    """All but One: fine-tune towards the anchor's prediction while keeping the rest."""
+    o, t = job.config.all_but_one, job.config.train
+    loss = make_loss(
+        job.model,
+        drift_weight=o.drift_weight,
+        guidance_target_scale=o.guidance_target_scale,
+        start_guidance=o.start_guidance,
+        ddim_steps=o.ddim_steps,
+        sampler=o.sampler,
+        latent_shape=job.latent_shape,
+        scheduler_config=job.pipe.scheduler_config or None,
+    )
+    cond, alt, null = job.context(job.concept_prompts), job.context(job.anchor_prompts), job.context([""])
+    b = int(t.batch_size)
+    nulls = jnp.repeat(null, b, axis=0)
+
+    def batch_fn(i):
+        idx = finetune.pick(i, cond.shape[0], b, job.config.seed)
+        return {"cond": cond[idx], "alt": alt[idx], "uncond": nulls}
+
+    return Result(*finetune.train_selected(job, loss, batch_fn))

@@ -40,7 +40,7 @@ SD_SCHEDULER = dict(
     prediction_type="epsilon",
 )
 
-# erase/finetune.py and the fine-tuning runners of erase/methods.py reach these through this module.
+# erase/finetune.py and the methods' fine-tuning runners (each module's `run`) reach these through this module.
 split, combine, flatten, unflatten = selectors.split, selectors.combine, selectors.flatten, selectors.unflatten
 
 # XLA options for programs that run once (initialisers): unoptimised code compiles ~10x faster on CPU, where

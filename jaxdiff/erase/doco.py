@@ -37,10 +37,16 @@ import jax.numpy as jnp
 import optax
 
 from jaxdiff import selectors
-from jaxdiff.erase import common
+from jaxdiff.erase import common, finetune
+from jaxdiff.erase.job import Job, Result
+from jaxdiff.erase.registry import MethodInfo
 from jaxdiff.models.layers import conv2d
 from jaxdiff.sampling.schedulers.common import add_noise
+from jaxdiff.train import optim
 from jaxdiff.train import step as step_lib
+
+# Trained on images of the anchor (square for circle), which the scorecard picks among the target's kind.
+METHOD = MethodInfo(kind="finetune", order=90, selector="cross-attn-kv", needs_anchor=True, anchor="other_concept")
 
 # ------------------------------------------------------------------------------------ discriminator
 
@@ -243,3 +249,59 @@ class DoCo:
             step_lib.Phase("unet", "unet", grad_fn=unet_grad, active=active),
             step_lib.Phase("disc", "disc", disc_loss),
         ]
+
+
+# ------------------------------------------------------------------------------------------- the method
+
+
+def run(job: Job) -> Result:
+    """DoCo: Concept Ablation's data, a discriminator on the latents, and gradient surgery."""
+    o, t = job.config.doco, job.config.train
+    lr = float(t.learning_rate) * (int(t.batch_size) if o.scale_lr else 1)
+    d = DoCo(
+        job.model,
+        disc_channels=tuple(o.disc_channels),
+        lambda_=o.lambda_,
+        gradient_clip=o.gradient_clip,
+        max_grad_norm=float(t.max_grad_norm) or 1.0,
+        prior_loss_weight=o.prior_loss_weight,
+        warm_up=int(o.warm_up),
+        disc_grad_includes_adv=o.disc_grad_includes_adv,
+        add_retain_grad=o.add_retain_grad,
+        scheduler_config=job.pipe.scheduler_config or None,
+    )
+    z, target, anchor = job.anchor_data(int(o.num_anchor_images))
+    b, n = int(t.batch_size), z.shape[0]
+
+    def batch_fn(i):
+        idx, jdx = finetune.pick(i, n, b, job.config.seed), finetune.pick(i, n, b, job.config.seed + 1)
+        return {
+            "latents": z[idx],
+            "target": target[idx],
+            "anchor": anchor[idx],
+            "prior_latents": z[jdx],
+            "prior": anchor[jdx],
+        }
+
+    trainable, _ = common.split(job.original, t.selector)
+    disc = d.init_disc(jax.random.PRNGKey(job.config.seed), job.latent_shape)
+    networks = [  # DoCo clips inside its gradient surgery, so neither network clips again
+        step_lib.Network("unet", optim.optimizer("adamw", lr, weight_decay=float(t.weight_decay))),
+        step_lib.Network(
+            "disc", optim.optimizer("adam", float(o.disc_lr), b1=float(o.disc_betas[0]), b2=float(o.disc_betas[1]))
+        ),
+    ]
+    state, info = finetune.run(
+        networks,
+        d.phases(),
+        {"unet": trainable, "disc": disc},
+        {"base": job.original},
+        batch_fn,
+        t,
+        job.train_dir(),
+        seed=job.config.seed,
+        mesh=job.mesh,
+        model=job.model,
+        progress=job.progress,
+    )
+    return Result(common.combine(state.params["unet"], job.original), {**info, "learning_rate": lr})

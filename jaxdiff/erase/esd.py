@@ -32,7 +32,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import selectors
-from jaxdiff.erase import common
+from jaxdiff.erase import common, finetune
+from jaxdiff.erase.job import Job, Result
+from jaxdiff.erase.registry import MethodInfo
+from jaxdiff.errors import UserError
+
+METHOD = MethodInfo(kind="finetune", order=50, selector="esd-x")
 
 SAMPLERS = ("trainee", "frozen")
 TIMESTEP_MODES = ("compvis", "diffusers")
@@ -65,9 +70,9 @@ def make_loss(
     frozen: {"base": θ* (full tree)}; batch: {"cond": c [B, L, D], "uncond": ∅ [B, L, D], optional "from": c_f};
     rng draws x_T, the sampling depth and t."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        raise UserError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if timestep_mode not in TIMESTEP_MODES:
-        raise ValueError(f"timestep_mode must be one of {TIMESTEP_MODES}, got {timestep_mode!r}")
+        raise UserError(f"timestep_mode must be one of {TIMESTEP_MODES}, got {timestep_mode!r}")
     sched = common.ddim(scheduler_config)
     plan = sched.plan(ddim_steps)
     T = sched.num_train_timesteps
@@ -104,3 +109,36 @@ def make_loss(
         return value, {"t": jnp.mean(t), "steps": steps}
 
     return loss
+
+
+# ------------------------------------------------------------------------------------------- the method
+
+
+def run(job: Job) -> Result:
+    """ESD: fine-tune the selected leaves towards the negatively guided prediction."""
+    o, t = job.config.esd, job.config.train
+    loss = make_loss(
+        job.model,
+        negative_guidance=o.negative_guidance,
+        start_guidance=o.start_guidance,
+        ddim_steps=o.ddim_steps,
+        sampler=o.sampler,
+        timestep_mode=o.timestep_mode,
+        latent_shape=job.latent_shape,
+        scheduler_config=job.pipe.scheduler_config or None,
+    )
+    cond = job.context(job.concept_prompts)
+    null = job.context([""])
+    source = job.context([o.erase_from]) if o.erase_from else None
+    b = int(t.batch_size)
+    nulls = jnp.repeat(null, b, axis=0)
+    sources = None if source is None else jnp.repeat(source, b, axis=0)
+
+    def batch_fn(i):
+        idx = finetune.pick(i, cond.shape[0], b, job.config.seed)  # ESD's word sampling: one prompt per example
+        batch = {"cond": cond[idx], "uncond": nulls}
+        if sources is not None:
+            batch["from"] = sources
+        return batch
+
+    return Result(*finetune.train_selected(job, loss, batch_fn))

@@ -10,10 +10,11 @@ phases. Everything else — non-finite guard, clipping, optax, checkpoints, resu
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import ml_collections as mlc
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -21,6 +22,9 @@ from jaxdiff import sharding
 from jaxdiff.train import optim, runner
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import step as step_lib
+
+if TYPE_CHECKING:
+    from jaxdiff.erase.job import Job
 
 BatchFn = Callable[[int], dict]  # step index -> batch (deterministic)
 
@@ -130,3 +134,43 @@ def run(
     )
     info = {k: summary[k] for k in ("resumed_from", "compile_s", "last", "skipped")}
     return state, {"steps": summary["step"], **info}
+
+
+# ------------------------------------------------------------------------------------------- for the methods
+
+
+def pick(step: int, n: int, batch: int, seed: int) -> np.ndarray:
+    """Deterministic indices of the examples of step `step` (resumable: a pure function of the step)."""
+    return np.random.default_rng([seed, 7, step]).integers(0, n, size=batch)
+
+
+def train_unet(job: Job, loss, trainable, frozen, batch_fn: BatchFn, tx=None) -> tuple[Any, dict]:
+    """Train `trainable` (the "unet" network: selected UNet leaves or adapters) on `loss` with the runner; returns
+    (trained, info)."""
+    t = job.config.train
+    state, info = run(
+        [unet_network(t, tx)],
+        single_loss(loss),
+        {"unet": trainable},
+        frozen,
+        batch_fn,
+        t,
+        job.train_dir(),
+        seed=job.config.seed,
+        mesh=job.mesh,
+        model=job.model,
+        progress=job.progress,
+    )
+    return state.params["unet"], info
+
+
+def train_selected(job: Job, loss, batch_fn: BatchFn, base=None, frozen=None, tx=None) -> tuple[Any, dict]:
+    """Fine-tune the leaves of `base` (default: the original UNet) that `config.train.selector` picks; returns the
+    full edited params and the info. `frozen` defaults to {"base": the original UNet}."""
+    from jaxdiff.erase import common
+
+    base = job.original if base is None else base
+    trainable, _ = common.split(base, job.config.train.selector)
+    frozen = {"base": job.original} if frozen is None else frozen
+    trained, info = train_unet(job, loss, trainable, frozen, batch_fn, tx)
+    return common.combine(trained, base), info

@@ -171,6 +171,22 @@ class Job:
             devices = devices[: int(np.prod(list(shape.values())))]
         return sharding.make_mesh(mesh_shape(shape, len(devices)), devices)
 
+    def anchor_data(self, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Concept Ablation / DoCo data: `n` images of the anchor prompts made by the original model, as scaled
+        latents, with (target = the concept prompt, anchor = the anchor prompt) contexts per image."""
+        if not self.anchor.strip():
+            raise UserError(
+                f"{self.config.method} needs an anchor concept (--config.anchor=...), e.g. square for circle"
+            )
+        k = len(self.concept_prompts)
+        order = [i % k for i in range(n)]
+        anchors = [self.anchor_prompts[i] for i in order]
+        latents = ev.noise(n, self.latent_shape, self.config.seed + 31)
+        z = self.latents_of(self.images(anchors, latents))
+        target = self.context(self.concept_prompts)[np.asarray(order)]
+        anchor = self.context(anchors)
+        return z, target, anchor
+
     def latents_of(self, images) -> jax.Array:
         """Scaled VAE latents (posterior mean) of images [N, H, W, 3] in [0, 1]."""
         vae = self.pipe.vae

@@ -26,6 +26,12 @@ import numpy as np
 
 from jaxdiff.erase import ridge
 from jaxdiff.erase.common import Encoded, pair_token_indices
+from jaxdiff.erase.config import split_list
+from jaxdiff.erase.job import Job, Result
+from jaxdiff.erase.registry import MethodInfo
+from jaxdiff.errors import UserError
+
+METHOD = MethodInfo(kind="closed_form", order=30)
 
 
 def residual_rows(old: Encoded, new: Encoded):
@@ -62,7 +68,7 @@ def cfr(
     rho = _rho(preserve_scale, square_preserve_scale)
     preserve = None if cache_cc is None else ridge.Preserve(jnp.asarray(cache_cc, jnp.float32), rho)
     if preserve is None and lam == 0:
-        raise ValueError("MACE CFR with lam=0 needs a preservation cache (cache_cc) to be well posed")
+        raise UserError("MACE CFR with lam=0 needs a preservation cache (cache_cc) to be well posed")
     new_mats = ridge.edit(mats, [ridge.Term(ctx, 1.0, sources=src)], lam, preserve)
     jax.block_until_ready(new_mats)
     return ridge.set_kv(params, new_mats), {
@@ -97,3 +103,30 @@ def fuse(
     new_mats = ridge.edit(mats, terms, lam, preserve)
     jax.block_until_ready(new_mats)
     return ridge.set_kv(params, new_mats), {"concepts": len(deltas), "seconds": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------------------------------- the method
+
+
+def run(job: Job) -> Result:
+    """MACE's closed-form refinement mapping the concept prompts onto the anchor's."""
+    o = job.config.mace
+    old = job.encode(job.concept_prompts)
+    new = job.encode(job.replaced(job.concept_prompts, job.anchor))
+    cache = None
+    if o.cache_prompts:
+        enc = job.encode(split_list(o.cache_prompts))
+        cache = ridge.context_cache(enc.emb, enc.lengths)
+    else:
+        cache = job.preservation_cache()
+    params, info = cfr(
+        job.original,
+        old,
+        new,
+        cache,
+        lam=o.lam,
+        preserve_scale=o.preserve_scale,
+        square_preserve_scale=o.square_preserve_scale,
+        with_to_k=o.with_to_k,
+    )
+    return Result(params, info)

@@ -30,9 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.erase import ridge
+from jaxdiff.erase import evaluate as ev
+from jaxdiff.erase import ridge, uce
 from jaxdiff.erase.common import ONE_OFF
+from jaxdiff.erase.job import Job, Result, probe
+from jaxdiff.erase.registry import MethodInfo
 from jaxdiff.erase.uce import TECHNIQUES, tensor_values
+from jaxdiff.errors import UserError
+
+METHOD = MethodInfo(kind="closed_form", order=20)
 
 
 def embedding_system(edited: dict, original: dict):
@@ -79,7 +85,7 @@ def rece_edit(
     """One RECE erase step: adversarial [K, L, D] rows mapped onto W_cur · targets [K, L, D] rows (position-wise),
     retain [R, L, D] rows kept at W_cur r; anchored at W_cur (λ = lamb)."""
     if technique not in TECHNIQUES:
-        raise ValueError(f"unknown technique {technique!r}; choose from {TECHNIQUES}")
+        raise UserError(f"unknown technique {technique!r}; choose from {TECHNIQUES}")
     adv = jnp.asarray(adversarial, jnp.float32)
     tgt = jnp.broadcast_to(jnp.asarray(targets, jnp.float32), adv.shape)
     ctx, src = adv.reshape(-1, adv.shape[-1]), tgt.reshape(-1, tgt.shape[-1])
@@ -158,3 +164,42 @@ def rece(
     if validate is None:
         best = (out_params, epochs)
     return best[0], {"history": history, "best_epoch": best[1]}
+
+
+# ------------------------------------------------------------------------------------------- the method
+
+
+def run(job: Job) -> Result:
+    """RECE: UCE, then epochs of regenerating-embedding edits (validated on the shapes probe when asked)."""
+    start = uce.run(job)
+    o = job.config.rece
+    concepts = job.context(job.concept_prompts)
+    targets = job.context([job.anchor or " "])[0]
+    retain = job.context(job.preserve_prompts) if job.preserve_prompts else job.context([" "] * len(concepts))
+    validate = None
+    if o.validate and job.is_shapes:
+        concept = ev.resolve(job.concepts[0])
+        n = int(o.num_validation_prompts)
+        prompts = ev.captions(concept, n, job.config.seed + 99)[0]
+        latents = ev.noise(n, job.latent_shape, job.config.seed + 99)
+
+        def validate(params, epoch):  # fraction of validation images still showing the concept (lower is better)
+            return ev.attack_success(probe(), concept, job.images(prompts, latents, params))
+
+    params, info = rece(
+        start.unet_params,
+        job.original,
+        concepts,
+        targets,
+        retain,
+        epochs=o.epochs,
+        reg=o.reg,
+        lam=o.lam,
+        erase_scale=o.erase_scale,
+        preserve_scale=o.preserve_scale,
+        technique=o.technique,
+        validate=validate,
+        validate_initial=o.validate_initial,
+        with_to_k=job.config.uce.with_to_k,
+    )
+    return Result(params, {"uce": start.info, **info})

@@ -30,15 +30,14 @@ import numpy as np
 
 from jaxdiff import fileio
 from jaxdiff.erase import evaluate as ev
+from jaxdiff.erase import registry
 from jaxdiff.erase.config import split_list
 from jaxdiff.erase.job import Job, Result, peak_rss_gb, probe
-from jaxdiff.erase.methods import METHODS
 from jaxdiff.errors import UserError
 
 # ---------------------------------------------------------------------------------------------- the command
 
 GRID_SAMPLES = 6
-NEEDS_ANCHOR = ("ablation", "doco")  # the methods whose data are the anchor's images (methods._anchor_data)
 
 
 def _saved_config(folder: Path) -> dict | None:
@@ -88,9 +87,8 @@ def _validate(config: mlc.ConfigDict) -> None:
     """Config values the run would only trip over after the edit."""
     from jaxdiff.sampling.schedulers import DIFFUSERS_CLASSES, SCHEDULERS
 
-    if config.method not in METHODS:
-        raise UserError(f"unknown erasure method {config.method!r}; choose from {', '.join(METHODS)}")
-    if config.method in NEEDS_ANCHOR and not str(config.anchor).strip():
+    # registry.get: an unknown method is a UserError naming the known ones.
+    if registry.get(config.method).needs_anchor and not str(config.anchor).strip():
         raise UserError(f"{config.method} needs an anchor concept (--config.anchor=...), e.g. square for circle")
     scheduler = config.eval.scheduler
     if scheduler and scheduler not in SCHEDULERS and scheduler not in DIFFUSERS_CLASSES:
@@ -185,7 +183,7 @@ def erase(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: bool = Tr
     concept = job.concept
     _start(work, config)
     t0 = time.perf_counter()
-    result = METHODS[config.method](job)
+    result = registry.get(config.method).module.run(job)
     jax.block_until_ready(result.unet_params)
     seconds = time.perf_counter() - t0
     peak = peak_rss_gb()

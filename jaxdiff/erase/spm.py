@@ -31,10 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.erase import adapters as adapters_lib
-from jaxdiff.erase import common
+from jaxdiff.erase import common, finetune
 from jaxdiff.erase.common import Encoded
+from jaxdiff.erase.job import Job, Result
+from jaxdiff.erase.registry import MethodInfo
+from jaxdiff.errors import UserError
 
 SELECTOR = "transformers"
+METHOD = MethodInfo(kind="adapter", order=60, selector=SELECTOR)
 MATCHING_METRICS = ("clipcos_tokenuni", "clipcos", "tokenuni")
 
 
@@ -121,7 +125,7 @@ def transport_gamma(
 ) -> float:
     """γ of prompt i against an SPM's target prompt(s) (max over the targets)."""
     if metric not in MATCHING_METRICS:
-        raise ValueError(f"matching metric must be one of {MATCHING_METRICS}, got {metric!r}")
+        raise UserError(f"matching metric must be one of {MATCHING_METRICS}, got {metric!r}")
     p = np.asarray(prompt.emb[i], np.float64).ravel()
     tokens_p = set(prompt.word_ids(i))
     best = 0.0
@@ -139,3 +143,57 @@ def apply_spms(params, spms, power: int = 2, alpha_over_rank: float = 1.0):
     """params with several SPMs merged: spms = [(adapters, γ), ...]; each adds γ**power · ΔW (power 2: official
     code, both factors scaled; 1: the paper's γ·ΔW)."""
     return adapters_lib.merge_many(params, [(a, g**power) for a, g in spms], alpha_over_rank)
+
+
+# ------------------------------------------------------------------------------------------- the method
+
+
+def run(job: Job) -> Result:
+    """SPM: train the adapters; the result merges them, and Facilitated Transport scales them per prompt."""
+    o, t = job.config.spm, job.config.train
+    alpha_over_rank = float(o.alpha) / int(o.rank)
+    loss = make_loss(
+        job.model,
+        erase_scale=o.erase_scale,
+        la_strength=o.la_strength,
+        num_anchors=o.num_anchors,
+        max_denoising_steps=o.max_denoising_steps,
+        guidance=o.guidance,
+        latent_shape=job.latent_shape,
+        scheduler_config=job.pipe.scheduler_config or None,
+        alpha_over_rank=alpha_over_rank,
+    )
+    target = job.context(job.concept_prompts)
+    surrogate = job.context(job.anchor_prompts)
+    b = int(t.batch_size)
+    nulls = jnp.repeat(job.context([""]), b, axis=0)
+
+    def batch_fn(i):
+        idx = finetune.pick(i, target.shape[0], b, job.config.seed)
+        return {
+            "target": target[idx],
+            "positive": target[idx],
+            "surrogate": surrogate[idx],
+            "uncond": nulls,
+        }
+
+    adapters = init_adapters(job.original, jax.random.PRNGKey(job.config.seed), rank=int(o.rank))
+    trained, info = finetune.train_unet(job, loss, adapters, {"base": job.original}, batch_fn)
+    targets = job.encode(job.concepts)  # Facilitated Transport compares prompts with the SPM's target concept(s)
+    merge = jax.jit(lambda base, a, g: apply_spms(base, [(a, g)], int(o.ft_power), alpha_over_rank))
+
+    def params_for_prompt(prompt):
+        gamma = transport_gamma(job.encode([prompt]), 0, targets, o.matching_metric, o.facilitate_factor)
+        return merge(job.original, trained, jnp.float32(gamma))
+
+    meta = {
+        "rank": int(o.rank),
+        "alpha": float(o.alpha),
+        "ft_power": int(o.ft_power),
+        "targets": job.concepts,
+        "matching_metric": o.matching_metric,
+        "facilitate_factor": float(o.facilitate_factor),
+        "parameters": adapters_lib.num_params(trained),
+    }
+    full = adapters_lib.merge(job.original, trained, 1.0, alpha_over_rank)
+    return Result(full, {**info, "adapter_parameters": meta["parameters"]}, params_for_prompt, trained, meta)

@@ -35,8 +35,15 @@ import numpy as np
 import optax
 
 from jaxdiff import selectors
-from jaxdiff.erase import common, ridge
+from jaxdiff.erase import common, finetune, ridge
+from jaxdiff.erase import evaluate as ev
 from jaxdiff.erase.common import Encoded
+from jaxdiff.erase.job import Job, Result
+from jaxdiff.erase.registry import MethodInfo
+from jaxdiff.errors import UserError
+
+# The scorecard maps the concept onto its kind's generic word (circle -> shape): TRCE's "safe" prompts name it.
+METHOD = MethodInfo(kind="closed_form+finetune", order=40, selector="trce", anchor="kind")
 
 # ------------------------------------------------------------------------------------------- stage 1
 
@@ -52,7 +59,7 @@ def eot_positions(old: Encoded, i: int, new: Encoded, j: int, count_tokens: str 
     elif count_tokens == "tokenizer":
         eo, en = int(old.lengths[i]) - 1, int(new.lengths[j]) - 1
     else:
-        raise ValueError(f"count_tokens must be 'tokenizer' or 'words', got {count_tokens!r}")
+        raise UserError(f"count_tokens must be 'tokenizer' or 'words', got {count_tokens!r}")
     kept, _ = common.find_matching_indices(
         old.ids[i, : int(old.lengths[i])].tolist(), new.ids[j, : int(new.lengths[j])].tolist()
     )
@@ -103,7 +110,7 @@ def eot_mapping(
     rho = (preserve_scale**2 if square_preserve_scale else preserve_scale) / cache_divisor
     preserve = None if cache_cc is None else ridge.Preserve(jnp.asarray(cache_cc, jnp.float32), rho)
     if preserve is None and lam == 0 and ctx.shape[0] < ctx.shape[1]:
-        raise ValueError(
+        raise UserError(
             f"TRCE stage 1 with lam=0 and no preservation cache is singular ({ctx.shape[0]} mapped tokens for "
             f"{ctx.shape[1]} dimensions): give cache_cc (ridge.context_cache of preserved captions) or lam > 0"
         )
@@ -195,3 +202,78 @@ def stage2_optimizer(learning_rate: float = 1e-6, weight_decay: float = 0.01, ne
     """AdamW(lr 1e-6, wd 0.01) as the official stage 2; optionally with the never-zeroed-gradients quirk."""
     opt = optax.adamw(learning_rate, weight_decay=weight_decay)
     return optax.chain(never_zeroed_gradients(), opt) if never_zero_grads else opt
+
+
+# ------------------------------------------------------------------------------------------- the method
+
+
+def run(job: Job) -> Result:
+    """TRCE: the [EoT] mapping (stage 1), then the early-step contrastive fine-tuning (stage 2) when asked."""
+    o, t = job.config.trce, job.config.train
+    safe_prompts = job.replaced(job.concept_prompts, job.anchor)
+    old, new = job.encode(job.concept_prompts), job.encode(safe_prompts)
+    stage1, info1 = eot_mapping(
+        job.original,
+        old,
+        new,
+        job.preservation_cache(),
+        preserve_scale=o.preserve_scale,
+        square_preserve_scale=o.square_preserve_scale,
+        cache_divisor=o.cache_divisor,
+        lam=o.lam,
+        token_weight_scale=tuple(o.token_weight_scale),
+        count_tokens=o.count_tokens,
+    )
+    if not o.stage2:
+        return Result(stage1, {"stage1": info1})
+
+    # Stage 2 data: DDIM trajectories of the original model on the concept prompts (early steps) and on "".
+    sched = common.ddim(job.pipe.scheduler_config or None)
+    plan = sched.plan(int(o.ddim_steps))
+    k_prompts = len(job.concept_prompts)
+    seeds = int(o.seeds_per_concept)
+    x_T = jnp.asarray(ev.noise(k_prompts * seeds, job.latent_shape, job.config.seed + 41))
+    cond = jnp.repeat(old.emb, seeds, axis=0)
+    null = job.context([""])
+    _, after, _, ts = _trajectory(job, sched, plan, x_T, cond, null, float(o.data_guidance))
+    early = int(o.early_steps)
+    samples = [(j, k) for j in range(cond.shape[0]) for k in range(min(early, after.shape[0]))]
+    n_u = int(o.uncond_trajectories)
+    xu_T = jnp.asarray(ev.noise(n_u, job.latent_shape, job.config.seed + 43))
+    _, after_u, _, _ = _trajectory(job, sched, plan, xu_T, jnp.repeat(null, n_u, axis=0), null, 1.0)
+    safe = jnp.repeat(new.emb, seeds, axis=0)
+    steps = int(t.steps) or int(o.epochs) * len(samples)
+    if not int(t.steps):
+        job.config.unlock()
+        job.config.train.steps = steps
+    per = int(o.uncond_per_step)
+    nulls_u = jnp.repeat(null, per, axis=0)
+    n_steps_traj = after.shape[0]
+
+    def batch_fn(i):
+        epoch, pos = divmod(i, len(samples))
+        j, k = samples[int(np.random.default_rng([job.config.seed, 3, epoch]).permutation(len(samples))[pos])]
+        rng = np.random.default_rng([job.config.seed, 5, i])
+        ju, ku = rng.integers(0, n_u, per), rng.integers(0, n_steps_traj, per)
+        return {
+            "x": after[k, j][None],
+            "t": ts[k][None].astype(jnp.float32),
+            "safe": safe[j][None],
+            "neg": cond[j][None],
+            "uncond": null,
+            "x_u": after_u[ku, ju],
+            "t_u": ts[ku].astype(jnp.float32),
+            "uncond_u": nulls_u,
+        }
+
+    loss = make_stage2_loss(
+        job.model, guidance=o.guidance, beta=o.beta, margin=o.margin, reg_weight=o.reg_weight, reg_const=o.reg_const
+    )
+    tx = stage2_optimizer(float(t.learning_rate), float(t.weight_decay), o.quirk_never_zero_grads)
+    params, info = finetune.train_selected(job, loss, batch_fn, stage1, {"base": job.original, "reg": stage1}, tx)
+    return Result(params, {"stage1": info1, **info})
+
+
+def _trajectory(job: Job, sched, plan, x_T, cond, null, guidance):
+    fn = jax.jit(lambda p, x, c, u: common.ddim_trajectory(job.model, p, sched, plan, x, c, u, guidance))
+    return fn(job.original, x_T, cond, jnp.repeat(null, cond.shape[0], axis=0))

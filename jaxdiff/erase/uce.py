@@ -27,6 +27,11 @@ import numpy as np
 
 from jaxdiff.erase import ridge
 from jaxdiff.erase.common import Encoded, pair_token_indices, token_indices
+from jaxdiff.erase.job import Job, Result
+from jaxdiff.erase.registry import MethodInfo
+from jaxdiff.errors import UserError
+
+METHOD = MethodInfo(kind="closed_form", order=10)
 
 TECHNIQUES = ("replace", "tensor")
 # `--expand_prompts true` of the current code: 5 templates per (edit, guide) pair, added after the bare concepts.
@@ -108,7 +113,7 @@ def uce_mats(
 ) -> dict:
     """UCE on a dict of K/V matrices {name: W_old [d_out, d_in]} -> {name: W'}."""
     if technique not in TECHNIQUES:
-        raise ValueError(f"unknown UCE technique {technique!r}; choose from {TECHNIQUES}")
+        raise UserError(f"unknown UCE technique {technique!r}; choose from {TECHNIQUES}")
     ctx, src, seg = edit_rows(edit, guide, edit_tokens)
     if technique == "replace":
         terms = [ridge.Term(ctx, erase_scale, sources=src)]
@@ -131,3 +136,30 @@ def uce(params, edit: Encoded, guide: Encoded, preserve: Encoded | None = None, 
     jax.block_until_ready(new)
     info = {"matrices": len(new), "seconds": time.perf_counter() - start}
     return ridge.set_kv(params, new), info
+
+
+# ------------------------------------------------------------------------------------------- the method
+
+
+def run(job: Job) -> Result:
+    """UCE from the job's config: edit the concept prompts towards the anchor's (or ""), keep the preserved."""
+    o = job.config.uce
+    edit = job.concept_prompts
+    guide = job.anchor_prompts if job.anchor.strip() else [" " if o.get("empty_guide_as_space", False) else ""]
+    if o.get("expand_prompts", False):  # RECE's starting UCE block has only the edit options
+        edit, guide = expand_prompts(edit, guide, o.concept_type)
+    preserve = job.preserve_prompts + ([""] if o.get("preserve_empty", False) else [])
+    params, info = uce(
+        job.original,
+        job.encode(edit),
+        job.encode(guide),
+        job.encode(preserve) if preserve else None,
+        with_to_k=o.with_to_k,
+        lam=o.lam,
+        erase_scale=o.erase_scale,
+        preserve_scale=None if o.preserve_scale < 0 else o.preserve_scale,
+        edit_tokens=o.edit_tokens,
+        preserve_tokens=o.preserve_tokens,
+        technique=o.technique,
+    )
+    return Result(params, {**info, "edit_prompts": len(edit), "preserve_prompts": len(preserve)})
