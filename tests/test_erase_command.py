@@ -319,6 +319,8 @@ BAD_CONFIGS = [
     ("uce.py:runlocal", "--config.model=/no/such/model", "no model at /no/such/model"),
     ("ablation.py:runlocal", "--config.anchor=", "ablation needs an anchor concept"),
     ("uce.py:bogus", "", "unknown uce config variant 'bogus'"),  # raised by the config file itself
+    ("esd.py:runlocal", "--config.esd.sampler=bogus", "sampler must be one of"),  # raised by the method itself
+    ("uce.py:runlocal", "--config.uce.technique=bogus", "unknown UCE technique 'bogus'"),
 ]
 
 

@@ -181,9 +181,19 @@ def erase(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: bool = Tr
     work = _work_folder(out, config, overwrite)
     job = Job(config, work, progress)  # resolves the concept and loads the model: nothing is written before
     concept = job.concept
+    created = not work.exists()
     _start(work, config)
     t0 = time.perf_counter()
-    result = registry.get(config.method).module.run(job)
+    try:
+        result = registry.get(config.method).module.run(job)
+    except UserError:
+        # A method option the method itself refuses (before any training step): leave nothing behind, so that the
+        # corrected command is not refused as "a run with a different config".
+        if [p.name for p in work.iterdir()] == ["config.json"]:
+            (work / "config.json").unlink()
+            if created:
+                work.rmdir()
+        raise
     jax.block_until_ready(result.unet_params)
     seconds = time.perf_counter() - t0
     peak = peak_rss_gb()
