@@ -291,17 +291,6 @@ def run(job: Job) -> Result:
             "disc", optim.optimizer("adam", float(o.disc_lr), b1=float(o.disc_betas[0]), b2=float(o.disc_betas[1]))
         ),
     ]
-    state, info = finetune.run(
-        networks,
-        d.phases(),
-        {"unet": trainable, "disc": disc},
-        {"base": job.original},
-        batch_fn,
-        t,
-        job.train_dir(),
-        seed=job.config.seed,
-        mesh=job.mesh,
-        model=job.model,
-        progress=job.progress,
-    )
+    params = {"unet": trainable, "disc": disc}
+    state, info = finetune.train_networks(job, networks, d.phases(), params, {"base": job.original}, batch_fn)
     return Result(common.combine(state.params["unet"], job.original), {**info, "learning_rate": lr})

@@ -144,14 +144,13 @@ def pick(step: int, n: int, batch: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 7, step]).integers(0, n, size=batch)
 
 
-def train_unet(job: Job, loss, trainable, frozen, batch_fn: BatchFn, tx=None) -> tuple[Any, dict]:
-    """Train `trainable` (the "unet" network: selected UNet leaves or adapters) on `loss` with the runner; returns
-    (trained, info)."""
+def train_networks(job: Job, networks, phases, params: dict, frozen: dict, batch_fn: BatchFn) -> tuple[Any, dict]:
+    """`run` with the job's train block, seed, mesh, model, workdir (OUT/train) and progress setting."""
     t = job.config.train
-    state, info = run(
-        [unet_network(t, tx)],
-        single_loss(loss),
-        {"unet": trainable},
+    return run(
+        networks,
+        phases,
+        params,
         frozen,
         batch_fn,
         t,
@@ -161,6 +160,13 @@ def train_unet(job: Job, loss, trainable, frozen, batch_fn: BatchFn, tx=None) ->
         model=job.model,
         progress=job.progress,
     )
+
+
+def train_unet(job: Job, loss, trainable, frozen, batch_fn: BatchFn, tx=None) -> tuple[Any, dict]:
+    """Train `trainable` (the "unet" network: selected UNet leaves or adapters) on `loss` with the runner; returns
+    (trained, info)."""
+    networks = [unet_network(job.config.train, tx)]
+    state, info = train_networks(job, networks, single_loss(loss), {"unet": trainable}, frozen, batch_fn)
     return state.params["unet"], info
 
 
