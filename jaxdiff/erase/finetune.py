@@ -131,6 +131,7 @@ def run(
         settings,
         frozen=jax.device_put(frozen, frozen_sh),
         leaf_names=step_lib.leaf_names(params, masks, phases),
+        where=f"mesh {dict(mesh.shape)}",
     )
     info = {k: summary[k] for k in ("resumed_from", "compile_s", "last", "skipped")}
     return state, {"steps": summary["step"], **info}
