@@ -11,17 +11,23 @@ from jaxdiff.convert import checkpoint
 from jaxdiff.models.model import Model, create
 
 
-def load_model(path: str | os.PathLike, dtype=jnp.float32, attention: str = "auto") -> Model:
+def load_model(
+    path: str | os.PathLike, dtype=jnp.float32, attention: str = "auto", platform: str | None = None
+) -> Model:
     """A model from a diffusers/transformers component folder (config.json + weights) or a jaxdiff checkpoint.
 
-    Params are float32 jax arrays; `dtype` is the compute dtype (e.g. jnp.bfloat16).
+    Params are float32 jax arrays; `dtype` is the compute dtype (e.g. jnp.bfloat16). `platform` is the platform its
+    programs are compiled for ("cpu", "gpu", "tpu"; None: the host's default backend): it picks attention and
+    convolution kernels.
     """
-    return checkpoint.load_component(path, dtype=dtype, attention=attention)
+    return checkpoint.load_component(path, dtype=dtype, attention=attention, platform=platform)
 
 
-def load_components(path: str | os.PathLike, dtype=jnp.float32, attention: str = "auto") -> dict[str, Model]:
+def load_components(
+    path: str | os.PathLike, dtype=jnp.float32, attention: str = "auto", platform: str | None = None
+) -> dict[str, Model]:
     """Every model of a diffusers pipeline folder or jaxdiff checkpoint, by component name (unet, vae, ...)."""
-    return checkpoint.load_components(path, dtype=dtype, attention=attention)
+    return checkpoint.load_components(path, dtype=dtype, attention=attention, platform=platform)
 
 
 def init_model(
@@ -30,10 +36,12 @@ def init_model(
     dtype=jnp.float32,
     seed: int = 0,
     attention: str = "auto",
+    platform: str | None = None,
 ) -> Model:
     """A model from a config dict, a config.json or a folder holding one.
 
     abstract=True: params are jax.ShapeDtypeStruct (nothing allocated); otherwise randomly initialised from `seed`.
+    `platform`: the platform the model's programs are compiled for (None: the host's default backend).
     """
     if isinstance(config_or_path, dict):
         config, where = dict(config_or_path), "config"
@@ -44,4 +52,6 @@ def init_model(
         where = path / checkpoint.CONFIG if path.is_dir() else path
         config = checkpoint.read_json(where)
     architecture = checkpoint.architecture_of(config, where)
-    return create(architecture, config, abstract=abstract, dtype=dtype, attention=attention, seed=seed)
+    return create(
+        architecture, config, abstract=abstract, dtype=dtype, attention=attention, seed=seed, platform=platform
+    )

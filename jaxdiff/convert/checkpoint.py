@@ -232,8 +232,12 @@ def _pipeline_entries(src: Path, strict: bool = True) -> dict[str, str]:
 # ---------------------------------------------------------------- public entry points
 
 
-def load_component(path: str | os.PathLike, dtype=jnp.float32, attention: str = "auto") -> Model:
-    """One model from a diffusers/transformers component folder or a (single-component) jaxdiff checkpoint."""
+def load_component(
+    path: str | os.PathLike, dtype=jnp.float32, attention: str = "auto", platform: str | None = None
+) -> Model:
+    """One model from a diffusers/transformers component folder or a (single-component) jaxdiff checkpoint.
+
+    `platform`: the platform its programs are compiled for (None: the host's default backend)."""
     path = Path(path)
     kind = folder_kind(path)
     if kind == "jaxdiff" and list(_component_names(path)) != ["."]:
@@ -247,13 +251,17 @@ def load_component(path: str | os.PathLike, dtype=jnp.float32, attention: str = 
     if kind == "file":
         raise UserError(f"{path}: is a file; pass the folder holding it and its config.json")
     if (path / PARAMS).is_file():
-        model, params = _read_jaxdiff_params(path, dtype=dtype, attention=attention)
+        model, params = _read_jaxdiff_params(path, dtype=dtype, attention=attention, platform=platform)
     else:
-        model, params = _read_torch_layout(path, path / CONFIG, None, dtype=dtype, attention=attention)
+        model, params = _read_torch_layout(
+            path, path / CONFIG, None, dtype=dtype, attention=attention, platform=platform
+        )
     return dataclasses.replace(model, params=jax.tree.map(jnp.asarray, params))
 
 
-def load_components(path: str | os.PathLike, dtype=jnp.float32, attention: str = "auto") -> dict[str, Model]:
+def load_components(
+    path: str | os.PathLike, dtype=jnp.float32, attention: str = "auto", platform: str | None = None
+) -> dict[str, Model]:
     """Every model component of a diffusers pipeline folder or jaxdiff checkpoint, by name ("." for a lone one)."""
     path = Path(path)
     kind = folder_kind(path)
@@ -262,8 +270,8 @@ def load_components(path: str | os.PathLike, dtype=jnp.float32, attention: str =
     elif kind == "pipeline":
         names = [name for name, role in _pipeline_entries(path).items() if role == "model"]
     else:
-        return {".": load_component(path, dtype, attention)}
-    return {name: load_component(path / name, dtype, attention) for name in names}
+        return {".": load_component(path, dtype, attention, platform)}
+    return {name: load_component(path / name, dtype, attention, platform) for name in names}
 
 
 def convert(src, dst, *, config=None, overwrite: bool = False, progress: bool | None = False) -> dict:

@@ -1,4 +1,4 @@
-"""Scaled dot-product attention, implementation chosen per backend (cuDNN flash on GPU, chunked einsum on CPU)."""
+"""Scaled dot-product attention, implementation chosen per target platform (cuDNN flash on GPU, chunked on CPU)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import platforms
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "einsum", "chunked")
 
 # Query-chunk length for the chunked CPU path: keeps the [chunk, L] logits block in cache.
@@ -16,17 +18,20 @@ CPU_QUERY_CHUNK = 128
 CPU_CHUNK_ABOVE = 256
 
 
-def dot_product_attention(q, k, v, *, mask=None, upcast: bool = False, implementation: str = "auto"):
+def dot_product_attention(
+    q, k, v, *, mask=None, upcast: bool = False, implementation: str = "auto", platform: str | None = None
+):
     """Attention over q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
 
     `mask` is an optional boolean [B or 1, 1 or H, Lq, Lk] (True = attend). `upcast` computes the logits
     and the softmax in float32 (diffusers' `upcast_attention`/`upcast_softmax`); the float32 path always
-    does so. `implementation` is one of IMPLEMENTATIONS; "auto" picks per backend.
+    does so. `implementation` is one of IMPLEMENTATIONS; "auto" picks for `platform`, the platform the program is
+    compiled for (None: the host's default backend).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
     if implementation == "auto":
-        implementation = _auto_implementation(q, k, mask)
+        implementation = auto_implementation(q, mask, platform)
     scale = 1.0 / math.sqrt(q.shape[-1])
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
@@ -42,17 +47,19 @@ def dot_product_attention(q, k, v, *, mask=None, upcast: bool = False, implement
     return _einsum_attention(q, k, v, mask, scale, upcast)
 
 
-def _auto_implementation(q, k, mask):
-    backend = jax.default_backend()
-    if backend == "gpu":
+def auto_implementation(q, mask=None, platform: str | None = None) -> str:
+    """What "auto" runs for queries `q` [B, L, H, D] on `platform` (None: the host's default backend)."""
+    platform = platforms.resolve(platform)
+    if platform == "gpu":
         # cuDNN flash attention needs half precision and head_dim a multiple of 8 (<= 128).
         d = q.shape[-1]
         if q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128 and mask is None:
             return "cudnn"
         return "xla"
-    if backend == "tpu":
-        return "xla"
-    return "chunked"
+    if platform == "cpu":
+        return "chunked"
+    # The unrolled query chunks only pay off in a CPU's caches; on TPU they multiply the program's size.
+    return "xla"
 
 
 def _einsum_attention(q, k, v, mask, scale, upcast):

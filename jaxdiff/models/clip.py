@@ -49,6 +49,7 @@ class CLIPAttention(nn.Module):
     num_heads: int
     dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x, mask):
@@ -61,7 +62,7 @@ class CLIPAttention(nn.Module):
 
         # dot_product_attention scales by head_dim**-0.5, as CLIPAttention does.
         q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
-        out = dot_product_attention(q, k, v, mask=mask, implementation=self.attention)
+        out = dot_product_attention(q, k, v, mask=mask, implementation=self.attention, platform=self.platform)
         return Dense(d, axes=(HEADS, EMBED), dtype=self.dtype, name="out_proj")(out.reshape(b, length, d))
 
 
@@ -86,11 +87,12 @@ class CLIPEncoderLayer(nn.Module):
     eps: float
     dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x, mask):
         h = LayerNorm(self.eps, self.dtype, name="layer_norm1")(x)
-        x = x + CLIPAttention(self.num_heads, self.dtype, self.attention, name="self_attn")(h, mask)
+        x = x + CLIPAttention(self.num_heads, self.dtype, self.attention, self.platform, name="self_attn")(h, mask)
         h = LayerNorm(self.eps, self.dtype, name="layer_norm2")(x)
         return x + CLIPMLP(self.intermediate_size, self.hidden_act, self.dtype, name="mlp")(h)
 
@@ -128,6 +130,7 @@ class CLIPEncoder(nn.Module):
     config: dict
     dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x, mask):
@@ -141,6 +144,7 @@ class CLIPEncoder(nn.Module):
                 _cfg(c, "layer_norm_eps"),
                 self.dtype,
                 self.attention,
+                self.platform,
                 name=f"layers_{i}",
             )(x, mask)
             hidden_states.append(x)
@@ -157,6 +161,7 @@ class CLIPTextTransformer(nn.Module):
     config: dict
     dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_embeds=None):
@@ -167,7 +172,7 @@ class CLIPTextTransformer(nn.Module):
         mask = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, Lq, Lk], causal always
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
-        hidden_states = CLIPEncoder(c, self.dtype, self.attention, name="encoder")(x, mask)
+        hidden_states = CLIPEncoder(c, self.dtype, self.attention, self.platform, name="encoder")(x, mask)
         last = LayerNorm(_cfg(c, "layer_norm_eps"), self.dtype, name="final_layer_norm")(hidden_states[-1])
         eos = _cfg(c, "eos_token_id")
         if eos == LEGACY_EOS_TOKEN_ID:
@@ -192,11 +197,12 @@ class CLIPTextModel(nn.Module):
     config: dict
     dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
+    platform: str | None = None
     with_projection: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_embeds=None):
-        out = CLIPTextTransformer(self.config, self.dtype, self.attention, name="text_model")(
+        out = CLIPTextTransformer(self.config, self.dtype, self.attention, self.platform, name="text_model")(
             input_ids, attention_mask, token_embeds
         )
         if self.with_projection:
@@ -207,8 +213,10 @@ class CLIPTextModel(nn.Module):
 
 
 def _builder(with_projection: bool):
-    def build(config: dict, dtype=jnp.float32, attention: str = "auto") -> CLIPTextModel:
-        return CLIPTextModel(config, dtype=dtype, attention=attention, with_projection=with_projection)
+    def build(config: dict, dtype=jnp.float32, attention: str = "auto", platform: str | None = None) -> CLIPTextModel:
+        return CLIPTextModel(
+            config, dtype=dtype, attention=attention, platform=platform, with_projection=with_projection
+        )
 
     return build
 

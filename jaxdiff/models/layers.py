@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import platforms
+
 # Logical axis names used on parameters; `jaxdiff.sharding` maps them onto mesh axes.
 EMBED = "embed"  # model width (dense inputs/outputs, residual stream)
 HEADS = "heads"  # attention projection outputs (heads * head_dim)
@@ -56,7 +58,8 @@ def _precision(dtype):
 class Conv(nn.Module):
     """2-D convolution on NHWC with params kernel [kh, kw, in, out] and bias [out].
 
-    `padding` is either an int (symmetric) or explicit ((top, bottom), (left, right)).
+    `padding` is either an int (symmetric) or explicit ((top, bottom), (left, right)). `platform` is the platform
+    the program is compiled for (None: the host's default backend); it picks the formulation (see `conv2d`).
     """
 
     features: int
@@ -65,6 +68,7 @@ class Conv(nn.Module):
     padding: int | Sequence[tuple[int, int]] = 1
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -78,7 +82,9 @@ class Conv(nn.Module):
         pad = self.padding
         if isinstance(pad, int):
             pad = ((pad, pad), (pad, pad))
-        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, tuple(map(tuple, pad)))
+        y = conv2d(
+            x.astype(self.dtype), kernel.astype(self.dtype), self.stride, tuple(map(tuple, pad)), platform=self.platform
+        )
         if self.use_bias:
             bias = self.param(
                 "bias", _partitioned(nn.initializers.zeros_init(), (CONV_OUT,)), (self.features,), jnp.float32
@@ -93,8 +99,14 @@ class Conv(nn.Module):
 IM2COL_MAX_PIXELS = 256
 
 
-def conv2d(x, kernel, stride: int = 1, padding=((1, 1), (1, 1)), im2col: bool | None = None):
-    """NHWC x HWIO convolution; `im2col=None` picks the faster formulation for the backend and shape."""
+def use_im2col(output_pixels: int, platform: str | None = None) -> bool:
+    """Whether `conv2d` forms a 3x3 convolution with `output_pixels` output pixels as im2col + matmul."""
+    return platforms.resolve(platform) == "cpu" and output_pixels <= IM2COL_MAX_PIXELS
+
+
+def conv2d(x, kernel, stride: int = 1, padding=((1, 1), (1, 1)), im2col: bool | None = None, platform=None):
+    """NHWC x HWIO convolution; `im2col=None` picks the faster formulation for the shape on `platform`, the
+    platform the program is compiled for (None: the host's default backend)."""
     kh, kw, cin, cout = kernel.shape
     precision = _precision(x.dtype)
     if kh == kw == 1 and stride == 1 and padding == ((0, 0), (0, 0)):
@@ -103,7 +115,7 @@ def conv2d(x, kernel, stride: int = 1, padding=((1, 1), (1, 1)), im2col: bool | 
     ho = (x.shape[1] + pt + pb - kh) // stride + 1
     wo = (x.shape[2] + pl + pr - kw) // stride + 1
     if im2col is None:
-        im2col = jax.default_backend() == "cpu" and ho * wo <= IM2COL_MAX_PIXELS
+        im2col = use_im2col(ho * wo, platform)
     if not im2col:
         return jax.lax.conv_general_dilated(
             x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision

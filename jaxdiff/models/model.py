@@ -11,13 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import platforms
+
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     """How to build and initialise one model class (e.g. "UNet2DConditionModel"); its PyTorch layout is in
     `jaxdiff.convert.layout`.
 
-    build(config, dtype, attention) -> nn.Module; example_inputs(config) -> tuple of arrays for init.
+    build(config, dtype, attention, platform) -> nn.Module; example_inputs(config) -> tuple of arrays for init.
     """
 
     name: str
@@ -29,7 +31,11 @@ class Architecture:
 
 @dataclasses.dataclass
 class Model:
-    """A model as pure functions: `apply(params, ...)` is jittable; images/latents are NHWC."""
+    """A model as pure functions: `apply(params, ...)` is jittable; images/latents are NHWC.
+
+    The module is built for one platform (`platform`: "cpu", "gpu", "tpu"), the platform its programs are compiled
+    for, which picks its attention and convolution formulations; `for_platform` rebuilds it for another.
+    """
 
     architecture: Architecture
     config: dict
@@ -40,6 +46,14 @@ class Model:
     @property
     def kind(self) -> str:
         return self.architecture.kind
+
+    @property
+    def platform(self) -> str:
+        return platforms.resolve(self.module.platform)
+
+    def for_platform(self, platform: str | None) -> Model:
+        """The same model (same params) with its module built for `platform` (None: the host's default backend)."""
+        return dataclasses.replace(self, module=self.module.clone(platform=platforms.resolve(platform)))
 
     def apply(self, params, *args, **kwargs):
         return self.module.apply({"params": params}, *args, **kwargs)
@@ -56,9 +70,22 @@ class Model:
         return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(self.params)))
 
 
-def create(architecture: Architecture, config: dict, *, abstract: bool, dtype=jnp.float32, attention="auto", seed=0):
-    """Build the module and initialise params (shape-only when `abstract`)."""
-    module = architecture.build(config, dtype=dtype, attention=attention)
+def create(
+    architecture: Architecture,
+    config: dict,
+    *,
+    abstract: bool,
+    dtype=jnp.float32,
+    attention="auto",
+    seed=0,
+    platform: str | None = None,
+):
+    """Build the module and initialise params (shape-only when `abstract`).
+
+    `platform`: the platform the model's programs will be compiled for (the platform of the mesh or devices they
+    run on, `jaxdiff.platforms.of(mesh)`); None means the host's default backend.
+    """
+    module = architecture.build(config, dtype=dtype, attention=attention, platform=platforms.resolve(platform))
     inputs = architecture.example_inputs(config)
     kwargs = {"method": architecture.init_method} if architecture.init_method else {}
 

@@ -16,18 +16,19 @@ class ResnetBlock2D(nn.Module):
     eps: float = 1e-5
     output_scale_factor: float = 1.0
     dtype: jnp.dtype = jnp.float32
+    platform: str | None = None  # the platform compiled for (None: the host's default backend)
 
     @nn.compact
     def __call__(self, x, temb=None):
         h = nn.silu(GroupNorm(self.groups, self.eps, self.dtype, name="norm1")(x))
-        h = Conv(self.out_channels, 3, padding=1, dtype=self.dtype, name="conv1")(h)
+        h = Conv(self.out_channels, 3, padding=1, dtype=self.dtype, platform=self.platform, name="conv1")(h)
         if temb is not None:
             t = Dense(self.out_channels, axes=(EMBED, CONV_OUT), dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
             h = h + t[:, None, None, :]
         h = nn.silu(GroupNorm(self.groups, self.eps, self.dtype, name="norm2")(h))
-        h = Conv(self.out_channels, 3, padding=1, dtype=self.dtype, name="conv2")(h)
+        h = Conv(self.out_channels, 3, padding=1, dtype=self.dtype, platform=self.platform, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
-            x = Conv(self.out_channels, 1, padding=0, dtype=self.dtype, name="conv_shortcut")(x)
+            x = Conv(self.out_channels, 1, padding=0, dtype=self.dtype, platform=self.platform, name="conv_shortcut")(x)
         out = x.astype(self.dtype) + h
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
@@ -40,11 +41,14 @@ class Downsample2D(nn.Module):
     out_channels: int
     asymmetric_padding: bool = False
     dtype: jnp.dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x):
         padding = ((0, 1), (0, 1)) if self.asymmetric_padding else 1
-        return Conv(self.out_channels, 3, stride=2, padding=padding, dtype=self.dtype, name="conv")(x)
+        return Conv(
+            self.out_channels, 3, stride=2, padding=padding, dtype=self.dtype, platform=self.platform, name="conv"
+        )(x)
 
 
 class Upsample2D(nn.Module):
@@ -52,7 +56,9 @@ class Upsample2D(nn.Module):
 
     out_channels: int
     dtype: jnp.dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x):
-        return Conv(self.out_channels, 3, padding=1, dtype=self.dtype, name="conv")(upsample_nearest_2x(x))
+        conv = Conv(self.out_channels, 3, padding=1, dtype=self.dtype, platform=self.platform, name="conv")
+        return conv(upsample_nearest_2x(x))

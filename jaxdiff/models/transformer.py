@@ -18,6 +18,7 @@ class Attention(nn.Module):
     upcast: bool = False
     attention: str = "auto"
     dtype: jnp.dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x, context=None):
@@ -29,7 +30,7 @@ class Attention(nn.Module):
             return y.reshape(*y.shape[:2], self.heads, self.head_dim)
 
         q, k, v = project("to_q", x), project("to_k", context), project("to_v", context)
-        out = dot_product_attention(q, k, v, upcast=self.upcast, implementation=self.attention)
+        out = dot_product_attention(q, k, v, upcast=self.upcast, implementation=self.attention, platform=self.platform)
         out = out.reshape(*out.shape[:2], inner)
         return Dense(x.shape[-1], axes=(HEADS, EMBED), dtype=self.dtype, name="to_out_0")(out)
 
@@ -69,11 +70,14 @@ class BasicTransformerBlock(nn.Module):
     only_cross_attention: bool = False
     attention: str = "auto"
     dtype: jnp.dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x, context):
         def attn(name):
-            return Attention(self.heads, self.head_dim, self.upcast, self.attention, self.dtype, name=name)
+            return Attention(
+                self.heads, self.head_dim, self.upcast, self.attention, self.dtype, self.platform, name=name
+            )
 
         def norm(name):
             return LayerNorm(1e-5, self.dtype, name=name)
@@ -98,6 +102,7 @@ class Transformer2DModel(nn.Module):
     only_cross_attention: bool = False
     attention: str = "auto"
     dtype: jnp.dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x, context):
@@ -109,7 +114,7 @@ class Transformer2DModel(nn.Module):
         def proj(name, features, axes):
             if self.linear_projection:
                 return Dense(features, axes=axes, dtype=self.dtype, name=name)
-            return Conv(features, 1, padding=0, dtype=self.dtype, name=name)
+            return Conv(features, 1, padding=0, dtype=self.dtype, platform=self.platform, name=name)
 
         x = proj("proj_in", inner, (EMBED, MLP))(x).reshape(b, h * w, inner)
         for i in range(self.layers):
@@ -120,6 +125,7 @@ class Transformer2DModel(nn.Module):
                 self.only_cross_attention,
                 self.attention,
                 self.dtype,
+                self.platform,
                 name=f"transformer_blocks_{i}",
             )(x, context.astype(self.dtype))
         x = proj("proj_out", c, (MLP, EMBED))(x.reshape(b, h, w, inner))

@@ -91,6 +91,8 @@ class UNet2DConditionModel(nn.Module):
     config: dict
     attention: str = "auto"
     dtype: jnp.dtype = jnp.float32
+    # The platform the program is compiled for (None: the host's default backend): it picks attention and convs.
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond=None):
@@ -108,6 +110,7 @@ class UNet2DConditionModel(nn.Module):
             upcast=cfg["upcast_attention"],
             attention=self.attention,
             dtype=dt,
+            platform=self.platform,
         )
 
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
@@ -126,7 +129,7 @@ class UNet2DConditionModel(nn.Module):
         x = sample.astype(dt)
         if cfg["center_input_sample"]:
             x = 2 * x - 1.0
-        x = Conv(channels[0], 3, padding=1, dtype=dt, name="conv_in")(x)
+        x = Conv(channels[0], 3, padding=1, dtype=dt, platform=self.platform, name="conv_in")(x)
         skips = [x]
         for i, block_type in enumerate(cfg["down_block_types"]):
             x, block_skips = DownBlock(
@@ -171,7 +174,7 @@ class UNet2DConditionModel(nn.Module):
             )(x, block_skips, emb, encoder_hidden_states)
 
         x = nn.silu(GroupNorm(cfg["norm_num_groups"], cfg["norm_eps"], dt, name="conv_norm_out")(x))
-        return Conv(cfg["out_channels"], 3, padding=1, dtype=dt, name="conv_out")(x)
+        return Conv(cfg["out_channels"], 3, padding=1, dtype=dt, platform=self.platform, name="conv_out")(x)
 
 
 def resolved_config(config: dict) -> dict:
@@ -244,9 +247,11 @@ def example_inputs(config: dict) -> tuple:
     return args
 
 
-def build(config: dict, dtype=jnp.float32, attention: str = "auto") -> UNet2DConditionModel:
+def build(
+    config: dict, dtype=jnp.float32, attention: str = "auto", platform: str | None = None
+) -> UNet2DConditionModel:
     resolved_config(config)  # fail early with a clear message
-    return UNet2DConditionModel(dict(config), attention=attention, dtype=dtype)
+    return UNet2DConditionModel(dict(config), attention=attention, dtype=dtype, platform=platform)
 
 
 ARCHITECTURES = {

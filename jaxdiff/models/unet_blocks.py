@@ -24,9 +24,12 @@ class _BlockOptions(nn.Module):
     only_cross_attention: bool = False
     attention: str = "auto"
     dtype: jnp.dtype = jnp.float32
+    platform: str | None = None  # the platform compiled for (None: the host's default backend)
 
     def resnet(self, i):
-        return ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")
+        return ResnetBlock2D(
+            self.out_channels, self.groups, self.eps, dtype=self.dtype, platform=self.platform, name=f"resnets_{i}"
+        )
 
     def transformer(self, i):
         return Transformer2DModel(
@@ -39,6 +42,7 @@ class _BlockOptions(nn.Module):
             self.only_cross_attention,
             self.attention,
             self.dtype,
+            self.platform,
             name=f"attentions_{i}",
         )
 
@@ -57,7 +61,7 @@ class DownBlock(_BlockOptions):
                 x = self.transformer(i)(x, context)
             skips.append(x)
         if self.add_downsample:
-            x = Downsample2D(self.out_channels, dtype=self.dtype, name="downsamplers_0")(x)
+            x = Downsample2D(self.out_channels, dtype=self.dtype, platform=self.platform, name="downsamplers_0")(x)
             skips.append(x)
         return x, skips
 
@@ -87,5 +91,5 @@ class UpBlock(_BlockOptions):
             if self.cross_attention:
                 x = self.transformer(i)(x, context)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
+            x = Upsample2D(self.out_channels, dtype=self.dtype, platform=self.platform, name="upsamplers_0")(x)
         return x

@@ -23,6 +23,7 @@ class VAEAttention(nn.Module):
     groups: int
     dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -30,7 +31,7 @@ class VAEAttention(nn.Module):
         y = GroupNorm(self.groups, EPS, self.dtype, name="group_norm")(x).reshape(b, h * w, 1, c)
         q, k, v = (Dense(c, axes=(EMBED, HEADS), dtype=self.dtype, name=n)(y) for n in ("to_q", "to_k", "to_v"))
         # diffusers builds this block with upcast_softmax=True; heads = channels // attention_head_dim = 1.
-        o = dot_product_attention(q, k, v, upcast=True, implementation=self.attention)
+        o = dot_product_attention(q, k, v, upcast=True, implementation=self.attention, platform=self.platform)
         o = Dense(c, axes=(HEADS, EMBED), dtype=self.dtype, name="to_out_0")(o.reshape(b, h * w, c))
         return x.astype(self.dtype) + o.reshape(b, h, w, c)
 
@@ -42,14 +43,15 @@ class MidBlock(nn.Module):
     add_attention: bool = True
     dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        x = ResnetBlock2D(c, self.groups, EPS, dtype=self.dtype, name="resnets_0")(x)
+        x = ResnetBlock2D(c, self.groups, EPS, dtype=self.dtype, platform=self.platform, name="resnets_0")(x)
         if self.add_attention:
-            x = VAEAttention(self.groups, self.dtype, self.attention, name="attentions_0")(x)
-        return ResnetBlock2D(c, self.groups, EPS, dtype=self.dtype, name="resnets_1")(x)
+            x = VAEAttention(self.groups, self.dtype, self.attention, self.platform, name="attentions_0")(x)
+        return ResnetBlock2D(c, self.groups, EPS, dtype=self.dtype, platform=self.platform, name="resnets_1")(x)
 
 
 class ResnetStack(nn.Module):
@@ -60,16 +62,18 @@ class ResnetStack(nn.Module):
     groups: int
     resample: str | None = None  # "down" | "up" | None
     dtype: jnp.dtype = jnp.float32
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x):
+        common = dict(dtype=self.dtype, platform=self.platform)
         for j in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.groups, EPS, dtype=self.dtype, name=f"resnets_{j}")(x)
+            x = ResnetBlock2D(self.out_channels, self.groups, EPS, name=f"resnets_{j}", **common)(x)
         if self.resample == "down":
             # The VAE pads only bottom/right before its stride-2 conv (diffusers `downsample_padding=0`).
-            x = Downsample2D(self.out_channels, asymmetric_padding=True, dtype=self.dtype, name="downsamplers_0")(x)
+            x = Downsample2D(self.out_channels, asymmetric_padding=True, name="downsamplers_0", **common)(x)
         elif self.resample == "up":
-            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
+            x = Upsample2D(self.out_channels, name="upsamplers_0", **common)(x)
         return x
 
 
@@ -83,17 +87,20 @@ class Encoder(nn.Module):
     add_attention: bool = True
     dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x):
-        chans = self.block_out_channels
-        h = Conv(chans[0], 3, padding=1, dtype=self.dtype, name="conv_in")(x)
+        chans, platform = self.block_out_channels, self.platform
+        h = Conv(chans[0], 3, padding=1, dtype=self.dtype, platform=platform, name="conv_in")(x)
         for i, ch in enumerate(chans):
             resample = "down" if i < len(chans) - 1 else None
-            h = ResnetStack(ch, self.layers_per_block, self.groups, resample, self.dtype, name=f"down_blocks_{i}")(h)
-        h = MidBlock(self.groups, self.add_attention, self.dtype, self.attention, name="mid_block")(h)
+            h = ResnetStack(
+                ch, self.layers_per_block, self.groups, resample, self.dtype, platform, name=f"down_blocks_{i}"
+            )(h)
+        h = MidBlock(self.groups, self.add_attention, self.dtype, self.attention, platform, name="mid_block")(h)
         h = nn.silu(GroupNorm(self.groups, EPS, self.dtype, name="conv_norm_out")(h))
-        return Conv(2 * self.latent_channels, 3, padding=1, dtype=self.dtype, name="conv_out")(h)
+        return Conv(2 * self.latent_channels, 3, padding=1, dtype=self.dtype, platform=platform, name="conv_out")(h)
 
 
 class Decoder(nn.Module):
@@ -106,17 +113,20 @@ class Decoder(nn.Module):
     add_attention: bool = True
     dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, z):
-        chans = tuple(reversed(self.block_out_channels))
-        h = Conv(chans[0], 3, padding=1, dtype=self.dtype, name="conv_in")(z)
-        h = MidBlock(self.groups, self.add_attention, self.dtype, self.attention, name="mid_block")(h)
+        chans, platform = tuple(reversed(self.block_out_channels)), self.platform
+        h = Conv(chans[0], 3, padding=1, dtype=self.dtype, platform=platform, name="conv_in")(z)
+        h = MidBlock(self.groups, self.add_attention, self.dtype, self.attention, platform, name="mid_block")(h)
         for i, ch in enumerate(chans):
             resample = "up" if i < len(chans) - 1 else None
-            h = ResnetStack(ch, self.layers_per_block + 1, self.groups, resample, self.dtype, name=f"up_blocks_{i}")(h)
+            h = ResnetStack(
+                ch, self.layers_per_block + 1, self.groups, resample, self.dtype, platform, name=f"up_blocks_{i}"
+            )(h)
         h = nn.silu(GroupNorm(self.groups, EPS, self.dtype, name="conv_norm_out")(h))
-        return Conv(self.out_channels, 3, padding=1, dtype=self.dtype, name="conv_out")(h)
+        return Conv(self.out_channels, 3, padding=1, dtype=self.dtype, platform=platform, name="conv_out")(h)
 
 
 class AutoencoderKL(nn.Module):
@@ -133,16 +143,23 @@ class AutoencoderKL(nn.Module):
     mid_block_add_attention: bool = True
     dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
+    platform: str | None = None  # the platform compiled for (None: the host's default backend)
 
     def setup(self):
-        common = dict(groups=self.norm_num_groups, add_attention=self.mid_block_add_attention, dtype=self.dtype)
+        common = dict(
+            groups=self.norm_num_groups,
+            add_attention=self.mid_block_add_attention,
+            dtype=self.dtype,
+            attention=self.attention,
+            platform=self.platform,
+        )
         chans, layers = tuple(self.block_out_channels), self.layers_per_block
-        self.encoder = Encoder(chans, layers, self.latent_channels, attention=self.attention, **common)
-        self.decoder = Decoder(chans, layers, self.out_channels, attention=self.attention, **common)
+        self.encoder = Encoder(chans, layers, self.latent_channels, **common)
+        self.decoder = Decoder(chans, layers, self.out_channels, **common)
         if self.use_quant_conv:
-            self.quant_conv = Conv(2 * self.latent_channels, 1, padding=0, dtype=self.dtype)
+            self.quant_conv = Conv(2 * self.latent_channels, 1, padding=0, dtype=self.dtype, platform=self.platform)
         if self.use_post_quant_conv:
-            self.post_quant_conv = Conv(self.latent_channels, 1, padding=0, dtype=self.dtype)
+            self.post_quant_conv = Conv(self.latent_channels, 1, padding=0, dtype=self.dtype, platform=self.platform)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [B, H, W, in] in [-1, 1] -> (mean, logvar), float32, each [B, H/f, W/f, latent_channels]."""
@@ -183,7 +200,7 @@ def _check_config(config: dict) -> None:
         raise ValueError(f"AutoencoderKL: norm_num_groups {groups} does not divide block_out_channels {chans}")
 
 
-def build(config: dict, dtype=jnp.float32, attention: str = "auto") -> AutoencoderKL:
+def build(config: dict, dtype=jnp.float32, attention: str = "auto", platform: str | None = None) -> AutoencoderKL:
     """The module for a diffusers AutoencoderKL config.json dict."""
     _check_config(config)
     if config.get("force_upcast", True) and jnp.dtype(dtype) == jnp.float16:
@@ -201,6 +218,7 @@ def build(config: dict, dtype=jnp.float32, attention: str = "auto") -> Autoencod
         mid_block_add_attention=config.get("mid_block_add_attention", True),
         dtype=dtype,
         attention=attention,
+        platform=platform,
     )
 
 

@@ -46,10 +46,15 @@ def resolve(path_or_name: str | os.PathLike) -> Path:
     return path
 
 
-def load_pipeline(path_or_name: str | os.PathLike = "shapes", dtype=jnp.float32, attention: str = "auto") -> Pipeline:
-    """A pipeline from a diffusers pipeline folder, a jaxdiff checkpoint, or a built-in name ("shapes")."""
+def load_pipeline(
+    path_or_name: str | os.PathLike = "shapes", dtype=jnp.float32, attention: str = "auto", platform: str | None = None
+) -> Pipeline:
+    """A pipeline from a diffusers pipeline folder, a jaxdiff checkpoint, or a built-in name ("shapes").
+
+    `platform`: the platform its programs are compiled for; None: the platform of the default devices, where the
+    params are placed and the pipeline runs."""
     path = resolve(path_or_name)
-    models = checkpoint.load_components(path, dtype=dtype, attention=attention)
+    models = checkpoint.load_components(path, dtype=dtype, attention=attention, platform=platform)
     missing = [name for name in ("unet", "vae", "text_encoder") if name not in models]
     if missing:
         raise UserError(f"{path} is not a text-to-image pipeline: missing components {missing}")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxdiff import fileio
+from jaxdiff import fileio, platforms
 
 ITEMS = ("state", "data", "meta")
 
@@ -46,7 +46,7 @@ class Checkpointer:
     Partially written (uncommitted) steps, e.g. after a kill -9 mid-save, are ignored on restore.
     """
 
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, platform: str | None = None):
         self.directory = os.path.abspath(directory)
         # cleanup_tmp_directories: a writer killed mid-save leaves a `<step>.orbax-checkpoint-tmp-*` folder, never
         # committed; it is ignored by restore and removed here.
@@ -55,8 +55,9 @@ class Checkpointer:
         )
         # Replica-parallel saving slices every replicated array per replica with small jitted programs (one
         # compile per shape: seconds on CPU for a UNet); keep orbax's choice on accelerators, turn it off on CPU.
+        # `platform` is that of the devices holding the saved arrays (None: the host's default backend).
         array_handler = ocp.type_handlers.ArrayHandler(
-            use_replica_parallel=False if jax.default_backend() == "cpu" else None
+            use_replica_parallel=False if platforms.resolve(platform) == "cpu" else None
         )
         th = ocp.type_handlers
         registry = th.create_type_handler_registry(

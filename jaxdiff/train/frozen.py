@@ -69,14 +69,14 @@ def _pipeline_folder(spec: str) -> Path:
         raise ConfigError(f"config.model.pipeline: {e}") from None
 
 
-def _abstract(name: str, path: Path, key: str, dtype, attention: str) -> Model:
+def _abstract(name: str, path: Path, key: str, dtype, attention: str, platform: str | None) -> Model:
     from jaxdiff.api import init_model
 
     if not (path / "config.json").is_file():
         hint = f" (a pipeline folder? give its {name}/ folder)" if (path / name).is_dir() else ""
         raise ConfigError(f"{key}={str(path)!r}: no {name} there, {path / 'config.json'} is missing{hint}")
     try:
-        model = init_model(path, abstract=True, dtype=dtype, attention=attention)
+        model = init_model(path, abstract=True, dtype=dtype, attention=attention, platform=platform)
     except (ValueError, OSError) as e:
         raise ConfigError(f"{key}: {e}") from None
     if model.kind != KINDS[name]:
@@ -84,8 +84,10 @@ def _abstract(name: str, path: Path, key: str, dtype, attention: str) -> Model:
     return model
 
 
-def from_config(config: mlc.ConfigDict, dtype=jnp.float32) -> FrozenModels:
-    """The frozen encoders of a validated config with `objective.image_key` set; ConfigError when missing."""
+def from_config(config: mlc.ConfigDict, dtype=jnp.float32, platform: str | None = None) -> FrozenModels:
+    """The frozen encoders of a validated config with `objective.image_key` set; ConfigError when missing.
+
+    `platform`: the platform of the mesh the step is compiled for (None: the host's default backend)."""
     m = config.model
     pipeline = _pipeline_folder(m.pipeline) if m.pipeline else None
     paths: dict[str, Path | None] = {}
@@ -100,7 +102,7 @@ def from_config(config: mlc.ConfigDict, dtype=jnp.float32) -> FrozenModels:
             path, key = pipeline / name, f"config.model.pipeline ({pipeline})"
         # float16 VAEs overflow (diffusers' force_upcast); the text encoder runs in the compute dtype.
         model_dtype = jnp.float32 if name == "vae" and dtype == jnp.float16 else dtype
-        models[name] = _abstract(name, path, key, model_dtype, m.attention)
+        models[name] = _abstract(name, path, key, model_dtype, m.attention, platform)
         paths[name] = path
     tokenizer = None
     if m.tokenizer:

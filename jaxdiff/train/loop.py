@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxdiff import sharding
+from jaxdiff import platforms, sharding
 from jaxdiff.train import checkpoint as ckpt_lib
 from jaxdiff.train import config as config_lib
 from jaxdiff.train import data as data_lib
@@ -47,10 +47,14 @@ class Setup:
 
 
 def setup(config: mlc.ConfigDict, devices=None) -> Setup:
-    """Validate the config (ConfigError before anything compiles) and build mesh, model, phases, shardings."""
+    """Validate the config (ConfigError before anything compiles) and build mesh, model, phases, shardings.
+
+    `devices` (default: jax.devices()) may be of another platform than the host's, e.g. the TPU devices of a
+    topology description for ahead-of-time compilation: the models are built for the mesh's platform."""
     devices = list(devices if devices is not None else jax.devices())
     config = config_lib.validate(config, len(devices))
     mesh = sharding.make_mesh(config_lib.mesh_shape(config.mesh, len(devices)), devices)
+    platform = platforms.of(mesh)
     rules = sharding.rules_from_config(config.sharding_rules)
     dtype = DTYPES[config.model.compute_dtype]
 
@@ -65,19 +69,27 @@ def setup(config: mlc.ConfigDict, devices=None) -> Setup:
         unet_config = dict(jaxdiff.init_model(path, abstract=True).config)  # reads config.json only
 
         def load_pretrained():  # the weights, read only when a run starts without a checkpoint
-            return jaxdiff.load_model(path, dtype=dtype, attention=config.model.attention).params
+            return jaxdiff.load_model(path, dtype=dtype, attention=config.model.attention, platform=platform).params
     else:
         unet_config = {"_class_name": config.model.name, **config.model.unet.to_dict()}
     frozen = None
     if config.objective.image_key:
-        frozen = frozen_lib.from_config(config, dtype)
+        frozen = frozen_lib.from_config(config, dtype, platform)
         frozen_lib.check_unet(frozen, unet_config)
         if not config.data.tokenizer and frozen.paths["tokenizer"] is not None:
             config.data.tokenizer = str(frozen.paths["tokenizer"])  # captions are tokenized as the model's
     if config.data.tokenizer:
         config.data.tokenizer = str(frozen_lib.tokenizer_folder(config.data.tokenizer))
     arch = architecture_for(unet_config)
-    model = create(arch, unet_config, abstract=True, dtype=dtype, attention=config.model.attention, seed=config.seed)
+    model = create(
+        arch,
+        unet_config,
+        abstract=True,
+        dtype=dtype,
+        attention=config.model.attention,
+        seed=config.seed,
+        platform=platform,
+    )
 
     apply_fn = model.apply
     if config.train.remat == "blocks":
@@ -127,7 +139,9 @@ def setup(config: mlc.ConfigDict, devices=None) -> Setup:
 def restore(config: mlc.ConfigDict, workdir: str, step: int | None = None, devices=None):
     """(state, data position, meta) of a run's checkpoint, placed on *this* config's mesh (any shape)."""
     s = setup(config, devices)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=s.config.checkpoint.keep)
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=s.config.checkpoint.keep, platform=platforms.of(s.mesh)
+    )
     try:
         return checkpointer.restore(step, state_lib.abstract(s.abstract_state, s.state_shardings))
     finally:
