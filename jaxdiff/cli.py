@@ -229,6 +229,15 @@ def _add_generate(sub) -> None:
 SUBCOMMANDS.append(_add_generate)
 
 
+def _add_evaluate(sub) -> None:
+    from jaxdiff.metrics import evaluate
+
+    evaluate.add_parser(sub)
+
+
+SUBCOMMANDS.append(_add_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdiff", description=jaxdiff.__doc__)
     parser.add_argument("--version", action="version", version=f"jaxdiff {jaxdiff.__version__}")

@@ -1,0 +1,102 @@
+"""`jaxdiff evaluate`: Fréchet distance on the shapes probe's features with a bootstrap interval, from folders,
+statistics files or a model's samples; bad input is one line and exit 2."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdiff import cli
+from jaxdiff.data.shapes_tfds import make_example
+from jaxdiff.metrics import evaluate as ev
+from jaxdiff.metrics import frechet
+
+
+def _folder(path, images):
+    path.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(path / f"{i:04d}.png")
+    return path
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    real = _folder(root / "real", [make_example("test", i, 32)["image"] for i in range(48)])
+    same = _folder(root / "same", [make_example("validation", i, 32)["image"] for i in range(48)])
+    rng = np.random.default_rng(0)
+    noise = _folder(root / "noise", [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(48)])
+    return root, real, same, noise
+
+
+def _evaluate(capsys, *args):
+    rc = cli.main(["evaluate", "fd-probe", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_renders_are_close_and_noise_is_far_with_intervals_and_counts(folders, capsys):
+    root, real, same, noise = folders
+    rc, out, _ = _evaluate(capsys, "--real", real, "--fake", same, "--bootstrap", 20, "--out", root / "same.json")
+    assert rc == 0
+    close = json.loads((root / "same.json").read_text())
+    assert close == json.loads(out)
+    rc, out, _ = _evaluate(capsys, "--real", real, "--fake", noise, "--bootstrap", 20)
+    far = json.loads(out)
+    assert close["n_real"] == close["n_fake"] == 48 and close["bootstrap"] == 20
+    assert far["value"] > 3 * close["value"], (close["value"], far["value"])  # 48 images: FD is biased upwards
+    for record in (close, far):
+        lo, hi = record["interval95"]
+        assert lo <= hi and lo <= record["value"] * 1.5 and hi >= record["value"] * 0.5
+
+
+def test_the_value_is_the_frechet_distance_of_the_probe_features(folders, capsys):
+    _, real, same, _ = folders
+    rc, out, _ = _evaluate(capsys, "--real", real, "--fake", same, "--bootstrap", 0)
+    expected = frechet.frechet_distance_from_features(
+        ev.probe_features(ev.read_images(real)), ev.probe_features(ev.read_images(same))
+    )
+    record = json.loads(out)
+    assert rc == 0 and record["interval95"] is None
+    assert record["value"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_saved_statistics_read_back_give_the_same_value(folders, capsys, tmp_path):
+    _, real, same, _ = folders
+    stats = tmp_path / "real.npz"
+    _, out1, _ = _evaluate(capsys, "--real", real, "--fake", same, "--bootstrap", 0, "--save-stats", stats)
+    _, out2, _ = _evaluate(capsys, "--real", stats, "--fake", same, "--bootstrap", 0)
+    with np.load(stats) as z:
+        assert set(z.files) >= {"mu", "sigma"}  # pytorch-fid's layout
+    assert json.loads(out2)["value"] == pytest.approx(json.loads(out1)["value"], rel=1e-12)
+    assert json.loads(out2)["n_real"] == 48
+
+
+def test_samples_of_a_model_from_a_prompt_file(folders, capsys, tmp_path):
+    _, real, _, _ = folders
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    rc, out, _ = _evaluate(
+        capsys, "--real", real, "--model", "shapes", "--prompts", prompts, "--num-images", 2, "--steps", 4
+    )
+    record = json.loads(out)
+    assert rc == 0 and record["n_fake"] == 4  # 2 prompts x 2 seeds and "shapes" in record["fake"] and np.isfinite(record["value"])
+
+
+def test_bad_input_is_one_line_and_exit_2(folders, capsys, tmp_path):
+    _, real, same, _ = folders
+    mixed = _folder(tmp_path / "mixed", [np.zeros((32, 32, 3), np.uint8), np.zeros((64, 64, 3), np.uint8)])
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, mu=np.zeros(3), sigma=np.eye(3))
+    one = _folder(tmp_path / "one", [np.zeros((32, 32, 3), np.uint8)])
+    cases = [
+        (("--real", real, "--fake", mixed), "mixes image sizes"),
+        (("--real", wrong, "--fake", same), "dimension 3"),
+        (("--real", real, "--fake", one), "at least 2"),
+        (("--real", real, "--fake", tmp_path / "none"), "not a folder"),
+        (("--real", real), "exactly one of --fake"),
+    ]
+    for args, message in cases:
+        rc, _, err = _evaluate(capsys, *args)
+        assert rc == 2 and message in err and err.count("\n") == 1, (args, err)
