@@ -50,12 +50,17 @@ def clip_unprefixed(key: str) -> tuple[str, ...]:
 
 _UNET_LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers")
 _CLIP_IGNORE = ("position_ids",)  # a persistent buffer in checkpoints saved by transformers < 4.31
+# pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (and torch-fidelity's copy of it): module names already match
+# (Conv2d_1a_3x3.conv.weight, Mixed_5b.branch1x1.bn.running_mean, fc.weight); a BatchNorm counter saved by newer torch
+# is not a weight.
+_INCEPTION_IGNORE = ("num_batches_tracked",)
 
 LAYOUTS = {
     "UNet2DConditionModel": Layout((*_UNET_LISTS, "transformer_blocks", "to_out", "net"), DIFFUSERS_WEIGHTS),
     "AutoencoderKL": Layout((*_UNET_LISTS, "to_out"), DIFFUSERS_WEIGHTS, vae_aliases),
     "CLIPTextModel": Layout(("layers",), TRANSFORMERS_WEIGHTS, clip_unprefixed, _CLIP_IGNORE),
     "CLIPTextModelWithProjection": Layout(("layers",), TRANSFORMERS_WEIGHTS, ignore=_CLIP_IGNORE),
+    "FIDInceptionV3": Layout((), TRANSFORMERS_WEIGHTS, ignore=_INCEPTION_IGNORE),
 }
 
 

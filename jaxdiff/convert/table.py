@@ -52,7 +52,15 @@ def _torch_name(segment: str, list_names: frozenset[str]) -> str:
     return segment
 
 
-_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+# Flax leaf name -> PyTorch's; `mean`/`var` are BatchNorm running statistics kept as params (inference-only models).
+_LEAF = {
+    "kernel": "weight",
+    "scale": "weight",
+    "embedding": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
 
 
 def build_table(abstract_params: Mapping, list_names: Iterable[str]) -> list[Entry]:

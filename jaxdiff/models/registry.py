@@ -6,9 +6,9 @@ from jaxdiff.models.model import Architecture
 
 
 def _all() -> dict[str, Architecture]:
-    from jaxdiff.models import clip, unet, vae
+    from jaxdiff.models import clip, inception, unet, vae
 
-    return {**unet.ARCHITECTURES, **vae.ARCHITECTURES, **clip.ARCHITECTURES}
+    return {**unet.ARCHITECTURES, **vae.ARCHITECTURES, **clip.ARCHITECTURES, **inception.ARCHITECTURES}
 
 
 def architecture_name(config: dict) -> str | None:
