@@ -81,7 +81,9 @@ def test_samples_of_a_model_from_a_prompt_file(folders, capsys, tmp_path):
         capsys, "--real", real, "--model", "shapes", "--prompts", prompts, "--num-images", 2, "--steps", 4
     )
     record = json.loads(out)
-    assert rc == 0 and record["n_fake"] == 4  # 2 prompts x 2 seeds and "shapes" in record["fake"] and np.isfinite(record["value"])
+    assert (
+        rc == 0 and record["n_fake"] == 4
+    )  # 2 prompts x 2 seeds and "shapes" in record["fake"] and np.isfinite(record["value"])
 
 
 def test_bad_input_is_one_line_and_exit_2(folders, capsys, tmp_path):
@@ -100,3 +102,32 @@ def test_bad_input_is_one_line_and_exit_2(folders, capsys, tmp_path):
     for args, message in cases:
         rc, _, err = _evaluate(capsys, *args)
         assert rc == 2 and message in err and err.count("\n") == 1, (args, err)
+
+
+def test_fid_with_a_converted_inception_equals_the_library_s_fid(folders, capsys, tmp_path):
+    """`evaluate fid` = fid.fid of fid.statistics (random weights: the network's parity is tests/test_fid_inception)."""
+    import jaxdiff
+    from jaxdiff.convert import checkpoint
+    from jaxdiff.metrics import fid
+
+    model = jaxdiff.init_model({"_class_name": "FIDInceptionV3"}, abstract=False)
+    checkpoint.save_checkpoint(tmp_path / "inception", model)
+    real = ev.read_images(folders[1])[:6]
+    fake = ev.read_images(folders[2])[:6]
+    r, f = _folder(tmp_path / "r", list(real)), _folder(tmp_path / "f", list(fake))
+    args = ("--real", r, "--fake", f, "--inception", tmp_path / "inception", "--batch-size", 6, "--bootstrap", 0)
+    rc = cli.main(["evaluate", "fid", *map(str, args)])
+    record = json.loads(capsys.readouterr().out)
+    expected = fid.fid(
+        fid.statistics(real, params=model.params, batch_size=6), fid.statistics(fake, params=model.params, batch_size=6)
+    )
+    assert rc == 0 and record["mode"] == "pytorch-fid" and record["feature_dim"] == 2048
+    assert record["value"] == pytest.approx(expected, rel=1e-6)
+    rc, _, err = _evaluate_metric(capsys, "fid", "--real", r, "--fake", f)
+    assert rc == 2 and "--inception" in err
+
+
+def _evaluate_metric(capsys, metric, *args):
+    rc = cli.main(["evaluate", metric, *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err

@@ -2,6 +2,7 @@
 
     jaxdiff evaluate fd-probe --real REAL_DIR|stats.npz --fake FAKE_DIR          # shapes: Fréchet on probe features
     jaxdiff evaluate fd-probe --real REAL_DIR --model shapes --prompts prompts.txt --num-images 4
+    jaxdiff evaluate fid --inception pt_inception-2015-12-05-6726825d.pth --mode clean-fid --real R --fake F
 
 Each run prints and writes (--out, atomically) one JSON record: metric, value, its 95 % bootstrap interval, the
 number of real and generated images, the feature network and where the images came from. `--save-stats` writes the
@@ -65,7 +66,7 @@ def generate(model: str, prompts: list[str], num_images: int, seed: int, steps: 
 # ------------------------------------------------------------------------------------------ feature networks
 
 
-def probe_features(images: np.ndarray) -> np.ndarray:
+def probe_features(images: np.ndarray, args=None) -> np.ndarray:
     """The shapes probe's penultimate features [N, D] (float64): the stand-in for Inception on `shapes`."""
     from jaxdiff.metrics.probe import load_probe
 
@@ -73,33 +74,46 @@ def probe_features(images: np.ndarray) -> np.ndarray:
     return np.asarray(features, np.float64)
 
 
-FEATURES: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
+def inception_features(images: np.ndarray, args) -> np.ndarray:
+    """pool3 features [N, 2048] of the FID Inception (weights from --inception, preprocessing --mode)."""
+    from jaxdiff.metrics import fid
+
+    if not args.inception:
+        raise UserError(
+            "fid needs the FID Inception weights: --inception pt_inception-2015-12-05-6726825d.pth (pytorch-fid's "
+            "file, read with torch.load(weights_only=True)) or a converted jaxdiff folder"
+        )
+    if "inception" not in _CACHE:
+        _CACHE["inception"] = fid.load_inception(args.inception).params
+    features = fid.features(images, args.mode, params=_CACHE["inception"], batch_size=args.batch_size)
+    return np.asarray(features, np.float64)
+
+
+_CACHE: dict = {}
+FEATURES: dict[str, tuple[str, Callable]] = {
     "fd-probe": ("shapes probe (jaxdiff/assets/shapes_probe)", probe_features),
+    "fid": ("FID Inception-v3 pool3 (pytorch-fid)", inception_features),
 }
 
 
 # ------------------------------------------------------------------------------------------------ statistics
 
 
-def load_statistics(path: str | Path, dim: int | None = None) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """(mu, sigma, n) from a pytorch-fid-style `.npz`; n is None when the file does not say."""
-    try:
-        with np.load(path) as z:
-            mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
-            n = int(z["n"]) if "n" in z.files else None
-    except (OSError, KeyError, ValueError) as e:
-        raise UserError(f"{path}: not a statistics file with mu and sigma ({e})") from None
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not [D] and [D, D]")
-    if dim is not None and mu.shape[0] != dim:
+def load_statistics(path: str | Path, dim: int) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(mu, sigma, n or None) from a pytorch-fid-style `.npz`, checked against the features' dimension."""
+    from jaxdiff.metrics import fid
+
+    mu, sigma, n = fid.load_statistics(path)
+    if mu.shape[0] != dim:
         raise UserError(f"{path} holds statistics of dimension {mu.shape[0]}, the features have {dim}")
     return mu, sigma, n
 
 
 def save_statistics(path: str | Path, features: np.ndarray) -> None:
-    mu, sigma = frechet.feature_statistics(features)
+    from jaxdiff.metrics import fid
+
     with fileio.atomic_file(path) as f:
-        np.savez(f, mu=mu, sigma=sigma, n=np.int64(len(features)))
+        fid.save_statistics(f, *frechet.feature_statistics(features), n=len(features))
 
 
 def _check_count(features: np.ndarray, what: str) -> None:
@@ -145,7 +159,12 @@ def add_parser(sub) -> None:
         help="a metric of generated images against real ones (JSON record with n and a 95%% interval)",
         description=__doc__.split("\n\n")[0] + " Metrics: " + ", ".join(FEATURES) + ".",
     )
-    p.add_argument("metric", choices=sorted(FEATURES), help="fd-probe: Fréchet distance on the shapes probe's features")
+    p.add_argument(
+        "metric", choices=sorted(FEATURES), help="fd-probe: Fréchet distance on the shapes probe's features; fid"
+    )
+    p.add_argument("--inception", help="fid: the FID Inception weights (pytorch-fid's .pth, or a jaxdiff folder)")
+    p.add_argument("--mode", default="pytorch-fid", help="fid preprocessing: pytorch-fid, clean-fid, torch-fidelity")
+    p.add_argument("--batch-size", type=int, default=50, help="fid: images per compiled Inception call")
     p.add_argument("--real", required=True, help="a folder of real images, or a statistics .npz (mu, sigma)")
     p.add_argument("--fake", help="a folder of generated images")
     p.add_argument("--model", help="instead of --fake: sample a pipeline ('shapes', a jaxdiff or diffusers folder)")
@@ -173,13 +192,13 @@ def run(args) -> int:
         prompts = read_prompts(args.prompts)
         fake_images = generate(args.model, prompts, args.num_images, args.seed, args.steps, args.guidance)
         source = f"{args.model} ({len(prompts)} prompts x {args.num_images}, seed {args.seed})"
-    fake = features_of(fake_images)
+    fake = features_of(fake_images, args)
     _check_count(fake, "generated images")
     if Path(args.real).suffix == ".npz":
         mu, sigma, n_real = load_statistics(args.real, fake.shape[1])
         real = (mu, sigma)
     else:
-        real = features_of(read_images(args.real))
+        real = features_of(read_images(args.real), args)
         _check_count(real, f"real images in {args.real}")
         n_real = len(real)
         if args.save_stats:
@@ -194,6 +213,7 @@ def run(args) -> int:
         "n_fake": len(fake),
         "feature_dim": int(fake.shape[1]),
         "network": network,
+        "mode": args.mode if args.metric == "fid" else None,
         "real": str(args.real),
         "fake": source,
         "seconds": round(time.perf_counter() - t0, 2),
