@@ -75,6 +75,26 @@ def test_denoising_loss_is_the_weighted_mse_to_the_target():
     np.testing.assert_allclose(aux["mse"], jnp.mean(mse), rtol=1e-6)
 
 
+def test_denoising_loss_passes_sdxl_text_time_conditioning_to_the_unet():
+    import ml_collections as mlc
+
+    from jaxdiff.train.config import default_config
+
+    cfg = mlc.ConfigDict(default_config().objective)
+    seen = []
+
+    def unet(p, x, t, c, added=None):
+        seen.append(added)
+        return p * x
+
+    batch = {"latents": jnp.ones((2, 4, 4, 2)), "encoder_hidden_states": jnp.zeros((2, 1, 4))}
+    objectives.denoising_loss(unet, cfg)(jnp.float32(0.0), None, batch, jax.random.PRNGKey(0))
+    sdxl = dict(batch, text_embeds=jnp.ones((2, 3)), time_ids=jnp.full((2, 6), 512.0))
+    objectives.denoising_loss(unet, cfg)(jnp.float32(0.0), None, sdxl, jax.random.PRNGKey(0))
+    assert seen[0] is None and set(seen[1]) == {"text_embeds", "time_ids"}
+    np.testing.assert_array_equal(seen[1]["time_ids"], sdxl["time_ids"])
+
+
 def _read_records(path):
     data, out = open(path, "rb").read(), []
     while data:

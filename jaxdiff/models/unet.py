@@ -50,6 +50,30 @@ SD15_CONFIG = {
     "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
 }
+# stabilityai/stable-diffusion-2-1's unet/config.json (865,910,724 params; v-prediction, 768 px).
+SD21_CONFIG = {
+    **SD15_CONFIG,
+    "sample_size": 96,
+    "attention_head_dim": (5, 10, 20, 20),
+    "cross_attention_dim": 1024,
+    "use_linear_projection": True,
+    "upcast_attention": True,
+}
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (2,567,463,684 params; 1024 px).
+SDXL_CONFIG = {
+    **SD15_CONFIG,
+    "sample_size": 128,
+    "block_out_channels": (320, 640, 1280),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
 
 
 def timestep_embedding(t, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0):

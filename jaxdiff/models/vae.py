@@ -15,6 +15,17 @@ from jaxdiff.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 EPS = 1e-6  # diffusers' VAE uses eps 1e-6 in every GroupNorm (the UNet uses 1e-5)
 LOGVAR_RANGE = (-30.0, 20.0)  # DiagonalGaussianDistribution's clamp
+# The Stable Diffusion VAE's config.json (SD 1.x, 2.x; SDXL's has the same shape and scaling_factor 0.13025).
+SD_CONFIG = {
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
 
 
 class VAEAttention(nn.Module):

@@ -77,6 +77,10 @@ def unet_block_types() -> tuple[type, ...]:
     return (unet_blocks.DownBlock, unet_blocks.MidBlockCrossAttn, unet_blocks.UpBlock)
 
 
+# Batch features passed to the UNet as `added_cond` when present (SDXL's text_time conditioning).
+ADDED_COND_KEYS = ("text_embeds", "time_ids")
+
+
 def denoising_loss(apply_fn: Callable, cfg, *, model_key: str | None = None) -> Callable:
     """loss_fn(params, frozen, batch, rng) -> (loss, aux) for a UNet apply(params, x_t, t, context).
 
@@ -84,7 +88,8 @@ def denoising_loss(apply_fn: Callable, cfg, *, model_key: str | None = None) -> 
     t ~ U{0..T-1}, noise ~ N(0, I), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (DDPM, Ho et al. 2020 eq. 4);
     target: noise (epsilon) or v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (Salimans & Ho 2022);
     loss = mean over the batch of w_t * mean((pred - target)^2), w_t = 1 or min-SNR-gamma.
-    `model_key`: the UNet params live under params[model_key] (None: params are the UNet's).
+    `model_key`: the UNet params live under params[model_key] (None: params are the UNet's). A batch holding
+    "text_embeds" [B, P] and "time_ids" [B, 6] passes them as the UNet's added_cond (SDXL).
     """
     acp = alphas_cumprod(cfg.num_train_timesteps, cfg.beta_schedule, cfg.beta_start, cfg.beta_end)
     prediction_type, gamma = cfg.prediction_type, float(cfg.snr_gamma)
@@ -101,7 +106,9 @@ def denoising_loss(apply_fn: Callable, cfg, *, model_key: str | None = None) -> 
         t = jax.random.randint(t_rng, (b,), 0, num_t)
         x_t = common.add_noise(acp, x0, noise, t)
         target = noise if prediction_type == "epsilon" else common.velocity(acp, x0, noise, t)
-        pred = apply_fn(unet_params, x_t, t.astype(jnp.float32), context).astype(jnp.float32)
+        added = {k: batch[k].astype(jnp.float32) for k in ADDED_COND_KEYS if k in batch}
+        pred = apply_fn(unet_params, x_t, t.astype(jnp.float32), context, *([added] if added else []))
+        pred = pred.astype(jnp.float32)
         mse = jnp.mean(jnp.square(pred - target), axis=tuple(range(1, x0.ndim)))
         if gamma > 0:
             weights = min_snr_weight(snr(acp, t), gamma, prediction_type)

@@ -1,0 +1,522 @@
+"""Compile jaxdiff's train step or sampling loop for a TPU topology on this host: per-chip HBM, FLOPs, roofline time.
+
+Needs libtpu (`pip install -e ".[tpu-aot]"`, i.e. jax[tpu]; no TPU chips): JAX describes the topology's devices
+(`jax.experimental.topologies`), the real program is built for them (the trainer's step from `jaxdiff.train.loop`
+with AdamW and optionally EMA, or the pipeline's compiled denoising loop + VAE decode) from abstract params,
+lowered and compiled by XLA:TPU, and XLA's own memory and cost analyses are printed.
+
+    python tools/aot_compile.py --topology v5e:2x2 --model tiny --mesh fsdp=4 --batch 8
+    python tools/aot_compile.py --topology v5e:4x4 --model sd15 --mesh fsdp=16 --batch 64 --res 512 --remat blocks
+    python tools/aot_compile.py --topology v5p:2x2x1 --model sdxl --task sample --mesh data=4 --batch 8 --res 1024
+    python tools/aot_compile.py --topology v5e:4x4 --model path/to/diffusers-pipeline --mesh fsdp=16 --batch 64
+
+HBM per device: arguments (params, optimiser state, EMA, the batch), outputs, temporaries and generated code, and
+their peak (arguments + outputs - donated aliases + temporaries + code) against the chip's capacity. FLOPs are
+XLA's count per device; the roofline time is max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth), and
+the implied MFU divides the model FLOPs (3x the UNet forward's matmul and convolution FLOPs for training) by the
+peak over that time: what the step would reach if it ran at the roofline (remat's recomputation and non-matmul
+work lower it). Sampling: XLA counts the loop body once, so the time is from the model FLOPs of `--steps` guided
+UNet calls and one VAE decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+# The host compiles on its CPU backend; the TPU devices come from the topology description, not from chips.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu's start-up otherwise looks for the (absent) pod's workers and metadata server, and warns at length.
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+# Compiling holds no chips: let several compiles (and a training job on a TPU VM) load libtpu at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_gib: float  # HBM per chip
+    bf16_tflops: float  # dense bf16 peak per chip
+    hbm_gbps: float  # HBM bandwidth per chip, GB/s
+
+
+# Vendor data sheets (cloud.google.com/tpu/docs/system-architecture-tpu-vm).
+CHIPS = {
+    "v4": Chip(32, 275, 1228),
+    "v5e": Chip(16, 197, 819),
+    "v5p": Chip(95, 459, 2765),
+    "v6e": Chip(32, 918, 1640),
+}
+DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p", "TPU v6 lite": "v6e"}
+MODELS = ("tiny", "sd15", "sd21", "sdxl")
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "bfloat16": "bfloat16", "float32": "float32"}
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """Configs of the UNet and VAE and the shapes of their conditioning; nothing is read but config.json files."""
+
+    name: str
+    unet: dict
+    vae: dict
+    context_length: int
+    prediction_type: str = "epsilon"
+    train_config: str = "configs/train/sd15.py:synthetic"
+    scheduler: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def context_dim(self) -> int:
+        cross = self.unet.get("cross_attention_dim", 1280)
+        return cross[0] if isinstance(cross, (list, tuple)) else int(cross)
+
+    @property
+    def pooled_dim(self) -> int | None:
+        if self.unet.get("addition_embed_type") != "text_time":
+            return None
+        return self.unet["projection_class_embeddings_input_dim"] - 6 * self.unet["addition_time_embed_dim"]
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.get("block_out_channels", (64,))) - 1)
+
+    @property
+    def native_res(self) -> int:
+        return int(self.unet.get("sample_size", 64)) * self.vae_factor
+
+
+# diffusers' SD scheduler_config.json (PNDM for SD 1.x, DDIM for 2.x; the loop's cost does not depend on it).
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+
+
+def model_spec(name: str) -> ModelSpec:
+    """tiny | sd15 | sd21 | sdxl, or a diffusers/jaxdiff pipeline folder or UNet folder (config.json only)."""
+    from jaxdiff.models import unet, vae
+
+    if name == "tiny":
+        from jaxdiff.config import load_config
+
+        c = load_config(str(ROOT / "configs/train/unet_tiny.py"))
+        tiny_vae = dict(
+            block_out_channels=(8, 8, 8, 8),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1,
+            norm_num_groups=4,
+            latent_channels=4,
+        )
+        return ModelSpec(
+            "tiny",
+            {"_class_name": "UNet2DConditionModel", **c.model.unet.to_dict()},
+            tiny_vae,
+            int(c.data.synthetic.context_length),
+            train_config="configs/train/unet_tiny.py:single",
+            scheduler=SD_SCHEDULER,
+        )
+    if name == "sd15":
+        return ModelSpec("sd15", dict(unet.SD15_CONFIG), dict(vae.SD_CONFIG), 77, scheduler=SD_SCHEDULER)
+    if name == "sd21":
+        return ModelSpec(
+            "sd21", dict(unet.SD21_CONFIG), dict(vae.SD_CONFIG), 77, "v_prediction", scheduler=SD_SCHEDULER
+        )
+    if name == "sdxl":
+        return ModelSpec(
+            "sdxl", dict(unet.SDXL_CONFIG), dict(vae.SD_CONFIG, scaling_factor=0.13025), 77, scheduler=SD_SCHEDULER
+        )
+    from jaxdiff.convert.checkpoint import read_json
+
+    path = Path(name).expanduser()
+    folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"--model {name}: not one of {', '.join(MODELS)} and no config.json in {folder}")
+    unet_config = read_json(folder / "config.json")
+    vae_path = path / "vae" / "config.json"
+    vae_config = read_json(vae_path) if vae_path.is_file() else dict(vae.SD_CONFIG)
+    text_path = path / "text_encoder" / "config.json"
+    length = read_json(text_path).get("max_position_embeddings", 77) if text_path.is_file() else 77
+    sched_path = path / "scheduler" / "scheduler_config.json"
+    scheduler = read_json(sched_path) if sched_path.is_file() else SD_SCHEDULER
+    prediction = scheduler.get("prediction_type", "epsilon")
+    return ModelSpec(path.name, unet_config, vae_config, int(length), prediction, scheduler=scheduler)
+
+
+def topology(name: str):
+    """(chip name, Chip, devices, devices per chip) of a topology such as "v5e:4x4" or "v5p:2x2x1"."""
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
+    except Exception as e:  # libtpu missing, or a name it does not know
+        raise SystemExit(f"--topology {name}: {type(e).__name__}: {e}") from None
+    devices = list(desc.devices)
+    kind = DEVICE_KINDS.get(devices[0].device_kind) or name.split(":")[0].lower()
+    if kind not in CHIPS:
+        raise SystemExit(f"--topology {name}: unknown chip {devices[0].device_kind!r} (known: {', '.join(CHIPS)})")
+    chips = math.prod(int(d) for d in name.split(":")[1].split("x")) if ":" in name else len(devices)
+    return kind, CHIPS[kind], devices, max(1, len(devices) // chips)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """ "fsdp=16" or "data=2,fsdp=8" -> {"data": 2, "fsdp": 8, "tensor": 1} (one axis may be -1)."""
+    from jaxdiff import sharding
+
+    mesh = {a: 1 for a in sharding.MESH_AXES}
+    for part in filter(None, text.replace(" ", "").split(",")):
+        axis, _, size = part.partition("=")
+        if axis not in mesh or not size.lstrip("-").isdigit():
+            raise SystemExit(f"--mesh {text!r}: expected AXIS=SIZE[,AXIS=SIZE] with axes {', '.join(mesh)}")
+        mesh[axis] = int(size)
+    return mesh
+
+
+def matmul_flops(fn, *args) -> float:
+    """FLOPs of the matmuls and convolutions in `fn`'s jaxpr (2 per multiply-add): the model FLOPs of MFU."""
+    import jax
+    import numpy as np
+
+    def walk(jaxpr, times=1.0):
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name == "dot_general":
+                (contract, _), _ = eqn.params["dimension_numbers"]
+                lhs = eqn.invars[0].aval.shape
+                k = np.prod([lhs[d] for d in contract]) if contract else 1
+                total += times * 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * float(k)
+            elif name == "conv_general_dilated":
+                rhs = eqn.invars[1].aval.shape  # the kernel: its spatial dims and input features per group
+                spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
+                per_output = np.prod([rhs[d] for d in spec[1:]])
+                total += times * 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * float(per_output)
+            scale = eqn.params.get("length", 1) if name == "scan" else 1
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if hasattr(sub, "eqns"):
+                        total += walk(sub, times * scale)
+                    elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                        total += walk(sub.jaxpr, times * scale)
+        return total
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+@dataclasses.dataclass
+class Program:
+    """A jitted program, its abstract arguments (with shardings) and its model FLOPs (global, per call)."""
+
+    fn: object
+    args: tuple
+    model_flops: float
+    num_params: int
+    mesh: dict
+    notes: list
+
+
+def train_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
+    """The trainer's step (`jaxdiff train`: denoising loss, AdamW, clipping, EMA, non-finite guard) on `devices`."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff.config import load_config
+    from jaxdiff.train import config as config_lib
+    from jaxdiff.train import loop
+    from jaxdiff.train import state as state_lib
+    from jaxdiff.train import step as step_lib
+
+    config = load_config(str(ROOT / spec.train_config))
+    config.model.unet = dict(spec.unet)
+    config.model.name = spec.unet.get("_class_name", "UNet2DConditionModel")
+    size = args.res // spec.vae_factor
+    overrides = [
+        f"--config.data.global_batch_size={args.batch}",
+        f"--config.model.compute_dtype={DTYPES[args.dtype]}",
+        f"--config.model.attention={args.attention}",
+        f"--config.train.remat={args.remat}",
+        f"--config.train.accum_steps={args.accum}",
+        f"--config.train.ema_decay={0.9999 if args.ema else 0.0}",
+        f"--config.objective.prediction_type={spec.prediction_type}",
+        "--config.data.source=synthetic",
+        f"--config.data.synthetic.size={size}",
+        f"--config.data.synthetic.context_length={spec.context_length}",
+        f"--config.data.synthetic.context_dim={spec.context_dim}",
+        *(f"--config.mesh.{axis}={n}" for axis, n in mesh.items()),
+    ]
+    config = config_lib.apply_overrides(config, overrides)
+    s = loop.setup(config, devices=devices)
+    b, channels = args.batch, int(spec.unet.get("in_channels", 4))
+    batch = {
+        "latents": jax.ShapeDtypeStruct((b, size, size, channels), jnp.float32, sharding=s.batch_sharding),
+        "encoder_hidden_states": jax.ShapeDtypeStruct(
+            (b, spec.context_length, spec.context_dim), jnp.float32, sharding=s.batch_sharding
+        ),
+    }
+    if spec.pooled_dim is not None:  # SDXL: pooled text embeddings and size/crop ids (objectives.ADDED_COND_KEYS)
+        batch["text_embeds"] = jax.ShapeDtypeStruct((b, spec.pooled_dim), jnp.float32, sharding=s.batch_sharding)
+        batch["time_ids"] = jax.ShapeDtypeStruct((b, 6), jnp.float32, sharding=s.batch_sharding)
+    options = step_lib.Options(accum_steps=args.accum, remat=args.remat, batch_sharding=s.batch_sharding)
+    fn = step_lib.jit(step_lib.build(s.networks, s.phases, s.masks, options), s.state_shardings, s.batch_sharding)
+    state = state_lib.abstract(s.abstract_state, s.state_shardings)
+    unet_args = [batch["latents"], jax.ShapeDtypeStruct((b,), jnp.float32), batch["encoder_hidden_states"]]
+    if spec.pooled_dim is not None:
+        unet_args.append({"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]})
+    forward = matmul_flops(s.model.apply, s.model.params, *unet_args)
+    notes = [f"platform {s.model.platform}, attention {config.model.attention}, EMA {'on' if args.ema else 'off'}"]
+    return Program(fn, (state, batch, None), 3.0 * forward, s.model.num_params(), dict(s.mesh.shape), notes)
+
+
+def sample_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
+    """The pipeline's compiled sampling program: `--steps` guided UNet calls in one fori_loop, then the VAE decode."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxdiff import platforms, sharding
+    from jaxdiff.models.model import create
+    from jaxdiff.models.registry import architecture_for
+    from jaxdiff.sampling import make_scheduler
+    from jaxdiff.sampling.pipeline import Pipeline
+
+    shape = {a: n for a, n in mesh.items()}
+    if -1 in shape.values():
+        known = math.prod(n for n in shape.values() if n != -1)
+        shape = {a: (len(devices) // known if n == -1 else n) for a, n in shape.items()}
+    m = sharding.make_mesh(shape, devices)
+    platform, dtype = platforms.of(m), getattr(jnp, DTYPES[args.dtype])
+    models = {}
+    for name, config in (("unet", spec.unet), ("vae", dict(spec.vae, _class_name="AutoencoderKL"))):
+        config = dict(config)
+        config.setdefault("_class_name", "UNet2DConditionModel")
+        models[name] = create(
+            architecture_for(config), config, abstract=True, dtype=dtype, attention=args.attention, platform=platform
+        )
+    pipe = Pipeline(Path(spec.name), models["unet"], models["vae"], [], [], spec.scheduler)
+    sched = make_scheduler(args.scheduler, spec.scheduler)
+    plan = sched.plan(args.steps)
+    replicated = NamedSharding(m, PartitionSpec())
+    rows = NamedSharding(m, sharding.logical_to_mesh_spec(PartitionSpec("batch"), (args.batch,), m))
+    cfg_rows = NamedSharding(m, sharding.logical_to_mesh_spec(PartitionSpec("batch"), (2 * args.batch,), m))
+
+    def abstract(x, where):
+        dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+        return jax.ShapeDtypeStruct(jnp.shape(x), dtype, sharding=where)
+
+    def params_of(model):
+        shardings = sharding.param_shardings(model.params, model.logical_axes, m)
+        return jax.tree_util.tree_map(lambda p, sh: abstract(p, sh), model.params, shardings)
+
+    b, size = args.batch, args.res // spec.vae_factor
+    context = jax.ShapeDtypeStruct((2 * b, spec.context_length, spec.context_dim), jnp.float32, sharding=cfg_rows)
+    added = None
+    if spec.pooled_dim is not None:
+        added = {
+            "text_embeds": jax.ShapeDtypeStruct((2 * b, spec.pooled_dim), jnp.float32, sharding=cfg_rows),
+            "time_ids": jax.ShapeDtypeStruct((2 * b, 6), jnp.float32, sharding=cfg_rows),
+        }
+    channels = int(spec.unet.get("in_channels", 4))
+    latents = jax.ShapeDtypeStruct((b, size, size, channels), jnp.float32, sharding=rows)
+    call_args = (
+        params_of(models["unet"]),
+        params_of(models["vae"]),
+        jax.tree_util.tree_map(lambda x: abstract(x, replicated), plan),
+        context,
+        added,
+        latents,
+        jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
+        abstract(jax.random.PRNGKey(0), replicated),
+    )
+    fn = jax.jit(functools.partial(pipe._sample, sched, True, False))
+    unet_args = [
+        jax.ShapeDtypeStruct((2 * b, size, size, channels), jnp.float32),
+        jax.ShapeDtypeStruct((2 * b,), jnp.float32),
+        context,
+    ]
+    if added is not None:
+        unet_args.append(added)
+    unet_flops = matmul_flops(models["unet"].apply, models["unet"].params, *unet_args)
+    decode_flops = matmul_flops(models["vae"].decode, models["vae"].params, latents)
+    notes = [
+        f"platform {platform}, attention {args.attention}, {args.steps} {args.scheduler} steps with CFG (2x{b} rows "
+        f"per UNet call): {_flop(unet_flops)} per call, VAE decode {_flop(decode_flops)}"
+    ]
+    num_params = models["unet"].num_params() + models["vae"].num_params()
+    return Program(fn, call_args, args.steps * unet_flops + decode_flops, num_params, dict(m.shape), notes)
+
+
+def compile_program(program: Program) -> dict:
+    """Lower and compile; XLA's memory and cost analyses per device and the wall time of each stage."""
+    t0 = time.perf_counter()
+    lowered = program.fn.lower(*program.args)
+    t1 = time.perf_counter()
+    print(f"lowered in {t1 - t0:.1f} s; compiling with XLA:TPU ...", file=sys.stderr, flush=True)
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    out = {
+        "lower_s": t1 - t0,
+        "compile_s": t2 - t1,
+        "flops_per_device": float(cost.get("flops", 0.0)),
+        "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
+    }
+    for field in ("argument", "output", "alias", "temp"):
+        out[f"{field}_bytes"] = int(getattr(memory, f"{field}_size_in_bytes", 0) or 0)
+    out["code_bytes"] = int(getattr(memory, "generated_code_size_in_bytes", 0) or 0)
+    out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+    out["peak_bytes"] += out["code_bytes"]
+    return out
+
+
+def analyse(args, spec: ModelSpec, kind: str, chip: Chip, devices, per_chip: int, program: Program, result: dict):
+    """Add capacity, roofline time and MFU to `result` (per device; a device is 1/per_chip of a chip)."""
+    n = len(devices)
+    hbm = chip.hbm_gib * GIB / per_chip
+    peak = chip.bf16_tflops * 1e12 / per_chip
+    bandwidth = chip.hbm_gbps * 1e9 / per_chip
+    model_flops = program.model_flops / n
+    if args.task == "train":
+        # XLA counts a loop's body once (SPMD's windowed einsums, accumulation scans): take the larger count.
+        compute_s = max(result["flops_per_device"], model_flops) / peak
+        memory_s = result["bytes_accessed_per_device"] / bandwidth
+    else:  # XLA counts the loop body once: the model FLOPs of every step instead
+        compute_s, memory_s = model_flops / peak, 0.0
+    step_s = max(compute_s, memory_s)
+    result.update(
+        topology=args.topology,
+        platform=devices[0].platform,
+        chip=kind,
+        devices=n,
+        devices_per_chip=per_chip,
+        model=spec.name,
+        task=args.task,
+        mesh=program.mesh,
+        batch=args.batch,
+        res=args.res,
+        dtype=DTYPES[args.dtype],
+        remat=args.remat if args.task == "train" else None,
+        params=program.num_params,
+        hbm_capacity_bytes=int(hbm),
+        fits=result["peak_bytes"] <= hbm,
+        model_flops_per_device=model_flops,
+        roofline_compute_s=compute_s,
+        roofline_memory_s=memory_s,
+        roofline_step_s=step_s,
+        mfu=model_flops / (step_s * peak) if step_s > 0 else None,
+        images_per_s=args.batch / step_s if step_s > 0 else None,
+        notes=program.notes,
+    )
+    return result
+
+
+def _bytes(x: float) -> str:
+    return f"{x / GIB:8.2f} GiB" if x >= GIB / 10 else f"{x / 2**20:8.2f} MiB"
+
+
+def _flop(x: float) -> str:
+    return f"{x / 1e12:.2f} TFLOP" if x >= 1e11 else f"{x / 1e9:.2f} GFLOP"
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
+
+
+def report(r: dict) -> str:
+    gib = _bytes
+    devices = f"{r['devices']} device{'s' if r['devices'] > 1 else ''}"
+    what = f"{r['task']} {r['model']} ({r['params'] / 1e6:.1f}M params) on {r['topology']} ({devices})"
+    mesh = ",".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "1 device"
+    lines = [
+        f"{what}, mesh {mesh}, global batch {r['batch']}, {r['res']}px, {r['dtype']}"
+        + (f", remat {r['remat']}" if r["remat"] else ""),
+        *[f"  {note}" for note in r["notes"]],
+        f"  compile: lower {r['lower_s']:.1f} s, XLA:TPU {r['compile_s']:.1f} s",
+        "  HBM per device:",
+        f"    arguments    {gib(r['argument_bytes'])}",
+        f"    outputs      {gib(r['output_bytes'])}  (donated aliases {gib(r['alias_bytes']).strip()})",
+        f"    temporaries  {gib(r['temp_bytes'])}",
+        f"    code         {gib(r['code_bytes'])}",
+        f"    peak         {gib(r['peak_bytes'])}  of {gib(r['hbm_capacity_bytes']).strip()} "
+        f"({100 * r['peak_bytes'] / r['hbm_capacity_bytes']:.0f} %): {'fits' if r['fits'] else 'DOES NOT FIT'}",
+    ]
+    if r["task"] == "train":
+        lines += [
+            f"  FLOPs per step and device: {_flop(r['flops_per_device'])} (XLA), "
+            f"model {_flop(r['model_flops_per_device'])} (3x the forward's matmuls and convolutions)",
+            f"  roofline per step: compute {_time(r['roofline_compute_s'])}, HBM traffic "
+            f"{_time(r['roofline_memory_s'])} -> {_time(r['roofline_step_s'])}, "
+            f"{r['images_per_s']:.1f} images/s, implied MFU {100 * r['mfu']:.0f} %",
+        ]
+    else:
+        lines += [
+            f"  FLOPs per batch and device: {_flop(r['model_flops_per_device'])} (model FLOPs; XLA counts the loop "
+            f"body once: {_flop(r['flops_per_device'])})",
+            f"  roofline: {_time(r['roofline_step_s'])} per batch of {r['batch']}, {r['images_per_s']:.2f} images/s",
+        ]
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    """Build, compile and analyse one program; the result dict (also what --json writes)."""
+    spec = model_spec(args.model)
+    args.res = args.res or spec.native_res
+    factor = spec.vae_factor * 2 ** (len(spec.unet.get("block_out_channels", (0,) * 4)) - 1)
+    if args.res % factor:
+        raise SystemExit(f"--res {args.res}: must be a multiple of {factor} for {spec.name}")
+    kind, chip, devices, per_chip = topology(args.topology)
+    if args.devices:
+        devices = devices[: args.devices]
+    mesh = parse_mesh(args.mesh or ("fsdp=-1" if args.task == "train" else "data=-1"))
+    build = train_program if args.task == "train" else sample_program
+    program = build(spec, devices, mesh, args)
+    result = compile_program(program)
+    return analyse(args, spec, kind, chip, devices, per_chip, program, result)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--topology", default="v5e:2x2", help="TPU topology, e.g. v5e:4x4, v5p:4x4x4, v6e:16x16")
+    p.add_argument("--model", default="tiny", help=f"{' | '.join(MODELS)} | a pipeline or UNet folder")
+    p.add_argument("--task", choices=("train", "sample"), default="train")
+    p.add_argument(
+        "--mesh", help="e.g. fsdp=16 or data=2,fsdp=8 (default: fsdp over all devices for train, data for sample)"
+    )
+    p.add_argument(
+        "--devices", type=int, help="use only the topology's first N devices (e.g. 1 for a per-chip baseline)"
+    )
+    p.add_argument("--batch", type=int, default=8, help="global batch (images per step)")
+    p.add_argument("--res", type=int, help="image resolution in pixels (default: the model's native size)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="compute dtype (params stay float32)")
+    p.add_argument("--remat", choices=("none", "loss", "blocks"), default="none", help="train: rematerialisation")
+    p.add_argument("--accum", type=int, default=1, help="train: gradient accumulation micro-batches")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="train: EMA of the params")
+    p.add_argument("--attention", default="auto", help="attention implementation (auto: per the target platform)")
+    p.add_argument("--steps", type=int, default=50, help="sample: denoising steps")
+    p.add_argument("--scheduler", default="ddim", help="sample: scheduler")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    print(report(result), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
