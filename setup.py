@@ -27,6 +27,9 @@ EXTRAS = {
     # Accelerator builds of jax (see README): pip install -e ".[cuda]" or ".[tpu]".
     "cuda": ["jax[cuda12]>=0.10.2,<0.12"],
     "tpu": ["jax[tpu]>=0.10.2,<0.12"],
+    # libtpu on any host (no TPU chips needed): tools/aot_compile.py and tests/test_aot_tpu.py compile for TPU
+    # topologies with it. jax[tpu] pins the libtpu that matches jax, so jax and jaxlib stay as they are.
+    "tpu-aot": ["jax[tpu]>=0.10.2,<0.12"],
 }
 
 setup(

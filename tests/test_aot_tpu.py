@@ -1,0 +1,43 @@
+"""Ahead-of-time compilation of the trainer's step for a TPU topology on this CPU host (libtpu, no TPU chips)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parent.parent / "tools" / "aot_compile.py"
+
+if importlib.util.find_spec("libtpu") is None:
+    pytest.skip(
+        "libtpu is not installed, so XLA:TPU cannot compile here: pip install -c constraints.txt -e '.[tpu-aot]' "
+        "(tools/test.sh installs it unless the download fails)",
+        allow_module_level=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def aot():
+    spec = importlib.util.spec_from_file_location("aot_compile", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compile(aot, *flags):
+    # configs/train/unet_tiny.py as it is (no EMA), bf16, 8x8 latents, a global batch of 8.
+    return aot.run(aot.parse_args(["--topology", "v5e:2x2", "--model", "tiny", "--batch", "8", "--no-ema", *flags]))
+
+
+def test_fsdp_over_four_chips_cuts_per_chip_argument_bytes_to_a_quarter(aot):
+    four = _compile(aot, "--mesh", "fsdp=4")
+    one = _compile(aot, "--devices", "1", "--mesh", "fsdp=1")
+    assert four["platform"] == one["platform"] == "tpu" and four["chip"] == "v5e"
+    assert four["devices"] == 4 and four["mesh"]["fsdp"] == 4 and one["devices"] == 1
+    assert "platform tpu" in four["notes"][0]  # the model was built for TPU, not for this host's CPU
+    # Params, AdamW moments and the batch: all but the replicated norms and the step counter split four ways.
+    ratio = four["argument_bytes"] / one["argument_bytes"]
+    assert ratio <= 1.15 / 4, f"fsdp=4 holds {ratio:.3f} of one chip's argument bytes"
+    assert 0 < four["flops_per_device"] < 0.5 * one["flops_per_device"]  # the batch's compute is split too
+    assert four["fits"] and 0 < four["peak_bytes"] < four["hbm_capacity_bytes"]
