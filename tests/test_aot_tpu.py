@@ -18,11 +18,18 @@ if importlib.util.find_spec("libtpu") is None:
 
 @pytest.fixture(scope="module")
 def aot():
+    import jax
+
     spec = importlib.util.spec_from_file_location("aot_compile", TOOL)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
-    return module
+    # An executable compiled for TPU topology devices cannot be loaded back from the persistent cache (this process
+    # has no TPU client: jax warns and recompiles), so none is written there.
+    previous = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
+    yield module
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
 
 
 def _compile(aot, *flags):
