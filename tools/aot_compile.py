@@ -12,10 +12,11 @@ lowered and compiled by XLA:TPU, and XLA's own memory and cost analyses are prin
 
 HBM per device: arguments (params, optimiser state, EMA, the batch), outputs, temporaries and generated code, and
 their peak (arguments + outputs - donated aliases + temporaries + code) against the chip's capacity. FLOPs are
-XLA's count per device; the roofline time is max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth), and
-the implied MFU divides the model FLOPs (3x the UNet forward's matmul and convolution FLOPs for training) by the
-peak over that time: what the step would reach if it ran at the roofline (remat's recomputation and non-matmul
-work lower it). Sampling: XLA counts the loop body once, so the time is from the model FLOPs of `--steps` guided
+XLA's count per device, which misses loop trips (SPMD windowed einsums, scans); the roofline time is
+max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth) with the larger of XLA's and the model FLOPs (3x the
+UNet forward's matmul and convolution FLOPs for training), and the implied MFU divides the model FLOPs by the peak
+over that time: what the step would reach if it ran at the roofline (remat's recomputation and non-matmul work
+lower it). Sampling: XLA counts the loop body once, so the time is from the model FLOPs of `--steps` guided
 UNet calls and one VAE decode.
 """
 
