@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdiff import selectors
+from jaxdiff import platforms, selectors
 from jaxdiff.erase import common, finetune
 from jaxdiff.erase.job import Job, Result
 from jaxdiff.erase.registry import MethodInfo
@@ -62,13 +62,14 @@ def _torch_uniform(fan_in):
 class _Conv(nn.Module):
     features: int
     stride: int
+    platform: str | None = None  # of the devices the step is compiled for (the convolution's formulation)
 
     @nn.compact
     def __call__(self, x):
         fan_in = 16 * x.shape[-1]
         kernel = self.param("kernel", _torch_uniform(fan_in), (4, 4, x.shape[-1], self.features))
         bias = self.param("bias", _torch_uniform(fan_in), (self.features,))
-        return conv2d(x, kernel, self.stride, ((1, 1), (1, 1))) + bias
+        return conv2d(x, kernel, self.stride, ((1, 1), (1, 1)), platform=self.platform) + bias
 
 
 class BatchNormTrain(nn.Module):
@@ -90,16 +91,17 @@ class PatchGAN(nn.Module):
     """DoCo's PatchGANDiscriminator on NHWC latents -> logit map [B, h', w', 1]."""
 
     channels: Sequence[int] = (64, 128, 256, 512)
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x):
         x = x.astype(jnp.float32)
         for i, c in enumerate(self.channels):
-            x = _Conv(c, 2, name=f"conv_{i}")(x)
+            x = _Conv(c, 2, self.platform, name=f"conv_{i}")(x)
             if i > 0:
                 x = BatchNormTrain(name=f"bn_{i}")(x)
             x = nn.leaky_relu(x, 0.2)
-        return _Conv(1, 1, name=f"conv_{len(self.channels)}")(x)
+        return _Conv(1, 1, self.platform, name=f"conv_{len(self.channels)}")(x)
 
 
 def bce_logits(logits, label: float):
@@ -153,9 +155,10 @@ class DoCo:
         disc_grad_includes_adv: bool = True,
         add_retain_grad: bool = False,
         scheduler_config=None,
+        platform: str | None = None,
     ):
         self.model = model
-        self.disc = PatchGAN(tuple(disc_channels))
+        self.disc = PatchGAN(tuple(disc_channels), platform)
         self.lambda_, self.gradient_clip, self.max_grad_norm = lambda_, gradient_clip, max_grad_norm
         self.prior_loss_weight, self.warm_up = prior_loss_weight, warm_up
         self.disc_grad_includes_adv, self.add_retain_grad = disc_grad_includes_adv, add_retain_grad
@@ -269,6 +272,7 @@ def run(job: Job) -> Result:
         disc_grad_includes_adv=o.disc_grad_includes_adv,
         add_retain_grad=o.add_retain_grad,
         scheduler_config=job.pipe.scheduler_config or None,
+        platform=platforms.of(job.mesh),
     )
     z, target, anchor = job.anchor_data(int(o.num_anchor_images))
     b, n = int(t.batch_size), z.shape[0]

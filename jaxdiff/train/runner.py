@@ -27,7 +27,7 @@ from typing import Any
 
 import jax
 
-from jaxdiff import fileio
+from jaxdiff import fileio, platforms
 from jaxdiff.errors import Preempted, UserError
 from jaxdiff.train import checkpoint as ckpt_lib
 from jaxdiff.train import distributed
@@ -156,8 +156,10 @@ def run(
     """
     main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    first = jax.tree_util.tree_leaves(abstract_state)[0]
+    platform = platforms.of(first.sharding) if getattr(first, "sharding", None) is not None else None
     checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=settings.keep, async_save=settings.async_save
+        os.path.join(workdir, "checkpoints"), keep=settings.keep, async_save=settings.async_save, platform=platform
     )
     checkpointer.install_sigterm()
     writer = None
