@@ -48,6 +48,11 @@ def clip_unprefixed(key: str) -> tuple[str, ...]:
     return (key[len(_CLIP_PREFIX) :],) if key.startswith(_CLIP_PREFIX) else ()
 
 
+def clip_vision_unprefixed(key: str) -> tuple[str, ...]:
+    """The same for CLIPVisionModel and its `vision_model.` prefix."""
+    return (key[len("vision_model.") :],) if key.startswith("vision_model.") else ()
+
+
 _UNET_LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers")
 _CLIP_IGNORE = ("position_ids",)  # a persistent buffer in checkpoints saved by transformers < 4.31
 # pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (and torch-fidelity's copy of it): module names already match
@@ -60,6 +65,9 @@ LAYOUTS = {
     "AutoencoderKL": Layout((*_UNET_LISTS, "to_out"), DIFFUSERS_WEIGHTS, vae_aliases),
     "CLIPTextModel": Layout(("layers",), TRANSFORMERS_WEIGHTS, clip_unprefixed, _CLIP_IGNORE),
     "CLIPTextModelWithProjection": Layout(("layers",), TRANSFORMERS_WEIGHTS, ignore=_CLIP_IGNORE),
+    "CLIPVisionModel": Layout(("layers",), TRANSFORMERS_WEIGHTS, clip_vision_unprefixed, _CLIP_IGNORE),
+    "CLIPVisionModelWithProjection": Layout(("layers",), TRANSFORMERS_WEIGHTS, ignore=_CLIP_IGNORE),
+    "CLIPModel": Layout(("layers",), TRANSFORMERS_WEIGHTS, ignore=_CLIP_IGNORE),
     "FIDInceptionV3": Layout((), TRANSFORMERS_WEIGHTS, ignore=_INCEPTION_IGNORE),
 }
 

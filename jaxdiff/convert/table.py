@@ -61,6 +61,8 @@ _LEAF = {
     "mean": "running_mean",
     "var": "running_var",
 }
+# Bare `nn.Parameter`s of a PyTorch module keep their own name (CLIP's `embeddings.class_embedding`, `logit_scale`).
+_LEAF.update({name: name for name in ("class_embedding", "logit_scale")})
 
 
 def build_table(abstract_params: Mapping, list_names: Iterable[str]) -> list[Entry]:
@@ -96,7 +98,7 @@ def flax_to_torch(array: np.ndarray, transform: str) -> np.ndarray:
         return np.ascontiguousarray(array.T)
     if transform == CONV:
         return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array).reshape(array.shape)  # ascontiguousarray makes a scalar (logit_scale) 1-d
 
 
 def load_state_dict(

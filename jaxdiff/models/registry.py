@@ -6,9 +6,15 @@ from jaxdiff.models.model import Architecture
 
 
 def _all() -> dict[str, Architecture]:
-    from jaxdiff.models import clip, inception, unet, vae
+    from jaxdiff.models import clip, clip_vision, inception, unet, vae
 
-    return {**unet.ARCHITECTURES, **vae.ARCHITECTURES, **clip.ARCHITECTURES, **inception.ARCHITECTURES}
+    return {
+        **unet.ARCHITECTURES,
+        **vae.ARCHITECTURES,
+        **clip.ARCHITECTURES,
+        **clip_vision.ARCHITECTURES,
+        **inception.ARCHITECTURES,
+    }
 
 
 def architecture_name(config: dict) -> str | None:
@@ -18,9 +24,11 @@ def architecture_name(config: dict) -> str | None:
     archs = config.get("architectures") or []
     if archs:
         return archs[0]
-    if config.get("model_type") == "clip_text_model":
-        return "CLIPTextModel"
-    return None
+    return _BY_MODEL_TYPE.get(config.get("model_type"))
+
+
+# transformers configs that name no `architectures`: their model class by `model_type`.
+_BY_MODEL_TYPE = {"clip_text_model": "CLIPTextModel", "clip_vision_model": "CLIPVisionModel", "clip": "CLIPModel"}
 
 
 def architecture_for(config: dict) -> Architecture:
