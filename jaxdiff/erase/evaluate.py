@@ -134,16 +134,9 @@ Generate = Callable[[list[str], np.ndarray], np.ndarray]  # (prompts, noise late
 
 
 def frechet_distance(features1, features2) -> float:
-    """Fréchet distance on probe features as pytorch-fid computes it; with few images (N < feature dim) the
-    covariances are singular and sqrtm can come back complex: then both get 1e-4 x their mean variance added to
-    the diagonal (a ridge, as pytorch-fid's own eps offset, but large enough to make the product well posed)."""
-    try:
-        return frechet.frechet_distance_from_features(features1, features2)
-    except ValueError:
-        mu1, s1 = frechet.feature_statistics(features1)
-        mu2, s2 = frechet.feature_statistics(features2)
-        ridge = 1e-4 * float(np.mean(np.concatenate([np.diag(s1), np.diag(s2)]))) * np.eye(len(mu1))
-        return frechet.frechet_distance(mu1, s1 + ridge, mu2, s2 + ridge)
+    """Fréchet distance on probe features as pytorch-fid computes it, with a small ridge when there are fewer
+    images than feature dimensions (`frechet.frechet_distance_few`)."""
+    return frechet.frechet_distance_few(*frechet.feature_statistics(features1), *frechet.feature_statistics(features2))
 
 
 def noise(n: int, shape: Sequence[int], seed: int) -> np.ndarray:

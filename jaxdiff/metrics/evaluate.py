@@ -131,21 +131,14 @@ def frechet_with_interval(real, fake, boots: int = 200, seed: int = 0) -> tuple[
             return x
         return frechet.feature_statistics(x if idx is None else x[idx])
 
-    def distance(a, b):
-        try:
-            return frechet.frechet_distance(*a, *b)
-        except ValueError:  # few images: a small ridge makes sqrtm's product well posed (as erase/evaluate does)
-            ridge = 1e-4 * float(np.mean(np.concatenate([np.diag(a[1]), np.diag(b[1])]))) * np.eye(len(a[0]))
-            return frechet.frechet_distance(a[0], a[1] + ridge, b[0], b[1] + ridge)
-
-    value = distance(stats(real), stats(fake))
+    value = frechet.frechet_distance_few(*stats(real), *stats(fake))
     if boots <= 0:
         return value, None
     samples = []
     for _ in range(boots):
         r = None if isinstance(real, tuple) else rng.integers(0, len(real), len(real))
         f = rng.integers(0, len(fake), len(fake))
-        samples.append(distance(stats(real, r), stats(fake, f)))
+        samples.append(frechet.frechet_distance_few(*stats(real, r), *stats(fake, f)))
     lo, hi = np.percentile(samples, [2.5, 97.5])
     return value, (float(lo), float(hi))
 

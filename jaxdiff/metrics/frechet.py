@@ -39,3 +39,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 def frechet_distance_from_features(features1, features2) -> float:
     """Fréchet distance between Gaussians fitted to features1 [N1, D] and features2 [N2, D]."""
     return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
+
+
+def frechet_distance_few(mu1, sigma1, mu2, sigma2) -> float:
+    """`frechet_distance`, or with few samples (N < D: singular covariances, sqrtm may come back complex) the same
+    with 1e-4 x the mean variance added to both diagonals (a ridge, as pytorch-fid's eps offset, but large enough to
+    make the product well posed)."""
+    try:
+        return frechet_distance(mu1, sigma1, mu2, sigma2)
+    except ValueError:
+        ridge = 1e-4 * float(np.mean(np.concatenate([np.diag(sigma1), np.diag(sigma2)]))) * np.eye(len(mu1))
+        return frechet_distance(mu1, sigma1 + ridge, mu2, sigma2 + ridge)
