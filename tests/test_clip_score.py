@@ -176,6 +176,16 @@ def test_clip_score_matches_torchmetrics_formula_on_transformers_clip(clip_case)
     assert abs(score - max(ref.mean(), 0.0)) <= 1e-4 * max(1.0, abs(ref).max())
 
 
+def test_image_embeddings_split_over_eight_devices_equal_one_device(clip_case, eight_devices):
+    from jaxdiff.sharding import make_mesh
+
+    pt, images, _ = clip_case
+    model, _ = _jaxdiff_clip(pt)
+    one = cs.image_embeddings(model, images, batch_size=2)
+    eight = cs.image_embeddings(model, images, batch_size=2, mesh=make_mesh({"data": 8}, eight_devices))
+    np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-6)  # batches of 8 rows (2 rounded up), same math
+
+
 def test_separate_towers_built_from_the_clip_state_dict_give_the_same_score(clip_case):
     pt, images, tokenizer = clip_case
     model, state = _jaxdiff_clip(pt)
@@ -208,3 +218,30 @@ def test_the_clamp_applies_to_the_mean_not_to_each_pair():
     assert cs.clip_score(x, -x) == 0.0
     with pytest.raises(UserError, match="one text per image"):
         cs.clip_score(x, y[:1])
+
+
+def test_evaluate_clip_score_on_a_saved_transformers_clip_is_torchmetrics_score(clip_case, tmp_path, capsys):
+    """`jaxdiff evaluate clip-score --clip FOLDER` (transformers save_pretrained + its tokenizer) on a folder of
+    PNGs: torchmetrics' value for the same images and prompts, |err| <= 1e-4 · max(1, |ref|)."""
+    import json
+    import shutil
+
+    from jaxdiff import cli
+
+    pt, images, tokenizer = clip_case
+    pt.save_pretrained(tmp_path / "clip")
+    shutil.copytree(TOKENIZER, tmp_path / "clip" / "tokenizer")
+    rng = np.random.default_rng(5)
+    pngs = np.concatenate([_images(rng, (48, 40)), _images(rng, (48, 40))])
+    (tmp_path / "fake").mkdir()
+    for i, image in enumerate(pngs):
+        Image.fromarray(image).save(tmp_path / "fake" / f"{i}.png")
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3], PROMPTS[4]]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    args = ["--clip", tmp_path / "clip", "--fake", tmp_path / "fake", "--prompts", tmp_path / "prompts.txt"]
+    rc = cli.main(["evaluate", "clip-score", *map(str, args), "--batch-size", "3", "--bootstrap", "0"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-500:]
+    record = json.loads(out)
+    ref = max(_torchmetrics_scores(pt, list(pngs), prompts, tokenizer).mean(), 0.0)
+    assert rc == 0 and record["n_fake"] == 4 and abs(record["value"] - ref) <= 1e-4 * max(1.0, abs(ref))

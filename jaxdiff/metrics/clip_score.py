@@ -8,9 +8,11 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff.errors import UserError
 from jaxdiff.metrics.clip_preprocess import CLIPImageConfig, preprocess
+from jaxdiff.metrics.fid import DATA_AXES
 from jaxdiff.models import clip_vision
 
 
@@ -92,17 +94,36 @@ def _embed_in_batches(fn, chunks, batch_size: int) -> np.ndarray:
 
 
 def image_embeddings(
-    model, images, *, params=None, config: CLIPImageConfig | None = None, batch_size: int = 32, normalize=False
+    model,
+    images,
+    *,
+    params=None,
+    config: CLIPImageConfig | None = None,
+    batch_size: int = 32,
+    normalize=False,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
     """Projected image embeddings [N, P] of uint8 images (an array [N, H, W, 3] or a list of [H, W, 3] arrays of
-    any sizes) through CLIP's preprocessing and a CLIPModel or CLIPVisionModelWithProjection `Model`."""
+    any sizes) through CLIP's preprocessing and a CLIPModel or CLIPVisionModelWithProjection `Model`.
+
+    `mesh`: the vision tower runs with each batch split over the mesh's data axes (the batch size is rounded up to
+    a multiple of them) and the weights replicated."""
     params = model.params if params is None else params
     size = clip_vision.image_size(model)
     config = config or CLIPImageConfig.for_image_size(size)
     if config.crop_size != size:
         raise UserError(f"the preprocessing crops to {config.crop_size} but the vision tower takes {size}x{size}")
     prep = jax.jit(functools.partial(preprocess, config=config))
-    embed = jax.jit(lambda pixels: clip_vision.image_embeds(model, params, pixels))
+    if mesh is None:
+        embed = jax.jit(lambda pixels: clip_vision.image_embeds(model, params, pixels))
+    else:
+        axes = tuple(a for a in DATA_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+        shards = int(np.prod([mesh.shape[a] for a in axes]))
+        batch_size = -(-batch_size // shards) * shards
+        replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(axes or None))
+        params = jax.device_put(params, replicated)
+        tower = jax.jit(lambda p, pixels: clip_vision.image_embeds(model, p, pixels), out_shardings=split)
+        embed = lambda pixels: tower(params, jax.device_put(pixels, split))  # noqa: E731
     out = _embed_in_batches(embed, (prep(chunk) for chunk in _batches(images, batch_size)), batch_size)
     return out / np.linalg.norm(out, axis=1, keepdims=True) if normalize else out
 

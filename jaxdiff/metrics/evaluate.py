@@ -185,6 +185,7 @@ def clip_image_features(images, args) -> np.ndarray:
             (im for b in _as_batches(images, args.batch_size) for im in b),
             batch_size=args.batch_size,
             config=config,
+            mesh=_mesh(),
         )
     out = np.asarray(out, np.float64)
     return out / np.linalg.norm(out, axis=1, keepdims=True)
