@@ -165,3 +165,85 @@ def test_tfds_builder_builds_and_reads_back_without_tensorflow(tmp_path, monkeyp
     assert a["caption"] == b["caption"] and a["shape"].tolist() == b["shape"].tolist()
     with pytest.raises(ValueError, match="32 or 64"):
         T.load_shapes("train", data_dir=str(tmp_path), size=48)
+
+
+def _fingerprint() -> str:
+    """Hash of the vocabularies, phrasings, templates, fixed-seed renders, captions and labels (TFDS examples too)."""
+    import hashlib
+    import json
+
+    from jaxdiff.data import shapes_tfds as T
+
+    h = hashlib.sha256()
+    tables = [S.SHAPES, S.COLOURS, S.SIZES, S.POSITIONS, S.BACKGROUNDS, S.TRAIN_PHRASES, S.HELDOUT_PHRASES]
+    tables += [S.SYNONYMS, S.TRAIN_TEMPLATES, S.HELDOUT_TEMPLATES]
+    h.update(json.dumps(tables, sort_keys=True).encode())
+    rng = np.random.default_rng(1234)
+    for i in range(40):
+        scene = S.sample_scene(rng, num_objects=None if i % 3 else 2)
+        h.update(S.render(scene, 32 if i % 2 else 64).tobytes())
+        h.update((S.caption(scene, rng, "train") + "|" + S.caption(scene, rng, "heldout")).encode())
+        for k, v in sorted(S.scene_labels(scene).items()):
+            h.update(k.encode() + np.asarray(v).tobytes())
+    for split in ("train", "test"):
+        for i in (0, 1, 7, 123):
+            ex = T.make_example(split, i, 32)
+            for k in sorted(ex):
+                v = ex[k]
+                h.update(k.encode() + (v.encode() if isinstance(v, str) else np.asarray(v).tobytes()))
+    return h.hexdigest()[:16]
+
+
+def test_existing_renders_captions_labels_and_tokenizer_words_are_unchanged():
+    # Both hashes were computed from the code before the held-out concepts were added: the shipped models, their
+    # data sets and the tokenizer (built from `vocabulary_words`) depend on these staying bit-identical.
+    import hashlib
+
+    from jaxdiff.train.shapes.common import vocabulary_words
+
+    assert _fingerprint() == "03321f7635222c01"
+    assert hashlib.sha256(" ".join(vocabulary_words()).encode()).hexdigest()[:16] == "d86323e721f27aeb"
+    assert not set(S.HELD_OUT_SHAPES + S.HELD_OUT_COLOURS) & set(vocabulary_words())
+
+
+@pytest.mark.parametrize(
+    "shape, fraction",
+    [
+        ("cross", 5 / 9),
+        ("hexagon", 3 * math.sqrt(3) / 8),
+        ("star", 5 * S.STAR_INNER * math.sin(math.radians(36)) / (4 * math.sin(math.radians(72)) ** 2)),
+    ],
+)
+def test_held_out_shapes_fill_their_box_as_their_geometry_says(shape, fraction):
+    for position, size in (("center", "large"), ("right", "small")):
+        obj = S.ShapeObject(shape, "purple", size, position)
+        _, _, extent = S.object_box(obj)
+        cov = S.coverage(obj, 64)
+        assert cov.sum() / (extent * 64) ** 2 == pytest.approx(fraction, rel=0.03)
+        cols = np.flatnonzero(cov.max(axis=0) > 0.5)
+        assert len(cols) / 64 == pytest.approx(extent, abs=2 / 64)  # the extent is the width
+
+
+def test_held_out_concepts_are_opt_in_and_caption_parse_and_label_back():
+    assert S.ALL_SHAPES[: len(S.SHAPES)] == S.SHAPES and S.ALL_COLOURS[: len(S.COLOURS)] == S.COLOURS
+    default = _scenes(300, seed=9)
+    assert {o.shape for s in default for o in s.objects} <= set(S.SHAPES)
+    assert {o.colour for s in default for o in s.objects} <= set(S.COLOURS)
+    rng = np.random.default_rng(3)
+    scenes = [S.sample_scene(rng, shapes=S.HELD_OUT_SHAPES, colours=S.HELD_OUT_COLOURS) for _ in range(200)]
+    assert {o.shape for s in scenes for o in s.objects} == set(S.HELD_OUT_SHAPES)
+    assert {o.colour for s in scenes for o in s.objects} == set(S.HELD_OUT_COLOURS)
+    for scene in scenes:
+        labels = S.scene_labels(scene)
+        n = len(scene.objects)
+        assert (labels["shape"][:n] >= len(S.SHAPES)).all() and (labels["colour"][:n] >= len(S.COLOURS)).all()
+        assert [S.ALL_SHAPES[i] for i in labels["shape"][:n]] == [o.shape for o in scene.objects]
+        img = S.render(scene)
+        for obj in scene.objects:
+            cx, cy, _ = S.object_box(obj)
+            np.testing.assert_array_equal(img[int(cy * 32), int(cx * 32)], S.RGB[obj.colour])
+        for split in ("train", "heldout"):
+            text = S.caption(scene, rng, split)
+            parsed = S.parse_prompt(text, held_out=True)["objects"]
+            assert [(o["shape"], o["colour"]) for o in parsed] == _truth(scene), text
+            assert all(o["shape"] is None for o in S.parse_prompt(text)["objects"]), text  # not without opting in

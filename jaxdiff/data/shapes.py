@@ -14,6 +14,12 @@ SIZES = ("small", "large")
 POSITIONS = ("center", "left", "right")
 BACKGROUNDS = ("white", "grey", "black")
 MAX_OBJECTS = 2
+# Concepts the shipped models never saw in training (targets of personalization and late-concept erasure). They
+# extend the vocabularies at the end, so the ids above are unchanged; nothing draws or names them unless asked.
+HELD_OUT_SHAPES = ("cross", "star", "hexagon")
+HELD_OUT_COLOURS = ("purple", "orange")
+ALL_SHAPES = SHAPES + HELD_OUT_SHAPES
+ALL_COLOURS = COLOURS + HELD_OUT_COLOURS
 
 # Saturated object colours; backgrounds are neutral (never an object colour).
 RGB = {
@@ -21,6 +27,8 @@ RGB = {
     "green": (34, 160, 60),
     "blue": (37, 85, 225),
     "yellow": (240, 205, 30),
+    "purple": (150, 45, 190),
+    "orange": (245, 135, 20),
     "white": (245, 245, 245),
     "grey": (165, 165, 165),
     "black": (22, 22, 22),
@@ -31,6 +39,9 @@ POSITION_X = {"center": 0.5, "left": 0.25, "right": 0.75}
 # object owns the whole image, a left/right object owns its half.
 # Triangles are drawn a little larger: at equal extent they cover half a square's area.
 TRIANGLE_SCALE = 1.12
+SHAPE_SCALE = {"triangle": TRIANGLE_SCALE, "star": 1.12}
+# Star: five points, apex up, inner radius / outer radius (a regular pentagram's 0.382 is too thin at 32 px).
+STAR_INNER = 0.5
 EXTENT = {("center", "large"): 0.66, ("center", "small"): 0.42, ("side", "large"): 0.42, ("side", "small"): 0.30}
 
 # Phrasings used in training captions (the word itself first) and phrasings reserved for held-out captions.
@@ -55,6 +66,15 @@ HELDOUT_PHRASES: dict[str, tuple[str, ...]] = {
     "center": ("at the center",),
     "left": ("on the left side", "to the left"),
     "right": ("on the right side", "to the right"),
+}
+# Phrasings of the held-out concepts, the word first; in no table above, so the tokenizer's vocabulary (built
+# from those tables) and every existing caption stay as they were.
+HELD_OUT_CONCEPT_PHRASES: dict[str, tuple[str, ...]] = {
+    "cross": ("cross", "plus sign"),
+    "star": ("star", "five-pointed star"),
+    "hexagon": ("hexagon", "six-sided shape"),
+    "purple": ("purple", "violet"),
+    "orange": ("orange",),
 }
 # concept -> every phrasing of it (train and held-out), the word itself first.
 SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -123,7 +143,7 @@ class Scene:
 def object_box(obj: ShapeObject) -> tuple[float, float, float]:
     """(centre x, centre y, extent) in unit image coordinates; the object stays inside its slot."""
     slot = "center" if obj.position == "center" else "side"
-    s = EXTENT[(slot, obj.size)] * (TRIANGLE_SCALE if obj.shape == "triangle" else 1.0)
+    s = EXTENT[(slot, obj.size)] * SHAPE_SCALE.get(obj.shape, 1.0)
     lo, hi = {"center": (0.0, 1.0), "left": (0.0, 0.5), "right": (0.5, 1.0)}[obj.position]
     margin = s / 2 + 0.01
     cx = min(max(POSITION_X[obj.position] + obj.dx, lo + margin), hi - margin)
@@ -144,9 +164,37 @@ def coverage(obj: ShapeObject, size: int = 32, supersample: int = 4) -> np.ndarr
         mask = (np.abs(x - cx) <= h) & (np.abs(y - cy) <= h)
     elif obj.shape == "triangle":  # apex up; base and height both equal the extent
         mask = (y <= cy + h) & (2 * np.abs(x - cx) <= y - (cy - h))
+    elif obj.shape == "cross":  # a plus sign, arms one third of the extent wide
+        ax, ay = np.abs(x - cx), np.abs(y - cy)
+        mask = ((ax <= h) & (ay <= h / 3)) | ((ax <= h / 3) & (ay <= h))
+    elif obj.shape == "hexagon":  # regular, flat top and bottom; corner to corner equals the extent
+        ax, ay = np.abs(x - cx), np.abs(y - cy)
+        mask = (ay <= h * np.sqrt(3) / 2) & (np.sqrt(3) * ax + ay <= np.sqrt(3) * h)
+    elif obj.shape == "star":
+        mask = _inside_polygon(x, y, _star_vertices(cx, cy, s))
     else:
-        raise ValueError(f"unknown shape {obj.shape!r}; expected one of {SHAPES}")
+        raise ValueError(f"unknown shape {obj.shape!r}; expected one of {ALL_SHAPES}")
     return mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3), dtype=np.float32)
+
+
+def _star_vertices(cx: float, cy: float, s: float) -> np.ndarray:
+    """The 10 corners [10, 2] of a five-pointed star, apex up, whose bounding box is `s` wide and centred."""
+    outer = s / (2 * np.sin(np.deg2rad(72)))  # the two side points span the width
+    angles = np.deg2rad(-90 + 36 * np.arange(10))  # image y points down: -90 degrees is up
+    radii = np.where(np.arange(10) % 2 == 0, outer, outer * STAR_INNER)
+    px, py = radii * np.cos(angles), radii * np.sin(angles)
+    return np.stack([px + cx, py + cy - (py.max() + py.min()) / 2], axis=1)
+
+
+def _inside_polygon(x: np.ndarray, y: np.ndarray, vertices: np.ndarray) -> np.ndarray:
+    """Even-odd rule: the points of the grid x [1, W], y [H, 1] inside the polygon [V, 2]; bool [H, W]."""
+    inside = np.zeros(np.broadcast_shapes(x.shape, y.shape), bool)
+    for (x0, y0), (x1, y1) in zip(vertices, np.roll(vertices, -1, axis=0)):
+        if y0 == y1:
+            continue
+        crosses = (y0 > y) != (y1 > y)
+        inside ^= crosses & (x < x0 + (y - y0) * (x1 - x0) / (y1 - y0))
+    return inside
 
 
 def render(scene: Scene, size: int = 32, supersample: int = 4) -> np.ndarray:
@@ -160,9 +208,18 @@ def render(scene: Scene, size: int = 32, supersample: int = 4) -> np.ndarray:
 
 
 def sample_scene(
-    rng: np.random.Generator, num_objects: int | None = None, jitter: float = 0.03, p_center: float = 0.5
+    rng: np.random.Generator,
+    num_objects: int | None = None,
+    jitter: float = 0.03,
+    p_center: float = 0.5,
+    shapes: Sequence[str] = SHAPES,
+    colours: Sequence[str] = COLOURS,
 ) -> Scene:
-    """Draws a scene: 1 or 2 objects (random if None); single objects are centred with `p_center`."""
+    """Draws a scene: 1 or 2 objects (random if None); single objects are centred with `p_center`.
+
+    `shapes`/`colours` are the vocabularies drawn from: the defaults are the training world; pass e.g.
+    `ALL_SHAPES` or `HELD_OUT_SHAPES` (and `ALL_COLOURS`, `HELD_OUT_COLOURS`) for the held-out concepts.
+    """
     if num_objects is None:
         num_objects = int(rng.choice([1, 2], p=[0.6, 0.4]))
     if num_objects == 1:
@@ -173,8 +230,8 @@ def sample_scene(
         raise ValueError(f"num_objects must be 1 or 2, got {num_objects}")
     objects = tuple(
         ShapeObject(
-            shape=str(rng.choice(SHAPES)),
-            colour=str(rng.choice(COLOURS)),
+            shape=str(rng.choice(shapes)),
+            colour=str(rng.choice(colours)),
             size=str(rng.choice(SIZES)),
             position=p,
             dx=float(rng.uniform(-jitter, jitter)),
@@ -186,9 +243,12 @@ def sample_scene(
 
 
 def scene_labels(scene: Scene) -> dict[str, np.ndarray]:
-    """Integer class ids for the probe: per-object arrays [MAX_OBJECTS] padded with -1, plus scalars."""
+    """Integer class ids for the probe: per-object arrays [MAX_OBJECTS] padded with -1, plus scalars.
+
+    Held-out shapes and colours get the ids after the training ones (indices into ALL_SHAPES, ALL_COLOURS).
+    """
     out = {}
-    for key, vocab in (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES), ("position", POSITIONS)):
+    for key, vocab in (("shape", ALL_SHAPES), ("colour", ALL_COLOURS), ("size", SIZES), ("position", POSITIONS)):
         ids = [vocab.index(getattr(o, key)) for o in scene.objects]
         out[key] = np.asarray(ids + [-1] * (MAX_OBJECTS - len(ids)), np.int32)
     out["num_objects"] = np.asarray(len(scene.objects), np.int32)
@@ -198,6 +258,11 @@ def scene_labels(scene: Scene) -> dict[str, np.ndarray]:
 
 def _phrase(concept: str, rng: np.random.Generator, split: str) -> str:
     """The plain word or, with the remaining probability, one of the split's other phrasings."""
+    if concept in HELD_OUT_CONCEPT_PHRASES:  # the same phrasings in both splits
+        word, *others = HELD_OUT_CONCEPT_PHRASES[concept]
+        if not others or rng.random() < (0.5 if concept in HELD_OUT_SHAPES else 0.85):
+            return word
+        return str(rng.choice(others))
     table = TRAIN_PHRASES if split == "train" else HELDOUT_PHRASES
     word = TRAIN_PHRASES[concept][0]  # the plain form: "circle", "red", "on the left", ...
     others = [p for p in table.get(concept, ()) if p != word]
@@ -251,12 +316,15 @@ def _find(text: str, concepts: Sequence[str], extra: dict[str, tuple[str, ...]] 
 _POSITION_WORDS = {"left": ("left",), "right": ("right",), "center": ("center", "centre", "middle")}
 
 
-def parse_prompt(text: str) -> dict:
+def parse_prompt(text: str, held_out: bool = False) -> dict:
     """Recovers the intended scene from a prompt: {"objects": [{shape, colour, size, position}], "background"}.
 
     Unstated attributes are None. With two objects and no stated positions, the first named is on the
-    left (the convention of the templates); objects come back left first, as in `Scene`.
+    left (the convention of the templates); objects come back left first, as in `Scene`. With `held_out`
+    the held-out shapes and colours are recognised too.
     """
+    shape_vocab, colour_vocab = (ALL_SHAPES, ALL_COLOURS) if held_out else (SHAPES, COLOURS)
+    extra = HELD_OUT_CONCEPT_PHRASES if held_out else None
     text = " ".join(text.lower().split())
     bg = re.search(r"\b(" + "|".join(BACKGROUNDS) + r")\s+(?:background|backdrop)\b", text)
     background = bg.group(1) if bg else None
@@ -264,20 +332,20 @@ def parse_prompt(text: str) -> dict:
         text = text[: bg.start()] + text[bg.end() :]
     segments: list[str] = []
     for seg in re.split(r"\s+and\s+|,\s*|;\s*", text):
-        if _find(seg, SHAPES) or not segments:
+        if _find(seg, shape_vocab, extra) or not segments:
             segments.append(seg)
         else:
             segments[-1] += " " + seg
     objects = []
     for seg in segments:
-        shapes = _find(seg, SHAPES)
+        shapes = _find(seg, shape_vocab, extra)
         if not shapes and objects:
             continue
         first = lambda hits: hits[0][1] if hits else None  # noqa: E731
         objects.append(
             {
                 "shape": first(shapes),
-                "colour": first(_find(seg, COLOURS)),
+                "colour": first(_find(seg, colour_vocab, extra)),
                 "size": first(_find(seg, SIZES)),
                 "position": first(_find(seg, POSITIONS, _POSITION_WORDS)),
             }
