@@ -1,11 +1,12 @@
-"""Reference outputs of pytorch-fid 0.3.0, clean-fid and torch-fidelity on seeded random weights, for the metric tests.
+"""Reference outputs of pytorch-fid 0.3.0, clean-fid, torch-fidelity and timm on seeded random weights, for the tests.
 
 Runs in its own venv (the references need torchvision, which the pinned torch 2.13.0 CPU build lacks):
 
     python3.11 -m venv /tmp/goldvenv
     /tmp/goldvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 pytorch-fid==0.3.0 clean-fid==0.1.35 \
-        torch-fidelity==0.4.0 scipy numpy
-    /tmp/goldvenv/bin/python tools/make_metric_goldens.py          # writes tests/goldens/fid_*.npz
+        torch-fidelity==0.4.0 timm scipy numpy
+    /tmp/goldvenv/bin/python tools/make_metric_goldens.py          # writes tests/goldens/fid_*.npz and timm_*.npz
+    /tmp/goldvenv/bin/python tools/make_metric_goldens.py --only timm   # one section (fid or timm)
 
 Nothing is downloaded: each reference network gets weights drawn from a numpy seed (`inception_weights`, which the
 tests import to draw the same weights), and only seeds, inputs and outputs are stored. Module level needs only numpy.
@@ -30,6 +31,11 @@ SMALL_SIZES = {"down": (13, 11), "up": (37, 31)}  # (height, width)
 SUBSAMPLE = 13  # preprocessed 299x299 inputs are stored every 13th pixel
 MODES = ("pytorch-fid", "clean-fid", "torch-fidelity")
 FRECHET_SHAPE = (120, 48)  # well-conditioned synthetic feature sets (N > D)
+# timm's Inception-v4 / Inception-ResNet-v2 (both full size, 1000 classes) on 2 images of 107x91: not square, and the
+# smallest height at which the last stage still has 2 rows (107 -> 53 -> 51 -> 25 -> 23 -> 11 -> 5 -> 2).
+TIMM_MODELS = {"inception_v4": "InceptionV4", "inception_resnet_v2": "InceptionResnetV2"}
+TIMM_SEED = 1602_07261  # arXiv:1602.07261, the paper of both networks
+TIMM_INPUT_SHAPE = (2, 107, 91, 3)  # stored as uint8 images, fed as (x - 128) / 128: exact in float32
 
 
 def inception_weights(shapes: dict[str, tuple[int, ...]], seed: int = WEIGHTS_SEED) -> dict[str, np.ndarray]:
@@ -56,6 +62,43 @@ def inception_weights(shapes: dict[str, tuple[int, ...]], seed: int = WEIGHTS_SE
             raise KeyError(f"no rule to draw {key}")
         out[key] = w.astype(np.float32)
     return out
+
+
+def timm_inception_weights(shapes: dict[str, tuple[int, ...]], seed: int = TIMM_SEED) -> dict[str, np.ndarray]:
+    """float32 tensors for timm Inception-v4 / Inception-ResNet-v2 state-dict keys and shapes, each drawn from its
+    own stream (seed, crc32 of the key): He-scaled ConvNormAct convolutions, 1/sqrt(fan-in) residual `conv2d`s (the
+    un-normalised residual stream of Inception-ResNet grows less) and classifier, BN statistics away from (0, 1) so a
+    mishandled BatchNorm shows."""
+    out = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+        normal = rng.standard_normal(shape, dtype=np.float32)  # float32 draws: ~100M values, drawn in every test run
+        if key.endswith("conv.weight"):
+            w = normal * np.float32(np.sqrt(2.0 / int(np.prod(shape[1:]))))
+        elif key.endswith(("conv2d.weight", "last_linear.weight", "classif.weight")):
+            w = normal * np.float32(1.0 / np.sqrt(int(np.prod(shape[1:]))))
+        elif key.endswith("bn.weight") or key.endswith("running_var"):
+            w = np.float32(0.5) + rng.random(shape, dtype=np.float32)
+        elif key.endswith("running_mean"):
+            w = normal * np.float32(0.2)
+        elif key.endswith("bias"):
+            w = normal * np.float32(0.1)
+        else:
+            raise KeyError(f"no rule to draw {key}")
+        out[key] = w
+    return out
+
+
+def timm_input(seed: int = TIMM_SEED) -> np.ndarray:
+    """uint8 NHWC noise images [2, 107, 91, 3] (the network input is `timm_scale` of them)."""
+    return np.random.default_rng([seed, 1]).integers(0, 256, TIMM_INPUT_SHAPE, dtype=np.uint8)
+
+
+def timm_scale(images: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [-1, 1) as (x - 128) / 128: every value exact, so both sides get identical inputs."""
+    return (images.astype(np.float32) - 128.0) / 128.0
 
 
 def weights_checksum(weights: dict[str, np.ndarray]) -> float:
@@ -251,12 +294,51 @@ def references(out_dir: str) -> None:
         print(tag, {m: float(g[f"frechet/{tag}/{m}"]) for m in MODES})
 
 
+def timm_references(out_dir: str) -> None:
+    """timm's inception_v4 and inception_resnet_v2 (eval mode) on drawn weights: features and logits of one input."""
+    import timm
+    import torch
+
+    torch.set_num_threads(2)
+    images = timm_input()
+    x = timm_scale(images)
+    for name in TIMM_MODELS:
+        net = timm.create_model(name, pretrained=False, num_classes=1000).eval()
+        shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        weights = timm_inception_weights(shapes)
+        missing, unexpected = net.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+        assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
+        with torch.no_grad():
+            feats = net.forward_features(_nchw(x))
+            pooled = net.forward_head(feats, pre_logits=True).numpy()
+            logits = net(_nchw(x)).numpy()
+        g = {
+            "features": pooled.astype(np.float32),
+            "logits": logits.astype(np.float32),
+            "images": images,
+            "weights_seed": np.int64(TIMM_SEED),
+            "weights_checksum": np.float64(weights_checksum(weights)),
+            "state_shapes": np.array(json.dumps({k: list(v) for k, v in sorted(shapes.items())})),
+            "torch_num_params": np.int64(sum(p.numel() for p in net.parameters())),
+            "versions": np.array(json.dumps({"timm": timm.__version__, "torch": torch.__version__})),
+        }
+        path = os.path.join(out_dir, f"timm_{name}.npz")
+        np.savez_compressed(path, **g)
+        print(f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KiB): {int(g['torch_num_params']):,} parameters, "
+              f"max |features| {np.abs(pooled).max():.3g}, max |logits| {np.abs(logits).max():.3g}")  # fmt: skip
+
+
+SECTIONS = {"fid": references, "timm": timm_references}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "goldens"))
+    p.add_argument("--only", choices=sorted(SECTIONS), action="append", help="write only this section (repeatable)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    references(os.path.abspath(args.out))
+    for name in args.only or SECTIONS:
+        SECTIONS[name](os.path.abspath(args.out))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,10 @@ LAYOUTS = {
     "CLIPVisionModelWithProjection": Layout(("layers",), TRANSFORMERS_WEIGHTS, ignore=_CLIP_IGNORE),
     "CLIPModel": Layout(("layers",), TRANSFORMERS_WEIGHTS, ignore=_CLIP_IGNORE),
     "FIDInceptionV3": Layout((), TRANSFORMERS_WEIGHTS, ignore=_INCEPTION_IGNORE),
+    # timm's `inception_v4` / `inception_resnet_v2` state dicts: the Flax trees mirror timm's module names, Sequential
+    # members included ("0", "1", ...); timm's hub folders hold config.json + model.safetensors, as exported.
+    "InceptionV4": Layout((), TRANSFORMERS_WEIGHTS, ignore=_INCEPTION_IGNORE),
+    "InceptionResnetV2": Layout((), TRANSFORMERS_WEIGHTS, ignore=_INCEPTION_IGNORE),
 }
 
 

@@ -6,7 +6,7 @@ from jaxdiff.models.model import Architecture
 
 
 def _all() -> dict[str, Architecture]:
-    from jaxdiff.models import clip, clip_vision, inception, unet, vae
+    from jaxdiff.models import clip, clip_vision, inception, inception_resnet_v2, inception_v4, unet, vae
 
     return {
         **unet.ARCHITECTURES,
@@ -14,6 +14,8 @@ def _all() -> dict[str, Architecture]:
         **clip.ARCHITECTURES,
         **clip_vision.ARCHITECTURES,
         **inception.ARCHITECTURES,
+        **inception_v4.ARCHITECTURES,
+        **inception_resnet_v2.ARCHITECTURES,
     }
 
 
@@ -24,11 +26,16 @@ def architecture_name(config: dict) -> str | None:
     archs = config.get("architectures") or []
     if archs:
         return archs[0]
+    timm_name = config.get("architecture")  # timm's hub config.json: "inception_v4" (".tag" suffixed in some)
+    if isinstance(timm_name, str):
+        return _BY_TIMM_NAME.get(timm_name.split(".")[0], timm_name)
     return _BY_MODEL_TYPE.get(config.get("model_type"))
 
 
 # transformers configs that name no `architectures`: their model class by `model_type`.
 _BY_MODEL_TYPE = {"clip_text_model": "CLIPTextModel", "clip_vision_model": "CLIPVisionModel", "clip": "CLIPModel"}
+# timm configs name their model function (`architecture`): the jaxdiff class serving it.
+_BY_TIMM_NAME = {"inception_v4": "InceptionV4", "inception_resnet_v2": "InceptionResnetV2"}
 
 
 def architecture_for(config: dict) -> Architecture:
