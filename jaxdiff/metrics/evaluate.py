@@ -17,6 +17,7 @@ the real set's statistics as a pytorch-fid `.npz` (`mu`, `sigma`), readable back
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import time
@@ -425,6 +426,17 @@ def add_parser(sub) -> None:
         m = metrics.add_parser(name, help=metric.help, description=metric.help + ". " + _FOOTER)
         _add_arguments(m, name, metric)
         m.set_defaults(func=run)
+    from jaxdiff.metrics import copyscope
+
+    summary = copyscope.__doc__.split("\n")[0]
+    c = metrics.add_parser(
+        "copyscope",
+        help=summary,
+        description=copyscope.__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    copyscope.add_arguments(c)
+    c.set_defaults(func=copyscope.run)
 
 
 _FOOTER = "Prints one JSON record (and writes it with --out); bad input is one line and exit 2."
