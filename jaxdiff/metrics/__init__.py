@@ -1,1 +1,1 @@
-"""Metrics for the shapes world: the probe classifier (the judge), a CLIP-style image/text pair, Fréchet distance."""
+"""Image metrics: FID/KID/IS/PRDC on Inception features, CLIP score and CMMD, CopyScope, and the shapes judges."""
