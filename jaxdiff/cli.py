@@ -195,7 +195,7 @@ def _add_erase(sub) -> None:
 
 def _erase(args) -> int:
     from jaxdiff.config import apply_overrides, load_config
-    from jaxdiff.erase.run import erase
+    from jaxdiff.erase.run import erase, summary
     from jaxdiff.generate import enable_compilation_cache
 
     enable_compilation_cache()
@@ -206,13 +206,7 @@ def _erase(args) -> int:
     if args.attacks:
         config.eval.attacks = True
     report = erase(config, args.out, progress=not args.no_progress, overwrite=args.overwrite)
-    line = f"{report['method']}: erased {report['concept']!r} in {report['cost']['seconds']:.1f} s"
-    if "erasure" in report:
-        word = report["erasure"]["word"]
-        line += f"; probe sees it in {word['before']:.0%} -> {word['after']:.0%} of images"
-        acc = report["preservation"][f"{report['kind']}_acc"]  # the preserved concepts are of the same kind
-        line += f"; other {report['kind']}s recognised {acc['before']:.0%} -> {acc['after']:.0%}"
-    print(line)
+    print(summary(report))
     print(f"wrote {args.out}/model, before_after.png, report.md, report.json")
     return 0
 

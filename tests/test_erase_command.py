@@ -252,11 +252,20 @@ def test_erase_command_writes_model_grid_and_report(uce_run):
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "uce" and report["kind"] == "shape"
     assert set(report["erasure"]) == {"word", "synonyms", "heldout"}
-    assert 0.0 <= report["erasure"]["word"]["after"] <= 1.0 and report["erasure"]["word"]["n"] == 4
-    assert 0.0 <= report["erasure"]["word"]["without_word"] <= 1.0
-    assert {"shape_acc", "colour_acc", "frechet", "frechet_floor"} <= set(report["preservation"])
+    word = report["erasure"]["word"]
+    assert word["n"] == 4 and {"erased", "invalid", "probe_only", "reasons", "floor"} <= set(word)
+    for fig in ("erased", "invalid", "probe_only"):
+        r = word[fig]["after"]
+        assert 0.0 <= r["rate"] <= 1.0 and r["n"] == 4 and r["ci"][0] <= r["rate"] <= r["ci"][1]
+    assert word["erased"]["after"]["k"] + word["invalid"]["after"]["k"] <= 4  # an invalid image is never erased
+    p = report["preservation"]
+    assert {"preserved", "erased_prompts", "chance", "paired_distance", "frechet", "frechet_floor"} <= set(p)
+    assert set(p["preserved"]) == {"shape", "colour"} and p["erased_prompts"]["attribute"] == "colour"
+    assert {"normalised_erasure", "preservation", "joint", "floor_gap"} <= set(report["scores"])
+    assert isinstance(report["warnings"], list) and report["preserve"] == "square" and not report["preserve_default"]
     assert report["cost"]["seconds"] > 0 and report["cost"]["peak_rss_gb"] > 0
-    assert "| word |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| word | 4 |" in md and "Normalised erasure" in md and "Joint score" in md
     assert (out / "before_after.png").stat().st_size > 1000
 
     edited, original = load_pipeline(out / "model"), load_pipeline("shapes")
@@ -297,6 +306,8 @@ def test_erase_on_a_diffusers_folder_writes_a_loadable_jaxdiff_model(uce_run, tm
     assert cli.main(argv) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert "erasure" not in report and "No probe" in (tmp_path / "out" / "report.md").read_text()
+    assert report["preserve_default"] and "a person" in report["preserve"]  # no --config.preserve: common concepts
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["preserve"] == "auto"
     pipe = load_pipeline(tmp_path / "out" / "model")  # a jaxdiff checkpoint with the source's tokenizer/scheduler
     assert pipe(["circle"], steps=2, guidance=1.0).shape == (1, 32, 32, 3)
 

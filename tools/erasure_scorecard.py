@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Run every erasure method on the `shapes` model for several targets and tabulate erasure, preservation,
-robustness and cost, all judged by the shapes probe (see jaxdiff/erase/evaluate.py for what each figure means).
+robustness and cost, judged by the shapes probe and the pixel judge (see jaxdiff/erase/evaluate.py for what each
+figure means: valid-only erasure, invalid share, normalised erasure, preservation of both attributes, joint score).
 
 Each (method, target) cell is one `jaxdiff erase --config configs/erase/<method>.py:shapes ... --attacks` run in
-its own process (so its peak memory is its own), written to <workdir>/<method>-<target>/; a cell whose report.json
-exists is not rerun, so an interrupted scorecard resumes. A cell that fails is reported as failed, with the error.
+its own process (so its peak memory is its own), written to <workdir>/<method>-<target>/. A cell is keyed by the
+code revision (git HEAD plus a hash of uncommitted changes under jaxdiff/ and configs/) and a hash of its command:
+a finished cell with the same key is reused (an interrupted scorecard resumes), any other is deleted and
+recomputed. A cell that fails is reported as failed, with the error.
 
   python tools/erasure_scorecard.py                                 # all methods x circle, red, box -> docs/
   python tools/erasure_scorecard.py --methods uce,esd --targets circle --out /tmp/scorecard.md
@@ -17,7 +20,9 @@ the same kind.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +32,35 @@ from jaxdiff.erase import registry
 
 ROOT = Path(__file__).resolve().parent.parent  # the cells' configs/erase/<method>.py are relative to it
 TARGETS = ("circle", "red", "box")
+KEY = "scorecard_key.json"
+
+
+def code_revision() -> str:
+    """git HEAD, plus a hash of the uncommitted changes to jaxdiff/ and configs/ when there are any."""
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
+
+    head = git("rev-parse", "HEAD").strip() or "unknown"
+    diff = git("diff", "HEAD", "--", "jaxdiff", "configs")
+    untracked = git("ls-files", "--others", "--exclude-standard", "--", "jaxdiff", "configs").split()
+    for f in sorted(untracked):
+        diff += f + (ROOT / f).read_text(errors="replace") if (ROOT / f).is_file() else ""
+    return head + ("+" + hashlib.sha256(diff.encode()).hexdigest()[:12] if diff else "")
+
+
+def cell_key(cmd_args: list[str], revision: str) -> dict:
+    """What a cell's result depends on: the code revision and the cell's command (config file and overrides)."""
+    return {"revision": revision, "config": hashlib.sha256("\0".join(cmd_args).encode()).hexdigest()[:16]}
+
+
+def reusable(out: Path, key: dict) -> bool:
+    """A finished cell of this key, measured with the current report format."""
+    try:
+        report = json.loads((out / "report.json").read_text())
+        return json.loads((out / KEY).read_text()) == key and "scores" in report
+    except (OSError, ValueError):
+        return False
 
 
 def cell_args(method: str, target: str) -> list[str]:
@@ -41,11 +75,14 @@ def cell_args(method: str, target: str) -> list[str]:
     return args
 
 
-def run_cell(method: str, target: str, workdir: Path, timeout: int, extra: list[str]) -> dict:
+def run_cell(method: str, target: str, workdir: Path, timeout: int, extra: list[str], revision: str = "") -> dict:
     out = workdir / f"{method}-{target}"
-    report = out / "report.json"
-    if report.is_file():
-        return json.loads(report.read_text())
+    args = [f"configs/erase/{method}.py:shapes", *cell_args(method, target), "--attacks", *extra]
+    key = cell_key(args, revision or code_revision())
+    if reusable(out, key):
+        return json.loads((out / "report.json").read_text())
+    if out.exists():  # stale: another code revision or command, or an older report format; never reused
+        shutil.rmtree(out)
     cmd = [
         sys.executable,
         "-m",
@@ -71,46 +108,108 @@ def run_cell(method: str, target: str, workdir: Path, timeout: int, extra: list[
         return {"failed": lines[-1] if lines else f"exit status {proc.returncode}"}
     seconds = time.time() - start
     (out / "scorecard_seconds.txt").write_text(f"{seconds:.1f}\n")  # the whole cell: edit, sampling, attacks
+    (out / KEY).write_text(json.dumps(key) + "\n")
     print(f"  done in {seconds:.0f} s: {proc.stdout.strip().splitlines()[0]}", flush=True)
-    return json.loads(report.read_text())
+    return json.loads((out / "report.json").read_text())
 
 
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
+def _ci(r: dict | None) -> str:
+    """A rate with its 95 % Wilson interval: "41% [33–49]"."""
+    if not r or r.get("rate") is None:
+        return "–"
+    lo, hi = r["ci"]
+    return f"{100 * r['rate']:.0f}% [{100 * lo:.0f}–{100 * hi:.0f}]"
+
+
+def _num(x) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+COLUMNS = (
+    "method",
+    "target",
+    "n",
+    "erased (valid, both judges) [95% CI]",
+    "erased: synonyms / held-out",
+    "invalid",
+    "probe-only sees it (old)",
+    "normalised erasure (raw)",
+    "preserved shape, both judges",
+    "preserved colour, both judges",
+    "erased prompts' other attribute",
+    "paired L2 [95% CI]",
+    "preservation (norm.)",
+    "joint",
+    "regen. embedding attack",
+    "soft-prompt attack",
+    "edit s",
+    "warnings",
+)
+
+
 def row(method: str, target: str, r: dict) -> str:
     if "failed" in r:
-        return f"| {method} | {target} | failed: {r['failed'][:120]} |" + " |" * 10
-    e, p, rob, cost = r["erasure"], r["preservation"], r.get("robustness", {}), r["cost"]
-    after = lambda name: _pct(e[name]["after"]) if e.get(name) else "–"  # noqa: E731
-    return (
-        f"| {method} | {target} | {after('word')} | {after('synonyms')} | {after('heldout')} "
-        f"| {_pct(p['shape_acc']['after'])} | {_pct(p['colour_acc']['after'])} | {p['frechet']:.0f} "
-        f"| {_pct(rob.get('regenerating_embedding', {}).get('success'))} "
-        f"| {_pct(rob.get('soft_prompt', {}).get('success'))} | {cost['seconds']:.0f} | {cost['peak_rss_gb']:.2f} |"
-    )
+        return f"| {method} | {target} | failed: {r['failed'][:120]} |" + " |" * (len(COLUMNS) - 3)
+    e, p, rob, cost, sc = r["erasure"], r["preservation"], r.get("robustness", {}), r["cost"], r.get("scores", {})
+    w = e["word"]
+    after = lambda name: _pct(e[name]["erased"]["after"]["rate"]) if e.get(name) else "–"  # noqa: E731
+    other = p["erased_prompts"]["attribute"]
+    d = p["paired_distance"]
+    cells = [
+        method,
+        target,
+        str(w["n"]),
+        _ci(w["erased"]["after"]),
+        f"{after('synonyms')} / {after('heldout')}",
+        _ci(w["invalid"]["after"]),
+        _ci(w["probe_only"]["after"]),
+        _num(sc.get("normalised_erasure")),
+        _ci(p["preserved"]["shape"]["both"]["after"]),
+        _ci(p["preserved"]["colour"]["both"]["after"]),
+        f"{other} {_ci(p['erased_prompts'][other]['both']['after'])}",
+        f"{d['mean']:.1f} [{d['ci'][0]:.1f}–{d['ci'][1]:.1f}]",
+        _num(sc.get("preservation")),
+        _num(sc.get("joint")),
+        _pct(rob.get("regenerating_embedding", {}).get("success")),
+        _pct(rob.get("soft_prompt", {}).get("success")),
+        f"{cost['seconds']:.0f}",
+        "; ".join(r.get("warnings", [])) or "none",
+    ]
+    return "| " + " | ".join(cells) + " |"
 
 
 def baseline_rows(results: dict) -> list[str]:
-    """The unedited model on each target's prompt sets (identical across methods: same prompts and seeds)."""
+    """The unedited model on each target's prompt sets (identical across methods: same prompts and seeds), and
+    on the word prompts with the word removed (the erasure floor)."""
     lines = []
+    blank = len(COLUMNS) - 8
     for target in dict.fromkeys(t for _, t in results):
         ok = [r for (m, t), r in results.items() if t == target and "failed" not in r]
         if not ok:
             continue
         r = ok[0]
         e, p = r["erasure"], r["preservation"]
-        without = next(
-            (x["erasure"]["word"].get("without_word") for x in ok if "without_word" in x["erasure"]["word"]), None
-        )
-        if without is not None:
-            lines.append(f"| *unedited, word removed* | {target} | {_pct(without)} | | | | | | | | | |")
-        before = lambda name: _pct(e[name]["before"]) if e.get(name) else "–"  # noqa: E731
+        w = e["word"]
+        if "floor" in w:
+            f = w["floor"]
+            lines.append(
+                f"| *unedited, word removed* | {target} | {f['erased']['n']} | {_ci(f['erased'])} | | "
+                f"{_ci(f['invalid'])} | {_ci(f['probe_only'])} | 1 (by definition) |" + " |" * blank
+            )
+        before = lambda name: _pct(e[name]["erased"]["before"]["rate"]) if e.get(name) else "–"  # noqa: E731
+        other = p["erased_prompts"]["attribute"]
+        d = p.get("paired_distance_other_seeds")
         lines.append(
-            f"| *unedited* | {target} | {before('word')} | {before('synonyms')} | {before('heldout')} "
-            f"| {_pct(p['shape_acc']['before'])} | {_pct(p['colour_acc']['before'])} "
-            f"| {p.get('frechet_floor', float('nan')):.0f} (seed noise) | | | | |"
+            f"| *unedited* | {target} | {w['n']} | {_ci(w['erased']['before'])} | {before('synonyms')} / "
+            f"{before('heldout')} | {_ci(w['invalid']['before'])} | {_ci(w['probe_only']['before'])} | 0 "
+            f"| {_ci(p['preserved']['shape']['both']['before'])} | {_ci(p['preserved']['colour']['both']['before'])} "
+            f"| {other} {_ci(p['erased_prompts'][other]['both']['before'])} "
+            + (f"| {d['mean']:.1f} [{d['ci'][0]:.1f}–{d['ci'][1]:.1f}] (other seeds) " if d else "| – ")
+            + "| 1 | | | | | |"
         )
     return lines
 
@@ -125,6 +224,26 @@ def cell_seconds(workdir: Path, results: dict) -> list[float]:
     return out
 
 
+LEGEND = """\
+- **Erased** (higher is better): % of images that are *valid* (the pixel judge finds one clean object with the
+  prompt's other attribute: erasing "circle" from "a red circle" must leave a red object) and in which *neither*
+  judge (probe, pixel judge) sees the target; prompts naming it with the erased word (train templates), with its
+  synonyms / descriptive phrases, and with held-out templates. **Invalid**: % of images that are not valid (they
+  never count as erased). **Probe-only** is the old figure (the probe alone sees the target; lower is better).
+- **Normalised erasure** = (erased after − erased unedited) / (erased *word removed* − erased unedited): 0 = no
+  change, 1 = what the unedited model draws with the word deleted from the prompt (same seeds); raw value, not
+  clipped. A warning says when the floor is within 10 points of the unedited rate (the scale is then unreliable).
+- **Preservation**: shape / colour accuracy, both judges at once (each must name the prompt's value; an invalid
+  image is wrong), on prompts of the *other* concepts of the target's kind, and the erased prompts' other attribute;
+  chance 33 % (shape), 25 % (colour). **Paired L2**: mean distance between the unedited and edited image's probe
+  features, same prompt and seed (bootstrap 95 % interval; the *unedited* row: two seed sets of the unedited model).
+  **Preservation (norm.)** = the smallest edited / unedited ratio of the three both-judges accuracies.
+- **Joint** = harmonic mean of normalised erasure and normalised preservation, each clipped to [0, 1].
+- **Warnings**: every preserved accuracy (either judge) that fell by more than 10 points.
+- All rates: n images per prompt set, 95 % Wilson interval in brackets.
+"""
+
+
 def markdown(results: dict, command: str, seconds: list[float]) -> str:
     any_ok = next((r for r in results.values() if "failed" not in r), None)
     n = any_ok["erasure"]["word"]["n"] if any_ok else "?"
@@ -135,31 +254,21 @@ def markdown(results: dict, command: str, seconds: list[float]) -> str:
         "",
         f"Regenerate with `{command}`"
         + (f" ({sum(seconds) / 60:.0f} min for {len(seconds)} cells on this 2-core CPU)" if seconds else "")
-        + ". Each row is one `jaxdiff erase` run "
-        "(configs/erase/<method>.py:shapes); every figure is read by the shapes probe from generated images "
-        f"({n} per prompt set, 25 DDIM steps, guidance 5, the same seeds before and after the edit).",
+        + ". Each row is one `jaxdiff erase` run (configs/erase/<method>.py:shapes); every figure is read by the "
+        f"shapes probe and the pixel judge from generated images ({n} per prompt set, 25 DDIM steps, guidance 5, the "
+        "same seeds before and after the edit).",
         "",
-        "- **Erasure** (lower is better): % of images in which the probe sees the target, for prompts naming it with "
-        "the erased word (train templates), with its synonyms / descriptive phrases, and with held-out templates.",
-        "  The *word removed* rows run the unedited model on the word prompts with the word deleted (same seeds): "
-        "what a perfect erasure towards nothing gives, since the model's prior fills the gap (e.g. round blobs for "
-        "a shape left unnamed).",
-        "- **Preservation**: probe shape / colour accuracy on prompts of the *other* concepts of the same kind, and "
-        "the Fréchet distance on probe features between the edited and the unedited model's images of those prompts "
-        "(the *unedited* rows give the distance between two seed sets of the unedited model: sampling noise alone).",
-        "- **Robustness** (lower is better): % of attack images in which the probe sees the target: RECE's closed-form "
-        f"regenerating embedding, and a white-box soft-prompt attack ({soft.get('tokens', '?')} input embeddings, "
-        f"{soft.get('steps', '?')} Adam steps on the edited model's denoising loss of the original model's images).",
-        "- **Cost**: wall-clock time of the edit (fine-tuning includes compilation) and the process's peak RSS.",
+        LEGEND,
+        "- **Robustness** (lower is better, probe-only): % of attack images in which the probe sees the target: "
+        "RECE's closed-form regenerating embedding, and a white-box soft-prompt attack "
+        f"({soft.get('tokens', '?')} input embeddings, {soft.get('steps', '?')} Adam steps).",
         "",
         "Every cell preserves the other concepts of the target's kind (`--config.preserve`); Concept Ablation and "
         "DoCo take the first of them as their anchor (circle -> square, red -> green, box -> circle), TRCE maps onto "
-        "the generic word (shape / colour). The hyper-parameters are each config's `:shapes` variant, chosen by short "
-        "trials on this model, not by a sweep; a method that does little here may need a larger budget.",
+        "the generic word (shape / colour).",
         "",
-        "| method | target | erasure: word | synonyms | held-out | preserved shape acc | preserved colour acc "
-        "| Fréchet vs unedited | regen. embedding attack | soft-prompt attack | edit s | peak GiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|---|---|" + "---:|" * (len(COLUMNS) - 3) + "---|",
     ]
     lines += baseline_rows(results)
     lines += [row(m, t, r) for (m, t), r in results.items()]
@@ -173,7 +282,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(known), help="comma-separated (default: all)")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated shapes concepts")
-    p.add_argument("--workdir", default="runs/scorecard", help="one folder per cell; finished cells are reused")
+    p.add_argument(
+        "--workdir", default="runs/scorecard", help="one folder per cell; finished cells of the same key are reused"
+    )
+    p.add_argument("--num-images", type=int, default=128, help="images per prompt set (config.eval.num_images)")
     p.add_argument("--out", default="docs/erasure_scorecard.md")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     p.add_argument("extra", nargs="*", help="--config.KEY=VALUE overrides passed to every cell (after --)")
@@ -185,10 +297,12 @@ def main(argv=None) -> int:
     targets = [t for t in args.targets.split(",") if t]
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    extra = [f"--config.eval.num_images={args.num_images}", *args.extra]
+    revision = code_revision()
     results = {}
     for target in targets:
         for method in methods:
-            results[(method, target)] = run_cell(method, target, workdir, args.timeout, args.extra)
+            results[(method, target)] = run_cell(method, target, workdir, args.timeout, extra, revision)
     command = "python tools/erasure_scorecard.py" + (
         "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
     )

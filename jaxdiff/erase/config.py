@@ -4,20 +4,38 @@ from __future__ import annotations
 
 import ml_collections
 
+AUTO = "auto"
+# What `preserve=auto` keeps on a model other than `shapes` (Stable Diffusion and the like): common concepts.
+COMMON_CONCEPTS = (
+    "a person",
+    "a man",
+    "a woman",
+    "a dog",
+    "a cat",
+    "a car",
+    "a house",
+    "a tree",
+    "a flower",
+    "a city street",
+    "a landscape",
+    "food on a plate",
+)
+
 
 def base_config(method: str) -> ml_collections.ConfigDict:
     """concept / preserve / anchor and the model; each method adds its own block `c.<method>` (and `c.train`
     for the fine-tuning methods).
 
     concept: the erased concept (several separated by ";"); synonyms: other names of it (used by evaluation and,
-    where a method supports it, prompt expansion); preserve: concepts to keep (";"-separated); anchor: the
-    concept the erased one is mapped to or replaced by ("" = the unconditional/empty prompt).
+    where a method supports it, prompt expansion); preserve: concepts to keep (";"-separated; "auto" = the model's
+    world, see `default_preserve`; "" = none); anchor: the concept the erased one is mapped to or replaced by
+    ("" = the unconditional/empty prompt).
     """
     c = ml_collections.ConfigDict()
     c.method = method
     c.concept = "circle"
     c.synonyms = ""
-    c.preserve = ""
+    c.preserve = AUTO  # the model's world (default_preserve); "" preserves nothing
     c.anchor = ""
     c.templates = ("{}",)  # prompts built from each concept; e.g. ("a photo of {}", "{}")
     c.model = "shapes"  # "shapes" or a diffusers / jaxdiff checkpoint folder
@@ -77,3 +95,16 @@ def train_block(
 def split_list(value: str) -> list[str]:
     """ "a; b ;c" -> ["a", "b", "c"] (empty string -> [])."""
     return [x.strip() for x in value.split(";") if x.strip()] if value else []
+
+
+def default_preserve(concepts: list[str], is_shapes: bool) -> list[str]:
+    """What `preserve=auto` keeps: on `shapes`, every concept of the world (shapes and colours) that is not erased;
+    elsewhere COMMON_CONCEPTS (an edit without any preservation term wrecks the rest of the model: UCE erasing
+    "circle" on shapes without it leaves green blobs for "a blue triangle")."""
+    if not is_shapes:
+        return list(COMMON_CONCEPTS)
+    from jaxdiff.data import shapes as S
+    from jaxdiff.erase import evaluate as ev
+
+    erased = {ev.resolve(c).name for c in concepts}
+    return [c for c in (*S.SHAPES, *S.COLOURS) if c not in erased]

@@ -7,8 +7,11 @@ Output folder:
   adapter/          SPM only: the adapters (safetensors) and the Facilitated Transport settings
   before_after.png  rows of unedited / edited samples (same seeds) for the target word, its synonyms, held-out
                     templates and preserved concepts
-  report.json, report.md   erasure / preservation figures from the shapes probe (built-in `shapes` model), the
-                    edit's wall-clock time and peak memory, optionally attack success rates
+  report.json, report.md   erasure / preservation figures from the shapes probe and pixel judge (built-in `shapes`
+                    model; see evaluate.py), warnings, the edit's wall-clock time and peak memory, optionally attack
+                    success rates
+
+`summary(report)` is the one line `jaxdiff erase` prints (with the warnings, when a preserved accuracy fell).
   train/            fine-tuning methods: orbax checkpoints (a killed run resumes), metrics.jsonl, TensorBoard
 
 Everything the run needs (config values, the concept, the model) is checked before the first write. `overwrite`
@@ -31,7 +34,7 @@ import numpy as np
 from jaxdiff import fileio
 from jaxdiff.erase import evaluate as ev
 from jaxdiff.erase import registry
-from jaxdiff.erase.config import split_list
+from jaxdiff.erase.config import AUTO, default_preserve, split_list
 from jaxdiff.erase.job import Job, Result, peak_rss_gb, probe
 from jaxdiff.errors import UserError
 
@@ -93,6 +96,19 @@ def _validate(config: mlc.ConfigDict) -> None:
     scheduler = config.eval.scheduler
     if scheduler and scheduler not in SCHEDULERS and scheduler not in DIFFUSERS_CLASSES:
         raise UserError(f"config.eval.scheduler={scheduler!r} is unknown; choose from {', '.join(SCHEDULERS)}")
+
+
+def _resolved(config: mlc.ConfigDict) -> mlc.ConfigDict:
+    """The config the method runs with: `preserve=auto` replaced by the model's world (`default_preserve`); the
+    saved config.json keeps "auto", so a rerun of the same command resumes."""
+    if str(config.preserve).strip().lower() != AUTO:
+        return config
+    from jaxdiff.sampling.pipeline import BUILTIN
+
+    is_shapes = str(config.model) == "shapes" or Path(str(config.model)).resolve() == BUILTIN["shapes"]
+    resolved = config.copy_and_resolve_references()
+    resolved.preserve = ";".join(default_preserve(split_list(config.concept), is_shapes))
+    return resolved
 
 
 def _save_outputs(job: Job, result: Result) -> None:
@@ -179,7 +195,7 @@ def erase(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: bool = Tr
     out = Path(out)
     _validate(config)
     work = _work_folder(out, config, overwrite)
-    job = Job(config, work, progress)  # resolves the concept and loads the model: nothing is written before
+    job = Job(_resolved(config), work, progress)  # resolves the concept and loads the model: nothing is written before
     concept = job.concept
     created = not work.exists()
     _start(work, config)
@@ -202,7 +218,8 @@ def erase(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: bool = Tr
     report = {
         "method": config.method,
         "concept": config.concept,
-        "preserve": config.preserve,
+        "preserve": job.config.preserve,
+        "preserve_default": str(config.preserve).strip().lower() == AUTO,
         "anchor": config.anchor,
         "model": str(config.model),
         "cost": {"seconds": seconds, "peak_rss_gb": peak},
@@ -223,13 +240,13 @@ def erase(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: bool = Tr
         judge = probe()
         prompts = sets["preserved"][0]
         floor = job.images(prompts, ev.noise(len(prompts), job.latent_shape, int(e.seed) + 1000))
-        report.update(ev.evaluate(judge, concept, before, after, sets, floor))
-        # What a perfect erasure towards "nothing" gives: the unedited model on the word prompts without the word
-        # (its prior fills the gap: in shapes, "a red" draws round blobs the probe calls circles).
-        prompts = job.replaced(sets["word"][0], "") if job.concepts == [concept.word] else None
-        if prompts is not None:
+        # The erasure floor: the unedited model on the word prompts with the word removed, same seeds ("a red
+        # circle" -> "a red"; its prior fills the gap: in shapes, "a red" draws round blobs).
+        without = None
+        if job.concepts == [concept.word]:
+            prompts = job.replaced(sets["word"][0], "")
             without = job.images(prompts, ev.noise(len(prompts), job.latent_shape, int(e.seed)))
-            report["erasure"]["word"]["without_word"] = ev.attack_success(judge, concept, without)
+        report.update(ev.evaluate(judge, concept, before, after, sets, floor, without))
         if e.attacks:
             attack = _attacks(job, result, concept, judge)
             rows.append(("soft-prompt\nattack", attack.pop("_images")[:GRID_SAMPLES]))
@@ -257,6 +274,53 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _r(r: dict | None) -> str:
+    """A rate with its 95 % Wilson interval: "41.0% (33–49)"."""
+    if not r or r.get("rate") is None:
+        return "n/a"
+    lo, hi = r["ci"]
+    return f"{100 * r['rate']:.1f}% ({100 * lo:.0f}–{100 * hi:.0f})"
+
+
+def _num(x, fmt: str = ".2f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def summary(report: dict) -> str:
+    """The one line `jaxdiff erase` prints: erasure (valid-only, probe-only), invalid share, preservation of both
+    attributes, the joint score, and every warning."""
+    line = f"{report['method']}: erased {report['concept']!r} in {report['cost']['seconds']:.1f} s"
+    word = (report.get("erasure") or {}).get("word")
+    if not word:
+        return line
+    pct = lambda r: "n/a" if r["rate"] is None else f"{r['rate']:.0%}"  # noqa: E731
+    line += (
+        f"; erased (valid, both judges) {pct(word['erased']['before'])} -> {pct(word['erased']['after'])} of "
+        f"{word['n']} images, invalid {pct(word['invalid']['before'])} -> {pct(word['invalid']['after'])}, "
+        f"probe-only sees it {pct(word['probe_only']['before'])} -> {pct(word['probe_only']['after'])}"
+    )
+    scores = report.get("scores", {})
+    if scores.get("normalised_erasure") is not None:
+        line += f"; normalised {scores['normalised_erasure']:.2f}"
+    pres = report["preservation"].get("preserved", {})
+    if pres:
+        parts = [f"{k} {pct(v['both']['before'])} -> {pct(v['both']['after'])}" for k, v in pres.items()]
+        line += f"; other {report['kind']}s (both judges): " + ", ".join(parts)
+    if scores.get("joint") is not None:
+        line += f"; joint {scores['joint']:.2f}"
+    drops = ev.worst_drops(report)
+    if drops:
+        worst = ", ".join(
+            f"{k} {100 * b:.0f}% -> {100 * a:.0f}% ({j}; {where})" for k, (b, a, j, where) in drops.items()
+        )
+        line += f"; WARNING: preserved {' and '.join(drops)} fell more than {100 * ev.WARN_DROP:.0f} points: {worst}"
+    if any(w.startswith("normalised erasure is unreliable") for w in report.get("warnings", [])):
+        line += "; normalised erasure unreliable (floor near the unedited rate)"
+    if report.get("warnings"):
+        line += " (report.md lists every warning)"
+    return line
+
+
 def markdown(report: dict) -> str:
     """report.md: the figures of report.json as tables."""
     lines = [
@@ -265,42 +329,100 @@ def markdown(report: dict) -> str:
         + f" from `{report['model']}`",
         "",
         f"Edit: {report['cost']['seconds']:.1f} s wall-clock, peak memory {report['cost']['peak_rss_gb']:.2f} GiB "
-        "(process RSS).",
+        "(process RSS). Preserved during the edit: "
+        + (f"`{report['preserve']}`" if report.get("preserve") else "nothing")
+        + (" (the default: the model's world)" if report.get("preserve_default") else "")
+        + ".",
         "",
     ]
+    if report.get("warnings"):
+        lines += ["**WARNING:**", "", *[f"- {w}" for w in report["warnings"]], ""]
     if "erasure" in report:
+        other = "colour" if report["kind"] == "shape" else "shape"
         lines += [
-            "## Erasure (probe sees the concept; lower is better after the edit)",
+            "## Erasure",
             "",
-            "| prompts | before | after | n |",
-            "|---|---:|---:|---:|",
+            f"*Erased*: the image is valid (the pixel judge finds one clean object of the prompt's {other}) and "
+            "neither judge (probe, pixel judge) sees the concept; higher is better after the edit. *Invalid* images "
+            "never count as erased. *Probe-only* is the old figure: the probe alone sees the concept (lower is "
+            "better). "
+            "95 % Wilson intervals in brackets.",
+            "",
+            "| prompts | n | erased before | erased after | invalid before | invalid after | probe-only before "
+            "| probe-only after |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in report["erasure"].items():
-            lines.append(
-                f"| {name} | n/a | n/a | 0 |"
-                if r is None
-                else f"| {name} | {_pct(r['before'])} | {_pct(r['after'])} | {r['n']} |"
-            )
-        without = (report["erasure"].get("word") or {}).get("without_word")
-        if without is not None:
+            if r is None:
+                lines.append(f"| {name} | 0 | n/a | n/a | n/a | n/a | n/a | n/a |")
+                continue
+            cells = [r[k][t] for k in ("erased", "invalid", "probe_only") for t in ("before", "after")]
+            lines.append(f"| {name} | {r['n']} | " + " | ".join(_r(c) for c in cells) + " |")
+        word = report["erasure"].get("word") or {}
+        if "floor" in word:
+            f = word["floor"]
             lines += [
-                "",
-                f"The unedited model on the word prompts with the word removed sees the concept in {_pct(without)} "
-                "(same seeds): what a perfect erasure towards nothing would give.",
+                f"| *word removed* (unedited) | {f['erased']['n']} | {_r(f['erased'])} | | {_r(f['invalid'])} | "
+                f"| {_r(f['probe_only'])} | |",
             ]
+        lines.append("")
+        for name, r in report["erasure"].items():
+            if r is not None:
+                reasons = ", ".join(f"{k} {v}" for k, v in r["reasons"]["after"].items())
+                lines.append(f"- verdicts after the edit, {name} prompts: {reasons}")
+        sc = report.get("scores", {})
+        lines += [
+            "",
+            "*Word removed*: the unedited model on the word prompts with the erased word deleted, same seeds (what the "
+            "model draws when never told the concept). **Normalised erasure** = (erased after − erased before) / "
+            f"(word removed − erased before) = **{_num(sc.get('normalised_erasure'))}** (shown clipped to [0, 1]: "
+            f"{_num(sc.get('normalised_erasure_shown'))}; denominator {_num(sc.get('floor_gap'))}).",
+        ]
         p = report["preservation"]
         lines += [
             "",
-            "## Preservation (prompts of the other concepts)",
+            "## Preservation",
             "",
-            "| measure | before | after |",
-            "|---|---:|---:|",
+            "Accuracy by the probe, the pixel judge (an invalid image is wrong) and both at once, on the same prompts "
+            f"and seeds before and after; chance: shape {_pct(p['chance']['shape'])}, colour "
+            f"{_pct(p['chance']['colour'])}.",
+            "",
+            "| prompts | attribute | judge | n | before | after |",
+            "|---|---|---|---:|---:|---:|",
         ]
-        for key in ("shape_acc", "colour_acc"):
-            lines.append(f"| {key} | {_pct(p[key]['before'])} | {_pct(p[key]['after'])} |")
-        lines.append(f"| Fréchet (probe features) vs unedited, same seeds | 0 | {p['frechet']:.2f} |")
+        groups = {"preserved": f"other {report['kind']}s", "erased_prompts": f"erased prompts' {other}"}
+        for group, label in groups.items():
+            for kind, judges in (p.get(group) or {}).items():
+                if kind in ("shape", "colour"):
+                    for j, v in judges.items():
+                        lines.append(
+                            f"| {label} | {kind} | {j} | {v['before']['n']} | {_r(v['before'])} | {_r(v['after'])} |"
+                        )
+        lines += [
+            "",
+            f"**Preservation (normalised)**, the smallest after / before ratio of the both-judges accuracies: "
+            f"**{_num(sc.get('preservation'))}**. **Joint score** (harmonic mean of normalised erasure and "
+            f"preservation, each clipped to [0, 1]): **{_num(sc.get('joint'))}**.",
+            "",
+            "| distance on probe features (preserved prompts) | value |",
+            "|---|---:|",
+        ]
+        if "paired_distance" in p:
+            d = p["paired_distance"]
+            lines.append(
+                f"| paired per-seed L2, unedited vs edited (mean, 95 % bootstrap), n {d['n']} "
+                f"| {d['mean']:.2f} ({d['ci'][0]:.2f}–{d['ci'][1]:.2f}) |"
+            )
+        if "paired_distance_other_seeds" in p:
+            d = p["paired_distance_other_seeds"]
+            lines.append(
+                f"| L2 between two seed sets of the unedited model (reference) | {d['mean']:.2f} "
+                f"({d['ci'][0]:.2f}–{d['ci'][1]:.2f}) |"
+            )
+        if "frechet" in p:
+            lines.append(f"| Fréchet vs unedited, same seeds | {p['frechet']:.2f} |")
         if "frechet_floor" in p:
-            lines.append(f"| Fréchet between two seed sets of the unedited model | {p['frechet_floor']:.2f} | |")
+            lines.append(f"| Fréchet between two seed sets of the unedited model | {p['frechet_floor']:.2f} |")
     if "robustness" in report:
         lines += [
             "",

@@ -1,0 +1,169 @@
+"""Erasure measurement: valid-only counting, Wilson intervals, normalised erasure, joint score, warnings."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from jaxdiff.data import shapes as S
+from jaxdiff.erase import evaluate as ev
+from jaxdiff.erase import run
+from jaxdiff.erase.config import AUTO, base_config, default_preserve
+
+
+@pytest.fixture(scope="module")
+def probe():
+    from jaxdiff.erase.job import probe
+
+    return probe()
+
+
+def _render(scenes, **change):
+    """Renders of the scenes' single objects with the `change`d attributes (e.g. colour="green")."""
+    out = []
+    for s in scenes:
+        (obj,) = s.objects
+        out.append(S.render(dataclasses.replace(s, objects=(dataclasses.replace(obj, **change),))))
+    return np.stack(out)
+
+
+class ForcedChoiceProbe:
+    """A probe that calls every image a red square, as a forced-choice judge does with a blob: "not a circle"."""
+
+    def __call__(self, images):
+        n = len(images)
+        preds = {"shape0": np.full(n, S.SHAPES.index("square")), "colour0": np.full(n, S.COLOURS.index("red"))}
+        return preds, np.zeros((n, 4))
+
+
+def test_wilson_interval_matches_newcombe_1998():
+    # Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (score interval without continuity correction).
+    for (k, n), (lo, hi) in {(81, 263): (0.2553, 0.3662), (15, 148): (0.0624, 0.1605), (0, 20): (0.0, 0.1611)}.items():
+        assert ev.wilson(k, n) == pytest.approx((lo, hi), abs=5e-5)
+    assert ev.wilson(0, 0) is None
+    r = ev.rate([True, False, False, True])
+    assert (r["rate"], r["k"], r["n"]) == (0.5, 2, 4) and r["ci"][0] < 0.5 < r["ci"][1]
+
+
+def test_a_broken_image_never_counts_as_erased():
+    """Prompts "a red circle": only a clean red object that neither judge calls a circle is erased."""
+    concept = ev.resolve("circle")
+    _, scenes = ev.captions(concept, 6, seed=0)
+    scenes = [dataclasses.replace(s, objects=(dataclasses.replace(s.objects[0], colour="red"),)) for s in scenes]
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    blank = np.full((32, 32, 3), 255, np.uint8)
+    images = np.stack(
+        [
+            _render(scenes[:1], shape="square")[0],  # erased: a clean red square
+            _render(scenes[1:2], shape="triangle")[0],  # erased: a clean red triangle
+            _render(scenes[2:3])[0],  # the red circle itself: the pixel judge sees it (the probe here does not)
+            _render(scenes[3:4], shape="square", colour="blue")[0],  # the prompt's colour lost: invalid
+            noise,  # no plain background: invalid
+            blank,  # no object: invalid
+        ]
+    )
+    v = ev.erased_verdicts(ev.judge_images(ForcedChoiceProbe(), images), concept, scenes)
+    np.testing.assert_array_equal(v["erased"], [True, True, False, False, False, False])
+    np.testing.assert_array_equal(v["valid"], [True, True, True, False, False, False])
+    assert v["probe_sees"].sum() == 0  # the old probe-only figure would call all six erased
+    assert list(v["reason"][3:]) == ["wrong_colour", "background", "empty"]
+
+
+def test_normalised_erasure_and_joint_score_arithmetic():
+    assert ev.normalised_erasure(0.0, 0.3, 0.6) == pytest.approx(0.5)
+    assert ev.normalised_erasure(0.1, 0.9, 0.5) == pytest.approx(2.0)  # beyond the floor: raw value kept
+    assert ev.normalised_erasure(0.2, 0.1, 0.5) == pytest.approx(-1 / 3)  # fewer erased than before the edit
+    assert ev.normalised_erasure(0.3, 0.9, 0.3) is None  # no room between unedited and floor
+    assert ev.harmonic_mean(2.0, 0.5) == pytest.approx(2 / 3)  # clipped to 1 first
+    assert ev.harmonic_mean(0.6, 0.9) == pytest.approx(0.72)
+    assert ev.harmonic_mean(-0.5, 0.9) == 0.0 and ev.harmonic_mean(None, 0.9) is None
+
+
+def test_paired_distance_is_zero_on_itself_and_brackets_the_mean():
+    rng = np.random.default_rng(1)
+    f = rng.standard_normal((40, 8))
+    assert ev.paired_distance(f, f)["mean"] == 0.0
+    d = ev.paired_distance(f, f + rng.standard_normal((40, 8)))
+    assert d["ci"][0] < d["mean"] < d["ci"][1] and d["n"] == 40
+
+
+def _world(concept, n=16):
+    sets = ev.prompt_sets(concept, n, seed=5)
+    return sets, {name: _render(scenes) for name, (prompts, scenes) in sets.items() if prompts}
+
+
+def _report(figures):
+    return {"method": "test", "concept": "circle", "cost": {"seconds": 1.0, "peak_rss_gb": 0.1}, **figures}
+
+
+def test_warning_fires_on_a_degraded_model_and_not_on_the_unedited_one(probe):
+    concept = ev.resolve("circle")
+    sets, before = _world(concept)
+    # "Green blobs": every image of the edited model a green circle, whatever the prompt.
+    degraded = {name: _render(sets[name][1], shape="circle", colour="green") for name in before}
+    bad = ev.evaluate(probe, concept, before, degraded, sets)
+    kinds = {w.split()[0] for w in bad["warnings"]}
+    assert kinds == {"shape", "colour"}, bad["warnings"]
+    assert bad["preservation"]["preserved"]["colour"]["probe"]["after"]["rate"] < 0.5
+    line = run.summary(_report(bad))
+    assert "WARNING: preserved shape and colour fell more than 10 points" in line and "\n" not in line
+    assert "WARNING" in run.markdown({**_report(bad), "model": "shapes", "prompts": {}})
+
+    same = ev.evaluate(probe, concept, before, before, sets)
+    assert same["warnings"] == [] and "WARNING" not in run.summary(_report(same))
+    assert same["scores"]["preservation"] == pytest.approx(1.0)
+
+
+def test_a_clean_erasure_scores_one_and_keeps_the_probe_only_figure(probe):
+    """Circles drawn as squares (colour kept), floor = triangles: erased 100 %, normalised 1, joint 1."""
+    concept = ev.resolve("circle")
+    sets, before = _world(concept)
+    after = {**before, **{name: _render(sets[name][1], shape="square") for name in ("word", "synonyms", "heldout")}}
+    floor = _render(sets["word"][1], shape="triangle")
+    r = ev.evaluate(probe, concept, before, after, sets, without_word=floor)
+    w = r["erasure"]["word"]
+    assert w["erased"]["before"]["rate"] == 0.0 and w["erased"]["after"]["rate"] == 1.0
+    assert w["probe_only"]["before"]["rate"] == 1.0 and w["probe_only"]["after"]["rate"] == 0.0
+    assert w["invalid"]["after"]["rate"] == 0.0 and w["erased"]["after"]["n"] == 16
+    assert r["scores"]["normalised_erasure"] == pytest.approx(1.0) and r["scores"]["joint"] == pytest.approx(1.0)
+    assert r["warnings"] == []
+    chance = r["preservation"]["chance"]
+    assert chance == {"shape": pytest.approx(1 / 3), "colour": pytest.approx(1 / 4)}
+
+
+def test_preserve_defaults_to_the_models_world():
+    assert base_config("uce").preserve == AUTO
+    assert default_preserve(["circle"], is_shapes=True) == ["square", "triangle", "red", "green", "blue", "yellow"]
+    assert default_preserve(["box", "crimson"], is_shapes=True) == ["circle", "triangle", "green", "blue", "yellow"]
+    assert "a person" in default_preserve(["nudity"], is_shapes=False)
+    c = base_config("uce")
+    resolved = run._resolved(c)
+    assert resolved.preserve == "square;triangle;red;green;blue;yellow" and c.preserve == AUTO  # config.json: "auto"
+    c.preserve = "square"
+    assert run._resolved(c).preserve == "square"
+    c.preserve = ""
+    assert run._resolved(c).preserve == ""  # explicitly nothing
+
+
+def test_scorecard_recomputes_a_cell_of_another_revision_or_config(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "erasure_scorecard.py"
+    spec = importlib.util.spec_from_file_location("erasure_scorecard", path)
+    scorecard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scorecard)
+    key = scorecard.cell_key(["configs/erase/uce.py:shapes", "--config.concept=circle"], "abc")
+    assert key != scorecard.cell_key(["configs/erase/uce.py:shapes", "--config.concept=red"], "abc")
+    assert key != scorecard.cell_key(["configs/erase/uce.py:shapes", "--config.concept=circle"], "abd")
+    cell = tmp_path / "uce-circle"
+    cell.mkdir()
+    (cell / "report.json").write_text(json.dumps({"erasure": {}, "scores": {}}))
+    assert not scorecard.reusable(cell, key)  # no key: a cell of the old scorecard
+    (cell / scorecard.KEY).write_text(json.dumps(key))
+    assert scorecard.reusable(cell, key)
+    assert not scorecard.reusable(cell, {**key, "revision": "other"})
+    (cell / "report.json").write_text(json.dumps({"erasure": {}}))  # the old probe-only report format
+    assert not scorecard.reusable(cell, key)
+    assert scorecard.code_revision()  # git HEAD (+ a hash of uncommitted changes)
