@@ -117,9 +117,25 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, pipeline_dir):
     assert code == 2 and "unsupported model type 'ControlNetModel'" in err and "UNet2DConditionModel" in err
 
 
-@pytest.mark.parametrize("command", [None, "convert", "export", "info"])
+def _every_command() -> list[str]:
+    """Every (sub)command path of the parser, nested ones too ("evaluate fid")."""
+    import argparse
+
+    from jaxdiff import cli
+
+    def walk(parser, prefix):
+        yield prefix
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{prefix} {name}".strip())
+
+    return list(walk(cli.build_parser(), ""))
+
+
+@pytest.mark.parametrize("command", _every_command())
 def test_help_for_every_subcommand(capsys, command):
-    code, out, _ = _run(capsys, *([command] if command else []), "--help")
+    code, out, _ = _run(capsys, *command.split(), "--help")
     assert code == 0 and "usage: jaxdiff" in out
 
 
