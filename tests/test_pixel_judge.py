@@ -6,13 +6,11 @@ import numpy as np
 import pytest
 
 from jaxdiff.data import shapes as S
+from jaxdiff.data.corruptions import fixed_cases as _corrupted
+from jaxdiff.data.corruptions import render_objects as _render
 from jaxdiff.metrics import pixel_judge as J
 
 BASE = {"shapes": S.SHAPES, "colours": S.COLOURS}
-
-
-def _render(*objects: S.ShapeObject, background: str = "white") -> np.ndarray:
-    return S.render(S.Scene(tuple(objects), background))
 
 
 def _check_accurate(held_out: bool, num_objects: int, n: int = 250) -> dict:
@@ -78,53 +76,6 @@ def test_shape_statistics_come_from_the_train_split():
     train, _, _ = J.render_split(50, "train")
     test, _, _ = J.render_split(50, "test")
     assert not any((a == b).all() for a in train for b in test)
-
-
-def _corrupted() -> dict[str, tuple[np.ndarray, int, str]]:
-    """name -> (image, objects asked for, expected reason)."""
-    red_square = S.ShapeObject("square", "red", "large", "center")
-    blue_circle = S.ShapeObject("circle", "blue", "large", "center")
-    rng = np.random.default_rng(0)
-    cases = {}
-    cases["empty canvas"] = (_render(background="grey"), 1, "empty")
-    cases["uniform noise"] = (rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), 1, "background")
-    noisy = _render(background="white")
-    noisy[10:22, 10:22] = rng.integers(0, 256, (12, 12, 3))
-    cases["noise blob"] = (noisy, 1, None)  # invalid, whichever reason comes first
-    half = _render(blue_circle)
-    half[:, 16:] = S.RGB["white"]
-    cases["left half of a circle"] = (half, 1, "unknown_shape")
-    half = _render(red_square, background="black")
-    half[16:] = S.RGB["black"]
-    cases["top half of a square"] = (half, 1, "unknown_shape")
-    half = _render(S.ShapeObject("triangle", "green", "large", "center"), background="grey")
-    half[:, :16] = S.RGB["grey"]
-    cases["right half of a triangle"] = (half, 1, "unknown_shape")
-    cut = _render(red_square)
-    cut[:, 14:18] = S.RGB["white"]
-    cases["square cut in two"] = (cut, 1, "too_many")
-    debris = _render(blue_circle)
-    for y, x in ((2, 3), (27, 28), (3, 26)):
-        debris[y : y + 2, x : x + 2] = S.RGB["blue"]
-    cases["circle and debris"] = (debris, 1, "fragments")
-    small = [S.ShapeObject(s, c, "small", p) for s, c, p in zip(S.SHAPES, S.COLOURS, S.POSITIONS)]
-    corners = [
-        S.ShapeObject("circle", c, "small", p, dy=dy) for c, p, dy in zip(S.COLOURS, S.POSITIONS[1:], (-0.3, 0.3))
-    ]
-    three = np.max([_render(o, background="black") for o in (*corners, small[2])], axis=0)
-    cases["three objects when one is asked"] = (three, 1, "too_many")
-    cases["two objects when one is asked"] = (_render(small[1], small[2]), 1, "too_many")
-    cases["one object when two are asked"] = (_render(small[1]), 2, "too_few")
-    blend = _render(red_square)
-    blend[:, 16:] = _render(S.ShapeObject("square", "blue", "large", "center"))[:, 16:]
-    cases["a square half red, half blue"] = (blend, 1, "mixed_colour")
-    brown = _render(S.ShapeObject("circle", "red", "large", "center"), background="white")
-    brown[(brown == S.RGB["red"]).all(-1)] = (120, 80, 40)
-    cases["a brown circle"] = (brown, 1, "unknown_colour")
-    framed = _render(blue_circle)
-    framed[:2], framed[-2:], framed[:, :2], framed[:, -2:] = (S.RGB["green"],) * 4
-    cases["a frame"] = (framed, 1, "background")
-    return cases
 
 
 def test_corrupted_images_are_invalid_with_the_right_reason():

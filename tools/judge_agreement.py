@@ -6,6 +6,9 @@ the probe's heads cannot name them) and on the teacher's samples for prompts fro
 (25 DDIM steps by default), it reports each judge's per-slot shape and colour accuracy, the pixel judge's
 valid rate (an invalid image counts as wrong) and the agreement rate with a 95 % Wilson interval. Two judges
 agree on an image when the pixel judge finds it valid and both name the same shape and colour in every slot.
+Where the probe has a validity head (tools/train_probe_validity.py), its valid rate, how often its valid/invalid
+verdict equals the pixel judge's, and both judges' invalid rates per corruption family (jaxdiff/data/corruptions.py,
+the seeds held out from the head's training) are reported too.
 
   python tools/judge_agreement.py                       # writes docs/shapes_judges.md + docs/shapes_judges.png
   python tools/judge_agreement.py --n-real 200 --n-teacher 48 --out /tmp/judges
@@ -59,6 +62,16 @@ def compare(images, labels, num_objects: int, probe, vocab: dict | None = None) 
         return res
     preds, _ = probe(images)
     res["probe"] = probe_lib.accuracy(preds, probe_lib.targets(labels))
+    if probe.has_validity:
+        pv = probe.judge(images, num_objects)["valid"]
+        same = pv == np.asarray(verdicts["valid"])
+        res["probe_valid"] = float(pv.mean())
+        res["validity_agree"] = {
+            "k": int(same.sum()),
+            "rate": float(same.mean()),
+            "ci": wilson(int(same.sum()), len(pv)),
+        }
+        res["validity_disagree"] = np.flatnonzero(~same)
     heads = J.heads(verdicts)
     agree = np.asarray(verdicts["valid"]).copy()
     for s in slots:
@@ -74,6 +87,10 @@ def compare(images, labels, num_objects: int, probe, vocab: dict | None = None) 
 
 def _pct(x: float) -> str:
     return "–" if x is None or x != x else f"{100 * x:.1f} %"
+
+
+def _agree_ci(a: dict | None) -> str:
+    return f"{_pct(a['rate'])} ({_pct(a['ci'][0])}–{_pct(a['ci'][1])})" if a else "–"
 
 
 def _slot_acc(acc: dict | None, key: str, num_objects: int) -> str:
@@ -101,9 +118,9 @@ def markdown(rows: list[tuple[str, int, dict]], meta: dict) -> str:
         "Real and teacher images are judged with the training vocabulary (3 shapes, 4 colours: what the prompts "
         "and the probe know); the held-out renders with the whole vocabulary (6 shapes, 6 colours).",
         "",
-        "| images | n | probe shape | pixel shape | probe colour | pixel colour | pixel valid "
-        "| agreement (95 % CI) | agreement on pixel-valid |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| images | n | probe shape | pixel shape | probe colour | pixel colour | pixel valid | probe valid "
+        "| valid verdicts agree (95 % CI) | agreement (95 % CI) | agreement on pixel-valid |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, k, r in rows:
         a, av = r.get("agree"), r.get("agree_valid")
@@ -112,8 +129,21 @@ def markdown(rows: list[tuple[str, int, dict]], meta: dict) -> str:
         lines.append(
             f"| {name} | {r['n']} | {_slot_acc(r.get('probe'), 'shape', k)} | {_slot_acc(r['pixel'], 'shape', k)} "
             f"| {_slot_acc(r.get('probe'), 'colour', k)} | {_slot_acc(r['pixel'], 'colour', k)} "
-            f"| {_pct(r['pixel']['valid'])} | {agree} | {agree_valid} |"
+            f"| {_pct(r['pixel']['valid'])} | {_pct(r.get('probe_valid'))} | {_agree_ci(r.get('validity_agree'))} "
+            f"| {agree} | {agree_valid} |"
         )
+    if meta.get("families"):
+        lines += [
+            "",
+            "Corrupted images (`jaxdiff/data/corruptions.py`, seed 1: held out from the probe validity head's "
+            "training), clean, judged with the number of objects a prompt would have asked for: the fraction each "
+            "judge calls invalid.",
+            "",
+            "| corruption family | n | pixel judge invalid | probe invalid | both invalid |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, f in meta["families"].items():
+            lines.append(f"| {name} | {f['n']} | {_pct(f['pixel'])} | {_pct(f['probe'])} | {_pct(f['both'])} |")
     lines += ["", "Pixel judge verdicts (reason: count):", ""]
     for name, _, r in rows:
         lines.append(
@@ -133,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--grid", type=int, default=16, help="disagreements shown per row of the PNG")
+    p.add_argument("--n-corrupt", type=int, default=200, help="corrupted images per family (0: skip)")
     p.add_argument("--out", default=str(ROOT / "docs"), help="folder for shapes_judges.md and shapes_judges.png")
     args = p.parse_args(argv)
 
@@ -186,7 +217,22 @@ def main(argv=None) -> int:
         idx = res["disagree"][: args.grid]
         if len(idx):
             grid_rows.append((f"{name}\n{len(res['disagree'])} of {res['n']}", images[idx]))
+        if kind == "teacher" and len(res.get("validity_disagree", [])):
+            idx = res["validity_disagree"][: args.grid]
+            grid_rows.append(
+                (f"{name}: valid verdicts differ\n{len(res['validity_disagree'])} of {res['n']}", images[idx])
+            )
         tqdm.write(f"{name}: pixel {res['pixel']}, probe {res.get('probe')}, agree {res.get('agree')}")
+
+    families = {}
+    if args.n_corrupt and probe.has_validity:
+        from jaxdiff.data import corruptions
+
+        for fam in tqdm(corruptions.FAMILIES, desc="corruptions", unit="family"):
+            ims, asked = corruptions.sample(fam, args.n_corrupt, 1)
+            pix = ~J.judge(ims, asked, **BASE)["valid"]
+            prb = ~probe.judge(ims, asked)["valid"]
+            families[fam] = {"n": len(ims), "pixel": pix.mean(), "probe": prb.mean(), "both": (pix & prb).mean()}
 
     grid_path = out / "shapes_judges.png"
     if grid_rows:
@@ -208,6 +254,7 @@ def main(argv=None) -> int:
         "argv": sys.argv[1:] if argv is None else list(argv),
         "seconds": time.time() - t0,
         "notes": notes,
+        "families": families,
         "grid": grid_path.name,
         "grid_caption": "Disagreements (or, for the held-out renders, invalid verdicts), first "
         f"{args.grid} per row: images where the pixel judge says invalid or the judges name a different shape or "
