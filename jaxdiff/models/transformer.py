@@ -9,6 +9,12 @@ import jax.numpy as jnp
 from jaxdiff.models.attention import dot_product_attention
 from jaxdiff.models.layers import EMBED, HEADS, MLP, Conv, Dense, GroupNorm, LayerNorm
 
+# T-GATE's per-attention cache (collection "attn_cache", one entry per attn1/attn2 output before the residual add):
+# "compute" (no cache), "store" (compute, keep it), "store_mean" (compute, keep the mean of the two CFG halves),
+# "reuse" (return the kept output without computing).
+ATTN_CACHE_MODES = ("compute", "store", "store_mean", "reuse")
+ATTN_CACHE = "attn_cache"
+
 
 class Attention(nn.Module):
     """Multi-head (cross-)attention with diffusers' param names to_q/to_k/to_v (no bias) and to_out_0."""
@@ -71,6 +77,7 @@ class BasicTransformerBlock(nn.Module):
     attention: str = "auto"
     dtype: jnp.dtype = jnp.float32
     platform: str | None = None
+    attn_cache_mode: tuple | None = None  # (attn1 mode, attn2 mode) from ATTN_CACHE_MODES; None: compute both
 
     @nn.compact
     def __call__(self, x, context):
@@ -82,9 +89,30 @@ class BasicTransformerBlock(nn.Module):
         def norm(name):
             return LayerNorm(1e-5, self.dtype, name=name)
 
-        x = x + attn("attn1")(norm("norm1")(x), context if self.only_cross_attention else None)
-        x = x + attn("attn2")(norm("norm2")(x), context)
+        modes = self.attn_cache_mode or ("compute", "compute")
+        self_context = context if self.only_cross_attention else None
+        x = x + self._cached("attn1", modes[0], lambda: attn("attn1")(norm("norm1")(x), self_context))
+        x = x + self._cached("attn2", modes[1], lambda: attn("attn2")(norm("norm2")(x), context))
         return x + FeedForward(dtype=self.dtype, name="ff")(norm("norm3")(x))
+
+    def _cached(self, name: str, mode: str, compute):
+        """An attention output through T-GATE's cache (the official tgate_processor's cache/reuse/keep_shape)."""
+        if mode == "compute":
+            return compute()
+        if mode == "reuse":
+            if not self.has_variable(ATTN_CACHE, name):
+                raise ValueError(f"T-GATE: no cached {name} output to reuse (store it at an earlier step)")
+            return self.get_variable(ATTN_CACHE, name)
+        if mode not in ("store", "store_mean"):
+            raise ValueError(f"unknown attention cache mode {mode!r}; choose from {ATTN_CACHE_MODES}")
+        out = compute()
+        if mode == "store_mean":  # the gate step: the mean of the two CFG halves, as keep_shape=False
+            first, second = jnp.split(out, 2)
+            kept = (first + second) / 2
+        else:
+            kept = out
+        self.put_variable(ATTN_CACHE, name, kept)
+        return out
 
 
 class Transformer2DModel(nn.Module):
@@ -103,6 +131,7 @@ class Transformer2DModel(nn.Module):
     attention: str = "auto"
     dtype: jnp.dtype = jnp.float32
     platform: str | None = None
+    attn_cache_mode: tuple | None = None
 
     @nn.compact
     def __call__(self, x, context):
@@ -126,6 +155,7 @@ class Transformer2DModel(nn.Module):
                 self.attention,
                 self.dtype,
                 self.platform,
+                self.attn_cache_mode,
                 name=f"transformer_blocks_{i}",
             )(x, context.astype(self.dtype))
         x = proj("proj_out", c, (MLP, EMBED))(x.reshape(b, h, w, inner))

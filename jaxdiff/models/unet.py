@@ -110,21 +110,28 @@ def _per_block(value, n: int, name: str) -> list:
 
 
 class UNet2DConditionModel(nn.Module):
-    """apply(params, sample [B,H,W,C], timesteps [B], encoder_hidden_states [B,L,D], added_cond=None) -> [B,H,W,C]."""
+    """apply(params, sample [B,H,W,C], timesteps [B], encoder_hidden_states [B,L,D], added_cond=None) -> [B,H,W,C].
+
+    The same module, split for training-free acceleration (`method=` on apply):
+    `encode` (time embedding, conv_in, down blocks, mid block) -> features {"skips", "mid", "emb"};
+    `decode(features, context, timesteps=None)` (up blocks, conv_out), with the features' embedding or that of
+    other `timesteps` (Faster Diffusion's non-key steps); __call__ is decode(encode(...)).
+    `deep_feature` / `shallow`: DeepCache's full call that also returns the feature entering the up layer that
+    consumes skip `branch`, and the shallow call that computes only the skips 0..branch and the up layers from that
+    one on, entering with a cached feature.
+    """
 
     config: dict
     attention: str = "auto"
     dtype: jnp.dtype = jnp.float32
     # The platform the program is compiled for (None: the host's default backend): it picks attention and convs.
     platform: str | None = None
+    # T-GATE: (self-attention, cross-attention) cache modes of every transformer block (transformer.ATTN_CACHE_MODES).
+    attn_cache_mode: tuple | None = None
 
-    @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond=None):
-        cfg = resolved_config(self.config)
+    def setup(self):
+        cfg = self._cfg = resolved_config(self.config)
         n = len(cfg["block_out_channels"])
-        down_factor = 2 ** (n - 1)
-        if sample.shape[1] % down_factor or sample.shape[2] % down_factor:
-            raise ValueError(f"sample height and width must be multiples of {down_factor}, got {sample.shape[1:3]}")
         channels = cfg["block_out_channels"]
         dt = self.dtype
         common = dict(
@@ -135,11 +142,62 @@ class UNet2DConditionModel(nn.Module):
             attention=self.attention,
             dtype=dt,
             platform=self.platform,
+            attn_cache_mode=self.attn_cache_mode,
         )
+        self.time_embedding = TimestepEmbedding(channels[0] * 4, dtype=dt)
+        if cfg["addition_embed_type"] == "text_time":
+            self.add_embedding = TimestepEmbedding(channels[0] * 4, dtype=dt)
+        self.conv_in = Conv(channels[0], 3, padding=1, dtype=dt, platform=self.platform)
+        self.down_blocks = [
+            DownBlock(
+                channels[i],
+                cfg["layers_per_block"][i],
+                cross_attention=_DOWN[block_type],
+                heads=cfg["num_attention_heads"][i],
+                transformer_layers=cfg["transformer_layers_per_block"][i],
+                only_cross_attention=cfg["only_cross_attention"][i],
+                add_downsample=i < n - 1,
+                **common,
+            )
+            for i, block_type in enumerate(cfg["down_block_types"])
+        ]
+        if cfg["mid_block_type"] is not None:
+            self.mid_block = MidBlockCrossAttn(
+                channels[-1],
+                1,
+                cross_attention=True,
+                heads=cfg["num_attention_heads"][-1],
+                transformer_layers=cfg["transformer_layers_per_block"][-1],
+                **common,
+            )
+        rev = lambda key: list(reversed(cfg[key]))  # noqa: E731
+        up_transformer_layers = cfg["reverse_transformer_layers_per_block"] or rev("transformer_layers_per_block")
+        self.up_blocks = [
+            UpBlock(
+                rev("block_out_channels")[i],
+                rev("layers_per_block")[i] + 1,
+                cross_attention=_UP[block_type],
+                heads=rev("num_attention_heads")[i],
+                transformer_layers=up_transformer_layers[i],
+                only_cross_attention=rev("only_cross_attention")[i],
+                add_upsample=i < n - 1,
+                **common,
+            )
+            for i, block_type in enumerate(cfg["up_block_types"])
+        ]
+        self.conv_norm_out = GroupNorm(cfg["norm_num_groups"], cfg["norm_eps"], dt)
+        self.conv_out = Conv(cfg["out_channels"], 3, padding=1, dtype=dt, platform=self.platform)
 
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
-        t = timestep_embedding(timesteps, channels[0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
-        emb = TimestepEmbedding(channels[0] * 4, dtype=dt, name="time_embedding")(t.astype(dt))
+    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond=None):
+        return self.decode(self.encode(sample, timesteps, encoder_hidden_states, added_cond), encoder_hidden_states)
+
+    def embed(self, timesteps, batch: int, added_cond=None):
+        """The time (+ SDXL text_time) embedding [batch, 4 * C0] of timesteps [batch] (or a scalar)."""
+        cfg = self._cfg
+        c0 = cfg["block_out_channels"][0]
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+        t = timestep_embedding(timesteps, c0, cfg["flip_sin_to_cos"], cfg["freq_shift"])
+        emb = self.time_embedding(t.astype(self.dtype))
         if cfg["addition_embed_type"] == "text_time":
             if added_cond is None or "text_embeds" not in added_cond or "time_ids" not in added_cond:
                 raise ValueError('this UNet needs added_cond={"text_embeds": [B, P], "time_ids": [B, 6]} (SDXL)')
@@ -148,57 +206,83 @@ class UNet2DConditionModel(nn.Module):
                 time_ids.reshape(-1), cfg["addition_time_embed_dim"], cfg["flip_sin_to_cos"], cfg["freq_shift"]
             ).reshape(time_ids.shape[0], -1)
             add = jnp.concatenate([added_cond["text_embeds"].astype(jnp.float32), tid], axis=-1)
-            emb = emb + TimestepEmbedding(channels[0] * 4, dtype=dt, name="add_embedding")(add.astype(dt))
+            emb = emb + self.add_embedding(add.astype(self.dtype))
+        return emb
 
-        x = sample.astype(dt)
+    def encode(self, sample, timesteps, encoder_hidden_states, added_cond=None, *, num_skips: int | None = None):
+        """Faster Diffusion's encoder: {"skips": tuple of down-path features (conv_in's first), "mid": [B, h, w, C],
+        "emb": [B, E]}. `num_skips`: stop once that many skips exist, with no mid block (DeepCache's shallow
+        branch; "mid" is then None)."""
+        cfg = self._cfg
+        factor = 2 ** (len(cfg["block_out_channels"]) - 1)
+        if sample.shape[1] % factor or sample.shape[2] % factor:
+            raise ValueError(f"sample height and width must be multiples of {factor}, got {sample.shape[1:3]}")
+        emb = self.embed(timesteps, sample.shape[0], added_cond)
+        x = sample.astype(self.dtype)
         if cfg["center_input_sample"]:
             x = 2 * x - 1.0
-        x = Conv(channels[0], 3, padding=1, dtype=dt, platform=self.platform, name="conv_in")(x)
+        x = self.conv_in(x)
         skips = [x]
-        for i, block_type in enumerate(cfg["down_block_types"]):
-            x, block_skips = DownBlock(
-                channels[i],
-                cfg["layers_per_block"][i],
-                cross_attention=_DOWN[block_type],
-                heads=cfg["num_attention_heads"][i],
-                transformer_layers=cfg["transformer_layers_per_block"][i],
-                only_cross_attention=cfg["only_cross_attention"][i],
-                add_downsample=i < n - 1,
-                name=f"down_blocks_{i}",
-                **common,
-            )(x, emb, encoder_hidden_states)
+        for block in self.down_blocks:
+            if num_skips is not None and len(skips) >= num_skips:
+                return {"skips": tuple(skips), "mid": None, "emb": emb}
+            units = None if num_skips is None else min(block.num_units, num_skips - len(skips))
+            x, block_skips = block(x, emb, encoder_hidden_states, units)
             skips.extend(block_skips)
-
+        if num_skips is not None:
+            return {"skips": tuple(skips[:num_skips]), "mid": None, "emb": emb}
         if cfg["mid_block_type"] is not None:
-            x = MidBlockCrossAttn(
-                channels[-1],
-                1,
-                cross_attention=True,
-                heads=cfg["num_attention_heads"][-1],
-                transformer_layers=cfg["transformer_layers_per_block"][-1],
-                name="mid_block",
-                **common,
-            )(x, emb, encoder_hidden_states)
+            x = self.mid_block(x, emb, encoder_hidden_states)
+        return {"skips": tuple(skips), "mid": x, "emb": emb}
 
-        rev = lambda key: list(reversed(cfg[key]))  # noqa: E731
-        up_transformer_layers = cfg["reverse_transformer_layers_per_block"] or rev("transformer_layers_per_block")
-        for i, block_type in enumerate(cfg["up_block_types"]):
-            num_layers = rev("layers_per_block")[i] + 1
-            block_skips, skips = skips[-num_layers:], skips[:-num_layers]
-            x = UpBlock(
-                rev("block_out_channels")[i],
-                num_layers,
-                cross_attention=_UP[block_type],
-                heads=rev("num_attention_heads")[i],
-                transformer_layers=up_transformer_layers[i],
-                only_cross_attention=rev("only_cross_attention")[i],
-                add_upsample=i < n - 1,
-                name=f"up_blocks_{i}",
-                **common,
-            )(x, block_skips, emb, encoder_hidden_states)
+    def decode(self, features, encoder_hidden_states, timesteps=None, added_cond=None):
+        """Up blocks and conv_out over encoder `features` [B, ...]; with `timesteps` [B] the embedding is recomputed
+        for them (with `added_cond` for SDXL) instead of taken from the features."""
+        batch = features["skips"][0].shape[0]
+        emb = features["emb"] if timesteps is None else self.embed(timesteps, batch, added_cond)
+        return self._up(features["mid"], list(features["skips"]), emb, encoder_hidden_states)[0]
 
-        x = nn.silu(GroupNorm(cfg["norm_num_groups"], cfg["norm_eps"], dt, name="conv_norm_out")(x))
-        return Conv(cfg["out_channels"], 3, padding=1, dtype=dt, platform=self.platform, name="conv_out")(x)
+    def _up(self, x, skips, emb, context, enter: int | None = None, capture: int | None = None):
+        """The up path from the layer consuming skip `enter` (None: from the first), entered with `x`; also returns
+        the hidden state entering the layer that consumes skip `capture`."""
+        captured = None
+        for block in self.up_blocks:
+            first = len(skips) - block.num_layers  # index of the block's last-consumed skip
+            block_skips, skips = skips[first:], skips[:first]
+            layers = range(block.num_layers)  # layer i consumes skip first + num_layers - 1 - i
+            index = {first + block.num_layers - 1 - i: i for i in layers}
+            if enter is not None and enter < first:
+                continue  # the whole block lies deeper than the entry point
+            start = index[enter] if enter is not None and enter in index else 0
+            layer = index.get(capture)
+            out = block(x, block_skips, emb, context, start, layer)
+            x, captured = (out[0], out[1]) if layer is not None else (out, captured)
+        x = nn.silu(self.conv_norm_out(x))
+        return self.conv_out(x), captured
+
+    def deep_feature(self, sample, timesteps, encoder_hidden_states, added_cond=None, *, branch: int = 0):
+        """The full UNet call and DeepCache's cached feature: (out, the hidden state entering the up layer that
+        consumes skip `branch`)."""
+        f = self.encode(sample, timesteps, encoder_hidden_states, added_cond)
+        return self._up(f["mid"], list(f["skips"]), f["emb"], encoder_hidden_states, capture=branch)
+
+    def shallow(self, sample, timesteps, encoder_hidden_states, feature, added_cond=None, *, branch: int = 0):
+        """DeepCache's partial call: skips 0..`branch` from `sample`, then the up layers from the one consuming skip
+        `branch` on, entered with `feature` (from `deep_feature` at the last full step)."""
+        f = self.encode(sample, timesteps, encoder_hidden_states, added_cond, num_skips=branch + 1)
+        padded = list(f["skips"]) + [None] * (self.num_skips - branch - 1)
+        return self._up(feature, padded, f["emb"], encoder_hidden_states, enter=branch)[0]
+
+    @property
+    def num_skips(self) -> int:
+        return num_skips(self.config)
+
+
+def num_skips(config: dict) -> int:
+    """How many down-path features the up path consumes: conv_in's, one per down layer and per downsampler."""
+    cfg = resolved_config(config)
+    n = len(cfg["block_out_channels"])
+    return 1 + sum(cfg["layers_per_block"]) + n - 1
 
 
 def resolved_config(config: dict) -> dict:

@@ -25,6 +25,8 @@ class _BlockOptions(nn.Module):
     attention: str = "auto"
     dtype: jnp.dtype = jnp.float32
     platform: str | None = None  # the platform compiled for (None: the host's default backend)
+    # T-GATE: (self-attention mode, cross-attention mode), see transformer.ATTN_CACHE_MODES; None computes both.
+    attn_cache_mode: tuple | None = None
 
     def resnet(self, i):
         return ResnetBlock2D(
@@ -43,27 +45,36 @@ class _BlockOptions(nn.Module):
             self.attention,
             self.dtype,
             self.platform,
+            self.attn_cache_mode,
             name=f"attentions_{i}",
         )
 
 
 class DownBlock(_BlockOptions):
-    """DownBlock2D / CrossAttnDownBlock2D: returns (hidden, skips) with one skip per layer and downsampler."""
+    """DownBlock2D / CrossAttnDownBlock2D: returns (hidden, skips) with one skip per layer and downsampler.
+
+    `units`: compute only the first `units` of its layers-then-downsampler (DeepCache's shallow branch)."""
 
     add_downsample: bool = True
 
     @nn.compact
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, context, units: int | None = None):
+        units = self.num_units if units is None else units
         skips = []
-        for i in range(self.num_layers):
+        for i in range(min(units, self.num_layers)):
             x = self.resnet(i)(x, temb)
             if self.cross_attention:
                 x = self.transformer(i)(x, context)
             skips.append(x)
-        if self.add_downsample:
+        if self.add_downsample and units > self.num_layers:
             x = Downsample2D(self.out_channels, dtype=self.dtype, platform=self.platform, name="downsamplers_0")(x)
             skips.append(x)
         return x, skips
+
+    @property
+    def num_units(self) -> int:
+        """Skips it produces: one per layer, one for the downsampler."""
+        return self.num_layers + int(self.add_downsample)
 
 
 class MidBlockCrossAttn(_BlockOptions):
@@ -79,17 +90,24 @@ class MidBlockCrossAttn(_BlockOptions):
 
 
 class UpBlock(_BlockOptions):
-    """UpBlock2D / CrossAttnUpBlock2D: each layer concatenates the matching down-path skip first."""
+    """UpBlock2D / CrossAttnUpBlock2D: each layer concatenates the matching down-path skip first (layer i takes
+    skips[-1 - i]).
+
+    `start`: enter at layer `start` with `x` (DeepCache's shallow branch); `capture`: also return the hidden state
+    entering layer `capture`, as (out, captured)."""
 
     add_upsample: bool = True
 
     @nn.compact
-    def __call__(self, x, skips, temb, context):
-        for i in range(self.num_layers):
+    def __call__(self, x, skips, temb, context, start: int = 0, capture: int | None = None):
+        captured = None
+        for i in range(start, self.num_layers):
+            if i == capture:
+                captured = x
             x = jnp.concatenate([x, skips[-1 - i].astype(x.dtype)], axis=-1)
             x = self.resnet(i)(x, temb)
             if self.cross_attention:
                 x = self.transformer(i)(x, context)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, dtype=self.dtype, platform=self.platform, name="upsamplers_0")(x)
-        return x
+        return x if capture is None else (x, captured)
