@@ -167,4 +167,4 @@ def test_scorecard_recomputes_a_cell_of_another_revision_or_config(tmp_path):
     assert not scorecard.reusable(cell, {**key, "revision": "other"})
     (cell / "report.json").write_text(json.dumps({"erasure": {}}))  # the old probe-only report format
     assert not scorecard.reusable(cell, key)
-    assert scorecard.code_revision()  # git HEAD (+ a hash of uncommitted changes)
+    assert scorecard.code_revision()  # the last commit to jaxdiff/ or configs/ (+ a hash of uncommitted changes)

@@ -36,12 +36,13 @@ KEY = "scorecard_key.json"
 
 
 def code_revision() -> str:
-    """git HEAD, plus a hash of the uncommitted changes to jaxdiff/ and configs/ when there are any."""
+    """The last commit that changed jaxdiff/ or configs/, plus a hash of their uncommitted changes when there are
+    any (a commit to tools/ or docs/ leaves cells valid)."""
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
 
-    head = git("rev-parse", "HEAD").strip() or "unknown"
+    head = git("log", "-1", "--format=%H", "--", "jaxdiff", "configs").strip() or "unknown"  # last code commit
     diff = git("diff", "HEAD", "--", "jaxdiff", "configs")
     untracked = git("ls-files", "--others", "--exclude-standard", "--", "jaxdiff", "configs").split()
     for f in sorted(untracked):
@@ -177,9 +178,19 @@ def row(method: str, target: str, r: dict) -> str:
         _pct(rob.get("regenerating_embedding", {}).get("success")),
         _pct(rob.get("soft_prompt", {}).get("success")),
         f"{cost['seconds']:.0f}",
-        "; ".join(r.get("warnings", [])) or "none",
+        short_warnings(r),
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def short_warnings(r: dict) -> str:
+    """The report's warnings in a few words: each attribute's largest fall, and an unreliable floor."""
+    from jaxdiff.erase import evaluate as ev
+
+    parts = [f"{k} {100 * b:.0f}→{100 * a:.0f}% ({j}, {w})" for k, (b, a, j, w) in ev.worst_drops(r).items()]
+    if any(w.startswith("normalised erasure is unreliable") for w in r.get("warnings", [])):
+        parts.append("floor within 10 points")
+    return "; ".join(parts) or "none"
 
 
 def baseline_rows(results: dict) -> list[str]:
@@ -239,7 +250,8 @@ LEGEND = """\
   features, same prompt and seed (bootstrap 95 % interval; the *unedited* row: two seed sets of the unedited model).
   **Preservation (norm.)** = the smallest edited / unedited ratio of the three both-judges accuracies.
 - **Joint** = harmonic mean of normalised erasure and normalised preservation, each clipped to [0, 1].
-- **Warnings**: every preserved accuracy (either judge) that fell by more than 10 points.
+- **Warnings**: per attribute, its largest fall among the preserved accuracies (either judge) that fell by more
+  than 10 points (report.md lists every one); "floor within 10 points": normalised erasure is unreliable.
 - All rates: n images per prompt set, 95 % Wilson interval in brackets.
 """
 
