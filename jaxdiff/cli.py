@@ -8,7 +8,11 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-import jaxdiff
+# transformers (used here for tokenizers and configs only) warns at import that PyTorch is missing, which alarms a
+# user who installed jaxdiff without the optional torch extra and did nothing wrong.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import jaxdiff  # noqa: E402
 from jaxdiff.errors import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
 
 # Errors a user can cause and fix: reported in one `jaxdiff: error:` line, exit status 2, no traceback (ConfigError,
