@@ -44,10 +44,16 @@ def _kid_reference(real, fake, subsets, m, seed=2020):
     return np.mean(values), np.std(values)
 
 
-def test_kid_with_torch_fidelity_defaults_matches_the_formula():
-    real, fake = _features(0, 1000, 64), _features(1, 1100, 64, shift=0.1)
-    mean, std = kid(real, fake)  # 100 subsets of 1000, degree 3, gamma 1/64, coef0 1, seed 2020
-    ref_mean, ref_std = _kid_reference(real, fake, 100, 1000)
+def test_kid_matches_the_formula_with_torch_fidelity_s_draws():
+    from jaxdiff.metrics import kid as kid_lib
+
+    # torch-fidelity's defaults: 100 subsets of 1000, degree 3, gamma 1/D, coef0 1, seed 2020 (its own function is
+    # compared in test_kid_is_and_prdc_equal_torch_fidelity_and_the_prdc_package); fewer, smaller subsets here.
+    defaults = (kid_lib.SUBSETS, kid_lib.SUBSET_SIZE, kid_lib.DEGREE, kid_lib.COEF0, kid_lib.SEED)
+    assert defaults == (100, 1000, 3, 1, 2020)
+    real, fake = _features(0, 400, 64), _features(1, 450, 64, shift=0.1)
+    mean, std = kid(real, fake, subsets=10, subset_size=300)
+    ref_mean, ref_std = _kid_reference(real, fake, 10, 300)
     assert mean == pytest.approx(ref_mean, rel=1e-9) and std == pytest.approx(ref_std, rel=1e-9)
     assert mean > 5 * std  # the shifted set is detected
 
@@ -182,3 +188,23 @@ def test_cmmd_refuses_mismatched_embeddings():
         cmmd(_features(0, 10, 768), _features(1, 10, 1024))
     with pytest.raises(UserError, match="CMMD needs at least 1 evaluated samples, got 0"):
         cmmd(_features(0, 10, 8), np.zeros((0, 8)))
+
+
+# ------------------------------------------------------------------------- the references' own functions
+
+
+def test_kid_is_and_prdc_equal_torch_fidelity_and_the_prdc_package():
+    """Goldens from tools/make_metric_goldens.py --only features (torch-fidelity 0.4's kid_features_to_metric and
+    isc_features_to_metric, prdc 0.2's compute_prdc) on the same stored float32 features: ≤ 1e-6 absolute (KID, IS),
+    PRDC to 1e-12 (counts over k-NN balls: any disagreement is at least 1/180)."""
+    import os
+
+    g = np.load(os.path.join(os.path.dirname(__file__), "goldens", "feature_metrics.npz"))
+    real, fake, logits = g["input/real"], g["input/fake"], g["input/logits"]
+    k = kid(real, fake, subsets=20, subset_size=100)
+    assert abs(k.mean - g["kid/mean"]) <= 1e-6 and abs(k.std - g["kid/std"]) <= 1e-6
+    s = inception_score(logits, splits=5)
+    assert abs(s.mean - g["is/mean"]) <= 1e-6 and abs(s.std - g["is/std"]) <= 1e-6
+    for nearest_k in (3, 5):
+        ours = prdc(real, fake, nearest_k=nearest_k)
+        assert ours == pytest.approx({name: float(g[f"prdc/k{nearest_k}/{name}"]) for name in ours}, abs=1e-12)

@@ -35,6 +35,7 @@ FRECHET_SHAPE = (120, 48)  # well-conditioned synthetic feature sets (N > D)
 # smallest height at which the last stage still has 2 rows (107 -> 53 -> 51 -> 25 -> 23 -> 11 -> 5 -> 2).
 TIMM_MODELS = {"inception_v4": "InceptionV4", "inception_resnet_v2": "InceptionResnetV2"}
 TIMM_SEED = 1602_07261  # arXiv:1602.07261, the paper of both networks
+FEATURE_METRICS_SEED = 2020_0411  # KID / IS / PRDC on synthetic features
 TIMM_INPUT_SHAPE = (2, 107, 91, 3)  # stored as uint8 images, fed as (x - 128) / 128: exact in float32
 
 
@@ -328,7 +329,44 @@ def timm_references(out_dir: str) -> None:
               f"max |features| {np.abs(pooled).max():.3g}, max |logits| {np.abs(logits).max():.3g}")  # fmt: skip
 
 
-SECTIONS = {"fid": references, "timm": timm_references}
+def feature_metric_inputs(seed: int = FEATURE_METRICS_SEED) -> dict[str, np.ndarray]:
+    """Synthetic feature sets (real, fake shifted off it) and class logits for KID, IS and PRDC (float32)."""
+    rng = np.random.default_rng(seed)
+    real = rng.normal(size=(200, 32)).astype(np.float32)
+    fake = (rng.normal(size=(180, 32)) * 1.2 + 0.3).astype(np.float32)
+    logits = (rng.normal(size=(150, 10)) * 3.0).astype(np.float32)
+    return {"real": real, "fake": fake, "logits": logits}
+
+
+def feature_metric_references(out_dir: str) -> None:
+    """KID and IS by torch-fidelity's own functions, PRDC by the `prdc` package (Naeem et al.), on fixed features."""
+    import prdc
+    import torch
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    x = feature_metric_inputs()
+    g = {f"input/{k}": v for k, v in x.items()}
+    real, fake = torch.from_numpy(x["real"]), torch.from_numpy(x["fake"])
+    kid = kid_features_to_metric(real, fake, kid_subsets=20, kid_subset_size=100, verbose=False)
+    g["kid/mean"], g["kid/std"] = (
+        np.float64(kid["kernel_inception_distance_mean"]),
+        np.float64(kid["kernel_inception_distance_std"]),
+    )
+    isc = isc_features_to_metric(torch.from_numpy(x["logits"]), splits=5)
+    g["is/mean"], g["is/std"] = np.float64(isc["inception_score_mean"]), np.float64(isc["inception_score_std"])
+    for k in (3, 5):
+        for name, value in prdc.compute_prdc(x["real"], x["fake"], nearest_k=k).items():
+            g[f"prdc/k{k}/{name}"] = np.float64(value)
+    import torch_fidelity
+
+    g["versions"] = np.array(json.dumps({"torch-fidelity": torch_fidelity.__version__,
+                                         "prdc": importlib.metadata.version("prdc")}))  # fmt: skip
+    np.savez(os.path.join(out_dir, "feature_metrics.npz"), **g)
+    print({k: float(v) for k, v in g.items() if not k.startswith(("input/", "versions"))})
+
+
+SECTIONS = {"fid": references, "timm": timm_references, "features": feature_metric_references}
 
 
 def main() -> None:
