@@ -212,6 +212,8 @@ def test_bad_input_for_the_other_metrics_is_one_line_and_exit_2(folders, caption
         (("cmmd", "--real", real, "--fake", same), "needs a CLIP model"),
         (("cmmd", "--clip", tmp_path / "nothing", "--real", real, "--fake", same), "--clip"),
         (("is", "--fake", same), "--inception"),
+        (("is", "--fake", same, "--inception", tmp_path / "missing.pth"), "no Inception weights"),
+        (("fid", "--real", real, "--fake", same, "--inception", two), "unknown weights format"),
     ]
     for args, message in cases:
         rc, _, err = _evaluate_metric(capsys, *args)
