@@ -218,6 +218,39 @@ def _erase(args) -> int:
 SUBCOMMANDS.append(_add_erase)
 
 
+def _add_distill(sub) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="distill a teacher to a few-step student with a configs/distill/*.py method (reflow, instaflow)",
+        description="Distill: --config configs/distill/METHOD.py[:shapes|:runlocal] then --config.KEY=VALUE "
+        "overrides. Makes teacher (noise, latent) pairs (OUT/pairs, resumable), trains the student on the runner "
+        "(OUT/train, resumes when rerun with the same config), writes OUT/model (loadable by load_pipeline and "
+        "`jaxdiff generate --model OUT/model`), OUT/before_after.png, OUT/report.json and OUT/report.md.",
+    )
+    p.add_argument("--config", required=True, help="configs/distill/<method>.py, optionally :VARIANT")
+    p.add_argument("--out", required=True, help="output folder (resumed if it holds a run of the same config)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_distill)
+    _config_overrides(p)
+
+
+def _distill(args) -> int:
+    from jaxdiff.config import apply_overrides, load_config
+    from jaxdiff.distill.evaluate import table
+    from jaxdiff.distill.run import distill
+    from jaxdiff.generate import enable_compilation_cache
+
+    enable_compilation_cache()
+    config = apply_overrides(load_config(args.config), args.overrides)
+    report = distill(config, args.out, progress=not args.no_progress)
+    print("\n".join(table(report)))
+    print(f"wrote {args.out}/model, before_after.png, report.md, report.json")
+    return 0
+
+
+SUBCOMMANDS.append(_add_distill)
+
+
 def _add_generate(sub) -> None:
     from jaxdiff import generate
 
@@ -234,6 +267,15 @@ def _add_evaluate(sub) -> None:
 
 
 SUBCOMMANDS.append(_add_evaluate)
+
+
+def _add_personalize(sub) -> None:
+    from jaxdiff.personalize import command
+
+    command.add_parser(sub)
+
+
+SUBCOMMANDS.append(_add_personalize)
 
 
 def build_parser() -> argparse.ArgumentParser:

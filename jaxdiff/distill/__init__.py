@@ -1,0 +1,1 @@
+"""Distillation: the teacher wrapper, teacher ODE solves and the pair store, and the methods (rectified flow)."""

@@ -1,0 +1,144 @@
+"""Rectified flow on a text-to-image UNet: 2-rectified flow (reflow) and InstaFlow's one-step distillation.
+
+Formulas from `shared/specs/distill_metrics.md` §1 (RectifiedFlow losses.py / sampling.py, InstaFlow pipeline_rf.py):
+
+- Time: t ∈ [0, 1], t = 0 noise (z0), t = 1 data (z1, the teacher's latent); X_t = t z1 + (1 − t) z0 (§1.1).
+- Training times (§1.5 `reflow_t_schedule`): "uniform" t = u(1 − eps) + eps; "t0" t = eps (one-step
+  distillation); "t1" t = 1; an integer k: t = randint(0, k)(1 − eps)/k + eps.
+- UNet time: InstaFlow's (1 − t)·1000 (§1.8), so the noise end sits at SD's noisiest timestep.
+- Output: the student's UNet output is read as the flow velocity of diffusers' FlowMatchEulerDiscreteScheduler,
+  u = z0 − z1 (= −v_RF), so `FlowEuler` samples it unchanged (x ← x + (σ_next − σ) u, σ = 1 − t). InstaFlow's own
+  pipeline reads the output as v_RF = z1 − z0 and steps z ← z + dt·v; the two differ only by the sign, chosen here
+  so that an ε-prediction teacher's output (≈ the noise at σ = 1) starts near the target.
+- Reflow loss (§1.2, `reduce_mean=True`): mean over C·H·W of ‖v_RF − (z1 − z0)‖², then the batch mean.
+- One-step distillation (§1.5 't0', InstaFlow "Distill"): D(z1, x̂1) with x̂1 = X_t + (1 − t)·v_RF(X_t, t) (the
+  straight-line extrapolation of §1.3; = z0 + v(z0) at t = 0). D = L2 (per-sample mean); the LPIPS stage of the
+  paper is not available offline (no VGG/AlexNet LPIPS weights) and is left out.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.errors import UserError
+from jaxdiff.sampling import denoise
+from jaxdiff.sampling.schedulers.flow_euler import FlowEuler, FlowPlan
+
+T_SCHEDULES = ("uniform", "t0", "t1")
+LOSSES = ("l2", "distill_l2")
+FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
+
+
+def _b(a, x):
+    return jnp.reshape(a, a.shape + (1,) * (x.ndim - a.ndim))
+
+
+def _mean_per_sample(x):
+    return jnp.mean(jnp.reshape(x, (x.shape[0], -1)), axis=1)
+
+
+def sample_t(key, batch: int, schedule, eps: float) -> jax.Array:
+    """Training times [B] of `reflow_t_schedule` (§1.5)."""
+    if schedule == "uniform":
+        return jax.random.uniform(key, (batch,)) * (1.0 - eps) + eps
+    if schedule == "t0":
+        return jnp.full((batch,), eps, jnp.float32)
+    if schedule == "t1":
+        return jnp.ones((batch,), jnp.float32)
+    if isinstance(schedule, int) and schedule > 0:
+        return jax.random.randint(key, (batch,), 0, schedule).astype(jnp.float32) * (1.0 - eps) / schedule + eps
+    raise UserError(f"t_schedule must be one of {', '.join(T_SCHEDULES)} or a positive integer k, got {schedule!r}")
+
+
+def interpolate(z0, z1, t):
+    """X_t = t z1 + (1 − t) z0 (t = 0 noise, t = 1 data)."""
+    return _b(t, z0) * z1 + (1.0 - _b(t, z0)) * z0
+
+
+def unet_timestep(t, num_train_timesteps: int = 1000):
+    """InstaFlow's UNet time (1 − t)·1000: t = 0 (noise) is timestep 1000."""
+    return (1.0 - t) * num_train_timesteps
+
+
+def rf_velocity_of(output):
+    """v_RF = z1 − z0 from the student's output, a diffusers flow velocity z0 − z1."""
+    return -output
+
+
+def reflow_loss(v_rf, z0, z1):
+    """§1.2: mean over samples of mean_{C,H,W} ‖v − (z1 − z0)‖²."""
+    return jnp.mean(_mean_per_sample(jnp.square(v_rf - (z1 - z0))))
+
+
+def extrapolate(x_t, t, v_rf):
+    """x̂1 = X_t + (1 − t) v (§1.3, the one-step prediction from X_t)."""
+    return x_t + (1.0 - _b(t, x_t)) * v_rf
+
+
+def distill_l2(x1_hat, z1):
+    """InstaFlow's distillation with D = L2: mean over samples of mean_{C,H,W} ‖x̂1 − z1‖²."""
+    return jnp.mean(_mean_per_sample(jnp.square(x1_hat - z1)))
+
+
+def make_loss(unet_apply, t_schedule, eps: float, loss: str, num_train_timesteps: int = 1000):
+    """loss_fn(params, frozen, batch, rng) for `jaxdiff.train.step.Phase` on network "unet"; batch: z0, z1
+    [B, h, w, c] and context [B, L, D]."""
+    if loss not in LOSSES:
+        raise UserError(f"rectified_flow.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+
+    def loss_fn(params, frozen, batch, rng):
+        z0, z1, ctx = batch["z0"], batch["z1"], batch["context"]
+        t = sample_t(rng, z0.shape[0], t_schedule, eps)
+        x_t = interpolate(z0, z1, t)
+        out = unet_apply(params["unet"], x_t, unet_timestep(t, num_train_timesteps), ctx).astype(jnp.float32)
+        v = rf_velocity_of(out)
+        if loss == "l2":
+            value = reflow_loss(v, z0, z1)
+        else:
+            value = distill_l2(extrapolate(x_t, t, v), z1)
+        return value, {"t_mean": jnp.mean(t)}
+
+    return loss_fn
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def uniform_plan(steps: int, num_train_timesteps: int = 1000) -> FlowPlan:
+    """RectifiedFlow's Euler (§1.3, InstaFlow's pipeline): σ_i = 1 − i/N, UNet time σ_i·1000, i = 0..N−1.
+    (diffusers' FlowMatchEuler spacing, which `pipe(..., scheduler="flow_euler")` uses, puts its N−1 steps on
+    linspace(1, 1/1000) and a last tiny one: equal for N = 1, about N − 1 uniform steps otherwise.)"""
+    if steps < 1:
+        raise UserError(f"steps must be positive, got {steps}")
+    sigmas = 1.0 - np.arange(steps + 1, dtype=np.float64) / steps
+    s32 = sigmas.astype(np.float32)
+    return FlowPlan(
+        timesteps=jnp.asarray(s32[:-1] * np.float32(num_train_timesteps)),
+        init_noise_sigma=jnp.float32(1.0),
+        sigmas=jnp.asarray(s32),
+    )
+
+
+_SAMPLERS: dict = {}
+
+
+def sample(pipe, unet_params, prompts: list[str], latents, steps: int, guidance: float = 1.0) -> np.ndarray:
+    """Images [N, H, W, 3] in [0, 1] from a flow student with N uniform Euler steps (one compiled program per
+    pipeline, step count and guidance on/off; `denoise.denoise` runs the loop)."""
+    use_cfg = guidance > 1.0
+    key = (id(pipe), int(steps), use_cfg)
+    if key not in _SAMPLERS:
+        sched, plan, unet = FlowEuler(FLOW_SCHEDULER), uniform_plan(int(steps)), pipe.unet
+
+        def run(unet_params, vae_params, cond, uncond, z0, g):
+            model = lambda x, t, c: unet.apply(unet_params, x, t, c).astype(jnp.float32)  # noqa: E731
+            x = denoise.denoise(model, sched, plan, z0, cond, uncond if use_cfg else None, g)
+            return pipe.decode_latents(vae_params, x)
+
+        _SAMPLERS[key] = jax.jit(run)
+    cond = pipe.encode_prompts(list(prompts))[0]
+    uncond = jnp.broadcast_to(pipe.encode_prompts([""])[0], cond.shape)
+    out = _SAMPLERS[key](unet_params, pipe.vae.params, cond, uncond, jnp.asarray(latents), jnp.float32(guidance))
+    return np.asarray(out)
