@@ -2,7 +2,7 @@
 #   --out runs/dreambooth_lora
 # DreamBooth-LoRA with prior preservation (Ruiz et al. 2023), defaults of diffusers' train_dreambooth_lora.py:
 # rank 4, alpha = rank, Gaussian A, lr 1e-4 AdamW, prior weight 1, 100 class images. ":shapes" sizes it for the tiny
-# shapes model on a CPU (class prompts from the world's captions, lr 1e-3, 600 steps); ":runlocal" is a smoke run.
+# shapes model on a CPU (class prompts from the world's captions, lr 3e-3, 1000 steps); ":runlocal" is a smoke run.
 """DreamBooth-LoRA; see jaxdiff/personalize/dreambooth_lora.py for the objective and the options."""
 
 import ml_collections
@@ -22,7 +22,7 @@ def get_config(arg: str = ""):
     for variant in filter(None, arg.split(",")):
         if variant == "shapes":
             c.prior.update(prompts="world", num_images=128)
-            c.train.update(steps=600, learning_rate=1e-3, batch_size=8, log_every=20)
+            c.train.update(steps=1000, learning_rate=3e-3, batch_size=8, log_every=50)
         elif variant == "runlocal":
             c.prior.num_images = 4
             c.train.update(steps=3, batch_size=2, log_every=1, checkpoint_every=0)

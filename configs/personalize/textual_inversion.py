@@ -2,7 +2,7 @@
 #   --out runs/textual_inversion
 # Textual Inversion (Gal et al. 2023), defaults of diffusers' examples/textual_inversion README: AdamW lr 5e-4 (their
 # 5e-4 x scale_lr), wd 1e-2, constant lr, 3000 steps, one vector initialised from an init word. ":shapes" sizes it for
-# the tiny shapes model on a CPU (init word "shape", larger lr, 600 steps); ":runlocal" is a seconds-long smoke run.
+# the tiny shapes model on a CPU (init word "shape", lr 1e-2, 1500 steps); ":runlocal" is a seconds-long smoke run.
 """Textual Inversion; see jaxdiff/personalize/textual_inversion.py for the objective and the options."""
 
 from jaxdiff.errors import UserError
@@ -17,7 +17,7 @@ def get_config(arg: str = ""):
     for variant in filter(None, arg.split(",")):
         if variant == "shapes":
             c.init_word = "shape"
-            c.train.update(steps=600, learning_rate=5e-3, batch_size=8, log_every=20)
+            c.train.update(steps=1500, learning_rate=1e-2, batch_size=8, log_every=50)
         elif variant == "runlocal":
             c.train.update(steps=3, batch_size=2, log_every=1, checkpoint_every=0)
             c.sample.num_images = 2

@@ -56,11 +56,19 @@ def load_images(folder: str | os.PathLike, size: int | None = None) -> tuple[np.
 
 
 def write_shapes_renders(
-    folder: str | os.PathLike, n: int, token: str, shape: str = "star", seed: int = 0, size: int = 32
+    folder: str | os.PathLike,
+    n: int,
+    token: str,
+    shape: str = "star",
+    seed: int = 0,
+    size: int = 32,
+    sizes: tuple[str, ...] = ("small", "large"),
 ) -> list[str]:
     """n single-object renders of the shapes world whose shape is `shape` (e.g. a held-out one), varied colour
-    (training colours), size, position and background, as PNGs with IMAGE.txt captions naming the shape `token`
-    ("a red <v> on the left"); returns the captions."""
+    (training colours), position and background, object size from `sizes`, as PNGs with IMAGE.txt captions naming
+    the shape `token` ("a large red <v> on the left on a white background"); returns the captions."""
+    import dataclasses
+
     from jaxdiff.data import shapes as S
     from jaxdiff.images import save_png
 
@@ -70,7 +78,8 @@ def write_shapes_renders(
     captions = []
     for i in range(n):
         scene = S.sample_scene(rng, num_objects=1, shapes=(shape,))
-        obj = scene.objects[0]
+        obj = dataclasses.replace(scene.objects[0], size=str(rng.choice(sizes)))
+        scene = dataclasses.replace(scene, objects=(obj,))
         text = (
             f"a {obj.size} {obj.colour} {token} {S.TRAIN_PHRASES[obj.position][0]} on a {scene.background} background"
         )
