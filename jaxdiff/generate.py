@@ -29,6 +29,12 @@ def add_parser(sub) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="training-free feature cache: faster:50ls | faster:everyK | deepcache:N[:branch=B] | tgate:G "
+        "(default: none; see docs/acceleration.md)",
+    )
     p.add_argument("--out", default="out", help="output folder (default: out/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -53,7 +59,7 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", os.environ.get("JAXDIFF_CACHE_DIR", default))
 
 
-def _check_against(pipe, scheduler: str, steps: int, height: int | None, width: int | None) -> None:
+def _check_against(pipe, scheduler: str, steps: int, height: int | None, width: int | None):
     """The flags the loaded model constrains, as one-line errors: the sampler would raise them as internal ones."""
     from jaxdiff.sampling import make_scheduler
 
@@ -63,9 +69,10 @@ def _check_against(pipe, scheduler: str, steps: int, height: int | None, width: 
         if size is not None and (size <= 0 or size % factor):
             raise UserError(f"{flag} must be a positive multiple of {factor} for this model, got {size}")
     try:
-        make_scheduler(scheduler, pipe.scheduler_config).plan(steps)
+        plan = make_scheduler(scheduler, pipe.scheduler_config).plan(steps)
     except ValueError as e:  # the model's scheduler config or --steps (e.g. more than its training timesteps)
         raise UserError(f"--scheduler {scheduler} with --steps {steps}: {e}") from None
+    return plan
 
 
 def run(args) -> int:
@@ -94,7 +101,13 @@ def run(args) -> int:
     enable_compilation_cache()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     pipe = pipeline_lib.load_pipeline(path, dtype=dtype)
-    _check_against(pipe, scheduler, steps, args.height, args.width)
+    plan = _check_against(pipe, scheduler, steps, args.height, args.width)
+    if args.cache:
+        import numpy as np
+
+        from jaxdiff.sampling import cache as cache_lib
+
+        cache_lib.parse(args.cache, np.asarray(plan.timesteps), pipe.unet.module.num_skips)  # one-line errors first
     prompts = [p for p in args.prompts for _ in range(args.num_images)]
     if negatives:
         negatives = [
@@ -119,6 +132,7 @@ def run(args) -> int:
                 height=args.height,
                 width=args.width,
                 progress=not args.quiet,
+                cache=args.cache,
             )
         )
     seconds = time.perf_counter() - start
@@ -148,6 +162,7 @@ def run(args) -> int:
         "scheduler": scheduler,
         "seed": args.seed,
         "dtype": args.dtype,
+        "cache": args.cache,
         "height": int(ordered[0].shape[0]),
         "width": int(ordered[0].shape[1]),
         "seconds": round(seconds, 3),

@@ -41,6 +41,7 @@ def denoise(
     key=None,
     record: bool = False,
     on_step: Callable | None = None,
+    cache=None,
 ):
     """Steps `start`..`end` (default: to the end) of `plan` from the latent `x` (at plan.timesteps[start]); call it
     inside the caller's jit: the loop is one `lax.fori_loop` (`lax.scan` when recording), with no host round-trip
@@ -54,9 +55,18 @@ def denoise(
     Multistep schedulers (PNDM, DPM-Solver) start their history afresh at `start`.
 
     Returns the latent after step end - 1 or, with `record` (start and end then static), (latent, Trajectory).
-    `start`/`end` may be traced without `record` (the loop becomes a while loop)."""
+    `start`/`end` may be traced without `record` (the loop becomes a while loop).
+
+    `cache`: a `jaxdiff.sampling.cache.CacheSchedule` (Faster Diffusion, DeepCache, T-GATE); `model` must then be a
+    `cache.CachedUNet` and the run whole (start 0, no record)."""
     end = plan.timesteps.shape[0] if end is None else end
     use_cfg = uncond is not None and not _guidance_is_one(guidance)
+    if cache is not None:
+        from jaxdiff.sampling import cache as cache_lib
+
+        if record or not (isinstance(start, int) and start == 0) or end != plan.timesteps.shape[0]:
+            raise ValueError("a cache schedule runs the whole plan: no start/end/record")
+        return cache_lib.run(cache, model, sched, plan, x, cond, uncond, guidance, use_cfg, key, on_step)
     # Concatenated once, outside the loop: each step makes one model call on [cond; uncond] rows.
     context = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), cond, uncond) if use_cfg else cond
 

@@ -143,13 +143,18 @@ class Pipeline:
         progress: bool = False,
         prompt_embeds=None,
         negative_prompt_embeds=None,
+        cache: str | None = None,
     ) -> np.ndarray:
         """Images [B, H, W, 3] float in [0, 1]. `latents`: NHWC unit Gaussian noise (scaled by the scheduler's
         init_noise_sigma, as diffusers does); `params` overrides the loaded params (e.g. an erased UNet).
 
         `prompt_embeds` [B, L, D] (SD 1.x/2.x only) conditions the UNet directly instead of `prompts` (which must
         then be None); `negative_prompt_embeds` [B, L, D] likewise replaces `negative_prompts` (default: the
-        encoding of "" for every row; SDXL with `force_zeros_for_empty_prompt`: zeros), as in diffusers."""
+        encoding of "" for every row; SDXL with `force_zeros_for_empty_prompt`: zeros), as in diffusers.
+
+        `cache`: a training-free feature cache compiled into the loop (`jaxdiff.sampling.cache.USAGE`), e.g.
+        "faster:50ls", "faster:every2", "deepcache:3", "tgate:10"; None samples plainly."""
+        from jaxdiff.sampling import cache as cache_lib
         from jaxdiff.sampling import make_scheduler
 
         if prompt_embeds is not None or negative_prompt_embeds is not None:
@@ -194,6 +199,7 @@ class Pipeline:
         plan = sched.plan(steps)
 
         use_cfg = guidance > 1.0
+        schedule = cache_lib.parse(cache, np.asarray(plan.timesteps), self.unet.module.num_skips, use_cfg)
         if prompt_embeds is None and negative_prompt_embeds is None and use_cfg and zero_negatives:
             context, pooled = self.encode_prompts(prompts, params)
             context = jnp.concatenate([context, jnp.zeros_like(context)])
@@ -220,7 +226,7 @@ class Pipeline:
         if latents.shape != shape:
             raise UserError(f"latents must have shape {shape}, got {latents.shape}")
 
-        fn = self._sampler(name, use_cfg, progress)
+        fn = self._sampler(name, use_cfg, progress, schedule)
         if progress:
             from tqdm.auto import tqdm
 
@@ -260,23 +266,27 @@ class Pipeline:
             )
         return jnp.concatenate([cond, uncond.astype(cond.dtype)]), None
 
-    def _sampler(self, name: str, use_cfg: bool, progress: bool):
-        """One jitted program per (scheduler, guidance on/off, progress); XLA caches one executable per shape."""
-        key = (name, use_cfg, progress)
+    def _sampler(self, name: str, use_cfg: bool, progress: bool, schedule=None):
+        """One jitted program per (scheduler, guidance on/off, progress, cache schedule); XLA caches one executable
+        per shape."""
+        key = (name, use_cfg, progress) + ((schedule,) if schedule is not None else ())
         if key not in self._compiled:
             from jaxdiff.sampling import make_scheduler
 
             sched = make_scheduler(name, self.scheduler_config)
-            self._compiled[key] = jax.jit(functools.partial(self._sample, sched, use_cfg, progress))
+            self._compiled[key] = jax.jit(functools.partial(self._sample, sched, use_cfg, progress, schedule))
         return self._compiled[key]
 
     def _tick(self, _):
         if self._bar[0] is not None:
             self._bar[0].update(1)
 
-    def _sample(self, sched, use_cfg, progress, unet_params, vae_params, plan, context, added, latents, guidance, key):
-        def model(x, t, cond):
-            return self.unet.apply(unet_params, x, t, *cond).astype(jnp.float32)
+    def _sample(
+        self, sched, use_cfg, progress, schedule, unet_params, vae_params, plan, context, added, latents, guidance, key
+    ):
+        from jaxdiff.sampling.cache import CachedUNet
+
+        model = CachedUNet(self.unet.module, unet_params)
 
         n = latents.shape[0]
         cond, uncond = (context, added), None
@@ -292,6 +302,7 @@ class Pipeline:
             guidance,
             key=key,
             on_step=self._tick if progress else None,
+            cache=schedule,
         )
         return self.decode_latents(vae_params, x)
 
