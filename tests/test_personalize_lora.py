@@ -65,3 +65,21 @@ def test_adapter_file_layout_round_trips(pipe):
             np.testing.assert_array_equal(np.asarray(back[name][k]), np.asarray(adapters[name][k]))
     with pytest.raises(ValueError, match="not a jaxdiff LoRA key"):
         lora.from_flat({"a/b/lora_A": np.zeros(2)})
+
+
+def test_apply_adds_a_saved_runs_token_and_merges_its_lora(pipe, tmp_path):
+    import ml_collections
+
+    from jaxdiff.personalize import run, tokens
+
+    adapters = _nonzero(lora.init(pipe.unet.params, rank=2))
+    config = ml_collections.ConfigDict(dict(lora=dict(rank=2, alpha=1.0, targets=lora.ATTENTION)))
+    row = np.random.default_rng(3).standard_normal((1, 128)).astype(np.float32)
+    tokens.save_embeds(tmp_path / tokens.EMBEDS_FILE, ["<v>"], row)
+    run._save_lora(tmp_path / run.LORA_DIR, adapters, 0.5, config)
+    personal = run.apply(pipe, tmp_path, multiplier=2.0)
+    expected = lora.merge(pipe.unet.params, adapters, 1.0)  # multiplier 2 x scale 0.5
+    for a, b in zip(jax.tree_util.tree_leaves(personal.unet.params), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(tokens.table_of(personal.text_encoders[0].params))[-1], row[0])
+    assert personal.tokenizers[0].convert_tokens_to_ids("<v>") == 308
