@@ -11,9 +11,23 @@ def images() -> np.ndarray:
 
 
 def model():
+    """The FID Inception with weights drawn in numpy (no compiled init program: both processes and the test draw the
+    same values in a second); BatchNorm variances and scales positive."""
     import jaxdiff
 
-    return jaxdiff.init_model({"_class_name": "FIDInceptionV3"}, abstract=False, seed=0)
+    model = jaxdiff.init_model({"_class_name": "FIDInceptionV3"}, abstract=True)
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name in ("var", "scale"):
+            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+        if name == "kernel":
+            return (rng.standard_normal(leaf.shape) * np.sqrt(1.0 / np.prod(leaf.shape[:-1]))).astype(np.float32)
+        return (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+    model.params = jax.tree_util.tree_map_with_path(draw, model.params)
+    return model
 
 
 def main(out: str) -> None:

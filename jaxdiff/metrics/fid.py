@@ -162,7 +162,20 @@ def _resolve(params, mesh: Mesh | None) -> tuple[object, object]:
         module = inception.build(FID_CONFIG, platform=None if mesh is None else platforms.of(mesh))
     if mesh is None:
         return module, jax.device_put(params)
-    return module, jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    return module, replicate(params, mesh)
+
+
+def replicate(tree, mesh: Mesh):
+    """Every leaf replicated over `mesh`. Each process places its own copy: on a multi-process mesh a plain
+    `device_put` would first all-gather every leaf across processes to check that they agree (23.9 M Inception
+    parameters through the CPU collectives)."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def place(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(place, tree)
 
 
 def iter_features(
