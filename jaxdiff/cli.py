@@ -278,15 +278,6 @@ def _add_personalize(sub) -> None:
 SUBCOMMANDS.append(_add_personalize)
 
 
-def _add_personalize(sub) -> None:
-    from jaxdiff.personalize import command
-
-    command.add_parser(sub)
-
-
-SUBCOMMANDS.append(_add_personalize)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdiff", description=jaxdiff.__doc__)
     parser.add_argument("--version", action="version", version=f"jaxdiff {jaxdiff.__version__}")
