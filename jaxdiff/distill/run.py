@@ -134,6 +134,7 @@ def train(config, pipe, init_params, pairs: dict, contexts: np.ndarray, workdir:
         mesh=mesh,
         model=unet,
         progress=progress,
+        label="distillation step",
     )
     params = state.params["unet"]
     if float(t.ema_decay) > 0:  # all leaves train: the EMA tree is the whole UNet

@@ -97,8 +97,10 @@ def run(
     model,
     progress: bool = True,
     rules=sharding.DEFAULT_RULES,
+    label: str = "erasure step",
 ) -> tuple[Any, dict]:
     """Train `params` ({network: initial params}) until `train.steps`, resuming from `workdir`; (final state, info).
+    `label` names the step in the progress bar and logs.
 
     The "unet" network's leaves and every frozen entry shaped like the model's params are sharded by the model's
     logical axes on `mesh`; other networks (adapters, a discriminator) and batches are replicated.
@@ -119,7 +121,7 @@ def run(
         async_save=False,
         log_every=int(train.log_every),
         progress=progress,
-        label="erasure step",
+        label=label,
     )
     abstract = state_lib.abstract(jax.eval_shape(create, params), state_sh)
     state, summary = runner.run(
