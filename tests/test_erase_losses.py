@@ -9,8 +9,9 @@ import numpy as np
 import optax
 import pytest
 
+from jaxdiff import lora as adapters
 from jaxdiff import selectors
-from jaxdiff.erase import ablation, adapters, common, doco, esd, spm, trce
+from jaxdiff.erase import ablation, common, doco, esd, spm, trce
 from jaxdiff.erase.common import Encoded
 from jaxdiff.models import unet
 from jaxdiff.models.model import create

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff.personalize import lora
+from jaxdiff import lora
 from jaxdiff.sampling.pipeline import load_pipeline
 from jaxdiff.selectors import flatten
 

@@ -5,7 +5,7 @@ Closed form on the cross-attention K/V projections (one ridge kernel, `ridge.py`
 Fine-tuning objectives, `loss(trainable, frozen, batch, rng) -> (loss, aux)` built by `make_loss(model, ...)`:
   esd.py (ESD), spm.py (SPM adapters, latent anchoring, Facilitated Transport), trce.py (stage 2),
   doco.py (DoCo: discriminator, gradient surgery, a two-optimiser step), all_but_one.py, ablation.py.
-Shared: common.py (encodings, model calls, partial sampling), adapters.py (LoRA merge),
+Shared: common.py (encodings, model calls, partial sampling), jaxdiff/lora.py (LoRA merge),
 finetune.py (the fine-tuning loop on the trainer's step: progress, resumable orbax checkpoints; the methods
 call `train_selected` / `train_unet` with batches drawn by `pick`).
 Each method is one module with `METHOD = registry.MethodInfo(...)` (kind, default selector, anchor, display order)

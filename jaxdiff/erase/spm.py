@@ -3,7 +3,7 @@ Con6924/SPM 3dd762e).
 
 Adapters: rank-1, alpha 1 (scale alpha/rank = 1) LoRA on every Linear/Conv inside every Transformer2DModel of the
 UNet (proj_in/proj_out, attn1/attn2 q/k/v/out, ff GEGLU proj and ff out; selector "transformers"), `up`
-zero-initialised so the SPM-equipped model equals the original at init (`jaxdiff.erase.adapters`, merged into
+zero-initialised so the SPM-equipped model equals the original at init (`jaxdiff.lora`, merged into
 the kernels). The UNet and the text encoder stay frozen.
 
 Loss (action `erase_with_la`), per iteration:
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.erase import adapters as adapters_lib
+from jaxdiff import lora as adapters_lib
 from jaxdiff.erase import common, finetune
 from jaxdiff.erase.common import Encoded
 from jaxdiff.erase.job import Job, Result
@@ -44,7 +44,7 @@ MATCHING_METRICS = ("clipcos_tokenuni", "clipcos", "tokenuni")
 
 def init_adapters(params, key=None, rank: int = 1):
     """Rank-1 SPM adapters on every Linear/Conv of the transformer blocks, `up` = 0."""
-    return adapters_lib.init(params, SELECTOR, rank=rank, key=key)
+    return adapters_lib.init_by_selector(params, SELECTOR, rank=rank, key=key)
 
 
 def sample_anchors(key, target, num: int, candidates: int | None = None):

@@ -274,8 +274,8 @@ def _cached_component(name: str, path: str, pipe, base: dict) -> Component:
 
 def _spm_delta(where: str, folder: Path, unet: dict) -> dict[str, np.ndarray]:
     """ΔK = (alpha/rank) · down ⊗ up per adapted UNet kernel of an SPM adapter folder (γ = 1)."""
+    from jaxdiff import lora as adapters_lib
     from jaxdiff.convert.safetensors_io import load_safetensors
-    from jaxdiff.erase import adapters as adapters_lib
 
     meta_path = folder / "spm.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}

@@ -17,9 +17,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import fileio
+from jaxdiff import fileio, lora
 from jaxdiff.errors import UserError
-from jaxdiff.personalize import lora, losses, tokens
+from jaxdiff.personalize import losses, tokens
 from jaxdiff.personalize.job import Job, Plan
 
 PRIOR_FILE = "prior.npz"

@@ -89,9 +89,9 @@ def save_model(job: Job, rows, unet_params, dst: Path) -> None:
 
 
 def _save_lora(folder: Path, adapters: dict, scale: float, config: mlc.ConfigDict) -> None:
+    from jaxdiff import lora
     from jaxdiff.convert import checkpoint
     from jaxdiff.convert.safetensors_io import write_safetensors
-    from jaxdiff.personalize import lora
 
     meta = {"scale": scale, "rank": int(config.lora.rank), "alpha": float(config.lora.alpha)}
     meta["targets"], meta["params"] = str(config.lora.targets), lora.num_params(adapters)
@@ -108,8 +108,8 @@ def apply(pipe, path: str | os.PathLike, multiplier: float = 1.0):
     """
     import dataclasses
 
+    from jaxdiff import lora
     from jaxdiff.convert.safetensors_io import load_safetensors
-    from jaxdiff.personalize import lora
 
     path = Path(path)
     embeds = path if path.is_file() else path / tokens.EMBEDS_FILE
