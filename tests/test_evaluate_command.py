@@ -106,18 +106,20 @@ def test_bad_input_is_one_line_and_exit_2(folders, capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def inception(tmp_path_factory):
-    """A random-weight FID Inception saved as a jaxdiff folder (the network's parity is tests/test_fid_inception)."""
-    import jaxdiff
+    """A random-weight FID Inception saved as a jaxdiff folder (the network's parity is tests/test_fid_inception);
+    weights drawn in numpy, no compiled init."""
+    import fid_worker
+
     from jaxdiff.convert import checkpoint
 
-    model = jaxdiff.init_model({"_class_name": "FIDInceptionV3"}, abstract=False)
+    model = fid_worker.model()
     folder = tmp_path_factory.mktemp("inception") / "inception"
     checkpoint.save_checkpoint(folder, model)
     return model, folder
 
 
 def test_fid_with_a_converted_inception_equals_the_library_s_fid(folders, inception, capsys, tmp_path):
-    """`evaluate fid` = fid.fid of fid.statistics, features split over 8 devices in the command, 1 here."""
+    """`evaluate fid` = fid.fid of fid.statistics on the same features."""
     from jaxdiff.metrics import fid
 
     model, folder = inception
@@ -127,9 +129,8 @@ def test_fid_with_a_converted_inception_equals_the_library_s_fid(folders, incept
     args = ("--real", r, "--fake", f, "--inception", folder, "--batch-size", 6, "--bootstrap", 0)
     rc = cli.main(["evaluate", "fid", *map(str, args)])
     record = json.loads(capsys.readouterr().out)
-    expected = fid.fid(
-        fid.statistics(real, params=model.params, batch_size=6), fid.statistics(fake, params=model.params, batch_size=6)
-    )
+    mesh = ev._mesh()  # the command's: the same compiled program (8 devices = 1 is tests/test_fid_inception)
+    expected = fid.fid(*(fid.statistics(x, params=model, batch_size=6, mesh=mesh) for x in (real, fake)))
     assert rc == 0 and record["mode"] == "pytorch-fid" and record["feature_dim"] == 2048
     assert record["value"] == pytest.approx(expected, rel=1e-6)
     rc, _, err = _evaluate_metric(capsys, "fid", "--real", r, "--fake", f)
@@ -229,7 +230,7 @@ def test_inception_score_of_the_command_is_the_library_s(folders, inception, cap
     args = ("--fake", _folder(tmp_path / "f", list(fake)), "--inception", folder, "--splits", 2, "--batch-size", 6)
     rc, out, _ = _evaluate_metric(capsys, "is", *args, "--mode", "torch-fidelity")
     record = json.loads(out)
-    logits = fid.features(fake, "torch-fidelity", model.params, batch_size=6, output="logits_unbiased")
+    logits = fid.features(fake, "torch-fidelity", model, batch_size=6, output="logits_unbiased", mesh=ev._mesh())
     expected = inception_score(logits, splits=2)
     assert rc == 0 and record["n_fake"] == 6 and record["splits"] == 2 and record["mode"] == "torch-fidelity"
     assert record["value"] == pytest.approx(expected.mean, rel=1e-5)
