@@ -48,7 +48,7 @@ def test_renders_are_close_and_noise_is_far_with_intervals_and_counts(folders, c
     assert far["value"] > 3 * close["value"], (close["value"], far["value"])  # 48 images: FD is biased upwards
     for record in (close, far):
         lo, hi = record["interval95"]
-        assert lo <= hi and lo <= record["value"] * 1.5 and hi >= record["value"] * 0.5
+        assert lo <= record["value"] <= hi  # centred on the value (resampling alone raises FD)
 
 
 def test_the_value_is_the_frechet_distance_of_the_probe_features(folders, capsys):

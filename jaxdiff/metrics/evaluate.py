@@ -284,9 +284,15 @@ def _check_count(features: np.ndarray, what: str, at_least: int = 2, why: str = 
         raise UserError(f"{what}: {len(features)} image(s); {why} needs at least {at_least}")
 
 
-def bootstrap_interval(statistic: Callable, sets: list, boots: int, seed: int) -> tuple[float, float] | None:
-    """95 % percentile interval of statistic(*sets) over resampling each array in `sets` (rows, with replacement);
-    a set given as statistics (a tuple) is held fixed."""
+def bootstrap_interval(
+    statistic: Callable, sets: list, boots: int, seed: int, centred: bool = False
+) -> tuple[float, float] | dict | None:
+    """95 % interval of statistic(*sets) over resampling each array in `sets` (rows, with replacement); a set given as
+    statistics (a tuple) is held fixed. Percentile interval, or with `centred` the bootstrap spread placed around
+    the value, (θ̂ − (median − q2.5), θ̂ + (q97.5 − median)), clipped at 0: for a statistic that resampling biases,
+    as the Fréchet distance (rows drawn with replacement repeat images, which raises FD far more than sampling
+    noise does: 200 probe features, FD 59, resampled 100-160), whose percentile interval would not even contain
+    the value. It then says how much the value moves with the sample, not how biased FD itself is at this n."""
     if boots <= 0:
         return None
     rng = np.random.default_rng(seed)
@@ -296,7 +302,11 @@ def bootstrap_interval(statistic: Callable, sets: list, boots: int, seed: int) -
         values.append(statistic(*drawn))
     if isinstance(values[0], dict):  # one interval per named value
         return {k: _percentiles([v[k] for v in values]) for k in values[0]}
-    return _percentiles(values)
+    lo, hi = _percentiles(values)
+    if centred:
+        value, median = statistic(*sets), float(np.median(values))
+        lo, hi = max(0.0, value - (median - lo)), value + (hi - median)
+    return lo, hi
 
 
 def _percentiles(values) -> tuple[float, float]:
@@ -311,8 +321,9 @@ def _fd(real, fake) -> float:
 
 def frechet_with_interval(real, fake, boots: int = 200, seed: int = 0) -> tuple[float, tuple[float, float] | None]:
     """FD of fake features against real (features [N, D] or (mu, sigma)), and a 95 % percentile bootstrap interval
-    over resampling the images of each set that is given as features."""
-    return _fd(real, fake), bootstrap_interval(_fd, [real, fake], boots, seed)
+    over resampling the images of each set that is given as features (centred on the value: see
+    `bootstrap_interval`)."""
+    return _fd(real, fake), bootstrap_interval(_fd, [real, fake], boots, seed, centred=True)
 
 
 # --------------------------------------------------------------------------------------------------- metrics
