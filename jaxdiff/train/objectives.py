@@ -55,14 +55,20 @@ def remat_blocks(apply_fn: Callable, block_types: tuple[type, ...]) -> Callable:
         ):
             return next_fun(*args, **kwargs)
 
+        # Python constants among the positional arguments (a layer index, None) stay static: remat would trace them.
+        static = {i: a for i, a in enumerate(args) if a is None or isinstance(a, (bool, int, float, str))}
+        traced = [a for i, a in enumerate(args) if i not in static]
+
         def body(mdl, *a, **kw):
+            it = iter(a)
+            full = [static[i] if i in static else next(it) for i in range(len(args))]
             _inside_block.on = True
             try:
-                return type(mdl).__call__(mdl, *a, **kw)
+                return type(mdl).__call__(mdl, *full, **kw)
             finally:
                 _inside_block.on = False
 
-        return nn.remat(body)(module, *args, **kwargs)
+        return nn.remat(body)(module, *traced, **kwargs)
 
     def wrapped(*args, **kwargs):
         with nn.intercept_methods(interceptor):
