@@ -154,6 +154,7 @@ def run(args) -> int:
             }
         )
     save_png(out / "grid.png", make_grid(ordered, columns=args.num_images if args.num_images > 1 else None))
+    judges = _judge_shapes(ordered, [r["prompt"] for r in records], records)
     record = {
         "model": str(args.model),
         "model_path": str(path),
@@ -168,6 +169,23 @@ def run(args) -> int:
         "seconds": round(seconds, 3),
         "images": records,
     }
+    if judges:
+        record["judges"] = judges
     atomic_write_text(out / "generate.json", json.dumps(record, indent=2) + "\n")
     print(f"wrote {len(ordered)} images, grid.png and generate.json to {out}/ ({seconds:.1f} s)")
     return 0
+
+
+def _judge_shapes(images, prompts: list[str], records: list[dict]) -> dict | None:
+    """On shapes-world images, both judges' verdicts per image (added to its record) and their rates; else None."""
+    import numpy as np
+
+    from jaxdiff.metrics import shapes_verdicts
+
+    batch = np.clip(np.round(np.stack([np.asarray(im) for im in images]) * 255.0), 0, 255).astype(np.uint8)
+    if not shapes_verdicts.applies(batch, prompts):
+        return None
+    verdicts, summary = shapes_verdicts.verdicts(batch, prompts)
+    for record, verdict in zip(records, verdicts):
+        record["judges"] = verdict
+    return summary
