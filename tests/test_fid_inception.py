@@ -7,7 +7,6 @@ weights are drawn again here, converted from pytorch-fid's state-dict layout and
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 
@@ -15,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from parity import assert_parity
+from parity import assert_parity, golden_tool
 
 import jaxdiff
 from jaxdiff.convert import checkpoint, layout
@@ -33,11 +32,7 @@ MODES = ("pytorch-fid", "clean-fid", "torch-fidelity")
 
 
 def _tool():
-    path = os.path.join(HERE, "..", "tools", "make_metric_goldens.py")
-    spec = importlib.util.spec_from_file_location("make_metric_goldens", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return golden_tool()
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import jax
 import numpy as np
 import pytest
-from parity import assert_parity
+from parity import assert_parity, golden_tool
 
 import jaxdiff
 from jaxdiff.convert import checkpoint, layout, timm_inception
@@ -28,11 +27,7 @@ REL = 1e-4  # |ours - timm| <= 1e-4 * max(1, max|timm|) for features and logits
 
 
 def _tool():
-    path = os.path.join(HERE, "..", "tools", "make_metric_goldens.py")
-    spec = importlib.util.spec_from_file_location("make_metric_goldens", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return golden_tool()
 
 
 @pytest.fixture(scope="module")

@@ -25,15 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=None, help="'shapes' (default) or a diffusers / jaxdiff pipeline folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-    p.set_defaults(overrides=[])
-    parse_known = p.parse_known_args
+    from jaxdiff.cli import _config_overrides
 
-    def parse_with_overrides(args=None, namespace=None):  # --config.KEY=VALUE, as `jaxdiff erase`
-        namespace, rest = parse_known(args, namespace)
-        namespace.overrides = list(namespace.overrides) + [a for a in rest if a.startswith("--config.")]
-        return namespace, [a for a in rest if not a.startswith("--config.")]
-
-    p.parse_known_args = parse_with_overrides
+    _config_overrides(p)  # --config.KEY=VALUE, as `jaxdiff erase`
 
 
 def run(args) -> int:

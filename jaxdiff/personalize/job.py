@@ -189,5 +189,6 @@ class Job:
         return np.asarray(make_alphas_cumprod(self.pipe.scheduler_config), np.float32)
 
     def sampling_defaults(self) -> dict:
-        f = self.pipe.path / "sampling_defaults.json"
-        return {"steps": 25, "guidance": 7.5, "scheduler": "ddim", **(json.loads(f.read_text()) if f.is_file() else {})}
+        from jaxdiff.generate import model_defaults
+
+        return {"steps": 25, "guidance": 7.5, "scheduler": "ddim", **model_defaults(self.pipe.path)}
