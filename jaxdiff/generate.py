@@ -35,6 +35,18 @@ def add_parser(sub) -> None:
         help="training-free feature cache: faster:50ls | faster:everyK | deepcache:N[:branch=B] | tgate:G "
         "(default: none; see docs/acceleration.md)",
     )
+    p.add_argument(
+        "--image",
+        default=None,
+        help="img2img (SDEdit): start from this image (PNG/JPEG; its size sets the output size)",
+    )
+    p.add_argument("--mask", default=None, help="inpainting: a mask image the size of --image, white = repaint")
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="with --image: how much to change it, in (0, 1] (default 0.8, or 1.0 with --mask)",
+    )
     p.add_argument("--out", default="out", help="output folder (default: out/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -98,6 +110,21 @@ def run(args) -> int:
     if DIFFUSERS_CLASSES.get(scheduler, scheduler) not in SCHEDULERS:
         raise UserError(f"--scheduler {scheduler!r} is unknown; choose from {', '.join(SCHEDULERS)}")
 
+    if args.image is None and (args.mask is not None or args.strength is not None):
+        raise UserError("--mask and --strength need --image")
+    if args.strength is not None and not 0.0 < args.strength <= 1.0:
+        raise UserError(f"--strength must be in (0, 1], got {args.strength}")
+    image = mask = None
+    if args.image is not None:
+        from jaxdiff.images import read_image
+
+        image = read_image(args.image)
+        mask = None if args.mask is None else read_image(args.mask, mode="L")
+        if mask is not None and mask.shape != image.shape[:2]:
+            raise UserError(
+                f"--mask is {mask.shape[0]}x{mask.shape[1]} but --image is {image.shape[0]}x{image.shape[1]}"
+            )
+
     enable_compilation_cache()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     pipe = pipeline_lib.load_pipeline(path, dtype=dtype)
@@ -133,6 +160,9 @@ def run(args) -> int:
                 width=args.width,
                 progress=not args.quiet,
                 cache=args.cache,
+                image=image,
+                mask=mask,
+                strength=args.strength,
             )
         )
     seconds = time.perf_counter() - start
@@ -164,6 +194,9 @@ def run(args) -> int:
         "seed": args.seed,
         "dtype": args.dtype,
         "cache": args.cache,
+        "image": args.image,
+        "mask": args.mask,
+        "strength": args.strength,
         "height": int(ordered[0].shape[0]),
         "width": int(ordered[0].shape[1]),
         "seconds": round(seconds, 3),

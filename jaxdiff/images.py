@@ -25,6 +25,21 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
         Image.fromarray(to_uint8(image)).save(f, format="PNG")
 
 
+def read_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
+    """A PNG/JPEG file as uint8 [H, W, 3] ("RGB") or [H, W] ("L"); an unreadable file is a one-line UserError."""
+    from PIL import Image, UnidentifiedImageError
+
+    from jaxdiff.errors import UserError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert(mode))
+    except FileNotFoundError:
+        raise UserError(f"no image at {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{path}: not a readable image ({e})") from None
+
+
 def make_grid(images, columns: int | None = None, min_cell: int = 128, pad: int = 2) -> np.ndarray:
     """Tile images [N, H, W, 3] into one uint8 image; small images are enlarged (nearest) to >= min_cell."""
     images = [to_uint8(im) for im in images]

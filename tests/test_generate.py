@@ -64,3 +64,35 @@ def test_prompt_longer_than_the_tokenizer_allows(folder, tmp_path, capsys):
     assert cli.main(["generate", "a " * 40, "--model", str(folder), "--out", str(out), "--quiet"]) == 2
     assert "longer than" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_img2img_and_inpainting_from_files(folder, tmp_path, capsys):
+    from jaxdiff.images import save_png
+
+    rng = np.random.default_rng(0)
+    save_png(tmp_path / "in.png", rng.uniform(0, 1, (16, 16, 3)))
+    mask = np.zeros((16, 16, 3))
+    mask[4:12, 4:12] = 1.0
+    save_png(tmp_path / "mask.png", mask)
+    save_png(tmp_path / "small.png", mask[:8, :8])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    common = ["generate", "a b", "--model", str(folder), "--quiet", "--steps", "4", "--image", str(tmp_path / "in.png")]
+    out = tmp_path / "out"
+    assert cli.main([*common, "--mask", str(tmp_path / "mask.png"), "--out", str(out)]) == 0
+    record = json.loads((out / "generate.json").read_text())
+    assert (record["height"], record["width"], record["strength"]) == (16, 16, None)
+    assert record["mask"].endswith("mask.png")
+    for extra, message in [
+        (["--strength", "1.5"], "--strength must be in (0, 1]"),
+        (["--mask", str(tmp_path / "small.png")], "--mask is 8x8 but --image is 16x16"),
+        (["--image", str(tmp_path / "broken.png")], "not a readable image"),
+        (["--image", str(tmp_path / "none.png")], "no image at"),
+    ]:
+        bad = tmp_path / "bad"
+        assert cli.main([*common, *extra, "--out", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not bad.exists()
+    argv = ["generate", "a b", "--model", str(folder), "--quiet", "--strength", "0.5", "--out", str(tmp_path / "b")]
+    assert cli.main(argv) == 2
+    assert "need --image" in capsys.readouterr().err

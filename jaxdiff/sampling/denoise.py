@@ -42,6 +42,7 @@ def denoise(
     record: bool = False,
     on_step: Callable | None = None,
     cache=None,
+    after_step: Callable | None = None,
 ):
     """Steps `start`..`end` (default: to the end) of `plan` from the latent `x` (at plan.timesteps[start]); call it
     inside the caller's jit: the loop is one `lax.fori_loop` (`lax.scan` when recording), with no host round-trip
@@ -66,6 +67,8 @@ def denoise(
 
         if record or not (isinstance(start, int) and start == 0) or end != plan.timesteps.shape[0]:
             raise ValueError("a cache schedule runs the whole plan: no start/end/record")
+        if after_step is not None:
+            raise ValueError("a cache schedule takes no after_step hook")
         return cache_lib.run(cache, model, sched, plan, x, cond, uncond, guidance, use_cfg, key, on_step)
     # Concatenated once, outside the loop: each step makes one model call on [cond; uncond] rows.
     context = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), cond, uncond) if use_cfg else cond
@@ -82,6 +85,8 @@ def denoise(
             out_cond, out_uncond = jnp.split(out, 2)
             out = out_uncond + guidance * (out_cond - out_uncond)
         x_next, carry = sched.step(plan, out, i, x, carry, step_key)
+        if after_step is not None:
+            x_next = after_step(i, x_next)
         if on_step is not None:
             jax.debug.callback(on_step, i)
         return x_next, carry, key, out

@@ -15,7 +15,7 @@ import numpy as np
 from jaxdiff.convert import checkpoint
 from jaxdiff.errors import UserError
 from jaxdiff.models.model import Model
-from jaxdiff.sampling import denoise, text
+from jaxdiff.sampling import denoise, image_conditioning, text
 
 # diffusers scheduler class -> jaxdiff scheduler name
 SCHEDULER_NAMES = {
@@ -144,6 +144,9 @@ class Pipeline:
         prompt_embeds=None,
         negative_prompt_embeds=None,
         cache: str | None = None,
+        image=None,
+        mask=None,
+        strength: float | None = None,
     ) -> np.ndarray:
         """Images [B, H, W, 3] float in [0, 1]. `latents`: NHWC unit Gaussian noise (scaled by the scheduler's
         init_noise_sigma, as diffusers does); `params` overrides the loaded params (e.g. an erased UNet).
@@ -153,7 +156,13 @@ class Pipeline:
         encoding of "" for every row; SDXL with `force_zeros_for_empty_prompt`: zeros), as in diffusers.
 
         `cache`: a training-free feature cache compiled into the loop (`jaxdiff.sampling.cache.USAGE`), e.g.
-        "faster:50ls", "faster:every2", "deepcache:3", "tgate:10"; None samples plainly."""
+        "faster:50ls", "faster:every2", "deepcache:3", "tgate:10"; None samples plainly.
+
+        `image` ([H, W, 3] or [B, H, W, 3], uint8 or float in [0, 1]; its size sets height and width): img2img
+        (SDEdit) from the image noised to the step `strength` sets (default 0.8: the last int(steps * strength)
+        steps run, as in diffusers); with `mask` ([H, W] or [B, H, W], white = repaint), inpainting (default
+        strength 1): an inpainting UNet (9 input channels) sees the mask and the masked image's latents, any other
+        UNet keeps the unmasked region by blending it back after every step. `latents` is then the added noise."""
         from jaxdiff.sampling import cache as cache_lib
         from jaxdiff.sampling import make_scheduler
 
@@ -189,14 +198,25 @@ class Pipeline:
             raise UserError(f"{len(negative_prompts)} negative prompts for {batch} prompts")
         if steps <= 0:
             raise UserError(f"steps must be positive, got {steps}")
-        height, width = height or self.default_size, width or self.default_size
-        factor = self.vae_scale_factor * 2 ** (len(self.unet.config.get("block_out_channels", (0,) * 4)) - 1)
-        if height <= 0 or width <= 0 or height % factor or width % factor:
-            raise UserError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
         params = self.params if params is None else params
         name = scheduler or self.default_scheduler()
         sched = make_scheduler(name, self.scheduler_config)
         plan = sched.plan(steps)
+        latent_channels = self.vae.config.get("latent_channels", 4)
+        req = image_conditioning.request(
+            image, mask, strength, batch, int(plan.timesteps.shape[0]), self.unet.config.get("in_channels", 4),
+            latent_channels,
+        )  # fmt: skip
+        if req is not None:
+            if cache is not None:
+                raise UserError("a feature cache runs whole plans: it cannot be combined with an image")
+            if (height or req.image.shape[1], width or req.image.shape[2]) != req.image.shape[1:3]:
+                raise UserError(f"height and width come from the image ({req.image.shape[1]}x{req.image.shape[2]})")
+            height, width = req.image.shape[1:3]
+        height, width = height or self.default_size, width or self.default_size
+        factor = self.vae_scale_factor * 2 ** (len(self.unet.config.get("block_out_channels", (0,) * 4)) - 1)
+        if height <= 0 or width <= 0 or height % factor or width % factor:
+            raise UserError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
 
         use_cfg = guidance > 1.0
         schedule = cache_lib.parse(cache, np.asarray(plan.timesteps), self.unet.module.num_skips, use_cfg)
@@ -218,7 +238,7 @@ class Pipeline:
             batch,
             height // self.vae_scale_factor,
             width // self.vae_scale_factor,
-            self.unet.config.get("in_channels", 4),
+            latent_channels,
         )
         if latents is None:
             latents = _initial_noise(jax.random.PRNGKey(seed), shape)
@@ -226,11 +246,20 @@ class Pipeline:
         if latents.shape != shape:
             raise UserError(f"latents must have shape {shape}, got {latents.shape}")
 
-        fn = self._sampler(name, use_cfg, progress, schedule)
+        fn = self._sampler(name, use_cfg, progress, schedule, None if req is None else req.kind)
+        conditioning = None
+        if req is not None:
+            conditioning = {
+                "image": req.image,
+                "mask": req.mask,
+                "start": np.int32(req.start),
+                "pure_noise": np.bool_(req.kind != image_conditioning.IMG2IMG and req.strength == 1.0),
+            }
         if progress:
             from tqdm.auto import tqdm
 
-            self._bar[0] = tqdm(total=sched.num_model_calls(plan), desc="denoising", unit="step")
+            calls = sched.num_model_calls(plan) - (0 if req is None else req.start)
+            self._bar[0] = tqdm(total=calls, desc="denoising", unit="step")
         try:
             images = fn(
                 params["unet"],
@@ -241,6 +270,7 @@ class Pipeline:
                 latents,
                 jnp.float32(guidance),
                 jax.random.PRNGKey(seed + 1),
+                conditioning,
             )
             images = np.asarray(images)
         finally:
@@ -266,15 +296,15 @@ class Pipeline:
             )
         return jnp.concatenate([cond, uncond.astype(cond.dtype)]), None
 
-    def _sampler(self, name: str, use_cfg: bool, progress: bool, schedule=None):
-        """One jitted program per (scheduler, guidance on/off, progress, cache schedule); XLA caches one executable
-        per shape."""
-        key = (name, use_cfg, progress) + ((schedule,) if schedule is not None else ())
+    def _sampler(self, name: str, use_cfg: bool, progress: bool, schedule=None, kind: str | None = None):
+        """One jitted program per (scheduler, guidance on/off, progress, cache schedule, image kind); XLA caches one
+        executable per shape (strength and the start step are traced: no recompiling per strength)."""
+        key = (name, use_cfg, progress) + ((schedule,) if schedule is not None else ()) + ((kind,) if kind else ())
         if key not in self._compiled:
             from jaxdiff.sampling import make_scheduler
 
             sched = make_scheduler(name, self.scheduler_config)
-            self._compiled[key] = jax.jit(functools.partial(self._sample, sched, use_cfg, progress, schedule))
+            self._compiled[key] = jax.jit(functools.partial(self._sample, sched, use_cfg, progress, schedule, kind))
         return self._compiled[key]
 
     def _tick(self, _):
@@ -282,7 +312,21 @@ class Pipeline:
             self._bar[0].update(1)
 
     def _sample(
-        self, sched, use_cfg, progress, schedule, unet_params, vae_params, plan, context, added, latents, guidance, key
+        self,
+        sched,
+        use_cfg,
+        progress,
+        schedule,
+        kind,
+        unet_params,
+        vae_params,
+        plan,
+        context,
+        added,
+        latents,
+        guidance,
+        key,
+        conditioning=None,
     ):
         from jaxdiff.sampling.cache import CachedUNet
 
@@ -292,19 +336,42 @@ class Pipeline:
         cond, uncond = (context, added), None
         if use_cfg:  # the conditioning holds the prompts' rows, then the negative prompts' rows
             cond, uncond = jax.tree_util.tree_map(lambda a: a[:n], cond), jax.tree_util.tree_map(lambda a: a[n:], cond)
+        x, start, after_step = latents * plan.init_noise_sigma, 0, None
+        if kind is not None:
+            model, x, start, after_step = self._image_conditioned(
+                sched, plan, model, vae_params, latents, key, **conditioning
+            )
         x = denoise.denoise(
             model,
             sched,
             plan,
-            latents * plan.init_noise_sigma,
+            x,
             cond,
             uncond,
             guidance,
+            start=start,
             key=key,
             on_step=self._tick if progress else None,
             cache=schedule,
+            after_step=after_step,
         )
         return self.decode_latents(vae_params, x)
+
+    def _image_conditioned(self, sched, plan, model, vae_params, noise, key, image, mask, start, pure_noise):
+        """(model, first latent, start step, after-step hook) of img2img or inpainting, traced in `_sample`."""
+        ic = image_conditioning
+        key_image, key_masked = jax.random.split(jax.random.fold_in(key, 1))
+        z0 = ic.encode(self.vae, vae_params, jnp.asarray(image), key_image)
+        x = ic.initial_latents(sched, plan, z0, noise, start, pure_noise)
+        if mask is None:
+            return model, x, start, None
+        mask = jnp.asarray(mask)
+        small = ic.latent_mask(mask, self.vae_scale_factor)
+        if self.unet.config.get("in_channels", 4) != z0.shape[-1]:  # an inpainting UNet
+            # diffusers masks in [-1, 1]: the repainted region becomes 0 (grey) before encoding.
+            masked = ic.encode(self.vae, vae_params, jnp.asarray(image) * (1.0 - mask) + 0.5 * mask, key_masked)
+            return ic.WithMaskChannels(model, jnp.concatenate([small, masked], axis=-1)), x, start, None
+        return model, x, start, ic.blend_known_region(sched, plan, z0, noise, small)
 
     def decode_latents(self, vae_params, latents):
         """Scaled latents -> images [B, H, W, 3] in [0, 1] (diffusers: z / scaling_factor + shift, decode, /2 + 0.5)."""

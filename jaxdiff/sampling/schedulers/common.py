@@ -164,8 +164,12 @@ def _expand(v, x):
 
 
 def add_noise(alphas_cumprod, x0, noise, t):
-    """sqrt(acp[t]) x0 + sqrt(1 - acp[t]) noise (DDPMScheduler.add_noise); t: int timesteps [B] or scalar."""
-    acp = jnp.asarray(alphas_cumprod, x0.dtype)[jnp.asarray(t)]
+    """sqrt(acp[t]) x0 + sqrt(1 - acp[t]) noise (DDPMScheduler.add_noise); t: timesteps [B] or scalar, integers
+    (a plan's float32 timesteps hold integers and are rounded)."""
+    t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.integer):
+        t = jnp.round(t).astype(jnp.int32)
+    acp = jnp.asarray(alphas_cumprod, x0.dtype)[t]
     return _expand(acp**0.5, x0) * x0 + _expand((1 - acp) ** 0.5, x0) * noise
 
 
