@@ -11,4 +11,6 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 # TPU topology on this host; where it cannot be installed (no network, disk) that test is skipped and says so.
 timeout 900 .venv/bin/python -m pip install -q -c constraints.txt -e ".[tpu-aot]" ||
   echo "tools/test.sh: libtpu could not be installed; tests/test_aot_tpu.py will be skipped" >&2
-exec .venv/bin/python -m pytest -q tests "$@"
+# Two workers (one per core; a test file stays on one worker so its module fixtures are built once) and the
+# slowest tests listed at the end, to keep the suite inside its time budget.
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=30 tests "$@"
