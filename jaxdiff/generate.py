@@ -47,6 +47,12 @@ def add_parser(sub) -> None:
         default=None,
         help="with --image: how much to change it, in (0, 1] (default 0.8, or 1.0 with --mask)",
     )
+    p.add_argument(
+        "--buckets",
+        default=None,
+        help="compile these sizes up front, HEIGHTxWIDTH,... (e.g. 512x512,768x512): later runs load them from the "
+        "persistent compilation cache; a size not among them is compiled once, with a note",
+    )
     p.add_argument("--out", default="out", help="output folder (default: out/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -125,6 +131,12 @@ def run(args) -> int:
                 f"--mask is {mask.shape[0]}x{mask.shape[1]} but --image is {image.shape[0]}x{image.shape[1]}"
             )
 
+    buckets = None
+    if args.buckets:
+        if args.image is not None:
+            raise UserError("--buckets compiles text-to-image sizes; with --image the image sets the size")
+        buckets = pipeline_lib.parse_buckets(args.buckets)
+
     enable_compilation_cache()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     pipe = pipeline_lib.load_pipeline(path, dtype=dtype)
@@ -135,6 +147,20 @@ def run(args) -> int:
         from jaxdiff.sampling import cache as cache_lib
 
         cache_lib.parse(args.cache, np.asarray(plan.timesteps), pipe.unet.module.num_skips)  # one-line errors first
+    if buckets:
+        for height, width in buckets:
+            _check_against(pipe, scheduler, steps, height, width)
+        compiled = pipe.compile_buckets(
+            buckets,
+            batch=len(args.prompts),
+            progress_bar=not args.quiet,
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler,
+            cache=args.cache,
+            progress=not args.quiet,
+        )
+        print("compiled " + ", ".join(f"{b['height']}x{b['width']} in {b['seconds']:.1f} s" for b in compiled))
     prompts = [p for p in args.prompts for _ in range(args.num_images)]
     if negatives:
         negatives = [

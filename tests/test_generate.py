@@ -18,7 +18,7 @@ def folder(tmp_path_factory):
 def test_generate_writes_images_grid_and_record(folder, tmp_path):
     out = tmp_path / "out"
     argv = ["generate", "a b c", "x y", "--model", str(folder), "--steps", "3", "--seed", "7", "--out", str(out)]
-    assert cli.main(argv + ["--num-images", "2", "--quiet"]) == 0
+    assert cli.main(argv + ["--num-images", "2", "--quiet", "--buckets", "16x16,32x16"]) == 0
     record = json.loads((out / "generate.json").read_text())
     assert record["steps"] == 3 and record["scheduler"] == "ddim" and record["seed"] == 7
     assert [r["prompt"] for r in record["images"]] == ["a b c", "a b c", "x y", "x y"]
@@ -48,6 +48,8 @@ def test_generate_writes_images_grid_and_record(folder, tmp_path):
         (["--scheduler", "bogus"], "--scheduler 'bogus' is unknown"),
         (["--steps", "5000"], "cannot be larger than num_train_timesteps"),
         (["--negative", "a", "--negative", "b"], "one --negative for all prompts"),
+        (["--buckets", "16x"], "bucket '16x' is not HEIGHTxWIDTH"),
+        (["--buckets", "16x10"], "--width must be a positive multiple of"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(folder, tmp_path, capsys, extra, message):
@@ -77,6 +79,8 @@ def test_img2img_and_inpainting_from_files(folder, tmp_path, capsys):
     save_png(tmp_path / "small.png", mask[:8, :8])
     (tmp_path / "broken.png").write_bytes(b"not a png")
     common = ["generate", "a b", "--model", str(folder), "--quiet", "--steps", "4", "--image", str(tmp_path / "in.png")]
+    assert cli.main([*common, "--buckets", "16x16", "--out", str(tmp_path / "c")]) == 2
+    assert "with --image the image sets the size" in capsys.readouterr().err
     out = tmp_path / "out"
     assert cli.main([*common, "--mask", str(tmp_path / "mask.png"), "--out", str(out)]) == 0
     record = json.loads((out / "generate.json").read_text())

@@ -94,3 +94,29 @@ def test_bad_input_is_a_clear_error(pipe, kwargs, error, match):
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model at"):
         load_pipeline(tmp_path / "nope")
+
+
+def test_buckets_compile_up_front_and_other_sizes_get_a_note(folder, capsys):
+    pipe = load_pipeline(folder)
+    done = pipe.compile_buckets([(16, 16), (32, 16)], batch=2, steps=3, guidance=7.5)
+    assert [(b["height"], b["width"]) for b in done] == [(16, 16), (32, 16)]
+    fn = pipe._sampler("ddim", True, False)
+    before = fn._cache_size()
+    a = pipe(PROMPTS, steps=3, guidance=7.5, height=32, width=16, seed=2)  # the executable: nothing traced
+    assert fn._cache_size() == before and a.shape == (2, 32, 16, 3)
+    assert "not a compiled bucket" not in capsys.readouterr().err
+    plain = load_pipeline(folder)(PROMPTS, steps=3, guidance=7.5, height=32, width=16, seed=2)
+    np.testing.assert_array_equal(a, plain)
+    pipe(PROMPTS, steps=3, guidance=7.5, height=16, width=32)
+    pipe(PROMPTS, steps=3, guidance=7.5, height=16, width=32)
+    assert capsys.readouterr().err.count("16x32 is not a compiled bucket (16x16, 32x16): compiling it once") == 1
+
+
+@pytest.mark.parametrize("text", ["512", "512x", "0x512", "axb", "512x512,,"])
+def test_malformed_buckets_are_a_clear_error(text):
+    from jaxdiff.errors import UserError
+    from jaxdiff.sampling.pipeline import parse_buckets
+
+    with pytest.raises(UserError, match="is not HEIGHTxWIDTH"):
+        parse_buckets(text)
+    assert parse_buckets("512x768, 64X32") == [(512, 768), (64, 32)]

@@ -24,6 +24,11 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-torch", action="store_true", help="skip the diffusers reference")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument(
+        "--buckets",
+        metavar="HxW,...",
+        help="instead: cold and warm start per resolution bucket (tools/bench_buckets.py) for these sizes",
+    )
     p.add_argument("--first-call", metavar="CACHE_DIR", help=argparse.SUPPRESS)  # child process mode
     return p.parse_args(argv)
 
@@ -60,6 +65,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.first_call:
         return first_call(args)
+    if args.buckets:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_buckets
+
+        return bench_buckets.main(["--model", args.model, "--buckets", args.buckets, "--steps", str(args.steps)])
     import jax
     import jax.numpy as jnp
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,10 @@ class Pipeline:
     scheduler_config: dict
     force_zeros_for_empty_prompt: bool = True
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+    # Ahead-of-time executables by (program, argument shapes): resolution buckets compiled up front.
+    _executables: dict = dataclasses.field(default_factory=dict, repr=False)
+    buckets: list = dataclasses.field(default_factory=list, repr=False)
+    _noted: set = dataclasses.field(default_factory=set, repr=False)
     _bar: list = dataclasses.field(default_factory=lambda: [None], repr=False)
 
     @property
@@ -147,7 +152,8 @@ class Pipeline:
         image=None,
         mask=None,
         strength: float | None = None,
-    ) -> np.ndarray:
+        _compile_only: bool = False,
+    ) -> np.ndarray | None:
         """Images [B, H, W, 3] float in [0, 1]. `latents`: NHWC unit Gaussian noise (scaled by the scheduler's
         init_noise_sigma, as diffusers does); `params` overrides the loaded params (e.g. an erased UNet).
 
@@ -255,29 +261,61 @@ class Pipeline:
                 "start": np.int32(req.start),
                 "pure_noise": np.bool_(req.kind != image_conditioning.IMG2IMG and req.strength == 1.0),
             }
+        args = (
+            params["unet"],
+            params["vae"],
+            plan,
+            context,
+            added,
+            latents,
+            jnp.float32(guidance),
+            jax.random.PRNGKey(seed + 1),
+            conditioning,
+        )
+        signature = _signature(fn, args)
+        if _compile_only:
+            if signature not in self._executables:
+                self._executables[signature] = fn.lower(*args).compile()
+            return None
+        executable = self._executables.get(signature)
+        if executable is None and self.buckets and (height, width) not in self.buckets:
+            if (height, width) not in self._noted:
+                self._noted.add((height, width))
+                sizes = ", ".join(f"{h}x{w}" for h, w in self.buckets)
+                print(
+                    f"jaxdiff: {height}x{width} is not a compiled bucket ({sizes}): compiling it once", file=sys.stderr
+                )
         if progress:
             from tqdm.auto import tqdm
 
             calls = sched.num_model_calls(plan) - (0 if req is None else req.start)
             self._bar[0] = tqdm(total=calls, desc="denoising", unit="step")
         try:
-            images = fn(
-                params["unet"],
-                params["vae"],
-                plan,
-                context,
-                added,
-                latents,
-                jnp.float32(guidance),
-                jax.random.PRNGKey(seed + 1),
-                conditioning,
-            )
-            images = np.asarray(images)
+            images = np.asarray((executable or fn)(*args))
         finally:
             if self._bar[0] is not None:
                 self._bar[0].close()
                 self._bar[0] = None
         return images
+
+    def compile_buckets(self, sizes, batch: int = 1, progress_bar: bool = False, **sampling) -> list[dict]:
+        """Compile the sampling program for each (height, width) in `sizes` up front, for `batch` prompts and the
+        sampling options `sampling` (steps, guidance, scheduler, cache, progress, ...), as `pipe(...)` would: a
+        later call at a bucket's size runs without tracing or compiling; with the persistent compilation cache on
+        (`jaxdiff generate` turns it on) a later process loads the bucket instead of compiling it. Returns
+        [{"height", "width", "seconds"}] per bucket."""
+        import time
+
+        from tqdm.auto import tqdm
+
+        done = []
+        for height, width in tqdm(list(sizes), desc="compiling buckets", unit="size", disable=not progress_bar):
+            start = time.perf_counter()
+            self([""] * batch, height=height, width=width, _compile_only=True, **sampling)
+            done.append({"height": height, "width": width, "seconds": round(time.perf_counter() - start, 3)})
+            if (height, width) not in self.buckets:
+                self.buckets.append((height, width))
+        return done
 
     def _contexts(self, prompts, negative_prompts, prompt_embeds, negative_prompt_embeds, use_cfg, params):
         """(context [B or 2B, L, D], None) when embeddings replace the prompts or the negative prompts."""
@@ -379,6 +417,23 @@ class Pipeline:
         if self.vae.config.get("shift_factor") is not None:
             z = z + self.vae.config["shift_factor"]
         return jnp.clip(self.vae.decode(vae_params, z) / 2 + 0.5, 0.0, 1.0)
+
+
+def _signature(fn, args) -> tuple:
+    """What an ahead-of-time executable is specific to: the program and the arguments' structure, shapes, dtypes."""
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    return (id(fn), treedef, tuple((np.shape(x), np.result_type(x)) for x in leaves))
+
+
+def parse_buckets(text: str) -> list[tuple[int, int]]:
+    """ "512x512,768x512" -> [(512, 512), (768, 512)] as (height, width); a malformed entry is a UserError."""
+    sizes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise UserError(f"bucket {item.strip()!r} is not HEIGHTxWIDTH (e.g. 512x512,768x512)")
+        sizes.append((int(parts[0]), int(parts[1])))
+    return sizes
 
 
 def _embeds(x, name: str):
