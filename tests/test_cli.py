@@ -112,9 +112,9 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, pipeline_dir):
     _assert_one_line_error(code, err, "not a jaxdiff checkpoint")
 
     (tmp_path / "cn").mkdir()
-    (tmp_path / "cn" / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
+    (tmp_path / "cn" / "config.json").write_text(json.dumps({"_class_name": "T2IAdapter"}))
     code, _, err = _run(capsys, "convert", tmp_path / "cn", tmp_path / "jx")
-    assert code == 2 and "unsupported model type 'ControlNetModel'" in err and "UNet2DConditionModel" in err
+    assert code == 2 and "unsupported model type 'T2IAdapter'" in err and "UNet2DConditionModel" in err
 
 
 def _every_command() -> list[str]:

@@ -357,10 +357,10 @@ def test_jaxdiff_params_are_checked_strictly(tmp_path, converted):
 
 
 def test_unsupported_model_type_or_missing_config_is_a_clear_error(tmp_path, pipeline_dir):
-    folder = tmp_path / "controlnet"
+    folder = tmp_path / "adapter"
     shutil.copytree(pipeline_dir / "unet", folder)
-    (folder / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
-    with pytest.raises(ValueError, match="unsupported model type 'ControlNetModel'.*UNet2DConditionModel") as e:
+    (folder / "config.json").write_text(json.dumps({"_class_name": "T2IAdapter"}))
+    with pytest.raises(ValueError, match="unsupported model type 'T2IAdapter'.*UNet2DConditionModel") as e:
         jaxdiff.load_model(folder)
     assert str(folder / "config.json") in str(e.value)
     (folder / "config.json").unlink()

@@ -62,6 +62,11 @@ _INCEPTION_IGNORE = ("num_batches_tracked",)
 
 LAYOUTS = {
     "UNet2DConditionModel": Layout((*_UNET_LISTS, "transformer_blocks", "to_out", "net"), DIFFUSERS_WEIGHTS),
+    # ControlNetModel: the UNet's down path plus `controlnet_cond_embedding.blocks.<i>` and the zero convs
+    # `controlnet_down_blocks.<i>` (diffusers' ControlNetModel state dict).
+    "ControlNetModel": Layout(
+        (*_UNET_LISTS, "transformer_blocks", "to_out", "net", "blocks", "controlnet_down_blocks"), DIFFUSERS_WEIGHTS
+    ),
     "AutoencoderKL": Layout((*_UNET_LISTS, "to_out"), DIFFUSERS_WEIGHTS, vae_aliases),
     "CLIPTextModel": Layout(("layers",), TRANSFORMERS_WEIGHTS, clip_unprefixed, _CLIP_IGNORE),
     "CLIPTextModelWithProjection": Layout(("layers",), TRANSFORMERS_WEIGHTS, ignore=_CLIP_IGNORE),

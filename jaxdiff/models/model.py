@@ -23,7 +23,7 @@ class Architecture:
     """
 
     name: str
-    kind: str  # "unet" | "vae" | "clip_text" | "inception"
+    kind: str  # "unet" | "controlnet" | "vae" | "clip_text" | "clip_vision" | "clip" | "inception"
     build: Callable[..., nn.Module]
     example_inputs: Callable[[dict], tuple]
     init_method: str | None = None  # module method used for init when __call__ is not enough

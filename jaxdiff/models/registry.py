@@ -6,10 +6,11 @@ from jaxdiff.models.model import Architecture
 
 
 def _all() -> dict[str, Architecture]:
-    from jaxdiff.models import clip, clip_vision, inception, inception_resnet_v2, inception_v4, unet, vae
+    from jaxdiff.models import clip, clip_vision, controlnet, inception, inception_resnet_v2, inception_v4, unet, vae
 
     return {
         **unet.ARCHITECTURES,
+        **controlnet.ARCHITECTURES,
         **vae.ARCHITECTURES,
         **clip.ARCHITECTURES,
         **clip_vision.ARCHITECTURES,

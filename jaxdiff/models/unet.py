@@ -104,22 +104,15 @@ class TimestepEmbedding(nn.Module):
 def _per_block(value, n: int, name: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise ValueError(f"UNet config: {name} has {len(value)} entries but there are {n} down blocks")
+            raise ValueError(f"{name} has {len(value)} entries but there are {n} down blocks")
         return list(value)
     return [value] * n
 
 
-class UNet2DConditionModel(nn.Module):
-    """apply(params, sample [B,H,W,C], timesteps [B], encoder_hidden_states [B,L,D], added_cond=None) -> [B,H,W,C].
-
-    The same module, split for training-free acceleration (`method=` on apply):
-    `encode` (time embedding, conv_in, down blocks, mid block) -> features {"skips", "mid", "emb"};
-    `decode(features, context, timesteps=None)` (up blocks, conv_out), with the features' embedding or that of
-    other `timesteps` (Faster Diffusion's non-key steps); __call__ is decode(encode(...)).
-    `deep_feature` / `shallow`: DeepCache's full call that also returns the feature entering the up layer that
-    consumes skip `branch`, and the shallow call that computes only the skips 0..branch and the up layers from that
-    one on, entering with a cached feature.
-    """
+class DownPath(nn.Module):
+    """The time embedding, conv_in, down blocks and mid block of a UNet2DConditionModel config: the part the UNet and
+    the ControlNet share (same submodule names, so the same PyTorch keys). Subclasses call `setup_down_path` in
+    `setup`, then `embed` and `down_path`."""
 
     config: dict
     attention: str = "auto"
@@ -129,21 +122,25 @@ class UNet2DConditionModel(nn.Module):
     # T-GATE: (self-attention, cross-attention) cache modes of every transformer block (transformer.ATTN_CACHE_MODES).
     attn_cache_mode: tuple | None = None
 
-    def setup(self):
-        cfg = self._cfg = resolved_config(self.config)
-        n = len(cfg["block_out_channels"])
-        channels = cfg["block_out_channels"]
-        dt = self.dtype
-        common = dict(
+    def block_options(self, cfg: dict) -> dict:
+        """Keyword arguments every UNet block takes."""
+        return dict(
             groups=cfg["norm_num_groups"],
             eps=cfg["norm_eps"],
             linear_projection=cfg["use_linear_projection"],
             upcast=cfg["upcast_attention"],
             attention=self.attention,
-            dtype=dt,
+            dtype=self.dtype,
             platform=self.platform,
             attn_cache_mode=self.attn_cache_mode,
         )
+
+    def setup_down_path(self, cfg: dict) -> None:
+        """Create time_embedding (+ add_embedding), conv_in, down_blocks and mid_block (call from `setup`)."""
+        n = len(cfg["block_out_channels"])
+        channels = cfg["block_out_channels"]
+        dt = self.dtype
+        common = self.block_options(cfg)
         self.time_embedding = TimestepEmbedding(channels[0] * 4, dtype=dt)
         if cfg["addition_embed_type"] == "text_time":
             self.add_embedding = TimestepEmbedding(channels[0] * 4, dtype=dt)
@@ -170,6 +167,67 @@ class UNet2DConditionModel(nn.Module):
                 transformer_layers=cfg["transformer_layers_per_block"][-1],
                 **common,
             )
+
+    def embed(self, timesteps, batch: int, added_cond=None):
+        """The time (+ SDXL text_time) embedding [batch, 4 * C0] of timesteps [batch] (or a scalar)."""
+        cfg = self._cfg
+        c0 = cfg["block_out_channels"][0]
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+        t = timestep_embedding(timesteps, c0, cfg["flip_sin_to_cos"], cfg["freq_shift"])
+        emb = self.time_embedding(t.astype(self.dtype))
+        if cfg["addition_embed_type"] == "text_time":
+            if added_cond is None or "text_embeds" not in added_cond or "time_ids" not in added_cond:
+                raise ValueError('this model needs added_cond={"text_embeds": [B, P], "time_ids": [B, 6]} (SDXL)')
+            time_ids = added_cond["time_ids"]
+            tid = timestep_embedding(
+                time_ids.reshape(-1), cfg["addition_time_embed_dim"], cfg["flip_sin_to_cos"], cfg["freq_shift"]
+            ).reshape(time_ids.shape[0], -1)
+            add = jnp.concatenate([added_cond["text_embeds"].astype(jnp.float32), tid], axis=-1)
+            emb = emb + self.add_embedding(add.astype(self.dtype))
+        return emb
+
+    def check_sample_size(self, sample) -> None:
+        factor = 2 ** (len(self._cfg["block_out_channels"]) - 1)
+        if sample.shape[1] % factor or sample.shape[2] % factor:
+            raise ValueError(f"sample height and width must be multiples of {factor}, got {sample.shape[1:3]}")
+
+    def down_path(self, x, emb, context, num_skips: int | None = None):
+        """Down blocks then the mid block from conv_in's output `x`: (skips, mid), skips a list with `x` first.
+
+        `num_skips`: stop once that many skips exist, with no mid block (mid is then None)."""
+        skips = [x]
+        for block in self.down_blocks:
+            if num_skips is not None and len(skips) >= num_skips:
+                return skips, None
+            units = None if num_skips is None else min(block.num_units, num_skips - len(skips))
+            x, block_skips = block(x, emb, context, units)
+            skips.extend(block_skips)
+        if num_skips is not None:
+            return skips[:num_skips], None
+        if self._cfg["mid_block_type"] is not None:
+            x = self.mid_block(x, emb, context)
+        return skips, x
+
+
+class UNet2DConditionModel(DownPath):
+    """apply(params, sample [B,H,W,C], timesteps [B], encoder_hidden_states [B,L,D], added_cond=None) -> [B,H,W,C];
+    a ControlNet's outputs go in as `down_block_additional_residuals` / `mid_block_additional_residual` (see encode).
+
+    The same module, split for training-free acceleration (`method=` on apply):
+    `encode` (time embedding, conv_in, down blocks, mid block) -> features {"skips", "mid", "emb"};
+    `decode(features, context, timesteps=None)` (up blocks, conv_out), with the features' embedding or that of
+    other `timesteps` (Faster Diffusion's non-key steps); __call__ is decode(encode(...)).
+    `deep_feature` / `shallow`: DeepCache's full call that also returns the feature entering the up layer that
+    consumes skip `branch`, and the shallow call that computes only the skips 0..branch and the up layers from that
+    one on, entering with a cached feature.
+    """
+
+    def setup(self):
+        cfg = self._cfg = resolved_config(self.config)
+        n = len(cfg["block_out_channels"])
+        dt = self.dtype
+        common = self.block_options(cfg)
+        self.setup_down_path(cfg)
         rev = lambda key: list(reversed(cfg[key]))  # noqa: E731
         up_transformer_layers = cfg["reverse_transformer_layers_per_block"] or rev("transformer_layers_per_block")
         self.up_blocks = [
@@ -188,52 +246,66 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = GroupNorm(cfg["norm_num_groups"], cfg["norm_eps"], dt)
         self.conv_out = Conv(cfg["out_channels"], 3, padding=1, dtype=dt, platform=self.platform)
 
-    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond=None):
-        return self.decode(self.encode(sample, timesteps, encoder_hidden_states, added_cond), encoder_hidden_states)
+    def __call__(
+        self,
+        sample,
+        timesteps,
+        encoder_hidden_states,
+        added_cond=None,
+        down_block_additional_residuals=None,
+        mid_block_additional_residual=None,
+    ):
+        features = self.encode(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            added_cond,
+            down_block_additional_residuals=down_block_additional_residuals,
+            mid_block_additional_residual=mid_block_additional_residual,
+        )
+        return self.decode(features, encoder_hidden_states)
 
-    def embed(self, timesteps, batch: int, added_cond=None):
-        """The time (+ SDXL text_time) embedding [batch, 4 * C0] of timesteps [batch] (or a scalar)."""
-        cfg = self._cfg
-        c0 = cfg["block_out_channels"][0]
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
-        t = timestep_embedding(timesteps, c0, cfg["flip_sin_to_cos"], cfg["freq_shift"])
-        emb = self.time_embedding(t.astype(self.dtype))
-        if cfg["addition_embed_type"] == "text_time":
-            if added_cond is None or "text_embeds" not in added_cond or "time_ids" not in added_cond:
-                raise ValueError('this UNet needs added_cond={"text_embeds": [B, P], "time_ids": [B, 6]} (SDXL)')
-            time_ids = added_cond["time_ids"]
-            tid = timestep_embedding(
-                time_ids.reshape(-1), cfg["addition_time_embed_dim"], cfg["flip_sin_to_cos"], cfg["freq_shift"]
-            ).reshape(time_ids.shape[0], -1)
-            add = jnp.concatenate([added_cond["text_embeds"].astype(jnp.float32), tid], axis=-1)
-            emb = emb + self.add_embedding(add.astype(self.dtype))
-        return emb
-
-    def encode(self, sample, timesteps, encoder_hidden_states, added_cond=None, *, num_skips: int | None = None):
+    def encode(
+        self,
+        sample,
+        timesteps,
+        encoder_hidden_states,
+        added_cond=None,
+        *,
+        num_skips: int | None = None,
+        down_block_additional_residuals=None,
+        mid_block_additional_residual=None,
+    ):
         """Faster Diffusion's encoder: {"skips": tuple of down-path features (conv_in's first), "mid": [B, h, w, C],
         "emb": [B, E]}. `num_skips`: stop once that many skips exist, with no mid block (DeepCache's shallow
-        branch; "mid" is then None)."""
+        branch; "mid" is then None).
+
+        ControlNet residuals (a ControlNet's outputs, both or neither), added where diffusers adds them: each of
+        `down_block_additional_residuals` (one per skip) to its skip after the whole down path, so only the up path
+        sees them, and `mid_block_additional_residual` to the mid block's output. With `num_skips`, the first
+        residuals go to the skips computed and the mid residual is unused."""
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ValueError(
+                "ControlNet residuals come in pairs: pass both down_block_additional_residuals and "
+                "mid_block_additional_residual, or neither"
+            )
+        if down_block_additional_residuals is not None and len(down_block_additional_residuals) != self.num_skips:
+            raise ValueError(
+                f"down_block_additional_residuals has {len(down_block_additional_residuals)} entries; this UNet has "
+                f"{self.num_skips} skips (conv_in's, one per down layer and per downsampler)"
+            )
         cfg = self._cfg
-        factor = 2 ** (len(cfg["block_out_channels"]) - 1)
-        if sample.shape[1] % factor or sample.shape[2] % factor:
-            raise ValueError(f"sample height and width must be multiples of {factor}, got {sample.shape[1:3]}")
+        self.check_sample_size(sample)
         emb = self.embed(timesteps, sample.shape[0], added_cond)
         x = sample.astype(self.dtype)
         if cfg["center_input_sample"]:
             x = 2 * x - 1.0
-        x = self.conv_in(x)
-        skips = [x]
-        for block in self.down_blocks:
-            if num_skips is not None and len(skips) >= num_skips:
-                return {"skips": tuple(skips), "mid": None, "emb": emb}
-            units = None if num_skips is None else min(block.num_units, num_skips - len(skips))
-            x, block_skips = block(x, emb, encoder_hidden_states, units)
-            skips.extend(block_skips)
-        if num_skips is not None:
-            return {"skips": tuple(skips[:num_skips]), "mid": None, "emb": emb}
-        if cfg["mid_block_type"] is not None:
-            x = self.mid_block(x, emb, encoder_hidden_states)
-        return {"skips": tuple(skips), "mid": x, "emb": emb}
+        skips, mid = self.down_path(self.conv_in(x), emb, encoder_hidden_states, num_skips)
+        if down_block_additional_residuals is not None:
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals)]
+            if mid is not None:
+                mid = mid + mid_block_additional_residual.astype(mid.dtype)
+        return {"skips": tuple(skips), "mid": mid, "emb": emb}
 
     def decode(self, features, encoder_hidden_states, timesteps=None, added_cond=None):
         """Up blocks and conv_out over encoder `features` [B, ...]; with `timesteps` [B] the embedding is recomputed
@@ -285,8 +357,10 @@ def num_skips(config: dict) -> int:
     return 1 + sum(cfg["layers_per_block"]) + n - 1
 
 
-def resolved_config(config: dict) -> dict:
-    """diffusers defaults filled in, per-block values expanded to lists, unsupported options refused."""
+def resolved_config(config: dict, *, up_blocks: bool = True, what: str = "UNet2DConditionModel") -> dict:
+    """diffusers defaults filled in, per-block values expanded to lists, unsupported options refused.
+
+    `up_blocks=False`: a config with no up path (a ControlNet's); `what` names the class in errors."""
     cfg = dict(
         in_channels=4,
         out_channels=4,
@@ -317,7 +391,7 @@ def resolved_config(config: dict) -> dict:
     cfg.update({k: v for k, v in config.items() if not k.startswith("_")})
     problems = [f"{k}={cfg[k]!r} (supported: {v!r})" for k, v in _REQUIRED_DEFAULTS.items() if cfg.get(k, v) != v]
     n = len(cfg["block_out_channels"])
-    for key, known in (("down_block_types", _DOWN), ("up_block_types", _UP)):
+    for key, known in (("down_block_types", _DOWN), ("up_block_types", _UP))[: 2 if up_blocks else 1]:
         problems += [f"{key} entry {b!r} (supported: {sorted(known)})" for b in cfg[key] if b not in known]
     if cfg["mid_block_type"] not in ("UNetMidBlock2DCrossAttn", None):
         problems.append(f"mid_block_type={cfg['mid_block_type']!r} (supported: UNetMidBlock2DCrossAttn or null)")
@@ -326,7 +400,7 @@ def resolved_config(config: dict) -> dict:
     if cfg["downsample_padding"] != 1 or cfg["mid_block_scale_factor"] != 1:
         problems.append("downsample_padding and mid_block_scale_factor must be 1")
     if problems:
-        raise ValueError("unsupported UNet2DConditionModel config: " + "; ".join(problems))
+        raise ValueError(f"unsupported {what} config: " + "; ".join(problems))
     # diffusers' historical naming bug: `attention_head_dim` holds the number of heads when
     # `num_attention_heads` is absent (SD 1.x: 8 heads; SD 2.x: [5, 10, 20, 20]).
     heads = cfg["num_attention_heads"] or cfg["attention_head_dim"]
