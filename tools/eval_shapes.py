@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from jaxdiff.data import shapes as S  # noqa: E402
-from jaxdiff.metrics import frechet  # noqa: E402
+from jaxdiff.metrics import frechet, pixel_judge  # noqa: E402
 from jaxdiff.metrics import probe as probe_lib  # noqa: E402
 
 DEFAULT_GUIDANCE = 5.0
@@ -115,6 +115,21 @@ def judge(probe, images: np.ndarray, scenes: list[S.Scene], prompts: list[str], 
             )
         )
     res["frechet"] = frechet.frechet_distance_from_features(feats, real_feats)
+    # The second, non-learned judge (metrics/pixel_judge.py) on the same images: an invalid image (no object, too
+    # many, fragments, an unknown shape or colour) is wrong on every attribute.
+    batched = {k: np.stack([lab[k] for lab in labels]) for k in labels[0]}
+    pix = pixel_judge.judge(images, int(n_obj[0]))
+    acc = pixel_judge.accuracy(pix, batched)
+    slots = ("shape0", "colour0") if n_obj[0] == 1 else ("shape0", "colour0", "shape1", "colour1")
+    res["pixel_valid"] = acc["valid"]
+    res["pixel_shape_acc"] = float(np.mean([acc[h] for h in slots if h.startswith("shape")]))
+    res["pixel_colour_acc"] = float(np.mean([acc[h] for h in slots if h.startswith("colour")]))
+    res["pixel_all_correct"] = acc["all"]
+    agree = pix["valid"].copy()
+    for h in slots:
+        key, slot = pixel_judge.HEADS[h]
+        agree &= pix[key][:, slot] == preds[h]
+    res["judges_agree"] = float(agree.mean())
     return res
 
 
@@ -133,36 +148,42 @@ def save_grid(path: Path, images: np.ndarray, columns: int = 8, scale: int = 2) 
     img.save(path)
 
 
+def _cell(rate: float, n: int) -> str:
+    """A rate with its 95 % Wilson interval."""
+    z, k = 1.96, rate * n
+    centre = (k + z * z / 2) / (n + z * z)
+    half = z * np.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
+    return f"{rate:.1%} [{max(0, centre - half):.0%}, {min(1, centre + half):.0%}]"
+
+
 def markdown(results: dict) -> str:
+    n = results["n"]
     lines = [
         f"Model `{results['model']}`, {results['steps']} {results['scheduler'].upper()} steps, "
-        f"N = {results['n']} prompts per row from the held-out templates, judged by the probe.",
+        f"N = {n} prompts per row from the held-out templates; each rate with its 95 % Wilson interval. "
+        "Two judges: the learned probe (forced choice) and the non-learned pixel judge (an invalid image is wrong).",
         "",
-        "| guidance | prompts | shape acc | colour acc | shape+colour | count acc "
-        "| Fréchet (probe feats) | real vs re-rendered real |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| guidance | prompts | shape: probe | shape: pixel | colour: probe | colour: pixel | pixel valid "
+        "| judges agree | count (probe) | Fréchet (probe feats) | real vs real |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for g, r in results["by_guidance"].items():
-        for kind in ("single", "two"):
-            x = r[kind]
-            both = x.get("both_acc", x.get("all_correct"))
-            lines.append(
-                f"| {g} | {'one object' if kind == 'single' else 'two objects (per slot)'} | {x['shape_acc']:.1%} | "
-                f"{x['colour_acc']:.1%} | {both:.1%} | {x['count_acc']:.1%} | {x['frechet']:.2f} | "
-                f"{results['frechet_floor'][kind]:.2f} |"
-            )
-    for kind in ("single", "two"):
-        x = results["vae_reconstruction"][kind]
-        both = x.get("both_acc", x.get("all_correct"))
+    rows = [(g, kind, r[kind]) for g, r in results["by_guidance"].items() for kind in ("single", "two")]
+    rows += [("VAE recon. of real", kind, results["vae_reconstruction"][kind]) for kind in ("single", "two")]
+    for g, kind, x in rows:
+        k = x.get("n", n)
         lines.append(
-            f"| VAE recon. of real | {'one object' if kind == 'single' else 'two objects (per slot)'} | "
-            f"{x['shape_acc']:.1%} | {x['colour_acc']:.1%} | {both:.1%} | {x['count_acc']:.1%} | {x['frechet']:.2f} | "
-            f"{results['frechet_floor'][kind]:.2f} |"
+            f"| {g} | {'one object' if kind == 'single' else 'two objects (per slot)'} | {_cell(x['shape_acc'], k)} | "
+            f"{_cell(x['pixel_shape_acc'], k)} | {_cell(x['colour_acc'], k)} | {_cell(x['pixel_colour_acc'], k)} | "
+            f"{_cell(x['pixel_valid'], k)} | {_cell(x['judges_agree'], k)} | {x['count_acc']:.1%} | "
+            f"{x['frechet']:.2f} | {results['frechet_floor'][kind]:.2f} |"
         )
     lines += [
         "",
-        "Two objects: shape/colour acc is the mean of the left and right slots; shape+colour there is "
-        "all four attributes right. Single objects: position accuracy over prompts stating a position: "
+        "Two objects: shape/colour accuracy is the mean of the left and right slots. The judges agree on an image "
+        "when the pixel judge finds it valid and both name the same shape and colour in every slot. Fréchet: "
+        "distance on the probe's features to renders of the prompted scenes; 'real vs real': the same between "
+        "those renders and a re-render with fresh jitter (the estimator's floor at this N). Single objects: "
+        "position accuracy over prompts stating a position: "
         + ", ".join(
             f"g={g}: {r['single'].get('position_acc_when_stated', float('nan')):.1%}"
             for g, r in results["by_guidance"].items()
