@@ -48,6 +48,22 @@ def add_parser(sub) -> None:
         help="with --image: how much to change it, in (0, 1] (default 0.8, or 1.0 with --mask)",
     )
     p.add_argument(
+        "--controlnet",
+        action="append",
+        default=None,
+        help="a ControlNet folder (diffusers or jaxdiff); repeat for several, each with its --control-image",
+    )
+    p.add_argument("--control-image", action="append", default=None, help="a control image per --controlnet")
+    p.add_argument(
+        "--controlnet-scale", type=float, action="append", default=None, help="per --controlnet (default 1.0)"
+    )
+    p.add_argument(
+        "--control-window",
+        default=None,
+        metavar="START:END",
+        help="fractions of the steps where the ControlNets act (default 0:1)",
+    )
+    p.add_argument(
         "--buckets",
         default=None,
         help="compile these sizes up front, HEIGHTxWIDTH,... (e.g. 512x512,768x512): later runs load them from the "
@@ -131,6 +147,7 @@ def run(args) -> int:
                 f"--mask is {mask.shape[0]}x{mask.shape[1]} but --image is {image.shape[0]}x{image.shape[1]}"
             )
 
+    control = _control_inputs(args)
     buckets = None
     if args.buckets:
         if args.image is not None:
@@ -139,7 +156,7 @@ def run(args) -> int:
 
     enable_compilation_cache()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    pipe = pipeline_lib.load_pipeline(path, dtype=dtype)
+    pipe = pipeline_lib.load_pipeline(path, dtype=dtype, controlnet=args.controlnet)
     plan = _check_against(pipe, scheduler, steps, args.height, args.width)
     if args.cache:
         import numpy as np
@@ -189,6 +206,7 @@ def run(args) -> int:
                 image=image,
                 mask=mask,
                 strength=args.strength,
+                **control,
             )
         )
     seconds = time.perf_counter() - start
@@ -223,6 +241,8 @@ def run(args) -> int:
         "image": args.image,
         "mask": args.mask,
         "strength": args.strength,
+        "controlnet": args.controlnet,
+        "control_image": args.control_image,
         "height": int(ordered[0].shape[0]),
         "width": int(ordered[0].shape[1]),
         "seconds": round(seconds, 3),
@@ -233,6 +253,34 @@ def run(args) -> int:
     atomic_write_text(out / "generate.json", json.dumps(record, indent=2) + "\n")
     print(f"wrote {len(ordered)} images, grid.png and generate.json to {out}/ ({seconds:.1f} s)")
     return 0
+
+
+def _control_inputs(args) -> dict:
+    """The pipeline's ControlNet keyword arguments from the flags (one-line errors for counts and windows)."""
+    nets, images = args.controlnet or [], args.control_image or []
+    if not nets:
+        if images or args.controlnet_scale or args.control_window:
+            raise UserError("--control-image, --controlnet-scale and --control-window need --controlnet")
+        return {}
+    if len(images) != len(nets):
+        raise UserError(f"give one --control-image per --controlnet ({len(nets)}), got {len(images)}")
+    scales = args.controlnet_scale or [1.0] * len(nets)
+    if len(scales) not in (1, len(nets)):
+        raise UserError(f"give one --controlnet-scale for all or one per --controlnet ({len(nets)})")
+    start, end = 0.0, 1.0
+    if args.control_window:
+        try:
+            start, end = (float(v) for v in args.control_window.split(":"))
+        except ValueError:
+            raise UserError(f"--control-window must be START:END, e.g. 0:0.6, got {args.control_window!r}") from None
+    from jaxdiff.images import read_image
+
+    return {
+        "control_image": [read_image(f) for f in images],
+        "controlnet_scale": scales * len(nets) if len(scales) == 1 else scales,
+        "control_start": start,
+        "control_end": end,
+    }
 
 
 def _judge_shapes(images, prompts: list[str], records: list[dict]) -> dict | None:

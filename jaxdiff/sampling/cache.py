@@ -180,8 +180,14 @@ class CachedUNet:
     def _apply(self, *args, module=None, **kwargs):
         return (module or self.module).apply({"params": self.params}, *args, **kwargs)
 
-    def __call__(self, x, t, cond):
-        return self._apply(x, t, *cond).astype(jnp.float32)
+    def __call__(self, x, t, cond, residuals=None):
+        """`residuals`: (down residuals, mid residual) of ControlNets, added where the UNet takes them."""
+        if residuals is None:
+            return self._apply(x, t, *cond).astype(jnp.float32)
+        down, mid = residuals
+        return self._apply(x, t, *cond, down_block_additional_residuals=down, mid_block_additional_residual=mid).astype(
+            jnp.float32
+        )
 
     def encode(self, x, t, cond):
         return self._apply(x, t, *cond, method="encode")

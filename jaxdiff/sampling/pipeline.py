@@ -48,14 +48,32 @@ def resolve(path_or_name: str | os.PathLike) -> Path:
 
 
 def load_pipeline(
-    path_or_name: str | os.PathLike = "shapes", dtype=jnp.float32, attention: str = "auto", platform: str | None = None
+    path_or_name: str | os.PathLike = "shapes",
+    dtype=jnp.float32,
+    attention: str = "auto",
+    platform: str | None = None,
+    controlnet=None,
 ) -> Pipeline:
     """A pipeline from a diffusers pipeline folder, a jaxdiff checkpoint, or a built-in name ("shapes").
 
     `platform`: the platform its programs are compiled for; None: the platform of the default devices, where the
-    params are placed and the pipeline runs."""
+    params are placed and the pipeline runs. `controlnet`: a ControlNet folder (diffusers or jaxdiff) or a list of
+    them, used in that order by `pipe(..., control_image=...)`; a StableDiffusionControlNetPipeline folder brings
+    its own `controlnet/`."""
+    from jaxdiff.models import controlnet as controlnet_lib
+
     path = resolve(path_or_name)
     models = checkpoint.load_components(path, dtype=dtype, attention=attention, platform=platform)
+    nets = [models.pop("controlnet")] if "controlnet" in models else []
+    for folder in (
+        [] if controlnet is None else [controlnet] if isinstance(controlnet, (str, os.PathLike)) else controlnet
+    ):
+        nets.append(checkpoint.load_component(folder, dtype=dtype, attention=attention, platform=platform))
+    for net in nets:
+        if "controlnet_cond_embedding" not in net.params:
+            raise UserError(f"{net.config.get('_class_name')} given as a ControlNet")
+        if "unet" in models:
+            controlnet_lib.check_compatible(net.config, models["unet"].config)
     missing = [name for name in ("unet", "vae", "text_encoder") if name not in models]
     if missing:
         raise UserError(f"{path} is not a text-to-image pipeline: missing components {missing}")
@@ -74,6 +92,7 @@ def load_pipeline(
         scheduler_config=scheduler_config,
         # diffusers' StableDiffusionXLPipeline default; a model_index.json saved by diffusers records it.
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        controlnets=nets,
     )
 
 
@@ -91,6 +110,7 @@ class Pipeline:
     tokenizers: list[Any]
     scheduler_config: dict
     force_zeros_for_empty_prompt: bool = True
+    controlnets: list = dataclasses.field(default_factory=list)
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
     # Ahead-of-time executables by (program, argument shapes): resolution buckets compiled up front.
     _executables: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -108,6 +128,7 @@ class Pipeline:
             "unet": self.unet.params,
             "vae": self.vae.params,
             "text_encoders": [e.params for e in self.text_encoders],
+            "controlnets": [c.params for c in self.controlnets],
         }
 
     @property
@@ -152,6 +173,11 @@ class Pipeline:
         image=None,
         mask=None,
         strength: float | None = None,
+        control_image=None,
+        controlnet_scale=1.0,
+        control_start=0.0,
+        control_end=1.0,
+        guess_mode: bool = False,
         _compile_only: bool = False,
     ) -> np.ndarray | None:
         """Images [B, H, W, 3] float in [0, 1]. `latents`: NHWC unit Gaussian noise (scaled by the scheduler's
@@ -168,7 +194,12 @@ class Pipeline:
         (SDEdit) from the image noised to the step `strength` sets (default 0.8: the last int(steps * strength)
         steps run, as in diffusers); with `mask` ([H, W] or [B, H, W], white = repaint), inpainting (default
         strength 1): an inpainting UNet (9 input channels) sees the mask and the masked image's latents, any other
-        UNet keeps the unmasked region by blending it back after every step. `latents` is then the added noise."""
+        UNet keeps the unmasked region by blending it back after every step. `latents` is then the added noise.
+
+        `control_image` (one per loaded ControlNet, each [H, W, 3] or [B, H, W, 3] in [0, 1] at the output size):
+        ControlNet guidance, each net's residuals scaled by its `controlnet_scale` inside its step window
+        [`control_start`, `control_end`] (fractions of the steps; a value or one per net), summed over nets;
+        `guess_mode`: the nets see only the conditional rows of classifier-free guidance (diffusers' semantics)."""
         from jaxdiff.sampling import cache as cache_lib
         from jaxdiff.sampling import make_scheduler
 
@@ -220,6 +251,17 @@ class Pipeline:
                 raise UserError(f"height and width come from the image ({req.image.shape[1]}x{req.image.shape[2]})")
             height, width = req.image.shape[1:3]
         height, width = height or self.default_size, width or self.default_size
+        control = None
+        if control_image is not None:
+            from jaxdiff.sampling import control as control_lib
+
+            if cache is not None or (req is not None and req.mask is not None):
+                raise UserError("ControlNet guidance runs with plain text-to-image or img2img sampling only")
+            guess_mode = guess_mode or any(n.config.get("global_pool_conditions") for n in self.controlnets)
+            control = control_lib.request(
+                self.controlnets, control_image, controlnet_scale, control_start, control_end, guess_mode, batch,
+                height, width, int(plan.timesteps.shape[0]), self.unet.config,
+            )  # fmt: skip
         factor = self.vae_scale_factor * 2 ** (len(self.unet.config.get("block_out_channels", (0,) * 4)) - 1)
         if height <= 0 or width <= 0 or height % factor or width % factor:
             raise UserError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
@@ -252,7 +294,10 @@ class Pipeline:
         if latents.shape != shape:
             raise UserError(f"latents must have shape {shape}, got {latents.shape}")
 
-        fn = self._sampler(name, use_cfg, progress, schedule, None if req is None else req.kind)
+        kind = None if req is None else req.kind
+        fn = self._sampler(
+            name, use_cfg, progress, schedule, kind, control and (len(control.images), control.guess_mode)
+        )
         conditioning = None
         if req is not None:
             conditioning = {
@@ -271,6 +316,14 @@ class Pipeline:
             jnp.float32(guidance),
             jax.random.PRNGKey(seed + 1),
             conditioning,
+            None
+            if control is None
+            else {
+                "params": params.get("controlnets", [c.params for c in self.controlnets]),
+                "images": list(control.images),
+                "scales": control.scales,
+                "keep": control.keep,
+            },
         )
         signature = _signature(fn, args)
         if _compile_only:
@@ -334,15 +387,19 @@ class Pipeline:
             )
         return jnp.concatenate([cond, uncond.astype(cond.dtype)]), None
 
-    def _sampler(self, name: str, use_cfg: bool, progress: bool, schedule=None, kind: str | None = None):
-        """One jitted program per (scheduler, guidance on/off, progress, cache schedule, image kind); XLA caches one
-        executable per shape (strength and the start step are traced: no recompiling per strength)."""
+    def _sampler(self, name: str, use_cfg: bool, progress: bool, schedule=None, kind: str | None = None, control=None):
+        """One jitted program per (scheduler, guidance on/off, progress, cache schedule, image kind, (number of
+        ControlNets, guess mode)); XLA caches one executable per shape (strength, start step, control scales and
+        windows are traced: no recompiling when they change)."""
         key = (name, use_cfg, progress) + ((schedule,) if schedule is not None else ()) + ((kind,) if kind else ())
+        key += (("control",) + tuple(control),) if control else ()
         if key not in self._compiled:
             from jaxdiff.sampling import make_scheduler
 
             sched = make_scheduler(name, self.scheduler_config)
-            self._compiled[key] = jax.jit(functools.partial(self._sample, sched, use_cfg, progress, schedule, kind))
+            guess = bool(control and control[1])
+            sample = functools.partial(self._sample, sched, use_cfg, progress, schedule, kind, guess)
+            self._compiled[key] = jax.jit(sample)
         return self._compiled[key]
 
     def _tick(self, _):
@@ -356,6 +413,7 @@ class Pipeline:
         progress,
         schedule,
         kind,
+        guess_mode,
         unet_params,
         vae_params,
         plan,
@@ -365,10 +423,19 @@ class Pipeline:
         guidance,
         key,
         conditioning=None,
+        control=None,
     ):
         from jaxdiff.sampling.cache import CachedUNet
 
         model = CachedUNet(self.unet.module, unet_params)
+        if control is not None:
+            from jaxdiff.sampling.control import WithControlNets
+
+            nets = self.controlnets[: len(control["params"])]
+            model = WithControlNets(
+                model, nets, control["params"], control["images"], control["scales"], control["keep"],
+                plan.timesteps, guess_mode,
+            )  # fmt: skip
 
         n = latents.shape[0]
         cond, uncond = (context, added), None
