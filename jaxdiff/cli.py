@@ -28,19 +28,45 @@ def _add_convert(sub) -> None:
         "convert",
         help="PyTorch/diffusers -> jaxdiff checkpoint",
         description="Convert a diffusers pipeline or component folder (or one .safetensors/.bin file with --config) "
-        "into a jaxdiff checkpoint (float32 params.safetensors per component; loads without torch).",
+        "into a jaxdiff checkpoint (float32 params.safetensors per component; loads without torch). An original "
+        "single-file checkpoint (SD 1.x / 2.x / SDXL base, .safetensors or .ckpt, as A1111 and ComfyUI use) becomes a "
+        "jaxdiff pipeline: architecture and configs from its tensors, or configs, scheduler and tokenizer(s) from "
+        "--config-from.",
     )
     p.add_argument("src", help="diffusers pipeline folder, component folder, or a single weights file")
     p.add_argument("dst", help="output folder (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--config", help="config.json for a single weights file")
+    p.add_argument("--config", help="config.json for the weights file of one diffusers/transformers component")
+    p.add_argument(
+        "--config-from",
+        help="single file: a diffusers pipeline folder or jaxdiff checkpoint of the same architecture to take the "
+        "configs, scheduler and tokenizer(s) from (a single file holds no tokenizer)",
+    )
+    p.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction"),
+        help="single file: what the UNet predicts, which the tensors cannot show (default: --config-from's "
+        "scheduler, else epsilon; SD 2.x 768-v models are v_prediction)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=_convert)
 
 
 def _convert(args) -> int:
-    from jaxdiff.convert import checkpoint
+    from jaxdiff.convert import checkpoint, single_file
 
-    summary = checkpoint.convert(args.src, args.dst, config=args.config, overwrite=args.overwrite, progress=None)
+    if os.path.isfile(args.src) and args.config is None:
+        summary = single_file.convert(
+            args.src,
+            args.dst,
+            config_from=_builtin(args.config_from) if args.config_from else None,
+            prediction_type=args.prediction_type,
+            overwrite=args.overwrite,
+            progress=None,
+        )
+    elif args.config_from or args.prediction_type:
+        raise UserError("--config-from and --prediction-type apply to single-file checkpoints only")
+    else:
+        summary = checkpoint.convert(args.src, args.dst, config=args.config, overwrite=args.overwrite, progress=None)
     _print_summary("converted", summary)
     return 0
 
@@ -53,15 +79,32 @@ def _add_export(sub) -> None:
         "loadable with from_pretrained.",
     )
     p.add_argument("src", help="jaxdiff checkpoint folder, or 'shapes' for the embedded model")
-    p.add_argument("dst", help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("dst", help="output folder (must not exist or be empty, unless --overwrite), or FILE.safetensors")
+    p.add_argument(
+        "--single-file",
+        action="store_true",
+        help="write one original-layout .safetensors (SD 1.x / 2.x / SDXL: model.diffusion_model.*, "
+        "first_stage_model.*, ...); implied by a DST ending in .safetensors; a checkpoint converted from a single "
+        "file exports bitwise equal to it",
+    )
+    p.add_argument(
+        "--dtype", choices=("float32", "float16", "bfloat16"), help="single file: store every tensor in this dtype"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=_export)
 
 
 def _export(args) -> int:
-    from jaxdiff.convert import checkpoint
+    from jaxdiff.convert import checkpoint, single_file
 
-    summary = checkpoint.export(_builtin(args.src), args.dst, overwrite=args.overwrite, progress=None)
+    if args.single_file or str(args.dst).endswith(".safetensors"):
+        summary = single_file.export(
+            _builtin(args.src), args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=None
+        )
+    elif args.dtype:
+        raise UserError("--dtype applies to single-file exports (--single-file) only")
+    else:
+        summary = checkpoint.export(_builtin(args.src), args.dst, overwrite=args.overwrite, progress=None)
     _print_summary("exported", summary)
     return 0
 
@@ -75,12 +118,16 @@ def _builtin(path: str) -> str:
 
 def _print_summary(verb: str, summary: dict) -> None:
     print(f"{verb} {summary['src']} -> {summary['dst']}")
+    if summary.get("architecture"):
+        print(f"  architecture: {summary['architecture']} (decided by {', '.join(summary.get('decided_by', []))})")
     for name, c in summary["components"].items():
         print(f"  {name:<16} {c['class']:<30} {c['params']:>14,} params  {c['tensors']:>5} tensors")
     if summary.get("copied"):
         print(f"  copied: {', '.join(summary['copied'])}")
     if summary.get("skipped"):
         print(f"  skipped (no jaxdiff model class): {', '.join(summary['skipped'])}")
+    for note in summary.get("notes", []):
+        print(f"  note: {note}")
 
 
 def _add_info(sub) -> None:
@@ -95,13 +142,18 @@ def _add_info(sub) -> None:
 
 
 def _info(args) -> int:
-    from jaxdiff.convert import checkpoint
+    from jaxdiff.convert import single_file
 
-    result = checkpoint.info(_builtin(args.path))
+    result = single_file.info(_builtin(args.path))  # checkpoint.info, plus the architecture of a single file
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{result['path']} ({result['format']})")
+    if "architecture" in result:
+        decided = f" (decided by {', '.join(result['decided_by'])})" if result.get("decided_by") else ""
+        print(f"  architecture: {result['architecture'] or result.get('architecture_error')}{decided}")
+    if result.get("prediction_type"):
+        print(f"  prediction type: {result['prediction_type']}")
     total = 0
     for name, c in result["components"].items():
         dtypes = ", ".join(f"{tag}:{n}" for tag, n in sorted(c["dtypes"].items()))
