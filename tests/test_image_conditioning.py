@@ -156,6 +156,11 @@ def test_strength_start_step_matches_diffusers():
         (dict(image=np.zeros((3, SIZE, SIZE, 3))), "3 images for 2 prompts"),
         (dict(image=np.zeros((SIZE, SIZE, 3)), cache="deepcache:2"), "cannot be combined with an image"),
         (dict(image=np.zeros((SIZE, SIZE, 3)), height=32), "come from the image"),
+        (dict(denoising_end=1.5), r"denoising_end must be in \(0, 1\)"),
+        (dict(denoising_start=0.5), "denoising_start needs init_latents"),
+        (dict(init_latents=np.zeros((2, 8, 8, 3))), r"init_latents must be \[B, h, w, 4\]"),
+        (dict(init_latents=np.zeros((2, 8, 8, 4)), denoising_start=0.3, denoising_end=0.2), "is not before"),
+        (dict(output="pil"), "output must be 'images' or 'latents'"),
     ],
 )
 def test_bad_input_is_a_clear_error(folder, kwargs, match):

@@ -192,3 +192,70 @@ def test_force_zeros_for_empty_prompt_is_read_from_model_index(folder, tmp_path,
         index["force_zeros_for_empty_prompt"] = value
     (copy / "model_index.json").write_text(json.dumps(index))
     assert load_pipeline(copy).force_zeros_for_empty_prompt is (value is not False)  # diffusers' default: True
+
+
+def tiny_sdxl_refiner(folder, base_folder):
+    """A tiny random SDXL refiner (second text encoder only, aesthetic-score time ids) beside the tiny base."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    base = StableDiffusionXLPipeline.from_pretrained(base_folder, add_watermarker=False)
+    unet = UNet2DConditionModel(
+        **{
+            **UNET,
+            "cross_attention_dim": TEXT_DIMS[1],
+            "projection_class_embeddings_input_dim": POOLED_DIM + 5 * TIME_DIM,
+        }
+    )
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae,
+        text_encoder=None,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=base.tokenizer_2,
+        unet=_randomized(unet, 5),
+        scheduler=base.scheduler,
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+    refiner.save_pretrained(folder)
+    return folder
+
+
+def test_base_and_refiner_match_diffusers_ensemble_of_experts(folder, ref, pipe, latents, tmp_path):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    refiner_folder = tiny_sdxl_refiner(tmp_path / "refiner", folder)
+    ref_refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_folder, add_watermarker=False)
+    ref_refiner.set_progress_bar_config(disable=True)
+    steps, split = 10, 0.7
+    with torch.no_grad():
+        handed = ref(
+            PROMPTS,
+            num_inference_steps=steps,
+            guidance_scale=GUIDANCE,
+            height=HEIGHT,
+            width=WIDTH,
+            latents=torch.from_numpy(latents).permute(0, 3, 1, 2),
+            denoising_end=split,
+            output_type="latent",
+        ).images
+        expected = ref_refiner(
+            PROMPTS, image=handed, num_inference_steps=steps, guidance_scale=GUIDANCE, denoising_start=split,
+            output_type="np",
+        ).images  # fmt: skip
+    ours = pipe(
+        PROMPTS, steps=steps, guidance=GUIDANCE, height=HEIGHT, width=WIDTH, latents=latents, denoising_end=split,
+        output="latents",
+    )  # fmt: skip
+    assert_parity(ours, handed.permute(0, 2, 3, 1).numpy(), rel=1e-4, what="base latents at the hand-over")
+    refiner = load_pipeline(refiner_folder)
+    assert refiner.is_sdxl and refiner.requires_aesthetics_score and len(refiner.text_encoders) == 1
+    images = refiner(PROMPTS, steps=steps, guidance=GUIDANCE, init_latents=ours, denoising_start=split)
+    assert 0.5 < np.mean((expected > 0.01) & (expected < 0.99))
+    assert_parity(images, expected, rel=1e-4, what="refined images")
+    # The refiner's scores are in its time ids: another aesthetic score gives other pixels (more than the parity
+    # bound of 1e-4 above; the tiny model's time embedding moves its 3 remaining steps by ~5e-4).
+    other = refiner(PROMPTS, steps=steps, guidance=GUIDANCE, init_latents=ours, denoising_start=split,
+                    aesthetic_score=2.0)  # fmt: skip
+    assert np.max(np.abs(other - images)) > 2e-4

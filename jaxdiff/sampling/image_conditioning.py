@@ -18,14 +18,22 @@ IMG2IMG, INPAINT_CONCAT, INPAINT_BLEND = "img2img", "inpaint_concat", "inpaint_b
 
 @dataclasses.dataclass(frozen=True)
 class ImageRequest:
-    """Validated host inputs: the image [B, H, W, 3] in [0, 1], the mask [B, H, W, 1] in {0, 1} (1 = repaint) or
-    None, the strength, the kind (IMG2IMG, INPAINT_CONCAT or INPAINT_BLEND) and the plan step it starts at."""
+    """Validated host inputs: the image [B, H, W, 3] in [0, 1] or scaled latents [B, h, w, C] (one of the two),
+    the mask [B, H, W, 1] in {0, 1} (1 = repaint) or None, the strength, the kind (IMG2IMG, INPAINT_CONCAT or
+    INPAINT_BLEND), the plan step it starts at, and whether the start is noised (not for a refiner's latents)."""
 
-    image: np.ndarray
+    image: np.ndarray | None
     mask: np.ndarray | None
     strength: float
     kind: str
     start: int
+    latents: np.ndarray | None = None
+    add_noise: bool = True
+
+    def pixel_size(self, vae_scale_factor: int) -> tuple[int, int]:
+        if self.image is not None:
+            return tuple(self.image.shape[1:3])
+        return self.latents.shape[1] * vae_scale_factor, self.latents.shape[2] * vae_scale_factor
 
 
 def as_image_batch(image, batch: int) -> np.ndarray:
@@ -75,10 +83,71 @@ def start_step(steps: int, strength: float) -> int:
     return max(steps - min(int(steps * strength), steps), 0)
 
 
-def request(image, mask, strength, batch: int, steps: int, unet_in_channels: int, latent_channels: int):
+def cutoff(fraction: float, num_train_timesteps: int) -> int:
+    """The timestep where SDXL's base hands over to the refiner: round((1 - fraction) * num_train_timesteps)."""
+    return int(round(num_train_timesteps - fraction * num_train_timesteps))
+
+
+def _check_fraction(value, name: str) -> float:
+    value = float(value)
+    if not 0.0 < value < 1.0:
+        raise UserError(f"{name} must be in (0, 1), got {value}")
+    return value
+
+
+def end_step(timesteps: np.ndarray, denoising_end: float | None, num_train_timesteps: int) -> int | None:
+    """The step a base model stops at for `denoising_end` (diffusers: the steps with t >= the cutoff run)."""
+    if denoising_end is None:
+        return None
+    fraction = _check_fraction(denoising_end, "denoising_end")
+    return int(np.sum(timesteps >= cutoff(fraction, num_train_timesteps)))
+
+
+def request(
+    image,
+    mask,
+    strength,
+    batch: int,
+    steps: int,
+    unet_in_channels: int,
+    latent_channels: int,
+    *,
+    init_latents=None,
+    denoising_start: float | None = None,
+    timesteps: np.ndarray | None = None,
+    num_train_timesteps: int = 1000,
+):
     """An ImageRequest from user inputs, or one-line UserErrors (strength outside (0, 1], sizes, an inpainting
-    UNet without a mask, a UNet whose input channels fit neither kind)."""
+    UNet without a mask, a UNet whose input channels fit neither kind, a denoising_start without latents)."""
     inpainting_unet = unet_in_channels == 2 * latent_channels + 1
+    if init_latents is not None:
+        if image is not None or mask is not None:
+            raise UserError("give an image or init_latents, not both (and no mask with latents)")
+        if inpainting_unet:
+            raise UserError("this is an inpainting UNet (9 input channels): give an image and a mask")
+        latents = np.asarray(init_latents, np.float32)
+        if latents.ndim != 4 or latents.shape[-1] != latent_channels or latents.shape[0] not in (1, batch):
+            raise UserError(
+                f"init_latents must be [B, h, w, {latent_channels}] for {batch} prompts, got {tuple(latents.shape)}"
+            )
+        latents = np.broadcast_to(latents, (batch,) + latents.shape[1:]).copy()
+        if denoising_start is not None:  # the refiner: the remaining steps, on the latents as they are
+            if strength is not None:
+                raise UserError("give denoising_start or strength, not both")
+            fraction = _check_fraction(denoising_start, "denoising_start")
+            start = steps - int(np.sum(np.asarray(timesteps) < cutoff(fraction, num_train_timesteps)))
+            if start >= steps:
+                raise UserError(f"denoising_start {fraction} leaves no denoising step")
+            return ImageRequest(None, None, 1.0, IMG2IMG, start, latents=latents, add_noise=False)
+        strength = 0.8 if strength is None else float(strength)
+        if not 0.0 < strength <= 1.0:
+            raise UserError(f"strength must be in (0, 1], got {strength}")
+        start = start_step(steps, strength)
+        if start >= steps:
+            raise UserError(f"strength {strength} with {steps} steps leaves no denoising step (raise either)")
+        return ImageRequest(None, None, strength, IMG2IMG, start, latents=latents)
+    if denoising_start is not None:
+        raise UserError("denoising_start needs init_latents (a base pipeline's output='latents')")
     if image is None:
         if mask is not None or strength is not None:
             raise UserError("a mask or a strength needs an image")

@@ -74,11 +74,14 @@ def load_pipeline(
             raise UserError(f"{net.config.get('_class_name')} given as a ControlNet")
         if "unet" in models:
             controlnet_lib.check_compatible(net.config, models["unet"].config)
-    missing = [name for name in ("unet", "vae", "text_encoder") if name not in models]
+    # SDXL's refiner has only the second text encoder.
+    missing = [name for name in ("unet", "vae") if name not in models]
+    missing += [] if {"text_encoder", "text_encoder_2"} & set(models) else ["text_encoder"]
     if missing:
         raise UserError(f"{path} is not a text-to-image pipeline: missing components {missing}")
-    encoders = [models["text_encoder"]] + ([models["text_encoder_2"]] if "text_encoder_2" in models else [])
-    tokenizer_dirs = [path / "tokenizer"] + ([path / "tokenizer_2"] if len(encoders) > 1 else [])
+    names = [n for n in ("text_encoder", "text_encoder_2") if n in models]
+    encoders = [models[n] for n in names]
+    tokenizer_dirs = [path / n.replace("text_encoder", "tokenizer") for n in names]
     scheduler_path = path / "scheduler" / "scheduler_config.json"
     scheduler_config = checkpoint.read_json(scheduler_path) if scheduler_path.exists() else {}
     index_path = path / checkpoint.MODEL_INDEX
@@ -92,6 +95,7 @@ def load_pipeline(
         scheduler_config=scheduler_config,
         # diffusers' StableDiffusionXLPipeline default; a model_index.json saved by diffusers records it.
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
         controlnets=nets,
     )
 
@@ -110,6 +114,8 @@ class Pipeline:
     tokenizers: list[Any]
     scheduler_config: dict
     force_zeros_for_empty_prompt: bool = True
+    # SDXL refiner: time ids (original size, crop, aesthetic score) instead of (original size, crop, target size).
+    requires_aesthetics_score: bool = False
     controlnets: list = dataclasses.field(default_factory=list)
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
     # Ahead-of-time executables by (program, argument shapes): resolution buckets compiled up front.
@@ -120,7 +126,8 @@ class Pipeline:
 
     @property
     def is_sdxl(self) -> bool:
-        return len(self.text_encoders) == 2
+        """SDXL base or refiner: pooled text embeddings and time ids condition the UNet."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
 
     @property
     def params(self) -> dict:
@@ -178,6 +185,12 @@ class Pipeline:
         control_start=0.0,
         control_end=1.0,
         guess_mode: bool = False,
+        init_latents=None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        output: str = "images",
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
         _compile_only: bool = False,
     ) -> np.ndarray | None:
         """Images [B, H, W, 3] float in [0, 1]. `latents`: NHWC unit Gaussian noise (scaled by the scheduler's
@@ -199,7 +212,15 @@ class Pipeline:
         `control_image` (one per loaded ControlNet, each [H, W, 3] or [B, H, W, 3] in [0, 1] at the output size):
         ControlNet guidance, each net's residuals scaled by its `controlnet_scale` inside its step window
         [`control_start`, `control_end`] (fractions of the steps; a value or one per net), summed over nets;
-        `guess_mode`: the nets see only the conditional rows of classifier-free guidance (diffusers' semantics)."""
+        `guess_mode`: the nets see only the conditional rows of classifier-free guidance (diffusers' semantics).
+
+        Base + refiner (SDXL's ensemble of experts, diffusers' semantics): `denoising_end` (a fraction in (0, 1))
+        stops after the steps whose timestep is at least (1 - denoising_end) * num_train_timesteps, and
+        `output="latents"` returns the scaled latents [B, h, w, C] instead of images; the refiner takes them as
+        `init_latents` with `denoising_start` (the same fraction) and runs the remaining steps on them as they
+        are. `init_latents` without `denoising_start` are noised like an image's latents (img2img `strength`).
+        `aesthetic_score` / `negative_aesthetic_score`: a refiner's time ids (model_index.json
+        requires_aesthetics_score)."""
         from jaxdiff.sampling import cache as cache_lib
         from jaxdiff.sampling import make_scheduler
 
@@ -240,16 +261,24 @@ class Pipeline:
         sched = make_scheduler(name, self.scheduler_config)
         plan = sched.plan(steps)
         latent_channels = self.vae.config.get("latent_channels", 4)
+        if output not in ("images", "latents"):
+            raise UserError(f"output must be 'images' or 'latents', got {output!r}")
+        num_train = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        end = image_conditioning.end_step(np.asarray(plan.timesteps), denoising_end, num_train)
         req = image_conditioning.request(
             image, mask, strength, batch, int(plan.timesteps.shape[0]), self.unet.config.get("in_channels", 4),
-            latent_channels,
+            latent_channels, init_latents=init_latents, denoising_start=denoising_start,
+            timesteps=np.asarray(plan.timesteps), num_train_timesteps=num_train,
         )  # fmt: skip
+        if req is not None and end is not None and req.start >= end:
+            raise UserError(f"denoising_start {denoising_start} is not before denoising_end {denoising_end}")
         if req is not None:
             if cache is not None:
                 raise UserError("a feature cache runs whole plans: it cannot be combined with an image")
-            if (height or req.image.shape[1], width or req.image.shape[2]) != req.image.shape[1:3]:
-                raise UserError(f"height and width come from the image ({req.image.shape[1]}x{req.image.shape[2]})")
-            height, width = req.image.shape[1:3]
+            size = req.pixel_size(self.vae_scale_factor)
+            if (height or size[0], width or size[1]) != size:
+                raise UserError(f"height and width come from the image ({size[0]}x{size[1]})")
+            height, width = size
         height, width = height or self.default_size, width or self.default_size
         control = None
         if control_image is not None:
@@ -280,8 +309,12 @@ class Pipeline:
             )
         added = None
         if self.is_sdxl:
-            time_ids = jnp.asarray([[height, width, 0, 0, height, width]] * context.shape[0], jnp.float32)
-            added = {"text_embeds": pooled, "time_ids": time_ids}
+            if self.requires_aesthetics_score:  # diffusers' SDXL img2img: negative rows get the negative score
+                rows = [[height, width, 0, 0, aesthetic_score]] * batch
+                rows += [[height, width, 0, 0, negative_aesthetic_score]] * (context.shape[0] - batch)
+            else:
+                rows = [[height, width, 0, 0, height, width]] * context.shape[0]
+            added = {"text_embeds": pooled, "time_ids": jnp.asarray(rows, jnp.float32)}
         shape = (
             batch,
             height // self.vae_scale_factor,
@@ -295,16 +328,17 @@ class Pipeline:
             raise UserError(f"latents must have shape {shape}, got {latents.shape}")
 
         kind = None if req is None else req.kind
-        fn = self._sampler(
-            name, use_cfg, progress, schedule, kind, control and (len(control.images), control.guess_mode)
-        )
+        control_key = control and (len(control.images), control.guess_mode)
+        fn = self._sampler(name, use_cfg, progress, schedule, kind, control_key, end, output)
         conditioning = None
         if req is not None:
             conditioning = {
                 "image": req.image,
+                "latents": req.latents,
                 "mask": req.mask,
                 "start": np.int32(req.start),
                 "pure_noise": np.bool_(req.kind != image_conditioning.IMG2IMG and req.strength == 1.0),
+                "add_noise": np.bool_(req.add_noise),
             }
         args = (
             params["unet"],
@@ -341,7 +375,7 @@ class Pipeline:
         if progress:
             from tqdm.auto import tqdm
 
-            calls = sched.num_model_calls(plan) - (0 if req is None else req.start)
+            calls = (end or sched.num_model_calls(plan)) - (0 if req is None else req.start)
             self._bar[0] = tqdm(total=calls, desc="denoising", unit="step")
         try:
             images = np.asarray((executable or fn)(*args))
@@ -387,18 +421,29 @@ class Pipeline:
             )
         return jnp.concatenate([cond, uncond.astype(cond.dtype)]), None
 
-    def _sampler(self, name: str, use_cfg: bool, progress: bool, schedule=None, kind: str | None = None, control=None):
+    def _sampler(
+        self,
+        name: str,
+        use_cfg: bool,
+        progress: bool,
+        schedule=None,
+        kind: str | None = None,
+        control=None,
+        end: int | None = None,
+        output: str = "images",
+    ):
         """One jitted program per (scheduler, guidance on/off, progress, cache schedule, image kind, (number of
         ControlNets, guess mode)); XLA caches one executable per shape (strength, start step, control scales and
         windows are traced: no recompiling when they change)."""
         key = (name, use_cfg, progress) + ((schedule,) if schedule is not None else ()) + ((kind,) if kind else ())
         key += (("control",) + tuple(control),) if control else ()
+        key += (("end", end, output),) if end is not None or output != "images" else ()
         if key not in self._compiled:
             from jaxdiff.sampling import make_scheduler
 
             sched = make_scheduler(name, self.scheduler_config)
             guess = bool(control and control[1])
-            sample = functools.partial(self._sample, sched, use_cfg, progress, schedule, kind, guess)
+            sample = functools.partial(self._sample, sched, use_cfg, progress, schedule, kind, guess, end, output)
             self._compiled[key] = jax.jit(sample)
         return self._compiled[key]
 
@@ -414,6 +459,8 @@ class Pipeline:
         schedule,
         kind,
         guess_mode,
+        end,
+        output,
         unet_params,
         vae_params,
         plan,
@@ -455,19 +502,22 @@ class Pipeline:
             uncond,
             guidance,
             start=start,
+            end=end,
             key=key,
             on_step=self._tick if progress else None,
             cache=schedule,
             after_step=after_step,
         )
-        return self.decode_latents(vae_params, x)
+        return x if output == "latents" else self.decode_latents(vae_params, x)
 
-    def _image_conditioned(self, sched, plan, model, vae_params, noise, key, image, mask, start, pure_noise):
+    def _image_conditioned(
+        self, sched, plan, model, vae_params, noise, key, image, latents, mask, start, pure_noise, add_noise
+    ):
         """(model, first latent, start step, after-step hook) of img2img or inpainting, traced in `_sample`."""
         ic = image_conditioning
         key_image, key_masked = jax.random.split(jax.random.fold_in(key, 1))
-        z0 = ic.encode(self.vae, vae_params, jnp.asarray(image), key_image)
-        x = ic.initial_latents(sched, plan, z0, noise, start, pure_noise)
+        z0 = jnp.asarray(latents) if image is None else ic.encode(self.vae, vae_params, jnp.asarray(image), key_image)
+        x = jnp.where(add_noise, ic.initial_latents(sched, plan, z0, noise, start, pure_noise), z0)
         if mask is None:
             return model, x, start, None
         mask = jnp.asarray(mask)
