@@ -178,10 +178,17 @@ def _read_jaxdiff_params(folder: Path, **kw) -> tuple[Model, dict]:
     return model, traverse_util.unflatten_dict(flat, sep="/")
 
 
+def _same_config(a: dict, b: dict) -> bool:
+    """Configs equal but for bookkeeping keys ("_class_name", "_diffusers_version", ...)."""
+    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    return json.loads(json.dumps(strip(a))) == json.loads(json.dumps(strip(b)))
+
+
 def _write_config(folder: Path, model: Model, config_source: Path | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    if config_source is not None:
-        shutil.copyfile(config_source, folder / CONFIG)  # the original config, byte for byte
+    # The original config byte for byte, unless the model is another architecture (e.g. a retrained UNet).
+    if config_source is not None and _same_config(read_json(config_source), model.config):
+        shutil.copyfile(config_source, folder / CONFIG)
     else:
         _write_json(folder / CONFIG, model.config)
 
