@@ -98,12 +98,17 @@ def run(
     progress: bool = True,
     rules=sharding.DEFAULT_RULES,
     label: str = "erasure step",
+    images_per_step: int | None = None,
+    config: dict | None = None,
+    frozen_sharding: dict | None = None,
 ) -> tuple[Any, dict]:
     """Train `params` ({network: initial params}) until `train.steps`, resuming from `workdir`; (final state, info).
-    `label` names the step in the progress bar and logs.
+    `label` names the step in the progress bar and logs; `images_per_step` adds an images/s figure; `config` (the
+    job's settings) is recorded with the checkpoints so that a resume with other settings is refused.
 
     The "unet" network's leaves and every frozen entry shaped like the model's params are sharded by the model's
-    logical axes on `mesh`; other networks (adapters, a discriminator) and batches are replicated.
+    logical axes on `mesh` (or as `frozen_sharding` says); other networks (adapters, a discriminator) and batches
+    are replicated.
     """
     nets = {n.name: n for n in networks}
     masks = {name: state_lib.mask(params[name], nets[name].trainable) for name in nets}
@@ -112,7 +117,7 @@ def run(
     axes = {"unet": logical_axes_like(params["unet"], model.logical_axes)} if "unet" in params else {}
     state_sh = state_lib.shardings(jax.eval_shape(create, params), axes, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    frozen_sh = frozen_shardings(frozen, model, mesh, rules)
+    frozen_sh = frozen_shardings(frozen, model, mesh, rules) if frozen_sharding is None else frozen_sharding
     step = step_lib.jit(step_lib.build(nets, phases, masks), state_sh, replicated, frozen_sh)
     settings = runner.Settings(
         total_steps=int(train.steps),
@@ -122,6 +127,7 @@ def run(
         log_every=int(train.log_every),
         progress=progress,
         label=label,
+        **({"images_per_step": int(images_per_step)} if images_per_step else {}),
     )
     abstract = state_lib.abstract(jax.eval_shape(create, params), state_sh)
     state, summary = runner.run(
@@ -133,6 +139,7 @@ def run(
         settings,
         frozen=jax.device_put(frozen, frozen_sh),
         leaf_names=step_lib.leaf_names(params, masks, phases),
+        **({"config": config} if config is not None else {}),
         where=f"mesh {dict(mesh.shape)}",
     )
     info = {k: summary[k] for k in ("resumed_from", "compile_s", "last", "skipped")}

@@ -140,47 +140,33 @@ class Job:
         }
 
     def train(self, plan: Plan) -> tuple[dict, dict]:
-        """Train the plan's "personal" network on the runner in OUT/train; (trained params, info)."""
-        from jaxdiff.train import optim, runner
-        from jaxdiff.train import state as state_lib
+        """Train the plan's "personal" network on the runner (`erase.finetune.run`, the loop every fine-tuning
+        method shares) in OUT/train; (trained params, info)."""
+        from jaxdiff.erase import finetune
+        from jaxdiff.train import optim
         from jaxdiff.train import step as step_lib
 
         t = self.config.train
         lr = optim.schedule(t.learning_rate, t.steps, kind=t.lr_schedule, warmup_steps=t.warmup_steps)
         tx = optim.optimizer(t.optimizer, lr, weight_decay=float(t.weight_decay))
-        nets = {"personal": step_lib.Network("personal", tx, lr, clip_norm=float(t.max_grad_norm))}
-        phases = [step_lib.Phase("personal", "personal", plan.loss)]
-        params = {"personal": plan.params}
-        masks = {"personal": state_lib.mask(plan.params, plan.trainable)}
-        seed = int(self.config.seed)
-        create = lambda p: state_lib.create(p, {"personal": tx}, masks, seed=seed)  # noqa: E731
-        state_sh = state_lib.shardings(jax.eval_shape(create, params), {}, self.mesh, None)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        frozen_sh = self.frozen_shardings(plan.frozen)
-        step = step_lib.jit(step_lib.build(nets, phases, masks), state_sh, replicated, frozen_sh)
-        settings = runner.Settings(
-            total_steps=int(t.steps),
-            checkpoint_every=int(t.checkpoint_every),
-            keep=2,
-            async_save=False,
-            log_every=int(t.log_every),
+        net = step_lib.Network("personal", tx, lr, trainable=plan.trainable, clip_norm=float(t.max_grad_norm))
+        state, info = finetune.run(
+            [net],
+            [step_lib.Phase("personal", "personal", plan.loss)],
+            {"personal": plan.params},
+            plan.frozen,
+            plan.batch_fn,
+            t,
+            str(self.out / "train"),
+            seed=int(self.config.seed),
+            mesh=self.mesh,
+            model=self.unet,
             progress=self.progress,
             label="personalization step",
             images_per_step=int(t.batch_size),
-        )
-        state, summary = runner.run(
-            step,
-            lambda: jax.jit(create, out_shardings=state_sh)(params),
-            state_lib.abstract(jax.eval_shape(create, params), state_sh),
-            runner.StepBatches(plan.batch_fn, replicated),
-            str(self.out / "train"),
-            settings,
-            frozen=jax.device_put(plan.frozen, frozen_sh),
-            leaf_names=step_lib.leaf_names(params, masks, phases),
             config=json.loads(self.config.to_json_best_effort()),
-            where=f"mesh {dict(self.mesh.shape)}",
+            frozen_sharding=self.frozen_shardings(plan.frozen),
         )
-        info = {k: summary[k] for k in ("step", "resumed_from", "compile_s", "last", "skipped")}
         return jax.device_get(state.params["personal"]), info
 
     def alphas_cumprod(self) -> np.ndarray:

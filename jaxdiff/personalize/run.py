@@ -174,7 +174,7 @@ def personalize(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: boo
         "images": len(job.images),
         "captions": [p[0] for p in job.prompts][:8],
         "trainable_params": int(result["trained_params"]),
-        "steps": info["step"],
+        "steps": info["steps"],
         "resumed_from": info["resumed_from"],
         "loss_last": info["last"].get("loss"),
         "seconds": seconds,
