@@ -330,6 +330,15 @@ def _add_personalize(sub) -> None:
 SUBCOMMANDS.append(_add_personalize)
 
 
+def _add_controlnet_train(sub) -> None:
+    from jaxdiff.control import command
+
+    command.add_parser(sub)
+
+
+SUBCOMMANDS.append(_add_controlnet_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdiff", description=jaxdiff.__doc__)
     parser.add_argument("--version", action="version", version=f"jaxdiff {jaxdiff.__version__}")

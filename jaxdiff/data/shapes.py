@@ -33,6 +33,7 @@ RGB = {
     "grey": (165, 165, 165),
     "black": (22, 22, 22),
 }
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)  # the condition images' object and background (render_mask)
 # Object centre x (unit coordinates) per position; y is always the middle.
 POSITION_X = {"center": 0.5, "left": 0.25, "right": 0.75}
 # Extent (side / diameter / triangle base and height) as a fraction of the image side: a centred
@@ -153,7 +154,16 @@ def object_box(obj: ShapeObject) -> tuple[float, float, float]:
 
 def coverage(obj: ShapeObject, size: int = 32, supersample: int = 4) -> np.ndarray:
     """Fraction of each pixel covered by the object, float32 [size, size] (supersampled box filter)."""
-    n = size * supersample
+    return _box_filter(_inside(obj, size * supersample), size, supersample)
+
+
+def _box_filter(mask: np.ndarray, size: int, supersample: int) -> np.ndarray:
+    """Coverage per pixel [size, size] float32 of a supersampled bool mask: the mean of its supersample² samples."""
+    return mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3), dtype=np.float32)
+
+
+def _inside(obj: ShapeObject, n: int) -> np.ndarray:
+    """The object on an n x n grid of sample points (pixel centres of the supersampled image), bool [n, n]."""
     t = (np.arange(n, dtype=np.float32) + 0.5) / n
     x, y = t[None, :], t[:, None]
     cx, cy, s = object_box(obj)
@@ -174,7 +184,7 @@ def coverage(obj: ShapeObject, size: int = 32, supersample: int = 4) -> np.ndarr
         mask = _inside_polygon(x, y, _star_vertices(cx, cy, s))
     else:
         raise ValueError(f"unknown shape {obj.shape!r}; expected one of {ALL_SHAPES}")
-    return mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3), dtype=np.float32)
+    return np.broadcast_to(mask, (n, n))
 
 
 def _star_vertices(cx: float, cy: float, s: float) -> np.ndarray:
@@ -199,11 +209,38 @@ def _inside_polygon(x: np.ndarray, y: np.ndarray, vertices: np.ndarray) -> np.nd
 
 def render(scene: Scene, size: int = 32, supersample: int = 4) -> np.ndarray:
     """Renders a scene to uint8 [size, size, 3] with anti-aliased edges; deterministic."""
-    img = np.empty((size, size, 3), np.float32)
-    img[...] = RGB[scene.background]
+    layers = [(coverage(obj, size, supersample), RGB[obj.colour]) for obj in scene.objects]
+    return _composite(layers, RGB[scene.background], size)
+
+
+def render_mask(scene: Scene, size: int = 32, supersample: int = 4) -> np.ndarray:
+    """The scene's exact object mask, uint8 [size, size, 3]: white silhouettes on black, anti-aliased as `render`
+    (a pixel's value is 255 x the object's coverage there); a ControlNet condition image."""
+    layers = [(coverage(obj, size, supersample), WHITE) for obj in scene.objects]
+    return _composite(layers, BLACK, size)
+
+
+def render_edges(scene: Scene, size: int = 32, supersample: int = 4, width: float = 1.0) -> np.ndarray:
+    """The scene's exact object outlines, uint8 [size, size, 3]: white bands `width` pixels wide just inside each
+    object's boundary, on black, anti-aliased as `render`; a ControlNet condition image."""
+    from scipy import ndimage
+
+    n, steps = size * supersample, max(1, round(width * supersample))
+    layers = []
     for obj in scene.objects:
-        a = coverage(obj, size, supersample)[..., None]
-        img = img * (1 - a) + np.asarray(RGB[obj.colour], np.float32) * a
+        inside = _inside(obj, n)
+        core = ndimage.binary_erosion(inside, structure=np.ones((3, 3), bool), iterations=steps, border_value=0)
+        layers.append((_box_filter(inside & ~core, size, supersample), WHITE))
+    return _composite(layers, BLACK, size)
+
+
+def _composite(layers: Sequence[tuple[np.ndarray, tuple[int, ...]]], background, size: int) -> np.ndarray:
+    """Each (coverage [size, size], RGB) layer painted in order over a plain background; uint8 [size, size, 3]."""
+    img = np.empty((size, size, 3), np.float32)
+    img[...] = background
+    for coverage_, rgb in layers:
+        a = coverage_[..., None]
+        img = img * (1 - a) + np.asarray(rgb, np.float32) * a
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
