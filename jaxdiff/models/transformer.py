@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models import attention_control
 from jaxdiff.models.attention import dot_product_attention
 from jaxdiff.models.layers import EMBED, HEADS, MLP, Conv, Dense, GroupNorm, LayerNorm
 
@@ -35,8 +36,15 @@ class Attention(nn.Module):
             y = Dense(inner, use_bias=False, axes=(EMBED, HEADS), dtype=self.dtype, name=name)(source)
             return y.reshape(*y.shape[:2], self.heads, self.head_dim)
 
+        cross = context is not x
         q, k, v = project("to_q", x), project("to_k", context), project("to_v", context)
-        out = dot_product_attention(q, k, v, upcast=self.upcast, implementation=self.attention, platform=self.platform)
+        controlled = attention_control.active(self, cross, q.shape[1])
+        if controlled is not None:  # explicit probabilities to edit, capture or differentiate
+            out = attention_control.controlled_attention(self, *controlled, q, k, v)
+        else:
+            out = dot_product_attention(
+                q, k, v, upcast=self.upcast, implementation=self.attention, platform=self.platform
+            )
         out = out.reshape(*out.shape[:2], inner)
         return Dense(x.shape[-1], axes=(HEADS, EMBED), dtype=self.dtype, name="to_out_0")(out)
 
