@@ -72,17 +72,55 @@ def test_step_dependent_edit_in_the_compiled_loop(pipe, inputs):
     plan = sched.plan(6)
     model = CachedUNet(pipe.unet.module, pipe.unet.params)
 
-    def run(threshold):
-        def edit(probs, layer, t):  # prompt-to-prompt's window: flatten cross-attention while t > threshold
+    def run(until):
+        def edit(probs, layer, step, num_steps):  # prompt-to-prompt's window: on for the first `until` steps
             flat = jax.nn.one_hot(jnp.zeros(probs.shape[:-1], jnp.int32), probs.shape[-1])
-            on = (t > threshold)[:, None, None, None] & layer.cross
-            return jnp.where(on, flat, probs)
+            return jnp.where((step < until) & layer.cross, flat, probs)
 
-        controlled = ac.Controlled(model, edit)
+        controlled = ac.Controlled(model, edit, plan.timesteps)
         fn = jax.jit(lambda x, c: denoise.denoise(controlled, sched, plan, x, (c, None)))
         return np.asarray(fn(inputs[0], inputs[2]))
 
     plain = np.asarray(jax.jit(lambda x, c: denoise.denoise(model, sched, plan, x, (c, None)))(inputs[0], inputs[2]))
-    np.testing.assert_allclose(run(threshold=10_000), plain, atol=1e-4, rtol=0)  # never on: the plain loop
-    some, always = run(threshold=500), run(threshold=-1)
+    np.testing.assert_allclose(run(until=0), plain, atol=1e-4, rtol=0)  # never on: the plain loop
+    some, always = run(until=3), run(until=6)
     assert np.max(np.abs(always - plain)) > np.max(np.abs(some - plain)) > 1e-4
+
+
+def test_prompt_to_prompt_keeps_the_source_and_pulls_the_target_to_its_layout(pipe):
+    from jaxdiff.errors import UserError
+    from jaxdiff.sampling.prompt_to_prompt import PromptToPrompt
+
+    prompts = ["a b c", "a x c"]  # a word swap: equal token counts
+    noise = np.random.default_rng(3).standard_normal((1, 8, 8, 4)).astype(np.float32).repeat(2, axis=0)
+    kwargs = dict(steps=6, guidance=5.0, latents=noise)
+    plain = pipe(prompts, **kwargs)
+    off = pipe(prompts, attention_edit=PromptToPrompt(2, cross_replace=0.0, self_replace=0.0), **kwargs)
+    np.testing.assert_allclose(off, plain, atol=1e-4, rtol=0)  # window empty: plain sampling
+    edited = pipe(prompts, attention_edit=PromptToPrompt(2, cross_replace=1.0, self_replace=1.0), **kwargs)
+    np.testing.assert_allclose(edited[0], plain[0], atol=1e-4, rtol=0)  # the source row is never edited
+    weighted = pipe(prompts, attention_edit=PromptToPrompt(2, 1.0, 1.0, equalizer=((2, 3.0),)), **kwargs)
+    np.testing.assert_allclose(weighted[0], plain[0], atol=1e-4, rtol=0)
+    with pytest.raises(UserError, match="set up for 3 prompts"):
+        pipe(prompts, attention_edit=PromptToPrompt(3), **kwargs)
+    with pytest.raises(UserError, match="cross_replace must be a fraction"):
+        PromptToPrompt(2, cross_replace=1.5)
+
+
+def test_prompt_to_prompt_edit_replaces_targets_by_the_source_inside_its_window():
+    from jaxdiff.sampling.prompt_to_prompt import PromptToPrompt
+
+    rng = np.random.default_rng(0)
+    probs = jnp.asarray(rng.dirichlet(np.ones(5), size=(4, 2, 16)), jnp.float32)  # [src, tgt, uncond x 2]
+    cross = ac.Layer("up/attn2", cross=True, queries=16, heads=2)
+    self_ = ac.Layer("up/attn1", cross=False, queries=16, heads=2)
+    edit = PromptToPrompt(2, cross_replace=0.5, self_replace=0.25, equalizer=((3, 2.0),))
+    out = edit(probs, cross, 2, 10)  # step 2 of 10: inside both windows
+    np.testing.assert_array_equal(out[0], probs[0])
+    np.testing.assert_array_equal(out[2:], probs[2:])  # the unconditional rows are never edited
+    np.testing.assert_allclose(out[1], probs[0] * jnp.asarray([1, 1, 1, 2.0, 1]), rtol=1e-6)
+    np.testing.assert_array_equal(edit(probs, cross, 5, 10), probs)  # outside the cross window
+    np.testing.assert_array_equal(edit(probs, self_, 2, 10)[1], probs[0])
+    np.testing.assert_array_equal(edit(probs, self_, 3, 10), probs)  # outside the self window
+    big = ac.Layer("down/attn1", cross=False, queries=32 * 32, heads=2)
+    np.testing.assert_array_equal(edit(probs, big, 0, 10), probs)  # self-attention above 16x16 queries is kept

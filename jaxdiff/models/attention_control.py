@@ -102,12 +102,15 @@ def token_maps(maps: dict, side: int, token: int, cross_only: bool = True) -> ja
 
 
 class Controlled:
-    """A denoiser model(x, t, cond) whose attention is edited at every call by `edit(probs, layer, t)` (t: the
-    step's timesteps [B], traced): prompt-to-prompt-style control inside the compiled sampling loop."""
+    """A denoiser model(x, t, cond) whose attention is edited at every call of the sampling loop by
+    `edit(probs, layer, step, num_steps)`: `step` (traced) is the plan step whose timestep is t (the first, where a
+    scheduler repeats one), `num_steps` the plan's length. Prompt-to-prompt-style control inside the compiled loop."""
 
-    def __init__(self, model, edit: Callable, select: Callable | None = None):
-        self.model, self.edit, self.select = model, edit, select
+    def __init__(self, model, edit: Callable, timesteps, select: Callable | None = None):
+        self.model, self.edit, self.timesteps, self.select = model, edit, timesteps, select
 
     def __call__(self, x, t, cond):
-        with control(edit=lambda probs, layer: self.edit(probs, layer, t), select=self.select):
+        step = jnp.argmax(self.timesteps == t[0])
+        n = self.timesteps.shape[0]
+        with control(edit=lambda probs, layer: self.edit(probs, layer, step, n), select=self.select):
             return self.model(x, t, cond)

@@ -191,6 +191,7 @@ class Pipeline:
         output: str = "images",
         aesthetic_score: float = 6.0,
         negative_aesthetic_score: float = 2.5,
+        attention_edit=None,
         _compile_only: bool = False,
     ) -> np.ndarray | None:
         """Images [B, H, W, 3] float in [0, 1]. `latents`: NHWC unit Gaussian noise (scaled by the scheduler's
@@ -220,7 +221,11 @@ class Pipeline:
         `init_latents` with `denoising_start` (the same fraction) and runs the remaining steps on them as they
         are. `init_latents` without `denoising_start` are noised like an image's latents (img2img `strength`).
         `aesthetic_score` / `negative_aesthetic_score`: a refiner's time ids (model_index.json
-        requires_aesthetics_score)."""
+        requires_aesthetics_score).
+
+        `attention_edit`: a hashable `edit(probs, layer, step, num_steps) -> probs` applied to every attention of
+        every UNet call in the loop (`jaxdiff.models.attention_control`), e.g.
+        `jaxdiff.sampling.prompt_to_prompt.PromptToPrompt`; one compiled program per edit object."""
         from jaxdiff.sampling import cache as cache_lib
         from jaxdiff.sampling import make_scheduler
 
@@ -328,8 +333,10 @@ class Pipeline:
             raise UserError(f"latents must have shape {shape}, got {latents.shape}")
 
         kind = None if req is None else req.kind
+        if attention_edit is not None and cache is not None:
+            raise UserError("an attention edit needs every UNet call computed: it cannot be combined with a cache")
         control_key = control and (len(control.images), control.guess_mode)
-        fn = self._sampler(name, use_cfg, progress, schedule, kind, control_key, end, output)
+        fn = self._sampler(name, use_cfg, progress, schedule, kind, control_key, end, output, attention_edit)
         conditioning = None
         if req is not None:
             conditioning = {
@@ -431,6 +438,7 @@ class Pipeline:
         control=None,
         end: int | None = None,
         output: str = "images",
+        attention_edit=None,
     ):
         """One jitted program per (scheduler, guidance on/off, progress, cache schedule, image kind, (number of
         ControlNets, guess mode)); XLA caches one executable per shape (strength, start step, control scales and
@@ -438,12 +446,15 @@ class Pipeline:
         key = (name, use_cfg, progress) + ((schedule,) if schedule is not None else ()) + ((kind,) if kind else ())
         key += (("control",) + tuple(control),) if control else ()
         key += (("end", end, output),) if end is not None or output != "images" else ()
+        key += (("attention_edit", attention_edit),) if attention_edit is not None else ()
         if key not in self._compiled:
             from jaxdiff.sampling import make_scheduler
 
             sched = make_scheduler(name, self.scheduler_config)
             guess = bool(control and control[1])
-            sample = functools.partial(self._sample, sched, use_cfg, progress, schedule, kind, guess, end, output)
+            sample = functools.partial(
+                self._sample, sched, use_cfg, progress, schedule, kind, guess, end, output, attention_edit
+            )
             self._compiled[key] = jax.jit(sample)
         return self._compiled[key]
 
@@ -461,6 +472,7 @@ class Pipeline:
         guess_mode,
         end,
         output,
+        attention_edit,
         unet_params,
         vae_params,
         plan,
@@ -493,6 +505,10 @@ class Pipeline:
             model, x, start, after_step = self._image_conditioned(
                 sched, plan, model, vae_params, latents, key, **conditioning
             )
+        if attention_edit is not None:
+            from jaxdiff.models.attention_control import Controlled
+
+            model = Controlled(model, attention_edit, plan.timesteps)
         x = denoise.denoise(
             model,
             sched,
