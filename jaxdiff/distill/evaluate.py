@@ -31,12 +31,15 @@ def _metrics(images, real_feats, scenes, probe, boots: int, seed: int) -> dict:
     return out
 
 
-def evaluate(config, pipe, student_params, grid_path) -> dict:
-    """{"eval": {...settings}, "rows": [...]} and the before/after grid at `grid_path`."""
+def evaluate(config, pipe, student_params, grid_path, sample_student=None, student_label="Euler") -> dict:
+    """{"eval": {...settings}, "rows": [...]} and the before/after grid at `grid_path`. `sample_student(pipe, params,
+    prompts, latents, steps)` (default: the flow student's uniform Euler) makes the student rows."""
     from jaxdiff.data import shapes as S
     from jaxdiff.erase import evaluate as ev
     from jaxdiff.erase.job import probe as load_probe
     from jaxdiff.images import labeled_rows, save_png
+
+    sample_student = rf.sample if sample_student is None else sample_student
 
     e = config.eval
     n, seed, boots = int(e.num_images), int(e.seed), int(e.bootstraps)
@@ -63,16 +66,16 @@ def evaluate(config, pipe, student_params, grid_path) -> dict:
         )
         grid.append((f"teacher\nDDIM {steps}", images[:GRID]))
     for steps in e.student_steps:
-        images = rf.sample(pipe, student_params, prompts, latents, int(steps))
+        images = sample_student(pipe, student_params, prompts, latents, int(steps))
         rows.append(
             {
-                "sampler": f"{config.method} Euler {steps}",
+                "sampler": f"{config.method} {student_label} {steps}",
                 "steps": int(steps),
                 "nfe": int(steps),
                 **_metrics(images, real_feats, scenes, judge, boots, seed),
             }
         )
-        grid.append((f"{config.method}\nEuler {steps}", images[:GRID]))
+        grid.append((f"{config.method}\n{student_label} {steps}", images[:GRID]))
     save_png(grid_path, labeled_rows(grid))
     return {
         "eval": {
@@ -131,14 +134,20 @@ def table(report: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    e, t, p = report["eval"], report["train"], report["pairs"]
+    e, t, p = report["eval"], report["train"], report.get("pairs")
+    data = (
+        f"Pairs: {p['num_pairs']} from the teacher's {p['scheduler']} {p['steps']} steps, CFG {p['guidance']} "
+        f"(`{p['folder']}`)."
+        if p
+        else "Data-free (prompts only)."
+    )
     lines = [
         f"# {report['method']} from `{report['teacher']}` (init: {report['init']})",
         "",
-        f"Pairs: {p['num_pairs']} from the teacher's {p['scheduler']} {p['steps']} steps, CFG {p['guidance']} "
-        f"(`{p['folder']}`). Training: {t['steps']} steps in {t['seconds']:.0f} s (resumed from {t['resumed_from']}).",
+        f"{data} Training: {t['steps']} steps in {t['seconds']:.0f} s (resumed from {t['resumed_from']}).",
         "",
-        f"Teacher rows sample with CFG {e['teacher_guidance']}; student rows with uniform Euler steps, no CFG. "
+        f"Teacher rows sample with CFG {e['teacher_guidance']}; student rows with "
+        f"{'uniform Euler steps' if p else 'the one-step generator'}, no CFG. "
         f"Same {e['num_images']} prompts and seeds in every row.",
         "",
         *table(report),

@@ -4,7 +4,8 @@
 
 Output folder:
   config.json       the run's config (a rerun with the same config resumes; another config is refused)
-  pairs/            the pair store (unless config.pairs.folder names a shared one; `jaxdiff.distill.pairs`)
+  pairs/            the pair store (unless config.pairs.folder names a shared one; `jaxdiff.distill.pairs`); none
+                    for the data-free "sid" (`jaxdiff.distill.sid`: an Euler student whose one step is its generator)
   train/            the runner's orbax checkpoints (a killed run resumes), metrics.jsonl, TensorBoard
   model/            the student as a pipeline (FlowMatchEulerDiscreteScheduler, sampling_defaults: its steps, no
                     CFG): `load_pipeline(OUT/model)(prompts, steps=1, guidance=1)` and `jaxdiff generate`
@@ -30,7 +31,7 @@ from jaxdiff.distill import rectified_flow as rf
 from jaxdiff.distill import teacher as teacher_lib
 from jaxdiff.errors import UserError
 
-METHODS = ("reflow", "instaflow")
+METHODS = ("reflow", "instaflow", "sid")
 GRID = 8
 
 
@@ -144,9 +145,10 @@ def train(config, pipe, init_params, pairs: dict, contexts: np.ndarray, workdir:
     return params, info
 
 
-def save_student(pipe, params, out: Path, steps: int) -> None:
-    """OUT/model: the teacher's folder with the student's UNet and a FlowMatchEuler scheduler."""
+def save_student(pipe, params, out: Path, steps: int, scheduler: dict | None = None) -> None:
+    """OUT/model: the teacher's folder with the student's UNet and its scheduler (default FlowMatchEuler)."""
     from jaxdiff.convert import checkpoint
+    from jaxdiff.sampling.pipeline import SCHEDULER_NAMES
 
     tmp = out / ".model.staging"
     models = {
@@ -155,14 +157,14 @@ def save_student(pipe, params, out: Path, steps: int) -> None:
         "text_encoder": pipe.text_encoders[0],
     }
     checkpoint.save_pipeline(pipe.path, tmp, models, overwrite=True)
-    sched = dict(rf.FLOW_SCHEDULER, _diffusers_version="0.42.0")
+    sched = dict(rf.FLOW_SCHEDULER, _diffusers_version="0.42.0") if scheduler is None else dict(scheduler)
     fileio.atomic_write_text(tmp / "scheduler" / "scheduler_config.json", json.dumps(sched, indent=2) + "\n")
     index_path = tmp / "model_index.json"
     if index_path.is_file():
         index = json.loads(index_path.read_text())
-        index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+        index["scheduler"] = ["diffusers", sched["_class_name"]]
         fileio.atomic_write_text(index_path, json.dumps(index, indent=2) + "\n")
-    defaults = {"steps": int(steps), "guidance": 1.0, "scheduler": "flow_euler"}
+    defaults = {"steps": int(steps), "guidance": 1.0, "scheduler": SCHEDULER_NAMES[sched["_class_name"]]}
     fileio.atomic_write_text(tmp / "sampling_defaults.json", json.dumps(defaults) + "\n")
     fileio.replace_directory(tmp, out / "model")
 
@@ -184,6 +186,10 @@ def distill(config: mlc.ConfigDict, out, *, progress: bool = True) -> dict:
     _start(out, config)
     contexts = np.asarray(pipe.encode_prompts(prompts)[0])
     uncond = np.asarray(pipe.encode_prompts([""])[0])
+    if config.method == "sid":  # data-free: no pairs (jaxdiff/distill/sid.py)
+        from jaxdiff.distill import sid
+
+        return sid.distill(config, pipe, init, prompts, contexts, uncond, out, progress=progress)
     folder = Path(config.pairs.folder) if config.pairs.folder else out / "pairs"
     pairs, pair_info = make_pairs(config, pipe, folder, prompts, contexts, uncond, progress)
     t0 = time.perf_counter()
