@@ -81,7 +81,9 @@ def test_pipeline_prompt_embeds_give_the_prompts_images(pipe, target_latents):
         pipe(prompt_embeds=context[0])
     with pytest.raises(ValueError, match="no prompts"):
         pipe()
-    sdxl_like = dataclasses.replace(pipe, text_encoders=pipe.text_encoders * 2, _compiled={})
+    # SDXL (base or refiner) is told by the UNet's text_time conditioning.
+    sdxl_unet = dataclasses.replace(pipe.unet, config={**pipe.unet.config, "addition_embed_type": "text_time"})
+    sdxl_like = dataclasses.replace(pipe, unet=sdxl_unet, _compiled={})
     with pytest.raises(ValueError, match="SD 1.x/2.x"):
         sdxl_like(prompt_embeds=context)
 
