@@ -30,16 +30,9 @@ def train_block(
     steps: int, learning_rate: float, batch_size: int, optimizer: str = "adamw", weight_decay: float = 1e-2
 ) -> ml_collections.ConfigDict:
     """The runner block (diffusers' train_controlnet.py: AdamW, weight decay 1e-2, gradients clipped to norm 1)."""
-    t = ml_collections.ConfigDict()
-    t.steps = steps
-    t.learning_rate = learning_rate
-    t.batch_size = batch_size
-    t.optimizer = optimizer  # adamw | adam | sgd
-    t.weight_decay = weight_decay
-    t.max_grad_norm = 1.0  # 0: no clipping
-    t.lr_schedule = "constant"  # constant | cosine | cosine_with_restarts | linear
-    t.lr_cycles = 1
-    t.warmup_steps = 100
-    t.log_every = 25
-    t.checkpoint_every = 500  # 0: only at the end
-    return t
+    from jaxdiff.train.config import finetune_block
+
+    return finetune_block(
+        steps, learning_rate, batch_size, optimizer=optimizer, weight_decay=weight_decay, max_grad_norm=1.0,
+        warmup_steps=100, log_every=25, checkpoint_every=500,
+    )  # fmt: skip

@@ -75,20 +75,13 @@ def train_block(
     weight_decay: float = 0.0,
     max_grad_norm: float = 0.0,
 ) -> ml_collections.ConfigDict:
-    """The optax loop settings of a fine-tuning method (the trainer reads them)."""
-    t = ml_collections.ConfigDict()
-    t.steps = steps
-    t.learning_rate = learning_rate
-    t.batch_size = batch_size
+    """The optax loop settings of a fine-tuning method (the trainer reads them), with the UNet selector it trains."""
+    from jaxdiff.train.config import finetune_block
+
+    t = finetune_block(
+        steps, learning_rate, batch_size, optimizer=optimizer, weight_decay=weight_decay, max_grad_norm=max_grad_norm
+    )
     t.selector = selector
-    t.optimizer = optimizer
-    t.weight_decay = weight_decay
-    t.max_grad_norm = max_grad_norm  # 0: no clipping
-    t.lr_schedule = "constant"  # constant | cosine | cosine_with_restarts | linear
-    t.lr_cycles = 1
-    t.warmup_steps = 0
-    t.log_every = 10
-    t.checkpoint_every = 0  # 0: only at the end
     return t
 
 

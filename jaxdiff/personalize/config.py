@@ -31,15 +31,9 @@ def base_config(method: str) -> ml_collections.ConfigDict:
 def train_block(
     steps: int, learning_rate: float, batch_size: int, optimizer: str = "adamw", weight_decay: float = 1e-2
 ) -> ml_collections.ConfigDict:
-    t = ml_collections.ConfigDict()
-    t.steps = steps
-    t.learning_rate = learning_rate
-    t.batch_size = batch_size
-    t.optimizer = optimizer  # adamw | adam | sgd
-    t.weight_decay = weight_decay
-    t.max_grad_norm = 0.0  # 0: no clipping
-    t.lr_schedule = "constant"
-    t.warmup_steps = 0
-    t.log_every = 10
-    t.checkpoint_every = 100  # 0: only at the end
-    return t
+    """The runner block of a personalization job (logs every 10 steps, a checkpoint every 100)."""
+    from jaxdiff.train.config import finetune_block
+
+    return finetune_block(
+        steps, learning_rate, batch_size, optimizer=optimizer, weight_decay=weight_decay, checkpoint_every=100
+    )

@@ -106,6 +106,35 @@ def default_config() -> mlc.ConfigDict:
     return c
 
 
+def finetune_block(
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    *,
+    optimizer: str = "adamw",
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 0.0,
+    warmup_steps: int = 0,
+    log_every: int = 10,
+    checkpoint_every: int = 0,
+) -> mlc.ConfigDict:
+    """The `train` block of a fine-tuning job on the runner (`erase.finetune.run`: erasure, personalization,
+    ControlNet training): steps, optimiser and schedule, clipping, logging and checkpoint cadence."""
+    t = mlc.ConfigDict()
+    t.steps = steps
+    t.learning_rate = learning_rate
+    t.batch_size = batch_size
+    t.optimizer = optimizer  # adamw | adam | sgd
+    t.weight_decay = weight_decay
+    t.max_grad_norm = max_grad_norm  # 0: no clipping
+    t.lr_schedule = "constant"  # constant | cosine | cosine_with_restarts | linear
+    t.lr_cycles = 1
+    t.warmup_steps = warmup_steps
+    t.log_every = log_every
+    t.checkpoint_every = checkpoint_every  # 0: only at the end
+    return t
+
+
 def apply_overrides(config: mlc.ConfigDict, overrides: list[str]) -> mlc.ConfigDict:
     """`--config.a.b=value` overrides of a training config, checked against this schema (free-form under OPEN)."""
     return config_io.apply_overrides(config, overrides, schema=default_config(), open_keys=OPEN)
