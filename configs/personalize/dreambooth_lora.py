@@ -9,7 +9,7 @@ import ml_collections
 
 from jaxdiff.errors import UserError
 from jaxdiff.personalize.config import base_config, train_block
-from jaxdiff.personalize.lora import ATTENTION
+from jaxdiff.lora import ATTENTION
 
 
 def get_config(arg: str = ""):
