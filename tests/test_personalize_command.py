@@ -100,3 +100,22 @@ def test_help_names_the_flags(capsys):
     assert cli.main(["personalize", "--help"]) == 0
     out = capsys.readouterr().out
     assert all(flag in out for flag in ("--images", "--token", "--out", "--config"))
+
+
+def test_custom_diffusion_trains_only_cross_attention_kv_and_the_token_row(images, tmp_path):
+    from jaxdiff import selectors
+
+    out = tmp_path / "cd"
+    config = "configs/personalize/custom_diffusion.py:runlocal"
+    args = ["personalize", "--config", config, "--images", str(images), "--token", "<v>", "--out", str(out), *FAST]
+    assert cli.main([*args, "--config.prior.num_images=2"]) == 0
+    base, personal = load_pipeline("shapes"), load_pipeline(out / "model")
+    before, after = selectors.flatten(base.unet.params), selectors.flatten(personal.unet.params)
+    changed = {p for p in before if not np.array_equal(before[p], after[p])}
+    kv = {p for p in before if "attn2" in p and p[-2] in ("to_k", "to_v") and p[-1] == "kernel"}
+    assert changed and changed <= kv  # nothing outside attn2's key/value kernels moved
+    old = tokens.table_of(base.text_encoders[0].params)
+    new = tokens.table_of(personal.text_encoders[0].params)
+    np.testing.assert_array_equal(new[: old.shape[0]], old)  # every old row bit-identical
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "custom_diffusion" and report["trainable_params"] > old.shape[1]

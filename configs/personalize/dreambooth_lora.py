@@ -8,8 +8,8 @@
 import ml_collections
 
 from jaxdiff.errors import UserError
-from jaxdiff.personalize.config import base_config, train_block
 from jaxdiff.lora import ATTENTION
+from jaxdiff.personalize.config import base_config, train_block
 
 
 def get_config(arg: str = ""):

@@ -30,10 +30,14 @@ import numpy as np
 
 from jaxdiff import fileio
 from jaxdiff.errors import UserError
-from jaxdiff.personalize import dreambooth_lora, textual_inversion, tokens
+from jaxdiff.personalize import custom_diffusion, dreambooth_lora, textual_inversion, tokens
 from jaxdiff.personalize.job import Job
 
-METHODS = {"textual_inversion": textual_inversion, "dreambooth_lora": dreambooth_lora}
+METHODS = {
+    "textual_inversion": textual_inversion,
+    "dreambooth_lora": dreambooth_lora,
+    "custom_diffusion": custom_diffusion,
+}
 LORA_DIR, LORA_FILE, LORA_META = "lora", "adapters.safetensors", "lora.json"
 
 
