@@ -31,7 +31,7 @@ from jaxdiff.distill import rectified_flow as rf
 from jaxdiff.distill import teacher as teacher_lib
 from jaxdiff.errors import UserError
 
-METHODS = ("reflow", "instaflow", "sid")
+METHODS = ("reflow", "instaflow", "sid", "lcm")
 GRID = 8
 
 
@@ -192,6 +192,10 @@ def distill(config: mlc.ConfigDict, out, *, progress: bool = True) -> dict:
         return sid.distill(config, pipe, init, prompts, contexts, uncond, out, progress=progress)
     folder = Path(config.pairs.folder) if config.pairs.folder else out / "pairs"
     pairs, pair_info = make_pairs(config, pipe, folder, prompts, contexts, uncond, progress)
+    if config.method == "lcm":  # consistency distillation on the pairs' latents (jaxdiff/distill/lcm.py)
+        from jaxdiff.distill import lcm
+
+        return lcm.distill(config, pipe, init, pairs, contexts, uncond, out, progress=progress)
     t0 = time.perf_counter()
     params, info = train(config, pipe, init, pairs, contexts, str(out / "train"), progress)
     jax.block_until_ready(params)
