@@ -14,12 +14,11 @@ not train here either way).
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import selectors
 from jaxdiff.errors import UserError
-from jaxdiff.personalize import dreambooth_lora, losses, tokens
+from jaxdiff.personalize import dreambooth_lora, tokens
 from jaxdiff.personalize.job import Job, Plan
 
 FREEZE_MODELS = {
@@ -40,32 +39,9 @@ def plan(job: Job) -> Plan:
     te, unet = job.text_encoder, job.unet
     rows = tokens.init_rows(tokens.table_of(te.params), c.init_word, job.tokenizer, seed=int(c.seed))
     attention, _ = selectors.split(unet.params, _selector(str(c.freeze_model)))
-    acp = job.alphas_cumprod()
-    weight = float(c.prior.weight)
-    use_prior = weight > 0 and int(c.prior.num_images) > 0
-    prior_latents, prior_ids, _ = dreambooth_lora.prior_data(job) if use_prior else (None, None, None)
-    batch = int(c.train.batch_size)
-
-    def loss(params, frozen, batch_, rng):
-        p = params["personal"]
-        ids, latents = batch_["ids"], batch_["latents"]
-        if use_prior:
-            ids = jnp.concatenate([ids, batch_["prior_ids"]])
-            latents = jnp.concatenate([latents, batch_["prior_latents"]])
-        context = tokens.encode(te, frozen["text_encoder"], p["rows"], ids)
-        unet_params = selectors.combine(p["attention"], frozen["unet"])
-        apply = lambda x, t, ctx: unet.apply(unet_params, x, t, ctx)  # noqa: E731
-        per = losses.eps_mse(apply, acp, latents, context, rng)
-        return losses.prior_preservation(per, batch, weight)
-
-    def batch_fn(step: int) -> dict:
-        b = job.instance_batch(step, batch)
-        if use_prior:
-            rng = np.random.default_rng([int(c.seed), 13, step])
-            k = rng.integers(0, len(prior_latents), batch)
-            b.update(prior_latents=prior_latents[k], prior_ids=prior_ids[k])
-        return b
-
+    loss, batch_fn = dreambooth_lora.instance_and_prior(
+        job, lambda p, frozen_unet: selectors.combine(p["attention"], frozen_unet)
+    )
     frozen = {"unet": unet.params, "text_encoder": te.params}
     return Plan({"attention": attention, "rows": rows}, None, loss, batch_fn, frozen)
 

@@ -14,6 +14,8 @@ model's plain prompts are what prior preservation should keep; SD users give a c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -69,12 +71,13 @@ def scale(job: Job) -> float:
     return float(c.alpha) / int(c.rank)
 
 
-def plan(job: Job) -> Plan:
+def instance_and_prior(job: Job, unet_params_of: Callable) -> tuple[Callable, Callable]:
+    """(loss, batch_fn) of DreamBooth's objective, shared with Custom Diffusion: ε-MSE on instance captions (the
+    token's row from the "rows" leaf) + `prior.weight` × ε-MSE on the generated class examples, one batch of two
+    halves. `unet_params_of(personal params, frozen UNet params)` gives the UNet the step trains through."""
     c = job.config
     te, unet = job.text_encoder, job.unet
-    rows = tokens.init_rows(tokens.table_of(te.params), c.token_init, job.tokenizer, seed=int(c.seed))
-    adapters = lora.init(unet.params, c.lora.targets, int(c.lora.rank), c.lora.init, seed=int(c.seed))
-    acp, s = job.alphas_cumprod(), scale(job)
+    acp = job.alphas_cumprod()
     weight = float(c.prior.weight)
     use_prior = weight > 0 and int(c.prior.num_images) > 0
     prior_latents, prior_ids, _ = prior_data(job) if use_prior else (None, None, None)
@@ -87,11 +90,10 @@ def plan(job: Job) -> Plan:
             ids = jnp.concatenate([ids, batch_["prior_ids"]])
             latents = jnp.concatenate([latents, batch_["prior_latents"]])
         context = tokens.encode(te, frozen["text_encoder"], p["rows"], ids)
-        unet_params = lora.merge(frozen["unet"], p["lora"], s)
+        unet_params = unet_params_of(p, frozen["unet"])
         apply = lambda x, t, ctx: unet.apply(unet_params, x, t, ctx)  # noqa: E731
         per = losses.eps_mse(apply, acp, latents, context, rng)
-        total, parts = losses.prior_preservation(per, batch, weight)
-        return total, parts
+        return losses.prior_preservation(per, batch, weight)
 
     def batch_fn(step: int) -> dict:
         b = job.instance_batch(step, batch)
@@ -101,6 +103,16 @@ def plan(job: Job) -> Plan:
             b.update(prior_latents=prior_latents[k], prior_ids=prior_ids[k])
         return b
 
+    return loss, batch_fn
+
+
+def plan(job: Job) -> Plan:
+    c = job.config
+    te, unet = job.text_encoder, job.unet
+    rows = tokens.init_rows(tokens.table_of(te.params), c.token_init, job.tokenizer, seed=int(c.seed))
+    adapters = lora.init(unet.params, c.lora.targets, int(c.lora.rank), c.lora.init, seed=int(c.seed))
+    s = scale(job)
+    loss, batch_fn = instance_and_prior(job, lambda p, frozen_unet: lora.merge(frozen_unet, p["lora"], s))
     frozen = {"unet": unet.params, "text_encoder": te.params}
     trainable = {"lora": True, "rows": bool(c.train_token)}
     return Plan({"lora": adapters, "rows": rows}, trainable, loss, batch_fn, frozen)

@@ -83,6 +83,16 @@ def start_step(steps: int, strength: float) -> int:
     return max(steps - min(int(steps * strength), steps), 0)
 
 
+def _checked_start(steps: int, strength: float) -> int:
+    """start_step, or a UserError for a strength outside (0, 1] or one that leaves no step."""
+    if not 0.0 < strength <= 1.0:
+        raise UserError(f"strength must be in (0, 1], got {strength}")
+    start = start_step(steps, strength)
+    if start >= steps:
+        raise UserError(f"strength {strength} with {steps} steps leaves no denoising step (raise either)")
+    return start
+
+
 def cutoff(fraction: float, num_train_timesteps: int) -> int:
     """The timestep where SDXL's base hands over to the refiner: round((1 - fraction) * num_train_timesteps)."""
     return int(round(num_train_timesteps - fraction * num_train_timesteps))
@@ -140,12 +150,7 @@ def request(
                 raise UserError(f"denoising_start {fraction} leaves no denoising step")
             return ImageRequest(None, None, 1.0, IMG2IMG, start, latents=latents, add_noise=False)
         strength = 0.8 if strength is None else float(strength)
-        if not 0.0 < strength <= 1.0:
-            raise UserError(f"strength must be in (0, 1], got {strength}")
-        start = start_step(steps, strength)
-        if start >= steps:
-            raise UserError(f"strength {strength} with {steps} steps leaves no denoising step (raise either)")
-        return ImageRequest(None, None, strength, IMG2IMG, start, latents=latents)
+        return ImageRequest(None, None, strength, IMG2IMG, _checked_start(steps, strength), latents=latents)
     if denoising_start is not None:
         raise UserError("denoising_start needs init_latents (a base pipeline's output='latents')")
     if image is None:
@@ -163,11 +168,7 @@ def request(
     if strength is None:  # diffusers' defaults
         strength = 0.8 if mask is None else 1.0
     strength = float(strength)
-    if not 0.0 < strength <= 1.0:
-        raise UserError(f"strength must be in (0, 1], got {strength}")
-    start = start_step(steps, strength)
-    if start >= steps:
-        raise UserError(f"strength {strength} with {steps} steps leaves no denoising step (raise either)")
+    start = _checked_start(steps, strength)
     kind = IMG2IMG if mask is None else (INPAINT_CONCAT if inpainting_unet else INPAINT_BLEND)
     return ImageRequest(image=image, mask=mask, strength=strength, kind=kind, start=start)
 
