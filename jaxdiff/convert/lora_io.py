@@ -94,11 +94,7 @@ def from_kohya(state: dict, models: dict, sdxl: bool | None = None) -> tuple[dic
         adapters[component][path] = _jax_pair(down, up)
         alphas[component][path] = float(np.asarray(state[alpha_key])) if alpha_key in state else float(down.shape[0])
         used.update({key, up_key, alpha_key})
-    stray = sorted(set(state) - used)
-    if unknown or stray:
-        parts = [f"modules these models do not have: {', '.join(unknown)}"] if unknown else []
-        parts += [f"keys that are no LoRA pair: {', '.join(stray)}"] if stray else []
-        raise UserError("kohya LoRA file does not fit: " + "; ".join(parts))
+    _check_fit("kohya", unknown, sorted(set(state) - used))
     return adapters, alphas
 
 
@@ -140,12 +136,16 @@ def from_peft(state: dict, models: dict, metadata: dict | None = None) -> tuple[
         adapters[component][path] = _jax_pair(down, up)
         alphas[component][path] = float(meta_alphas.get(name, down.shape[0]))
         used.update({key, b_key})
-    stray = sorted(set(state) - used)
+    _check_fit("PEFT", unknown, sorted(set(state) - used))
+    return adapters, alphas
+
+
+def _check_fit(kind: str, unknown: list[str], stray: list[str]) -> None:
+    """One UserError naming the modules a file adapts that the models lack and the keys that are no LoRA pair."""
     if unknown or stray:
         parts = [f"modules these models do not have: {', '.join(unknown)}"] if unknown else []
         parts += [f"keys that are no LoRA pair: {', '.join(stray)}"] if stray else []
-        raise UserError("PEFT LoRA file does not fit: " + "; ".join(parts))
-    return adapters, alphas
+        raise UserError(f"{kind} LoRA file does not fit: " + "; ".join(parts))
 
 
 def fold_alpha(adapters: dict, alphas: dict) -> dict:
