@@ -23,7 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--negative", action="append", help="negative prompt (once for all prompts, or once per prompt)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, else 25)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-    p.add_argument("--scheduler", default=None, help="ddim, pndm, euler, dpm++2m, ddpm, flow_euler (default: ddim)")
+    p.add_argument(
+        "--scheduler", default=None, help="ddim, pndm, euler, dpm++2m, ddpm, flow_euler, lcm (default: ddim)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--height", type=int, default=None)

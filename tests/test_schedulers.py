@@ -22,6 +22,7 @@ CLASSES = {
     "dpm++2m": "DPMSolverMultistepScheduler",
     "pndm": "PNDMScheduler",
     "flow_euler": "FlowMatchEulerDiscreteScheduler",
+    "lcm": "LCMScheduler",
 }
 # Stable Diffusion 1.x's scheduler_config.json (a PNDM config that every scheduler is built from)
 SD = {
@@ -98,9 +99,15 @@ CASES = {
         "terminal": {"shift": 3.0, "shift_terminal": 0.02},
         "karras": {"shift": 1.5, "use_karras_sigmas": True},
     },
+    # more LCM cases (1-8 steps, original_inference_steps=4, denoised outputs) in test_scheduler_lcm.py
+    "lcm": {
+        "sd": SD,
+        "v": V_PRED,
+        "default": DEFAULT,
+    },
 }
 PARAMS = [(n, c, N) for n, cs in CASES.items() for c in cs for N in (10, 25)]
-NOISY = {"ddpm"}
+NOISY = {"ddpm", "lcm"}  # draw fresh noise from a torch.Generator at every step
 
 
 def reference(name, config):
@@ -127,7 +134,7 @@ def torch_loop(name, config, n):
     out = []
     for i, t in enumerate(ref.timesteps):
         mo = fake_model(ref.scale_model_input(x, t) if hasattr(ref, "scale_model_input") else x, t, torch)
-        if name == "ddpm":
+        if name in NOISY:
             kw = {"generator": torch.Generator().manual_seed(1000 + i)}
         elif name == "ddim" and config.get("eta", 0) > 0:
             kw = {"eta": config["eta"], "variance_noise": step_noise(i)}
@@ -282,7 +289,7 @@ def test_unsupported_config_values_name_the_key(name, config, key):
 
 
 def test_names_and_bad_steps():
-    assert set(SCHEDULERS) == {"ddpm", "ddim", "euler", "dpm++2m", "pndm", "flow_euler"}
+    assert set(SCHEDULERS) == {"ddpm", "ddim", "euler", "dpm++2m", "pndm", "flow_euler", "lcm"}
     assert make_scheduler("PNDMScheduler", SD).name == "pndm"
     with pytest.raises(ValueError, match="unknown scheduler"):
         make_scheduler("heun", SD)

@@ -26,6 +26,7 @@ SCHEDULER_NAMES = {
     "EulerDiscreteScheduler": "euler",
     "DPMSolverMultistepScheduler": "dpm++2m",
     "FlowMatchEulerDiscreteScheduler": "flow_euler",
+    "LCMScheduler": "lcm",
 }
 BUILTIN = {"shapes": Path(__file__).resolve().parent.parent / "assets" / "shapes"}
 

@@ -7,6 +7,7 @@ from jaxdiff.sampling.schedulers.ddpm import DDPM
 from jaxdiff.sampling.schedulers.dpm_solver import DPMSolverPP
 from jaxdiff.sampling.schedulers.euler import EulerDiscrete
 from jaxdiff.sampling.schedulers.flow_euler import FlowEuler
+from jaxdiff.sampling.schedulers.lcm import LCM
 from jaxdiff.sampling.schedulers.pndm import PNDM
 
 SCHEDULERS = {
@@ -16,6 +17,7 @@ SCHEDULERS = {
     "dpm++2m": DPMSolverPP,
     "pndm": PNDM,
     "flow_euler": FlowEuler,
+    "lcm": LCM,
 }
 
 # diffusers class names accepted as aliases
@@ -26,6 +28,7 @@ DIFFUSERS_CLASSES = {
     "DPMSolverMultistepScheduler": "dpm++2m",
     "PNDMScheduler": "pndm",
     "FlowMatchEulerDiscreteScheduler": "flow_euler",
+    "LCMScheduler": "lcm",
 }
 
 
@@ -50,4 +53,5 @@ __all__ = [
     "DPMSolverPP",
     "PNDM",
     "FlowEuler",
+    "LCM",
 ]
