@@ -273,10 +273,11 @@ SUBCOMMANDS.append(_add_erase)
 def _add_distill(sub) -> None:
     p = sub.add_parser(
         "distill",
-        help="distill a teacher to a few-step student with a configs/distill/*.py method (reflow, instaflow, sid)",
+        help="distill a teacher to a few-step student with a configs/distill/*.py method "
+        "(reflow, instaflow, sid, lcm, dmd2)",
         description="Distill: --config configs/distill/METHOD.py[:shapes|:runlocal] then --config.KEY=VALUE "
-        "overrides. Makes teacher (noise, latent) pairs (OUT/pairs, resumable; sid is data-free), trains the student "
-        "on the runner "
+        "overrides. Makes teacher (noise, latent) pairs (OUT/pairs, resumable; sid and dmd2 are data-free), "
+        "trains the student on the runner "
         "(OUT/train, resumes when rerun with the same config), writes OUT/model (loadable by load_pipeline and "
         "`jaxdiff generate --model OUT/model`), OUT/before_after.png, OUT/report.json and OUT/report.md.",
     )

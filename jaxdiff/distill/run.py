@@ -5,7 +5,7 @@
 Output folder:
   config.json       the run's config (a rerun with the same config resumes; another config is refused)
   pairs/            the pair store (unless config.pairs.folder names a shared one; `jaxdiff.distill.pairs`); none
-                    for the data-free "sid" (`jaxdiff.distill.sid`: an Euler student whose one step is its generator)
+                    for the data-free "sid" and "dmd2" (`jaxdiff.distill.sid`, `jaxdiff.distill.dmd2`)
   train/            the runner's orbax checkpoints (a killed run resumes), metrics.jsonl, TensorBoard
   model/            the student as a pipeline (FlowMatchEulerDiscreteScheduler, sampling_defaults: its steps, no
                     CFG): `load_pipeline(OUT/model)(prompts, steps=1, guidance=1)` and `jaxdiff generate`
@@ -31,7 +31,7 @@ from jaxdiff.distill import rectified_flow as rf
 from jaxdiff.distill import teacher as teacher_lib
 from jaxdiff.errors import UserError
 
-METHODS = ("reflow", "instaflow", "sid", "lcm")
+METHODS = ("reflow", "instaflow", "sid", "lcm", "dmd2")
 GRID = 8
 
 
@@ -190,6 +190,10 @@ def distill(config: mlc.ConfigDict, out, *, progress: bool = True) -> dict:
         from jaxdiff.distill import sid
 
         return sid.distill(config, pipe, init, prompts, contexts, uncond, out, progress=progress)
+    if config.method == "dmd2":  # data-free on prompts (+ real images for its GAN head): jaxdiff/distill/dmd2.py
+        from jaxdiff.distill import dmd2
+
+        return dmd2.distill(config, pipe, init, prompts, contexts, uncond, out, progress=progress)
     folder = Path(config.pairs.folder) if config.pairs.folder else out / "pairs"
     pairs, pair_info = make_pairs(config, pipe, folder, prompts, contexts, uncond, progress)
     if config.method == "lcm":  # consistency distillation on the pairs' latents (jaxdiff/distill/lcm.py)

@@ -1,0 +1,441 @@
+"""DMD2: distribution matching with a fake score updated k times per generator step, a diffusion-GAN head, backward
+simulation for k-step students (tianweiy/DMD2 `main/sd_guidance.py`, `main/sd_unified_model.py`)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.distill import teacher as teacher_lib
+from jaxdiff.errors import UserError
+
+# ------------------------------------------------------------------------------------------------ the losses
+
+
+def _rows(x):
+    return jnp.reshape(x, (x.shape[0], -1))
+
+
+def _bc(a, x):
+    return jnp.reshape(a, a.shape + (1,) * (x.ndim - a.ndim))
+
+
+def dm_gradient(x, x0_real, x0_fake):
+    """The distribution-matching direction per image: (p_real − p_fake) / mean|p_real| with p = x − x̂0 (the mean over
+    each image's elements), NaN → 0 and ±inf → the largest float (torch.nan_to_num's defaults). No gradient flows
+    through it: the official code computes it under torch.no_grad."""
+    x, x0_real, x0_fake = (jax.lax.stop_gradient(jnp.asarray(a, jnp.float32)) for a in (x, x0_real, x0_fake))
+    p_real, p_fake = x - x0_real, x - x0_fake
+    norm = jnp.mean(jnp.abs(_rows(p_real)), axis=1)
+    return jnp.nan_to_num((p_real - p_fake) / _bc(norm, x))
+
+
+def dm_loss(x, grad):
+    """0.5 · mean((x − stop_grad(x − grad))²): its gradient in x is grad / x.size (F.mse_loss's mean reduction)."""
+    x = x.astype(jnp.float32)
+    return 0.5 * jnp.mean(jnp.square(x - jax.lax.stop_gradient(x - grad)))
+
+
+def fake_score_loss(eps_fake, noise):
+    """The fake score's denoising loss: mean((ε_ψ(x_t, t) − ε)²), no guidance (`compute_loss_fake`)."""
+    return jnp.mean(jnp.square(eps_fake.astype(jnp.float32) - noise))
+
+
+def discriminator_loss(logits_real, logits_fake):
+    """The GAN head's loss (`compute_guidance_clean_cls_loss`): mean softplus(fake) + mean softplus(−real)."""
+    return jnp.mean(jax.nn.softplus(logits_fake)) + jnp.mean(jax.nn.softplus(-logits_real))
+
+
+def generator_gan_loss(logits_fake):
+    """The generator's GAN loss (`compute_generator_clean_cls_loss`): mean softplus(−fake)."""
+    return jnp.mean(jax.nn.softplus(-logits_fake))
+
+
+# ------------------------------------------------------------------------------------------------ the GAN head
+
+
+class GANHead(nn.Module):
+    """Realism logits [B] from the fake UNet's bottleneck [B, h, w, C] (the official `cls_pred_branch`): 4×4 stride-2
+    convs (GroupNorm, SiLU) down to 4×4 or less, a conv as wide as what is left to 1×1 (GroupNorm, SiLU), a 1×1 conv
+    to one logit. On SD1.5's 8×8×1280 that is the official conv(4, s2) → conv(4, s4) → conv(1)."""
+
+    @nn.compact
+    def __call__(self, features):
+        x = features.astype(jnp.float32)
+        c = x.shape[-1]
+        groups = next(g for g in (32, 16, 8, 4, 2, 1) if c % g == 0)
+        while x.shape[1] > 4:
+            x = nn.Conv(c, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)))(x)
+            x = nn.silu(nn.GroupNorm(num_groups=groups, epsilon=1e-5)(x))
+        x = nn.Conv(c, (x.shape[1], x.shape[2]), strides=(x.shape[1], x.shape[2]), padding="VALID")(x)
+        x = nn.silu(nn.GroupNorm(num_groups=groups, epsilon=1e-5)(x))
+        return nn.Conv(1, (1, 1))(x).reshape(x.shape[0])
+
+
+# ------------------------------------------------------------------------------------------------ the generator
+
+
+def denoising_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """The student's timesteps (`denoising_step_list`): T − 1, T − 1 − T/k, …; k = 1: [999], k = 4: [999, 749, 499,
+    249]. k must divide T, so that diffusers' LCMScheduler with original_inference_steps = k samples the same ones."""
+    k, t = int(num_steps), int(num_train_timesteps)
+    if k < 1 or t % k:
+        raise UserError(f"dmd2.num_steps must be a divisor of num_train_timesteps={t}, got {k}")
+    return np.arange(t - 1, 0, -(t // k), dtype=np.int32)
+
+
+def add_noise(model: teacher_lib.Teacher, x0, noise, t):
+    """diffusers' add_noise at (integer) timesteps t [B]."""
+    alpha, sigma = model.alpha_sigma(t)
+    return _bc(alpha, x0) * x0 + _bc(sigma, x0) * noise
+
+
+def student_input(model, params, z, context, timesteps, selected, key, num_train_timesteps: int = 1000):
+    """Backward simulation (`sample_backward` + `prepare_denoising_data`): from pure noise z, `selected` (traced, < k)
+    student steps — predict x̂0 at timesteps[i], re-noise it to timesteps[i + 1] with fresh noise — then the input of
+    the student's step `selected`: x̂0 noised to timesteps[selected] with fresh noise (pure noise when that is T − 1).
+    Returns (x_t, t [B]); no gradient flows through it."""
+    params = jax.lax.stop_gradient(params)
+    ts = jnp.asarray(timesteps, jnp.float32)
+    b = z.shape[0]
+    k_loop, k_last = jax.random.split(key)
+
+    def body(i, carry):
+        x, _ = carry
+        t = jnp.full((b,), ts[i])
+        x0 = model.predict(params, x, t, context, "sample").astype(jnp.float32)
+        t_next = jnp.full((b,), ts[jnp.minimum(i + 1, ts.shape[0] - 1)])
+        return add_noise(model, x0, jax.random.normal(jax.random.fold_in(k_loop, i), z.shape), t_next), x0
+
+    _, x0 = jax.lax.fori_loop(0, selected, body, (z, z))
+    t = jnp.full((b,), ts[selected])
+    noised = add_noise(model, x0, jax.random.normal(k_last, z.shape), t)
+    pure = ts[selected] >= num_train_timesteps - 1
+    return jax.lax.stop_gradient(jnp.where(pure, z, noised)), t
+
+
+def sample_latents(model, params, z, context, timesteps, key):
+    """The k-step student's sampler: x̂0 at each timestep, re-noised with fresh noise to the next (the last x̂0 is the
+    result); one step = one UNet call on pure noise at t = T − 1."""
+    ts = [float(t) for t in np.asarray(timesteps)]
+    b, x = z.shape[0], z
+    for i, t in enumerate(ts):
+        x0 = model.predict(params, x, jnp.full((b,), t), context, "sample").astype(jnp.float32)
+        if i + 1 == len(ts):
+            return x0
+        x = add_noise(model, x0, jax.random.normal(jax.random.fold_in(key, i), z.shape), jnp.full((b,), ts[i + 1]))
+    return x
+
+
+# ------------------------------------------------------------------------------------------------ the phases
+
+
+def make_phases(unet_fn, features_fn, scheduler_config: dict, settings):
+    """The phases of a DMD2 step on networks "fake_score" ({"unet", "head"}: the fake UNet and the GAN head) and
+    "unet" (the generator): the fake score `fake_updates` times (each on fresh generator samples), then the
+    generator once — the official ratio dfake_gen_update_ratio of guidance to generator updates. `frozen` holds
+    "teacher" (UNet params) and "uncond" [1, L, D]; the batch: "context" [B, L, D] (fake phase), "gen_context"
+    [B, L, D] (generator phase), and with the GAN "real" [B, h, w, c] (latents of real images).
+
+    Fake phase: fake_score_loss on the generator's (backward-simulated) samples at t ~ U{0..T−1}; with the GAN,
+    + gan_weight_d · discriminator_loss on the head's logits for real latents vs samples (diffusion-GAN: both noised
+    to t ~ U{0..gan_max_timestep−1}). Generator phase: dm_loss at t ~ U{min_step..max_step} with the teacher guided
+    u + s(c − u), s = `real_guidance`, and the fake score unguided; + gan_weight_g · generator_gan_loss."""
+    from jaxdiff.train import step as step_lib
+
+    s = dict(settings)
+    model = teacher_lib.Teacher(unet_fn, dict(scheduler_config))
+    if model.is_flow:
+        raise UserError("DMD2 needs a VP (ε / v / x0) teacher")
+    T = int(scheduler_config.get("num_train_timesteps", 1000))
+    timesteps = denoising_timesteps(int(s["num_steps"]), T)
+    k = len(timesteps)
+    min_step, max_step = int(s["min_step_percent"] * T), int(s["max_step_percent"] * T)
+    w_real = float(s["real_guidance"])
+    gan_d, gan_g = float(s["gan_weight_d"]), float(s["gan_weight_g"])
+    gan = gan_d > 0 or gan_g > 0
+    head = GANHead()
+
+    def generate(gen_params, z, ctx, key, with_grad: bool):
+        k_sel, k_sim = jax.random.split(key)
+        selected = jax.random.randint(k_sel, (), 0, k) if bool(s["backward_simulation"]) else 0
+        x_t, t = student_input(model, gen_params, z, ctx, timesteps, selected, k_sim, T)
+        x0 = model.predict(gen_params, x_t, t, ctx, "sample").astype(jnp.float32)
+        return x0 if with_grad else jax.lax.stop_gradient(x0)
+
+    def logits(fake, x, ctx, key):
+        k_t, k_n = jax.random.split(key)
+        b = x.shape[0]
+        if int(s["gan_max_timestep"]) > 0:  # diffusion GAN
+            t = jax.random.randint(k_t, (b,), 0, int(s["gan_max_timestep"])).astype(jnp.float32)
+            x = add_noise(model, x, jax.random.normal(k_n, x.shape), t)
+        else:
+            t = jnp.zeros((b,), jnp.float32)
+        return head.apply({"params": fake["head"]}, features_fn(fake["unet"], x, t, ctx))
+
+    def fake_loss(params, frozen, batch, rng):
+        k_z, k_g, k_t, k_n, k_gan = jax.random.split(rng, 5)
+        ctx = batch["context"]
+        z = jax.random.normal(k_z, (ctx.shape[0], *s["latent_shape"]))
+        x_g = generate(params["unet"], z, ctx, k_g, False)
+        t = jax.random.randint(k_t, (ctx.shape[0],), 0, T).astype(jnp.float32)
+        noise = jax.random.normal(k_n, z.shape)
+        fake = params["fake_score"]
+        eps = model.predict(fake["unet"], add_noise(model, x_g, noise, t), t, ctx, "epsilon")
+        loss = fake_score_loss(eps, noise)
+        aux = {"loss_fake": loss, "x_g_std": jnp.std(x_g)}
+        if gan:
+            k_real, k_fake = jax.random.split(k_gan)
+            real, fake_logits = logits(fake, batch["real"], ctx, k_real), logits(fake, x_g, ctx, k_fake)
+            d_loss = discriminator_loss(real, fake_logits)
+            loss = loss + gan_d * d_loss
+            aux.update(
+                loss_d=d_loss,
+                p_real=jnp.mean(jax.nn.sigmoid(real)),
+                p_fake=jnp.mean(jax.nn.sigmoid(fake_logits)),
+            )
+        return loss, aux
+
+    def generator_loss(params, frozen, batch, rng):
+        k_z, k_g, k_t, k_n, k_gan = jax.random.split(rng, 5)
+        ctx = batch["gen_context"]
+        b = ctx.shape[0]
+        z = jax.random.normal(k_z, (b, *s["latent_shape"]))
+        x_g = generate(params["unet"], z, ctx, k_g, True)
+        t = jax.random.randint(k_t, (b,), min_step, min(max_step + 1, T)).astype(jnp.float32)
+        x_t = add_noise(model, jax.lax.stop_gradient(x_g), jax.random.normal(k_n, z.shape), t)
+        fake = jax.lax.stop_gradient(params["fake_score"])
+        x0_fake = model.predict(fake["unet"], x_t, t, ctx, "sample")
+        uncond = jnp.broadcast_to(frozen["uncond"], ctx.shape)
+        if w_real == 1.0:
+            x0_real = model.predict(frozen["teacher"], x_t, t, ctx, "sample")
+        else:
+            x0_real = model.guided(frozen["teacher"], x_t, t, ctx, uncond, w_real, "uncond_based", "sample")
+        grad = dm_gradient(x_g, x0_real, x0_fake)
+        loss = dm_loss(x_g, grad)
+        aux = {"loss_dm": loss, "dm_grad_norm": jnp.sqrt(jnp.sum(jnp.square(grad))), "x_g_std": jnp.std(x_g)}
+        if gan:
+            g_loss = generator_gan_loss(logits(fake, x_g, ctx, k_gan))
+            loss = loss + gan_g * g_loss
+            aux["loss_gan"] = g_loss
+        return loss, aux
+
+    return [
+        step_lib.Phase("fake_score", "fake_score", fake_loss, repeat=int(s["fake_updates"])),
+        step_lib.Phase("generator", "unet", generator_loss),
+    ]
+
+
+def init_head(features_fn, unet_params, latent_shape, context, seed: int = 0):
+    """The GAN head's params for the bottleneck of the fake UNet on latents of `latent_shape`."""
+    x = jnp.zeros((1, *latent_shape), jnp.float32)
+    feats = jax.eval_shape(features_fn, unet_params, x, jnp.zeros((1,), jnp.float32), jnp.asarray(context[:1]))
+    return GANHead().init(jax.random.PRNGKey(seed), jnp.zeros(feats.shape, jnp.float32))["params"]
+
+
+# ------------------------------------------------------------------------------------------------ real images
+
+
+def real_latents(config, pipe, prompts: list[str]) -> np.ndarray:
+    """Latents of real images for the GAN head: the shapes renders of the training prompts' own scenes
+    (data.shapes), or `dmd2.real_images` (a folder of images, resized to the model's resolution)."""
+    from pathlib import Path
+
+    from jaxdiff import images as images_lib
+    from jaxdiff.sampling import image_conditioning as ic
+
+    size = pipe.default_size
+    folder = str(config.dmd2.real_images)
+    if folder:
+        paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if not paths:
+            raise UserError(f"dmd2.real_images: no .png/.jpg/.webp images in {folder}")
+        pixels = [images_lib.read_image(p) for p in paths]
+        from PIL import Image
+
+        pixels = [np.asarray(Image.fromarray(p).resize((size, size), Image.BICUBIC)) for p in pixels]
+    elif not config.data.file:
+        from jaxdiff.data import shapes as S
+        from jaxdiff.data.shapes_tfds import scene_and_captions
+
+        pixels = [S.render(scene_and_captions(str(config.data.shapes), i)[0], size) for i in range(len(prompts))]
+    else:
+        raise UserError("the DMD2 GAN head needs real images: set dmd2.real_images to a folder (or gan weights to 0)")
+    batch = np.stack(pixels).astype(np.float32) / 255.0
+    encode = jax.jit(lambda vp, x, key: ic.encode(pipe.vae, vp, x, key))
+    out = [
+        np.asarray(encode(pipe.vae.params, batch[i : i + 64], jax.random.PRNGKey(i)))
+        for i in range(0, len(batch), 64)
+    ]
+    return np.concatenate(out)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def batch_function(config, contexts, reals):
+    """step -> batch, a pure function of the step (resumable): each phase draws its own prompts; real latents for
+    the GAN are drawn independently of the prompts (as the official real-image loader)."""
+    b, seed = int(config.train.batch_size), int(config.seed)
+
+    def batch_fn(step: int) -> dict:
+        rng = np.random.default_rng([seed, 11, step])
+        batch = {
+            "context": contexts[rng.integers(0, len(contexts), size=b)],
+            "gen_context": contexts[rng.integers(0, len(contexts), size=b)],
+        }
+        if reals is not None:
+            batch["real"] = reals[rng.integers(0, len(reals), size=b)]
+        return batch
+
+    return batch_fn
+
+
+def settings_of(config, pipe) -> dict:
+    c = pipe.unet.config
+    latent_shape = (int(c.get("sample_size", 64)),) * 2 + (int(c.get("in_channels", 4)),)
+    return dict(config.dmd2, latent_shape=latent_shape)
+
+
+def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workdir: str, progress: bool):
+    """Generator ("unet", from `init_params`) and fake score ("fake_score": a copy of the teacher + the GAN head) on
+    the runner, each with its own AdamW (β 0.9/0.999, weight decay 0.01, as the official run) and constant LR after
+    warm-up; returns (generator params (its EMA when train.ema_decay > 0), info)."""
+    from jaxdiff import sharding
+    from jaxdiff.erase import finetune
+    from jaxdiff.train import optim
+    from jaxdiff.train import step as step_lib
+
+    t, d = config.train, config.dmd2
+    settings = settings_of(config, pipe)
+    unet = pipe.unet
+    unet_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx))
+    features_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx, method="encode")["mid"])
+    phases = make_phases(unet_fn, features_fn, pipe.scheduler_config, settings)
+    gan = float(d.gan_weight_d) > 0 or float(d.gan_weight_g) > 0
+    reals = real_latents(config, pipe, prompts) if gan else None
+
+    def adamw(lr_value):
+        lr = optim.schedule(lr_value, t.steps, kind=t.lr_schedule, warmup_steps=t.warmup_steps)
+        return optim.optimizer("adamw", lr, b1=0.9, b2=0.999, weight_decay=float(t.weight_decay)), lr
+
+    g_tx, g_lr = adamw(float(t.learning_rate))
+    f_tx, f_lr = adamw(float(d.fake_score_learning_rate))
+    networks = [
+        step_lib.Network("fake_score", f_tx, f_lr, clip_norm=float(t.max_grad_norm)),
+        step_lib.Network("unet", g_tx, g_lr, clip_norm=float(t.max_grad_norm), ema_decay=float(t.ema_decay)),
+    ]
+    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731  (no buffer shared with the teacher)
+    fake = {"unet": copy(pipe.unet.params)}
+    if gan:
+        fake["head"] = init_head(features_fn, pipe.unet.params, settings["latent_shape"], contexts, int(config.seed))
+    params = {"fake_score": fake, "unet": copy(init_params)}
+    frozen = {"teacher": pipe.unet.params, "uncond": jnp.asarray(uncond)}
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    state, info = finetune.run(
+        networks,
+        phases,
+        params,
+        frozen,
+        batch_function(config, contexts, reals),
+        t,
+        workdir,
+        seed=int(config.seed),
+        mesh=mesh,
+        model=unet,
+        progress=progress,
+        label="DMD2 step",
+    )
+    return state.ema_params("unet"), info
+
+
+# ------------------------------------------------------------------------------------------------ the student
+
+
+def student_scheduler(scheduler_config: dict, num_steps: int) -> dict:
+    """diffusers' LCMScheduler with original_inference_steps = k: its k-step timesteps are the student's
+    (`denoising_timesteps`), x̂0 re-noised with fresh noise between steps, as DMD2's own SDXL inference. (Its
+    boundary scalings c_skip = 0.25 / ((10 t)² + 0.25) are below 1e-7 at the student's timesteps.)"""
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+    sched = {k: scheduler_config[k] for k in keep if k in scheduler_config}
+    sched.update(
+        _class_name="LCMScheduler",
+        _diffusers_version="0.42.0",
+        original_inference_steps=int(num_steps),
+        timestep_spacing="leading",
+        set_alpha_to_one=True,
+        steps_offset=0,
+        clip_sample=False,
+    )
+    return sched
+
+
+_SAMPLERS: dict = {}
+
+
+def sample(pipe, generator_params, prompts: list[str], latents, steps: int, num_steps: int, seed: int = 0):
+    """Images [N, H, W, 3] in [0, 1] from the k-step student (no CFG; `latents` = z) at `steps` of its k timesteps
+    (steps must divide k: 1 … k)."""
+    k = int(num_steps)
+    T = int(pipe.scheduler_config.get("num_train_timesteps", 1000))
+    if int(steps) < 1 or k % int(steps):
+        raise UserError(f"the DMD2 student trained for {k} steps samples in a divisor of {k}, got steps={steps}")
+    timesteps = denoising_timesteps(k, T)[:: k // int(steps)]
+    key = (id(pipe), tuple(int(t) for t in timesteps))
+    if key not in _SAMPLERS:
+        unet = pipe.unet
+        model = teacher_lib.Teacher(lambda p, x, t, c: unet.apply(p, x, t, c), dict(pipe.scheduler_config))
+
+        def run(params, vae_params, cond, z, rng):
+            return pipe.decode_latents(vae_params, sample_latents(model, params, z, cond, timesteps, rng))
+
+        _SAMPLERS[key] = jax.jit(run)
+    cond = pipe.encode_prompts(list(prompts))[0]
+    z = jnp.asarray(latents, jnp.float32)
+    return np.asarray(_SAMPLERS[key](generator_params, pipe.vae.params, cond, z, jax.random.PRNGKey(seed)))
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+def distill(config, pipe, init_params, prompts, contexts, uncond, out, progress: bool = True) -> dict:
+    """`jaxdiff distill` for method "dmd2" (run.distill hands over after loading the teacher and the prompts): train,
+    OUT/model (an LCMScheduler pipeline of the student's k steps), the grid and the NFE-vs-quality report."""
+    import json
+    import time
+    from pathlib import Path
+
+    from jaxdiff import fileio
+    from jaxdiff.distill import evaluate
+    from jaxdiff.distill import run as run_lib
+
+    out = Path(out)
+    d = config.dmd2
+    denoising_timesteps(int(d.num_steps), int(pipe.scheduler_config.get("num_train_timesteps", 1000)))
+    t0 = time.perf_counter()
+    params, info = train(config, pipe, init_params, prompts, contexts, uncond, str(out / "train"), progress)
+    jax.block_until_ready(params)
+    train_s = time.perf_counter() - t0
+    k = int(d.num_steps)
+    run_lib.save_student(pipe, params, out, k, student_scheduler(pipe.scheduler_config, k))
+    report = {
+        "method": config.method,
+        "teacher": str(config.teacher),
+        "init": str(config.init),
+        "dmd2": {key: d[key] for key in ("num_steps", "real_guidance", "fake_updates", "gan_weight_g", "gan_weight_d")},
+        "train": {
+            "seconds": train_s,
+            **{key: info[key] for key in ("steps", "resumed_from", "skipped")},
+            "last": info.get("last", {}),
+        },
+    }
+
+    def sample_student(pipe, params, prompts, latents, steps):
+        return sample(pipe, params, prompts, latents, steps, k)
+
+    report.update(evaluate.evaluate(config, pipe, params, out / "before_after.png", sample_student, "student"))
+    fileio.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    fileio.atomic_write_text(out / "report.md", evaluate.markdown(report))
+    return report

@@ -1,0 +1,138 @@
+"""DMD2: losses vs PyTorch transcriptions of the official code, the student's timesteps, backward simulation, the
+GAN head, and the command (kill + resume, GAN, a 4-step student sampled by its LCMScheduler pipeline)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_distill_sid import ACP, SCHED, tiny_teacher  # noqa: F401  (tiny_teacher is a fixture)
+
+from jaxdiff import cli
+from jaxdiff.distill import dmd2
+from jaxdiff.distill import teacher as teacher_lib
+from jaxdiff.errors import UserError
+
+torch = pytest.importorskip("torch")
+ATOL = 1e-5  # float32 JAX vs float32 PyTorch on tensors of ~unit scale
+
+
+def _rand(seed, shape=(3, 4, 4, 2)):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _t(a):
+    return torch.tensor(np.asarray(a))
+
+
+def test_dm_loss_and_its_gradient_match_the_official_code():
+    x, real, fake = _rand(0), _rand(1), _rand(2)
+    real[1, 0, 0, 0] = np.nan  # nan_to_num: a NaN in the direction becomes 0
+    # sd_guidance.compute_distribution_matching_loss, transcribed (channels last: the means are over all but the batch)
+    xt = _t(x).requires_grad_(True)
+    p_real, p_fake = xt.detach() - _t(real), xt.detach() - _t(fake)
+    grad = torch.nan_to_num((p_real - p_fake) / torch.abs(p_real).mean(dim=[1, 2, 3], keepdim=True))
+    want = 0.5 * torch.nn.functional.mse_loss(xt, (xt - grad).detach(), reduction="mean")
+    want.backward()
+    loss_fn = lambda xx: dmd2.dm_loss(xx, dmd2.dm_gradient(xx, real, fake))  # noqa: E731
+    loss, g = jax.value_and_grad(loss_fn)(jnp.asarray(x))
+    np.testing.assert_allclose(float(loss), float(want.detach()), atol=ATOL)
+    np.testing.assert_allclose(np.asarray(g), xt.grad.numpy(), atol=ATOL)
+    # row 1's mean|p_real| is NaN: the official nan_to_num zeroes that whole row of the direction
+    assert not np.any(np.asarray(dmd2.dm_gradient(x, real, fake))[1]) and np.all(np.isfinite(np.asarray(g)))
+
+
+def test_fake_score_and_gan_losses_match_the_official_code():
+    eps, noise = _rand(3), _rand(4)
+    want = torch.mean((_t(eps) - _t(noise)) ** 2)
+    np.testing.assert_allclose(float(dmd2.fake_score_loss(eps, noise)), float(want), atol=ATOL)
+    real, fake = _rand(5, (6,)) * 3, _rand(6, (6,)) * 3
+    sp = torch.nn.functional.softplus
+    d_want = sp(_t(fake)).mean() + sp(-_t(real)).mean()  # compute_guidance_clean_cls_loss
+    np.testing.assert_allclose(float(dmd2.discriminator_loss(real, fake)), float(d_want), atol=ATOL)
+    np.testing.assert_allclose(float(dmd2.generator_gan_loss(fake)), float(sp(-_t(fake)).mean()), atol=ATOL)
+
+
+def test_student_timesteps_are_the_official_list():
+    for k in (1, 2, 4, 5, 8, 10):
+        official = list(range(1000 - 1, 0, -(1000 // k)))  # sd_unified_model.denoising_step_list
+        assert dmd2.denoising_timesteps(k).tolist() == official
+    assert dmd2.denoising_timesteps(4).tolist() == [999, 749, 499, 249]
+    with pytest.raises(UserError, match="divisor"):
+        dmd2.denoising_timesteps(3)
+
+
+def _zero_eps_model():
+    """A teacher wrapper whose UNet predicts ε = 0: x̂0 = x / α_t."""
+    return teacher_lib.Teacher(lambda p, x, t, c: jnp.zeros_like(x), dict(SCHED))
+
+
+def test_backward_simulation_runs_the_selected_steps_then_renoises():
+    model = _zero_eps_model()
+    z = jnp.asarray(_rand(7, (2, 4, 4, 2)))
+    ts = dmd2.denoising_timesteps(4)
+    key = jax.random.PRNGKey(3)
+    a = np.sqrt(ACP).astype(np.float32)
+    s = np.sqrt(1 - ACP).astype(np.float32)
+    x, t = dmd2.student_input(model, {}, z, None, ts, 0, key)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(z))  # step 0: pure noise at T - 1
+    assert np.asarray(t).tolist() == [999.0, 999.0]
+    x, t = dmd2.student_input(model, {}, z, None, ts, jnp.int32(2), key)
+    assert np.asarray(t).tolist() == [499.0, 499.0]
+    # transcription of sample_backward + prepare_denoising_data with the same noise draws
+    k_loop, k_last = jax.random.split(key)
+    x0 = np.asarray(z) / a[999]
+    x1 = a[749] * x0 + s[749] * np.asarray(jax.random.normal(jax.random.fold_in(k_loop, 0), z.shape))
+    x0 = x1 / a[749]  # the second step's x̂0 (its re-noising to 499 is discarded by the official code)
+    want = a[499] * x0 + s[499] * np.asarray(jax.random.normal(k_last, z.shape))
+    np.testing.assert_allclose(np.asarray(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_sampler_is_x0_then_fresh_noise():
+    model = _zero_eps_model()
+    z = jnp.asarray(_rand(8, (2, 4, 4, 2)))
+    key = jax.random.PRNGKey(5)
+    a = np.sqrt(ACP).astype(np.float32)
+    s = np.sqrt(1 - ACP).astype(np.float32)
+    one = dmd2.sample_latents(model, {}, z, None, [999], key)
+    np.testing.assert_allclose(np.asarray(one), np.asarray(z) / a[999], rtol=1e-5)
+    two = dmd2.sample_latents(model, {}, z, None, [999, 499], key)
+    x1 = a[499] * (np.asarray(z) / a[999]) + s[499] * np.asarray(jax.random.normal(jax.random.fold_in(key, 0), z.shape))
+    np.testing.assert_allclose(np.asarray(two), x1 / a[499], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size,convs", [(8, 3), (2, 2), (32, 5)])
+def test_gan_head_reduces_any_bottleneck_to_one_logit(size, convs):
+    feats = jnp.ones((3, size, size, 16))
+    params = dmd2.GANHead().init(jax.random.PRNGKey(0), feats)["params"]
+    assert dmd2.GANHead().apply({"params": params}, feats).shape == (3,)
+    assert sum(k.startswith("Conv") for k in params) == convs  # stride-2 convs to <= 4x4, one to 1x1, the logit
+
+
+def test_dmd2_command_gan_four_steps_samples_through_its_pipeline(tiny_teacher, tmp_path):  # noqa: F811
+    # (kill + resume of `jaxdiff distill` is tested on SiD's smoke run: the same runner and checkpoints)
+    out = tmp_path / "run"
+    argv = ["distill", "--config", "configs/distill/dmd2.py:smoke,gan,4step", f"--config.teacher={tiny_teacher}"]
+    assert cli.main(argv + ["--config.eval.student_steps=(4,)", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["train"]["steps"] == 3 and report["dmd2"]["num_steps"] == 4
+    last = report["train"]["last"]
+    for key in ("loss_fake_score", "loss_generator", "loss_d_fake_score", "loss_gan_generator", "loss_dm_generator"):
+        assert np.isfinite(last[key]), key
+    assert last["ok"] == 1.0
+    assert [r["sampler"] for r in report["rows"]] == ["teacher DDIM 1", "dmd2 student 4"]
+
+    from jaxdiff.sampling.pipeline import load_pipeline
+
+    pipe = load_pipeline(out / "model")
+    sched = json.loads((out / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "LCMScheduler" and sched["original_inference_steps"] == 4
+    assert json.loads((out / "model" / "sampling_defaults.json").read_text())["steps"] == 4
+    z = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    prompts = ["a red circle", "a blue square"]
+    # one step: both are x̂0 of pure noise at t = 999 (LCM's c_skip there is ~2.5e-8)
+    mine = dmd2.sample(pipe, pipe.unet.params, prompts, z, 1, 4)
+    np.testing.assert_allclose(pipe(prompts, steps=1, guidance=1.0, latents=z), mine, atol=1e-4)
+    with pytest.raises(UserError, match="divisor"):
+        dmd2.sample(pipe, pipe.unet.params, prompts, z, 3, 4)
