@@ -147,6 +147,7 @@ def test_lcm_smoke_run_writes_a_loadable_student(tiny_teacher, tmp_path):
     from jaxdiff.sampling.pipeline import load_pipeline
 
     pipe = load_pipeline(out / "model")
-    assert pipe.scheduler_config["_class_name"] == "DDIMScheduler"
+    assert pipe.scheduler_config["_class_name"] == "LCMScheduler"
+    assert pipe.scheduler_config["original_inference_steps"] == 50
     images = np.asarray(pipe(["a red circle"], steps=2, guidance=1.0))
     assert images.shape[0] == 1 and np.isfinite(images).all()

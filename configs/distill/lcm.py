@@ -6,7 +6,7 @@
 # latents from the pair store (jaxdiff.distill.pairs). Defaults: the script's (lr 1e-6, batch 16 per GPU, Adam
 # weight decay 1e-2, max grad norm 1, w in [5, 15], 500 lr-warmup steps) except loss "huber" (the spec; the script's
 # default is "l2"). The student has no guidance embedding (jaxdiff's UNet has no time_cond_proj_dim path).
-"""LCM consistency distillation: a few-step DDIM student."""
+"""LCM consistency distillation: a few-step student sampled by LCMScheduler."""
 
 import os
 import sys

@@ -15,8 +15,8 @@ reference trains on LAION latents.
 
 Not as in the reference: the student takes no guidance-scale embedding (jaxdiff's UNet has no `time_cond_proj_dim`
 path), so w is sampled for the teacher only — the LCM-LoRA script's behaviour (train_lcm_distill_lora_sd_wds.py);
-`teacher.guidance_embedding` is there for when the UNet takes one. The student is saved as a DDIM pipeline
-("trailing" spacing, ᾱ_final = 1), not with an LCMScheduler (jaxdiff has none yet).
+`teacher.guidance_embedding` is there for when the UNet takes one. The student is saved with diffusers'
+LCMScheduler (the reference's sampler: the same N-step skipping timesteps, boundary scalings and fresh noise).
 """
 
 from __future__ import annotations
@@ -199,15 +199,17 @@ def train(config, pipe, init_params, pairs: dict, contexts, uncond, workdir: str
 # ------------------------------------------------------------------------------------------------ the student
 
 
-def student_scheduler(scheduler_config: dict) -> dict:
-    """A DDIM config for the student: "trailing" spacing (the first step at t = T − 1, as LCM's), η = 0, the last step
-    to ᾱ = 1 (returns x̂0). Not LCM's multistep sampler, which re-noises x̂0 with fresh noise between steps."""
+def student_scheduler(scheduler_config: dict, settings=None) -> dict:
+    """diffusers' LCMScheduler for the student (the reference's inference): original_inference_steps = N (the
+    solver's skipping timesteps), the training's timestep scaling, x̂0 re-noised with fresh noise between steps."""
+    s = dict(settings or {})
     keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
     sched = {k: scheduler_config[k] for k in keep if k in scheduler_config}
     sched.update(
-        _class_name="DDIMScheduler",
+        _class_name="LCMScheduler",
         _diffusers_version="0.42.0",
-        timestep_spacing="trailing",
+        original_inference_steps=int(s.get("num_ddim_timesteps", 50)),
+        timestep_scaling=float(s.get("timestep_scaling", 10.0)),
         set_alpha_to_one=True,
         steps_offset=0,
         clip_sample=False,
@@ -216,8 +218,8 @@ def student_scheduler(scheduler_config: dict) -> dict:
 
 
 def distill(config, pipe, init_params, pairs, contexts, uncond, out, progress: bool = True) -> dict:
-    """`jaxdiff distill` for method "lcm" (run.distill hands over after the pairs): train, OUT/model (a DDIM student,
-    `sampling_defaults` steps = eval.student_steps[0], no CFG), the grid and the NFE-vs-quality report."""
+    """`jaxdiff distill` for method "lcm" (run.distill hands over after the pairs): train, OUT/model (an LCMScheduler
+    student, `sampling_defaults` steps = eval.student_steps[0], no CFG), the grid and the NFE-vs-quality report."""
     import json
     import time
     from pathlib import Path
@@ -232,7 +234,8 @@ def distill(config, pipe, init_params, pairs, contexts, uncond, out, progress: b
     params, info = train(config, pipe, init_params, pairs, contexts, uncond, str(out / "train"), progress)
     jax.block_until_ready(params)
     train_s = time.perf_counter() - t0
-    run_lib.save_student(pipe, params, out, int(config.eval.student_steps[0]), student_scheduler(pipe.scheduler_config))
+    sched = student_scheduler(pipe.scheduler_config, config.lcm)
+    run_lib.save_student(pipe, params, out, int(config.eval.student_steps[0]), sched)
     student = load_pipeline(out / "model")
     s = config.lcm
     report = {
@@ -250,7 +253,7 @@ def distill(config, pipe, init_params, pairs, contexts, uncond, out, progress: b
     def sample_student(pipe_, params_, prompts, latents, steps):
         return np.asarray(student(list(prompts), steps=int(steps), guidance=1.0, latents=latents))
 
-    report.update(evaluate.evaluate(config, pipe, params, out / "before_after.png", sample_student, "DDIM"))
+    report.update(evaluate.evaluate(config, pipe, params, out / "before_after.png", sample_student, "LCM"))
     fileio.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     fileio.atomic_write_text(out / "report.md", evaluate.markdown(report))
     return report

@@ -189,17 +189,28 @@ def build(
         ok_of = {net: jnp.bool_(True) for net in networks}
         for index, phase in enumerate(phases):
             net = phase.network
-            for r in range(phase.repeat):
-                phase_rng = jax.random.fold_in(rng, index)
-                if r:
-                    phase_rng = jax.random.fold_in(phase_rng, r)
-                inputs = {**(frozen or {}), "step": state.step, "produced": dict(produced)}
-                params[net], opt_states[net], ok, fin, m, out = phase_update(
-                    phase, phase_rng, state.step, params, opt_states[net], inputs, batch
-                )
-                ok_of[net] = ok_of[net] & ok
-                finite[phase.name] = fin if r == 0 else finite[phase.name] & fin
-                metrics.update(m)
+            inputs = {**(frozen or {}), "step": state.step, "produced": dict(produced)}
+            phase_rng = jax.random.fold_in(rng, index)
+            params[net], opt_states[net], ok, fin, m, out = phase_update(
+                phase, phase_rng, state.step, params, opt_states[net], inputs, batch
+            )
+            if phase.repeat > 1:
+                # Updates 2..k in a loop: one copy of the phase in the program, not k (a DMD2 step with its fake
+                # score 10x unrolled took minutes to compile). Update r draws from fold_in(phase_rng, r).
+
+                def again(r, carry, phase=phase, net=net, inputs=inputs, phase_rng=phase_rng):
+                    net_params, opt, ok, fin, _, _ = carry
+                    p_r = {**params, net: net_params}
+                    new_p, new_opt, ok_r, fin_r, m_r, out_r = phase_update(
+                        phase, jax.random.fold_in(phase_rng, r), state.step, p_r, opt, inputs, batch
+                    )
+                    return new_p, new_opt, ok & ok_r, fin & fin_r, m_r, out_r
+
+                carry = (params[net], opt_states[net], ok, fin, m, out)
+                params[net], opt_states[net], ok, fin, m, out = jax.lax.fori_loop(1, phase.repeat, again, carry)
+            ok_of[net] = ok_of[net] & ok
+            finite[phase.name] = fin
+            metrics.update(m)
             if out:
                 produced[phase.name] = out
         for net, network in networks.items():
