@@ -72,7 +72,7 @@ class _NoAxes:
     params: dict = {}
 
 
-def _quadratic(tmp_path, name, steps, total=None):
+def _quadratic(tmp_path, name, steps, total=None, log_every=None):
     """A tiny loss through the runner: resumability is independent of the model. `steps` < `total` stops early."""
     target = jnp.arange(6.0).reshape(2, 3)
 
@@ -81,6 +81,7 @@ def _quadratic(tmp_path, name, steps, total=None):
         return jnp.mean((trainable["w"] * batch["x"] - frozen["base"] + noise) ** 2), {}
 
     t = train_block(steps=steps, learning_rate=0.1)
+    t.log_every = log_every or t.log_every
     batch_fn = lambda i: {"x": jnp.full((2, 3), 1.0 + 0.1 * (i % 3))}  # noqa: E731
     return finetune.run(
         [finetune.unet_network(t)],
@@ -106,6 +107,21 @@ def test_finetune_resumes_bitwise(tmp_path):
     np.testing.assert_array_equal(np.asarray(straight.params["unet"]["w"]), np.asarray(resumed.params["unet"]["w"]))
     assert not np.allclose(np.asarray(straight.params["unet"]["w"]), 1.0)  # it trained
     assert (tmp_path / "b" / "metrics.jsonl").read_text().count("\n") >= 1
+
+
+def test_finetune_reports_initial_and_final_loss_and_parameter_change(tmp_path):
+    from jaxdiff.erase.run import markdown, summary
+
+    state, info = _quadratic(tmp_path, "a", 6, log_every=2)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert info["loss_initial"] == {"step": 2, "loss": rows[0]["loss"]}
+    assert info["loss_final"] == {"step": 6, "loss": rows[-1]["loss"]} and info["loss_final"]["loss"] < rows[0]["loss"]
+    moved = np.linalg.norm(np.asarray(state.params["unet"]["w"]) - 1.0)
+    assert isinstance(info["delta_norm"], float) and info["delta_norm"] == pytest.approx(moved, rel=1e-5) and moved > 0
+    report = {"method": "esd", "concept": "circle", "model": "shapes", "preserve": "", "prompts": {}}
+    report.update(cost={"seconds": 1.0, "peak_rss_gb": 0.1}, info=info)
+    for text in (summary(report), markdown(report)):
+        assert f"loss {rows[0]['loss']:.4g} (step {rows[0]['step']}) -> " in text and "‖Δθ‖" in text
 
 
 def test_finetune_stops_on_non_finite_loss_naming_it(tmp_path):

@@ -9,6 +9,8 @@ phases. Everything else — non-finite guard, clipping, optax, checkpoints, resu
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -143,7 +145,35 @@ def run(
         where=f"mesh {dict(mesh.shape)}",
     )
     info = {k: summary[k] for k in ("resumed_from", "compile_s", "last", "skipped")}
-    return state, {"steps": summary["step"], **info}
+    return state, {"steps": summary["step"], **info, **training_movement(params, state.params, workdir)}
+
+
+def logged_losses(workdir: str) -> dict:
+    """The first and last rows of `workdir/metrics.jsonl` that log a loss: {"loss_initial": {"step", "loss"...},
+    "loss_final": {...}} with every "loss*" scalar of the row ({} when nothing was logged). The first logged row is
+    step `log_every` (or 1 with log_every 1), the nearest the runner records to the untrained model's loss."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    rows = [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("loss")}} for r in rows]
+    rows = [r for r in rows if len(r) > 1]
+    return {"loss_initial": rows[0], "loss_final": rows[-1]} if rows else {}
+
+
+def training_movement(initial: dict, final: dict, workdir: str) -> dict:
+    """What shows whether training moved anything: the initial and final logged losses and ‖Δθ‖ (float), the L2 norm
+    of the change of the edited model's network ("unet": selected leaves or adapters); per network when several
+    train (e.g. DoCo's discriminator)."""
+    norms = {
+        name: float(optax.global_norm(jax.tree_util.tree_map(lambda a, b: b - a, initial[name], final[name])))
+        for name in initial
+    }
+    out = {**logged_losses(workdir), "delta_norm": norms.get("unet", next(iter(norms.values()), 0.0))}
+    if len(norms) > 1:
+        out["delta_norm_by_network"] = norms
+    return out
 
 
 # ------------------------------------------------------------------------------------------- for the methods

@@ -9,7 +9,7 @@ Output folder:
                     templates and preserved concepts
   report.json, report.md   erasure / preservation figures from the shapes probe and pixel judge (built-in `shapes`
                     model; see evaluate.py), warnings, the edit's wall-clock time and peak memory, optionally attack
-                    success rates
+                    success rates; fine-tuning methods: the first and last logged losses and ‖Δθ‖
 
 `summary(report)` is the one line `jaxdiff erase` prints (with the warnings, when a preserved accuracy fell).
   train/            fine-tuning methods: orbax checkpoints (a killed run resumes), metrics.jsonl, TensorBoard
@@ -286,10 +286,23 @@ def _num(x, fmt: str = ".2f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def training(info: dict) -> str:
+    """A fine-tuning run's movement: "loss 0.123 (step 1) -> 0.0456 (step 300), ‖Δθ‖ 0.0123"."""
+    first, last = info.get("loss_initial", {}), info.get("loss_final", {})
+    losses = [
+        f"{k} {first[k]:.4g} (step {first['step']}) -> {last[k]:.4g} (step {last['step']})"
+        for k in first
+        if k != "step" and k in last
+    ]
+    return ", ".join([*losses, f"‖Δθ‖ {info['delta_norm']:.4g}"])
+
+
 def summary(report: dict) -> str:
     """The one line `jaxdiff erase` prints: erasure (valid-only, probe-only), invalid share, preservation of both
     attributes, the joint score, and every warning."""
     line = f"{report['method']}: erased {report['concept']!r} in {report['cost']['seconds']:.1f} s"
+    if "delta_norm" in report.get("info", {}):
+        line += f"; trained {training(report['info'])}"
     word = (report.get("erasure") or {}).get("word")
     if not word:
         return line
@@ -335,6 +348,8 @@ def markdown(report: dict) -> str:
         + ".",
         "",
     ]
+    if "delta_norm" in report.get("info", {}):
+        lines += [f"Training (first and last logged steps): {training(report['info'])}.", ""]
     if report.get("warnings"):
         lines += ["**WARNING:**", "", *[f"- {w}" for w in report["warnings"]], ""]
     if "erasure" in report:
