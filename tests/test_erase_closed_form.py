@@ -277,6 +277,25 @@ def test_rece_epochs_erase_the_regenerating_embedding_and_validation_picks_the_b
     )
 
 
+@pytest.mark.parametrize("preserve", [[], ["a square", "a triangle"]])
+def test_rece_retain_set_keeps_the_empty_prompt(monkeypatch, preserve):
+    """As the official train_object.py (retain_texts = [''] + preserve_concepts), with or without preservation."""
+    from types import SimpleNamespace
+
+    from jaxdiff.erase.job import Result
+
+    seen = {}
+    monkeypatch.setattr(uce, "run", lambda job: Result("uce params", {}))
+    monkeypatch.setattr(rece, "rece", lambda *args, **kw: (seen.setdefault("args", args)[0], {}))
+    options = dict(validate=False, validate_initial=False, epochs=1, reg=1e-3, lam=0.1, erase_scale=1.0)
+    options.update(preserve_scale=0.1, technique="replace")
+    config = SimpleNamespace(rece=SimpleNamespace(**options), uce=SimpleNamespace(with_to_k=True))
+    job = SimpleNamespace(config=config, concept_prompts=["a circle"], preserve_prompts=preserve, anchor="")
+    job.__dict__.update(original="original params", is_shapes=False, context=list)  # context: the prompts themselves
+    rece.run(job)
+    assert seen["args"][4] == ["", *preserve]
+
+
 # ---------------------------------------------------------------------------------------- TRCE / MACE
 
 

@@ -13,7 +13,8 @@ Starting from a UCE-edited model, each epoch
            · (λ₂ I + s_e Σ_k c'_k c'_kᵀ + λ₁ Σ_k r_k r_kᵀ)⁻¹
 
    over all L token rows of c' (mapped position-wise onto the neutral target n, the embedding of " ") and of
-   the retain prompts r (" " per concept when nothing is preserved).
+   the retain prompts r = the empty prompt "" and the preserved prompts (`retain_texts = [''] + preserve_concepts`
+   of train_object.py).
 
 Defaults (scripts/nudity.sh): λ₂ = lamb = 0.1, λ₁ = preserve_scale = 0.1, s_e = 1, "replace"; λ_reg 0.1 for
 nudity (3 epochs) / unsafe, 1e-3 for artistic styles and hard objects (1 epoch). The official loop keeps the
@@ -121,7 +122,7 @@ def rece(
     solve and the erase edit for `epochs` epochs.
 
     concepts [K, L, D]: text embeddings of the erased concepts; targets [K, L, D] or [L, D]: of the neutral
-    target (" "); retain [R, L, D]: of the retain prompts (RECE: " " once per concept when nothing is preserved).
+    target (" "); retain [R, L, D]: of the retain prompts (RECE: "" and the preserved prompts, `retain_prompts`).
     validate(params, epoch) -> score (lower is better) picks the epoch returned; without it the last epoch is
     returned. `validate_initial` also scores the starting (UCE) model as epoch 0.
 
@@ -169,13 +170,18 @@ def rece(
 # ------------------------------------------------------------------------------------------- the method
 
 
+def retain_prompts(preserve_prompts: list[str]) -> list[str]:
+    """RECE's retain set: the empty prompt, always kept, then the preserved prompts (train_object.py)."""
+    return ["", *preserve_prompts]
+
+
 def run(job: Job) -> Result:
     """RECE: UCE, then epochs of regenerating-embedding edits (validated on the shapes probe when asked)."""
     start = uce.run(job)
     o = job.config.rece
     concepts = job.context(job.concept_prompts)
     targets = job.context([job.anchor or " "])[0]
-    retain = job.context(job.preserve_prompts) if job.preserve_prompts else job.context([" "] * len(concepts))
+    retain = job.context(retain_prompts(job.preserve_prompts))
     validate = None
     if o.validate and job.is_shapes:
         concept = ev.resolve(job.concepts[0])
