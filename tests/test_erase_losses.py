@@ -86,6 +86,39 @@ def test_esd_target_sign_convention_on_hand_built_inputs():
     assert [int(esd.compvis_steps(k, 50)) for k in (0, 1, 2, 49)] == [50, 50, 49, 2]
 
 
+def test_esd_trains_on_full_captions_that_name_the_concept(monkeypatch):
+    """Not captions cut after the concept ("a red"): the world captions whole ("a red circle on the left")."""
+    from types import SimpleNamespace
+
+    from jaxdiff.erase import finetune
+    from jaxdiff.erase.config import base_config
+    from jaxdiff.erase.job import Job
+
+    config = base_config("esd")
+    config.update(concept="red", templates=["a photo of {}"], num_prompts=4)
+    job = SimpleNamespace(config=config, concepts=["red"], is_shapes=True, model=Stub, latent_shape=LATENT)
+    job.pipe = SimpleNamespace(scheduler_config=None)
+    job.concept_prompts = Job.prompts_for(job, job.concepts)
+    job.concept_captions = Job.prompts_for(job, job.concepts, cut=False)
+    assert "a red" in job.concept_prompts  # the cut caption ESD trained on before
+    full = [p for p in job.concept_captions if p not in job.concept_prompts]
+    assert full and all(" red " in p for p in full)
+    names = []  # the "embedding" of a prompt is its index here
+
+    def context(prompts):
+        names.extend(p for p in prompts if p not in names)
+        return np.asarray([names.index(p) for p in prompts])
+
+    job.context = context
+    job.config.esd = dict(negative_guidance=1.0, start_guidance=3.0, ddim_steps=4, sampler="trainee")
+    job.config.esd.update(timestep_mode="compvis", erase_from="")
+    job.config.train = dict(batch_size=1)
+    monkeypatch.setattr(finetune, "train_selected", lambda job, loss, batch_fn: (batch_fn, {}))
+    batch_fn = esd.run(job).unet_params
+    trained = {names[int(batch_fn(i)["cond"][0])] for i in range(64)}
+    assert trained & set(full) and not trained & {"a red"}
+
+
 def test_partial_sample_runs_the_first_steps_of_the_plan():
     sched = common.ddim()
     plan = sched.plan(5)

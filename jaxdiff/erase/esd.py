@@ -115,7 +115,8 @@ def make_loss(
 
 
 def run(job: Job) -> Result:
-    """ESD: fine-tune the selected leaves towards the negatively guided prediction."""
+    """ESD: fine-tune the selected leaves towards the negatively guided prediction, on the concept's full captions
+    (each names the concept: it is the erased prompt c)."""
     o, t = job.config.esd, job.config.train
     loss = make_loss(
         job.model,
@@ -127,7 +128,7 @@ def run(job: Job) -> Result:
         latent_shape=job.latent_shape,
         scheduler_config=job.pipe.scheduler_config or None,
     )
-    cond = job.context(job.concept_prompts)
+    cond = job.context(job.concept_captions)
     null = job.context([""])
     source = job.context([o.erase_from]) if o.erase_from else None
     b = int(t.batch_size)

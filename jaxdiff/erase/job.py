@@ -68,23 +68,28 @@ class Job:
         self._compiled: dict[str, Callable] = {}
 
     # -- prompts -------------------------------------------------------------------------------------------------
-    def prompts_for(self, concepts: list[str]) -> list[str]:
+    def prompts_for(self, concepts: list[str], cut: bool = True) -> list[str]:
         """templates × concepts, plus (shapes model, `num_prompts` > 0) captions of the world naming each, cut
         after the concept ("a picture of a red circle on the left" -> "a picture of a red circle"): the text
         encoder is causal, so the concept's token and the [EoT] after it carry the concept, as the closed-form
-        methods' last-word / [EoT] token choices assume."""
+        methods' last-word / [EoT] token choices assume. `cut=False` keeps the full captions (fine-tuning)."""
         out = [t.format(x) for x in concepts for t in self.config.templates]
         n = int(self.config.num_prompts)
         if n and self.is_shapes:
             for i, x in enumerate(concepts):
                 for caption in ev.captions(ev.resolve(x), n, self.config.seed + 17 * i)[0]:
-                    m = re.search(r"(?<![\w-])" + re.escape(x) + r"(?![\w-])", caption)
+                    m = re.search(r"(?<![\w-])" + re.escape(x) + r"(?![\w-])", caption) if cut else None
                     out.append(caption[: m.end()] if m else caption)
         return out
 
     @functools.cached_property
     def concept_prompts(self) -> list[str]:
         return self.prompts_for(self.concepts)
+
+    @functools.cached_property
+    def concept_captions(self) -> list[str]:
+        """`concept_prompts` with the world captions whole ("a red circle", not "a red"), as fine-tuning trains on."""
+        return self.prompts_for(self.concepts, cut=False)
 
     @functools.cached_property
     def preserve_prompts(self) -> list[str]:
