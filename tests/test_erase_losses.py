@@ -329,6 +329,17 @@ def test_trce_hinge_and_never_zeroed_gradients():
     assert isinstance(trce.stage2_optimizer(never_zero_grads=True), optax.GradientTransformation)
 
 
+def test_trce_stage2_epoch_is_one_random_early_step_per_trajectory():
+    """As the official loop (3 epochs over the trajectories, k ~ U{0..25} each), not every (trajectory, step) pair."""
+    trajectories, early, epochs = 10, 26, 3
+    picks = [trce.stage2_sample(i, trajectories, early, seed=0) for i in range(epochs * trajectories)]
+    for e in range(epochs):
+        assert sorted(j for j, _ in picks[e * trajectories : (e + 1) * trajectories]) == list(range(trajectories))
+    ks = [k for _, k in picks]
+    assert min(ks) >= 0 and max(ks) < early and len(set(ks)) > 5
+    assert picks == [trce.stage2_sample(i, trajectories, early, seed=0) for i in range(epochs * trajectories)]
+
+
 def test_ablation_masked_reduction_is_the_official_one():
     pred, target = jnp.ones((2, 4, 4, 3)), jnp.zeros((2, 4, 4, 3))
     assert float(ablation.masked_loss(pred, target)) == pytest.approx(3.0)  # C x the elementwise mean

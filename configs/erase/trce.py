@@ -2,8 +2,8 @@
 #   --out runs/trce_circle
 # TRCE (Chen et al. 2025): stage 1 closed-form [EoT] mapping (preserve_scale 0.01, squared as the official code,
 # cache / 3e4, λ 0, 15 templates per concept), then stage 2 hinge fine-tuning of attn1 + attn2.to_q on early
-# steps (k ≤ 25 of 50) with the regulariser: AdamW lr 1e-6 wd 0.01, 3 epochs over 100 trajectories, w 15, β 1,
-# m 0.01, reg weight 100. ":runlocal": few trajectories and steps on the tiny model.
+# steps (one random k ≤ 25 of 50 per trajectory per epoch) with the regulariser: AdamW lr 1e-6 wd 0.01, 3 epochs over
+# 100 trajectories, w 15, β 1, m 0.01, reg weight 100. ":runlocal": few trajectories and steps on the tiny model.
 """TRCE; see jaxdiff/erase/trce.py."""
 
 from jaxdiff.erase.config import base_config, train_block
@@ -41,7 +41,7 @@ def get_config(arg: str = ""):
     )
     c.train = train_block(
         steps=0, learning_rate=1e-6, batch_size=1, selector="trce", optimizer="adamw", weight_decay=0.01
-    )  # steps 0: epochs x trajectories
+    )  # steps 0: epochs x trajectories (one random early step each)
     for variant in filter(None, arg.split(",")):
         if variant == "runlocal":
             c.trce.update(

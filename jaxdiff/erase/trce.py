@@ -19,10 +19,11 @@ Stage 2 (`make_stage2_loss`): contrastive early-step steering, a hinge loss on t
     ℓ(c) = max(0, β(||ε_ft(x,t,c) − ε⁺||²_mean − ||ε_ft(x,t,c) − ε⁻||²_mean + m))                (β 1, m 0.01)
     L = ½[ℓ(c_neg) + ℓ(∅)] + 100 · (0.01 + Σ_u MSE(ε_ft(x_u,t_u,∅), sg ε_reg(x_u,t_u,∅))) / N_u
 
-ℓ is computed per sample and averaged over the batch (the official batch is 1). The 0.01 inside the
-regulariser is the official code's constant (it does not change gradients). The official training loop never
-calls `optimizer.zero_grad()`, so gradients accumulate over all steps: `never_zeroed_gradients()` reproduces
-that as an optax transformation (config `quirk_never_zero_grads`, default off: standard zeroing).
+An epoch visits every malicious trajectory once at one random early step (`stage2_sample`, as the official loop),
+not every (trajectory, step) pair. ℓ is computed per sample and averaged over the batch (the official batch is 1).
+The 0.01 inside the regulariser is the official code's constant (it does not change gradients). The official
+training loop never calls `optimizer.zero_grad()`, so gradients accumulate over all steps: `never_zeroed_gradients()`
+reproduces that as an optax transformation (config `quirk_never_zero_grads`, default off: standard zeroing).
 """
 
 from __future__ import annotations
@@ -198,6 +199,14 @@ def never_zeroed_gradients() -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+def stage2_sample(i: int, trajectories: int, early_steps: int, seed: int) -> tuple[int, int]:
+    """(trajectory j, early step k) of stage-2 step `i`, as the official loop: an epoch visits every trajectory once
+    (shuffled) at one random early step k ~ U{0..early_steps−1}, so an epoch is `trajectories` steps."""
+    epoch, pos = divmod(i, trajectories)
+    j = int(np.random.default_rng([seed, 3, epoch]).permutation(trajectories)[pos])
+    return j, int(np.random.default_rng([seed, 4, i]).integers(0, early_steps))
+
+
 def stage2_optimizer(learning_rate: float = 1e-6, weight_decay: float = 0.01, never_zero_grads: bool = False):
     """AdamW(lr 1e-6, wd 0.01) as the official stage 2; optionally with the never-zeroed-gradients quirk."""
     opt = optax.adamw(learning_rate, weight_decay=weight_decay)
@@ -236,13 +245,12 @@ def run(job: Job) -> Result:
     cond = jnp.repeat(old.emb, seeds, axis=0)
     null = job.context([""])
     _, after, _, ts = _trajectory(job, sched, plan, x_T, cond, null, float(o.data_guidance))
-    early = int(o.early_steps)
-    samples = [(j, k) for j in range(cond.shape[0]) for k in range(min(early, after.shape[0]))]
+    early = min(int(o.early_steps), after.shape[0])
     n_u = int(o.uncond_trajectories)
     xu_T = jnp.asarray(ev.noise(n_u, job.latent_shape, job.config.seed + 43))
     _, after_u, _, _ = _trajectory(job, sched, plan, xu_T, jnp.repeat(null, n_u, axis=0), null, 1.0)
     safe = jnp.repeat(new.emb, seeds, axis=0)
-    steps = int(t.steps) or int(o.epochs) * len(samples)
+    steps = int(t.steps) or int(o.epochs) * cond.shape[0]
     if not int(t.steps):
         job.config.unlock()
         job.config.train.steps = steps
@@ -251,8 +259,7 @@ def run(job: Job) -> Result:
     n_steps_traj = after.shape[0]
 
     def batch_fn(i):
-        epoch, pos = divmod(i, len(samples))
-        j, k = samples[int(np.random.default_rng([job.config.seed, 3, epoch]).permutation(len(samples))[pos])]
+        j, k = stage2_sample(i, cond.shape[0], early, job.config.seed)
         rng = np.random.default_rng([job.config.seed, 5, i])
         ju, ku = rng.integers(0, n_u, per), rng.integers(0, n_steps_traj, per)
         return {
