@@ -136,3 +136,21 @@ def test_dmd2_command_gan_four_steps_samples_through_its_pipeline(tiny_teacher, 
     np.testing.assert_allclose(pipe(prompts, steps=1, guidance=1.0, latents=z), mine, atol=1e-4)
     with pytest.raises(UserError, match="divisor"):
         dmd2.sample(pipe, pipe.unet.params, prompts, z, 3, 4)
+
+
+def test_sfd_override_reaches_only_the_teachers_context_on_forget_rows():
+    from jaxdiff.config import load_config
+    from jaxdiff.distill import sid
+
+    config = load_config("configs/distill/dmd2.py:smoke,sfd")
+    prompts = ["a red circle", "a blue square", "a green disc", "a yellow triangle"]
+    forget, index, teacher_prompts = sid.prompt_pools(prompts, config.sfd)
+    assert teacher_prompts == ["a red square", "a blue square", "a green square", "a yellow triangle"]
+    contexts = np.arange(4, dtype=np.float32)[:, None, None] * np.ones((4, 2, 3), np.float32)
+    teacher_ctx = contexts + 10 * forget[:, None, None]
+    batch = dmd2.batch_function(config, contexts, None, teacher_ctx, index)(0)
+    b = int(config.train.batch_size)
+    assert batch["gen_context"].shape[0] == 2 * b  # SFD's forget batch: train.batch_size more rows of forget prompts
+    rows = batch["gen_context"][:, 0, 0].astype(int)
+    np.testing.assert_array_equal(batch["gen_teacher_context"][:, 0, 0], rows + 10 * forget[rows])
+    assert forget[rows[b:]].all()

@@ -177,7 +177,7 @@ def test_sfd_override_changes_only_the_rows_naming_the_concept():
     # The runner's batches: teacher contexts differ from the generator's exactly on forget rows, which get 0.01.
     config = load_config("configs/distill/sid.py:smoke,sfd")
     prompts = ["a red circle", "a blue square", "a green disc", "a grey triangle"]
-    forget, index, teacher_prompts = sid._prompt_pools(prompts, config.sfd)
+    forget, index, teacher_prompts = sid.prompt_pools(prompts, config.sfd)
     assert teacher_prompts == ["a red square", "a blue square", "a green square", "a grey triangle"]
     contexts = np.arange(4, dtype=np.float32)[:, None, None] * np.ones((4, 2, 3), np.float32)
     batch = sid.batch_function(config, contexts, contexts + 100, forget, index)(0)

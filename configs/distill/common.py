@@ -28,3 +28,16 @@ def base_config(method: str) -> ml_collections.ConfigDict:
         student_steps=(1, 2, 4),
     )
     return c
+
+
+def sfd_block() -> dict:
+    """Score Forgetting Distillation's concept override (SiD: with its remain/forget coefficients; DMD2: the teacher
+    alone is asked the override)."""
+    return dict(
+        forget_concept="",  # ";"-separated words; "" = plain SiD
+        override_prompt="",  # what the teacher is asked instead
+        override_mode="word",  # "word": the concept word is replaced in the prompt; "prompt": the whole prompt is
+        remain_weight=1.0,
+        forget_weight=0.01,
+        forget_batch_size=-1,  # extra rows of forget prompts per phase; -1 = train.batch_size (SFD's forget batch)
+    )

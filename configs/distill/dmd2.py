@@ -1,5 +1,6 @@
 # COMMAND: jaxdiff distill --config configs/distill/dmd2.py:shapes --out runs/dmd2_shapes
 # COMMAND: jaxdiff distill --config configs/distill/dmd2.py:shapes,gan --out runs/dmd2_gan_shapes
+# COMMAND: jaxdiff distill --config configs/distill/dmd2.py:shapes,sfd --out runs/dmd2_sfd_shapes
 # DMD2 (tianweiy/DMD2, experiments/sdv1.5/*.sh; shared/specs/distill_anchors.md §1): data-free on prompts; a
 # generator (from the teacher) and a fake score (a copy of the teacher), each with its own AdamW (β 0.9/0.999,
 # weight decay 0.01), constant LR after warm-up, max grad norm 10; the fake score updated `fake_updates` = 10 times
@@ -7,7 +8,8 @@
 # [0.02 T, 0.98 T]. Stage 1 of the SD1.5 run (lr 1e-5, no GAN) is the default; ":gan" adds stage 2's diffusion-GAN
 # head on the fake UNet's bottleneck (generator weight 1e-3, head 1e-2, noise t < 1000) on real images (shapes: the
 # renders of the training prompts' scenes; else dmd2.real_images). dmd2.num_steps = k > 1 trains a k-step student
-# with backward simulation; OUT/model samples with LCMScheduler (original_inference_steps = k).
+# with backward simulation; OUT/model samples with LCMScheduler (original_inference_steps = k). ":sfd": SFD's concept
+# override (the teacher is asked "square" where a prompt names a circle), so the student distills and forgets.
 """DMD2 distribution-matching distillation: a one- or k-step student."""
 
 import os
@@ -15,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import base_config  # noqa: E402
+from common import base_config, sfd_block  # noqa: E402
 
 from jaxdiff.errors import UserError  # noqa: E402
 
@@ -52,6 +54,10 @@ def four_step(c):
     c.eval.student_steps = (4, 1)
 
 
+def sfd(c):
+    c.sfd.update(forget_concept="circle;disc;round shape", override_prompt="square")
+
+
 def smoke(c):
     c.data.num_prompts = 8
     c.train.update(steps=3, batch_size=2, log_every=1, checkpoint_every=2, warmup_steps=0)
@@ -63,10 +69,11 @@ def get_config(arg: str = ""):
     c = base_config("dmd2")
     del c.pairs, c.rectified_flow  # data-free: no teacher pairs
     c.dmd2 = dmd2_block()
+    c.sfd = sfd_block()  # the concept override: prompts naming sfd.forget_concept ask the teacher sfd.override_prompt
     c.train.update(steps=40_000, learning_rate=1e-5, batch_size=32, warmup_steps=500, max_grad_norm=10.0)
     c.train.update(weight_decay=0.01, ema_decay=0.0, lr_schedule="constant")
     c.eval.update(teacher_steps=(25, 1), student_steps=(1,))
-    variants = {"shapes": shapes, "gan": gan, "4step": four_step, "smoke": smoke}
+    variants = {"shapes": shapes, "gan": gan, "4step": four_step, "sfd": sfd, "smoke": smoke}
     for variant in filter(None, arg.split(",")):
         if variant not in variants:
             raise UserError(f"unknown dmd2 config variant {variant!r} ({', '.join(variants)})")

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import base_config  # noqa: E402
+from common import base_config, sfd_block  # noqa: E402
 
 from jaxdiff.errors import UserError  # noqa: E402
 
@@ -43,17 +43,6 @@ def sid_block() -> dict:
         p_std=1.2,
         sigma_data=0.5,
         edm_t_max=800,
-    )
-
-
-def sfd_block() -> dict:
-    return dict(
-        forget_concept="",  # ";"-separated words; "" = plain SiD
-        override_prompt="",  # what the teacher is asked instead
-        override_mode="word",  # "word": the concept word is replaced in the prompt; "prompt": the whole prompt is
-        remain_weight=1.0,
-        forget_weight=0.01,
-        forget_batch_size=-1,  # extra rows of forget prompts per phase; -1 = train.batch_size (SFD's forget batch)
     )
 
 

@@ -142,7 +142,9 @@ def make_phases(unet_fn, features_fn, scheduler_config: dict, settings):
     Fake phase: fake_score_loss on the generator's (backward-simulated) samples at t ~ U{0..T−1}; with the GAN,
     + gan_weight_d · discriminator_loss on the head's logits for real latents vs samples (diffusion-GAN: both noised
     to t ~ U{0..gan_max_timestep−1}). Generator phase: dm_loss at t ~ U{min_step..max_step} with the teacher guided
-    u + s(c − u), s = `real_guidance`, and the fake score unguided; + gan_weight_g · generator_gan_loss."""
+    u + s(c − u), s = `real_guidance`, on "gen_teacher_context" (SFD's concept override: the teacher is asked
+    another prompt where the generator's names the forget concept), the fake score unguided on the generator's own
+    prompt; + gan_weight_g · generator_gan_loss."""
     from jaxdiff.train import step as step_lib
 
     s = dict(settings)
@@ -208,11 +210,12 @@ def make_phases(unet_fn, features_fn, scheduler_config: dict, settings):
         x_t = add_noise(model, jax.lax.stop_gradient(x_g), jax.random.normal(k_n, z.shape), t)
         fake = jax.lax.stop_gradient(params["fake_score"])
         x0_fake = model.predict(fake["unet"], x_t, t, ctx, "sample")
+        teacher_ctx = batch["gen_teacher_context"]  # = ctx but where SFD's override asks the teacher another prompt
         uncond = jnp.broadcast_to(frozen["uncond"], ctx.shape)
         if w_real == 1.0:
-            x0_real = model.predict(frozen["teacher"], x_t, t, ctx, "sample")
+            x0_real = model.predict(frozen["teacher"], x_t, t, teacher_ctx, "sample")
         else:
-            x0_real = model.guided(frozen["teacher"], x_t, t, ctx, uncond, w_real, "uncond_based", "sample")
+            x0_real = model.guided(frozen["teacher"], x_t, t, teacher_ctx, uncond, w_real, "uncond_based", "sample")
         grad = dm_gradient(x_g, x0_real, x0_fake)
         loss = dm_loss(x_g, grad)
         aux = {"loss_dm": loss, "dm_grad_norm": jnp.sqrt(jnp.sum(jnp.square(grad))), "x_g_std": jnp.std(x_g)}
@@ -266,8 +269,7 @@ def real_latents(config, pipe, prompts: list[str]) -> np.ndarray:
     batch = np.stack(pixels).astype(np.float32) / 255.0
     encode = jax.jit(lambda vp, x, key: ic.encode(pipe.vae, vp, x, key))
     out = [
-        np.asarray(encode(pipe.vae.params, batch[i : i + 64], jax.random.PRNGKey(i)))
-        for i in range(0, len(batch), 64)
+        np.asarray(encode(pipe.vae.params, batch[i : i + 64], jax.random.PRNGKey(i))) for i in range(0, len(batch), 64)
     ]
     return np.concatenate(out)
 
@@ -275,19 +277,28 @@ def real_latents(config, pipe, prompts: list[str]) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ training
 
 
-def batch_function(config, contexts, reals):
+def batch_function(config, contexts, reals, teacher_ctx=None, forget_index=()):
     """step -> batch, a pure function of the step (resumable): each phase draws its own prompts; real latents for
-    the GAN are drawn independently of the prompts (as the official real-image loader)."""
+    the GAN are drawn independently of the prompts (as the official real-image loader). With SFD's override,
+    `sfd.forget_batch_size` rows of forget prompts are appended to each phase's batch (SFD's forget batch) and the
+    teacher sees `teacher_ctx` (the override's encoding on the forget rows)."""
     b, seed = int(config.train.batch_size), int(config.seed)
+    nf = int(config.sfd.forget_batch_size) if len(forget_index) else 0
+    nf = b if nf < 0 else nf
+    teacher_ctx = contexts if teacher_ctx is None else teacher_ctx
+
+    def rows(rng) -> np.ndarray:
+        idx = rng.integers(0, len(contexts), size=b)
+        if nf:
+            idx = np.concatenate([idx, np.asarray(forget_index)[rng.integers(0, len(forget_index), size=nf)]])
+        return idx
 
     def batch_fn(step: int) -> dict:
         rng = np.random.default_rng([seed, 11, step])
-        batch = {
-            "context": contexts[rng.integers(0, len(contexts), size=b)],
-            "gen_context": contexts[rng.integers(0, len(contexts), size=b)],
-        }
+        fi, gi = rows(rng), rows(rng)
+        batch = {"context": contexts[fi], "gen_context": contexts[gi], "gen_teacher_context": teacher_ctx[gi]}
         if reals is not None:
-            batch["real"] = reals[rng.integers(0, len(reals), size=b)]
+            batch["real"] = reals[rng.integers(0, len(reals), size=b + nf)]
         return batch
 
     return batch_fn
@@ -316,6 +327,10 @@ def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workd
     phases = make_phases(unet_fn, features_fn, pipe.scheduler_config, settings)
     gan = float(d.gan_weight_d) > 0 or float(d.gan_weight_g) > 0
     reals = real_latents(config, pipe, prompts) if gan else None
+    from jaxdiff.distill import sid
+
+    forget, forget_index, teacher_prompts = sid.prompt_pools(prompts, config.sfd)
+    teacher_ctx = np.asarray(pipe.encode_prompts(teacher_prompts)[0]) if forget.any() else contexts
 
     def adamw(lr_value):
         lr = optim.schedule(lr_value, t.steps, kind=t.lr_schedule, warmup_steps=t.warmup_steps)
@@ -339,7 +354,7 @@ def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workd
         phases,
         params,
         frozen,
-        batch_function(config, contexts, reals),
+        batch_function(config, contexts, reals, teacher_ctx, forget_index),
         t,
         workdir,
         seed=int(config.seed),
@@ -348,6 +363,7 @@ def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workd
         progress=progress,
         label="DMD2 step",
     )
+    info["forget_prompts"] = int(forget.sum())
     return state.ema_params("unet"), info
 
 
@@ -424,7 +440,12 @@ def distill(config, pipe, init_params, prompts, contexts, uncond, out, progress:
         "method": config.method,
         "teacher": str(config.teacher),
         "init": str(config.init),
-        "dmd2": {key: d[key] for key in ("num_steps", "real_guidance", "fake_updates", "gan_weight_g", "gan_weight_d")},
+        "dmd2": {key: d[key] for key in ("num_steps", "real_guidance", "fake_updates", "gan_weight_g", "gan_weight_d")}
+        | {
+            "forget_concept": str(config.sfd.forget_concept),
+            "override_prompt": str(config.sfd.override_prompt),
+            "forget_prompts": info["forget_prompts"],
+        },
         "train": {
             "seconds": train_s,
             **{key: info[key] for key in ("steps", "resumed_from", "skipped")},

@@ -334,7 +334,7 @@ def make_phases(unet_fn, scheduler_config: dict, settings, normaliser: int):
 # ------------------------------------------------------------------------------------------------ training
 
 
-def _prompt_pools(prompts: list[str], sfd) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def prompt_pools(prompts: list[str], sfd) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(forget-row flags [N], indices of the forget prompts, the teacher's prompts)."""
     concept = str(sfd.forget_concept)
     forget = contains_concept(prompts, concept)
@@ -384,7 +384,7 @@ def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workd
     from jaxdiff.train import step as step_lib
 
     t, s = config.train, config.sid
-    forget, forget_index, teacher_prompts = _prompt_pools(prompts, config.sfd)
+    forget, forget_index, teacher_prompts = prompt_pools(prompts, config.sfd)
     teacher_ctx = np.asarray(pipe.encode_prompts(teacher_prompts)[0]) if forget.any() else contexts
     c = pipe.unet.config
     settings = dict(s, latent_shape=(int(c.get("sample_size", 64)),) * 2 + (int(c.get("in_channels", 4)),))
