@@ -139,3 +139,12 @@ def test_erase_killed_mid_fine_tuning_resumes_to_the_uninterrupted_model(tmp_pat
     assert "step 4: compiled the erasure step" in resumed.stdout + resumed.stderr  # resumed, not restarted
     weights = "model/unet/params.safetensors"
     assert (tmp_path / "killed" / weights).read_bytes() == (tmp_path / "reference" / weights).read_bytes()
+
+
+def test_progress_bar_shows_the_loss_or_each_phases_loss():
+    from jaxdiff.train.runner import progress_losses
+
+    assert progress_losses({"loss": 0.5, "grad_norm": 2.0}) == {"loss": 0.5}
+    phased = {"loss_fake_score": 0.3, "loss_fake_fake_score": 0.3, "loss_dm_generator": 0.9, "loss_generator": 0.9}
+    phased.update(grad_norm_fake_score=1.0, grad_norm_generator=40.0, dm_grad_norm_generator=86.0)
+    assert progress_losses(phased) == {"fake_score": 0.3, "generator": 0.9}

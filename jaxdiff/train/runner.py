@@ -290,8 +290,7 @@ class _Log:
                 raise step_lib.NonFiniteError(f"{self.skipped_in_a_row} updates in a row skipped; last: {report}")
         else:
             self.skipped_in_a_row = 0
-        loss = self.last.get("loss", next(iter(self.last.values()), 0.0))
-        self.writer.advance(1, loss=loss)
+        self.writer.advance(1, **progress_losses(self.last))
         every = max(int(self.settings.log_every), 1)
         if report is None and (step % every == 0 or step == self.settings.total_steps):
             self.writer.write(step, scalars)
@@ -305,3 +304,11 @@ class _Log:
             "compile_s": compile_s,
             "skipped": self.skipped,
         }
+
+
+def progress_losses(metrics: dict) -> dict:
+    """What the progress bar shows: "loss", or with several phases each phase's loss ("loss_<phase>" as <phase>)."""
+    if "loss" in metrics:
+        return {"loss": metrics["loss"]}
+    phases = [k[len("grad_norm_") :] for k in metrics if k.startswith("grad_norm_")]  # each phase logs its norm
+    return {p: metrics[f"loss_{p}"] for p in phases if f"loss_{p}" in metrics}
