@@ -119,6 +119,46 @@ def test_esd_trains_on_full_captions_that_name_the_concept(monkeypatch):
     assert trained & set(full) and not trained & {"a red"}
 
 
+def test_ablation_doco_and_all_but_one_train_on_full_captions_and_their_anchored_twins(monkeypatch):
+    """Concept Ablation and DoCo (anchor images of the anchor captions) and All but One encode the concept's full
+    captions ("a red circle on the left", not the cut "a red") and the same captions with the anchor in place."""
+    from types import SimpleNamespace
+
+    from jaxdiff.erase import all_but_one, finetune
+    from jaxdiff.erase.config import base_config
+    from jaxdiff.erase.job import Job
+
+    config = base_config("all_but_one")
+    config.update(concept="red", anchor="blue", templates=["a photo of {}"], num_prompts=4)
+    job = SimpleNamespace(config=config, concepts=["red"], anchor="blue", is_shapes=True, latent_shape=LATENT)
+    job.concept_prompts = Job.prompts_for(job, job.concepts)
+    job.concept_captions = Job.prompts_for(job, job.concepts, cut=False)
+    full = [p for p in job.concept_captions if p not in job.concept_prompts]
+    assert "a red" in job.concept_prompts and full and all(" red " in p for p in full)
+    job.replaced = functools.partial(Job.replaced, job)
+    job.anchor_captions = Job.anchored(job, job.concept_captions)
+    twins = {p.replace(" red ", " blue ") for p in full}
+    assert twins <= set(job.anchor_captions)
+    encoded, drawn = set(), []
+    job.context = lambda prompts: encoded.update(prompts) or jnp.zeros((len(prompts), L, D))
+    job.images = lambda prompts, latents: drawn.extend(prompts) or np.zeros((len(prompts), 8, 8, 3))
+    job.latents_of = lambda images: jnp.zeros((len(images), *LATENT))
+
+    Job.anchor_data(job, 2 * len(job.concept_captions))  # Concept Ablation's and DoCo's data
+    assert set(full) <= encoded and twins <= set(drawn) <= encoded and "a red" not in encoded
+    assert "a blue" not in drawn
+
+    encoded.clear()
+    job.model, job.pipe = Stub, SimpleNamespace(scheduler_config=None)
+    job.config.all_but_one = dict(
+        drift_weight=1.0, guidance_target_scale=1.0, start_guidance=3.0, ddim_steps=4, sampler="frozen"
+    )
+    job.config.train = dict(batch_size=1)
+    monkeypatch.setattr(finetune, "train_selected", lambda job, loss, batch_fn: (batch_fn, {}))
+    all_but_one.run(job)
+    assert set(full) | twins <= encoded and not encoded & {"a red", "a blue"}
+
+
 def test_partial_sample_runs_the_first_steps_of_the_plan():
     sched = common.ddim()
     plan = sched.plan(5)

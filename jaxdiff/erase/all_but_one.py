@@ -75,7 +75,8 @@ def make_loss(
 
 
 def run(job: Job) -> Result:
-    """All but One: fine-tune towards the anchor's prediction while keeping the rest."""
+    """All but One: fine-tune towards the anchor's prediction while keeping the rest, on the concept's full
+    captions (c*) and the same captions with the anchor in place of the concept (c_alt)."""
     o, t = job.config.all_but_one, job.config.train
     loss = make_loss(
         job.model,
@@ -87,7 +88,7 @@ def run(job: Job) -> Result:
         latent_shape=job.latent_shape,
         scheduler_config=job.pipe.scheduler_config or None,
     )
-    cond, alt, null = job.context(job.concept_prompts), job.context(job.anchor_prompts), job.context([""])
+    cond, alt, null = job.context(job.concept_captions), job.context(job.anchor_captions), job.context([""])
     b = int(t.batch_size)
     nulls = jnp.repeat(null, b, axis=0)
 

@@ -100,12 +100,22 @@ class Job:
         pattern = re.compile(r"(?<![\w-])(" + "|".join(re.escape(c) for c in self.concepts) + r")(?![\w-])")
         return [" ".join(pattern.sub(by, p).split()) for p in prompts]
 
+    def anchored(self, prompts: list[str]) -> list[str]:
+        """Each prompt with the concept replaced by the anchor ("" when the anchor is empty)."""
+        if not self.anchor.strip():
+            return [""] * len(prompts)
+        return self.replaced(prompts, self.anchor)
+
     @functools.cached_property
     def anchor_prompts(self) -> list[str]:
         """The concept prompts with the concept replaced by the anchor ("" when the anchor is empty)."""
-        if not self.anchor.strip():
-            return [""] * len(self.concept_prompts)
-        return self.replaced(self.concept_prompts, self.anchor)
+        return self.anchored(self.concept_prompts)
+
+    @functools.cached_property
+    def anchor_captions(self) -> list[str]:
+        """The concept's full captions with the concept replaced by the anchor ("a red square on the left" for
+        "a red circle on the left"), the anchor side of the fine-tuning methods that train on full captions."""
+        return self.anchored(self.concept_captions)
 
     def encode(self, prompts: list[str]) -> common.Encoded:
         key = tuple(prompts)
@@ -177,18 +187,20 @@ class Job:
         return sharding.make_mesh(mesh_shape(shape, len(devices)), devices)
 
     def anchor_data(self, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Concept Ablation / DoCo data: `n` images of the anchor prompts made by the original model, as scaled
-        latents, with (target = the concept prompt, anchor = the anchor prompt) contexts per image."""
+        """Concept Ablation / DoCo data: `n` images of the anchor captions made by the original model, as scaled
+        latents, with (target = the concept's full caption, anchor = that caption with the anchor in place of the
+        concept) contexts per image: the official code trains on the anchor images' whole captions with the target
+        inserted ("… van gogh", "robot+r2d2")."""
         if not self.anchor.strip():
             raise UserError(
                 f"{self.config.method} needs an anchor concept (--config.anchor=...), e.g. square for circle"
             )
-        k = len(self.concept_prompts)
+        k = len(self.concept_captions)
         order = [i % k for i in range(n)]
-        anchors = [self.anchor_prompts[i] for i in order]
+        anchors = [self.anchor_captions[i] for i in order]
         latents = ev.noise(n, self.latent_shape, self.config.seed + 31)
         z = self.latents_of(self.images(anchors, latents))
-        target = self.context(self.concept_prompts)[np.asarray(order)]
+        target = self.context(self.concept_captions)[np.asarray(order)]
         anchor = self.context(anchors)
         return z, target, anchor
 

@@ -163,6 +163,8 @@ def run(job: Job) -> Result:
         scheduler_config=job.pipe.scheduler_config or None,
         alpha_over_rank=alpha_over_rank,
     )
+    # Not the full captions the other fine-tuning methods train on: the official c_tar is the bare target word
+    # ("nudity", prompts.yaml), and Facilitated Transport measures every prompt against it.
     target = job.context(job.concept_prompts)
     surrogate = job.context(job.anchor_prompts)
     b = int(t.batch_size)
