@@ -102,7 +102,7 @@ def test_edit_over_layers_equals_per_matrix_kernel():
         ridge.Term(C2, 0.3, sources=S2, value_mats=src_mats),
         ridge.Term(C3, 0.7, values=explicit),
     ]
-    out = ridge.edit(mats, terms, 0.4, ridge.Preserve(P.T @ P, 0.25))
+    out, _ = ridge.edit(mats, terms, 0.4, ridge.Preserve(P.T @ P, 0.25))
     for n, W in mats.items():
         W = np.asarray(W)
         C = np.concatenate([C1, C2, C3])
@@ -111,7 +111,7 @@ def test_edit_over_layers_equals_per_matrix_kernel():
         single = ridge.ridge_edit(W, C, V, w, 0.4, (W @ P.T) @ P, P.T @ P, 0.25)
         np.testing.assert_allclose(np.asarray(out[n]), np.asarray(single), rtol=2e-4, atol=2e-4)
     # anchor-valued terms only (the W' = W·X path) against the single-matrix kernel
-    fast = ridge.edit(
+    fast, _ = ridge.edit(
         mats, [ridge.Term(C1, 0.8, sources=S1), ridge.Term(C3, 0.2, sources=C3)], 0.3, ridge.Preserve(P.T @ P, 0.5)
     )
     for n, W in mats.items():
@@ -130,6 +130,22 @@ def test_edit_over_layers_equals_per_matrix_kernel():
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+def test_edit_reports_its_condition_number_and_refuses_an_ill_conditioned_one():
+    """λ = 0 with a rank-deficient preservation matrix (2 cached rows in 7 dimensions) leaves directions no row
+    constrains: refused with a UserError naming the settings; the same edit with λ > 0 reports a finite κ."""
+    from jaxdiff.errors import UserError
+
+    mats = {"m0": jnp.asarray(_rand((6, 7), 10))}
+    C, S, P = _rand((1, 7), 20), _rand((1, 7), 21), _rand((2, 7), 40)
+    terms = [ridge.Term(C, 1.0, sources=S)]
+    with pytest.raises(UserError, match="ill-conditioned.*--config.uce.lam"):
+        ridge.edit(mats, terms, 0.0, ridge.Preserve(P.T @ P, 1.0), settings=uce.SETTINGS)
+    out, condition = ridge.edit(mats, terms, 0.5, ridge.Preserve(P.T @ P, 1.0))
+    expected = np.linalg.cond(0.5 * np.eye(7) + C.astype(np.float64).T @ C + (P.T @ P).astype(np.float64))
+    assert np.isfinite(condition) and condition == pytest.approx(expected, rel=1e-6)
+    assert condition <= ridge.MAX_CONDITION and np.all(np.isfinite(np.asarray(out["m0"])))
 
 
 def test_kv_access_uses_pytorch_convention_and_round_trips(unet_params):
@@ -267,7 +283,7 @@ def test_rece_epochs_erase_the_regenerating_embedding_and_validation_picks_the_b
     # epoch 1 maps its adversarial embedding towards the neutral target's outputs
     W0, Wu = ridge.get_kv(unet_params), ridge.get_kv(start)
     adv = rece.regenerating_embedding(Wu, W0, concept.emb[0], 1e-3)
-    W1 = rece.rece_edit(Wu, adv[None], neutral.emb, neutral.emb)
+    W1, _ = rece.rece_edit(Wu, adv[None], neutral.emb, neutral.emb)
     for n in W0:
         before = float(jnp.linalg.norm(Wu[n] @ adv.T - Wu[n] @ neutral.emb[0].T))
         assert float(jnp.linalg.norm(W1[n] @ adv.T - Wu[n] @ neutral.emb[0].T)) < before
@@ -340,7 +356,8 @@ def test_mace_cfr_and_fusion(unet_params, text):
     # fusion of one LoRA update: W' reproduces (W + ΔW) on the concept's tokens and W on the cache
     delta = {n: 0.1 * jnp.asarray(_rand(w.shape, 7)) for n, w in W0.items()}
     concept = old.emb[:1]
-    fused, _ = mace.fuse(unet_params, [delta], [concept], cache, rho=1e-4)
+    fused, info = mace.fuse(unet_params, [delta], [concept], cache, rho=1e-2)  # 1e-4: κ ≈ 5e9, refused
+    assert info["condition_number"] <= ridge.MAX_CONDITION
     rows = concept.reshape(-1, D)
     for n, w in ridge.get_kv(fused).items():
         want = rows @ (W0[n] + delta[n]).T

@@ -32,6 +32,11 @@ from jaxdiff.erase.registry import MethodInfo
 from jaxdiff.errors import UserError
 
 METHOD = MethodInfo(kind="closed_form", order=30)
+# The config settings that regularise the edit, named when it is refused as ill-conditioned (ridge.edit).
+SETTINGS = (
+    "--config.mace.lam (λ) or --config.mace.preserve_scale (ρ; squared with square_preserve_scale), or add "
+    "preserved prompts to the cache (--config.preserve or --config.mace.cache_prompts)"
+)
 
 
 def residual_rows(old: Encoded, new: Encoded):
@@ -69,11 +74,12 @@ def cfr(
     preserve = None if cache_cc is None else ridge.Preserve(jnp.asarray(cache_cc, jnp.float32), rho)
     if preserve is None and lam == 0:
         raise UserError("MACE CFR with lam=0 needs a preservation cache (cache_cc) to be well posed")
-    new_mats = ridge.edit(mats, [ridge.Term(ctx, 1.0, sources=src)], lam, preserve)
+    new_mats, condition = ridge.edit(mats, [ridge.Term(ctx, 1.0, sources=src)], lam, preserve, settings=SETTINGS)
     jax.block_until_ready(new_mats)
     return ridge.set_kv(params, new_mats), {
         "rows": int(ctx.shape[0]),
         "rho": rho,
+        "condition_number": condition,
         "seconds": time.perf_counter() - start,
     }
 
@@ -100,9 +106,10 @@ def fuse(
         tuned = {n: w + jnp.asarray(delta[n], jnp.float32) if n in delta else w for n, w in mats.items()}
         terms.append(ridge.Term(rows, 1.0, sources=rows, value_mats=tuned))
     preserve = None if cache_cc is None else ridge.Preserve(jnp.asarray(cache_cc, jnp.float32), rho)
-    new_mats = ridge.edit(mats, terms, lam, preserve)
+    new_mats, condition = ridge.edit(mats, terms, lam, preserve, settings="lam (λ) or rho (ρ_f, fuse_preserve_scale)")
     jax.block_until_ready(new_mats)
-    return ridge.set_kv(params, new_mats), {"concepts": len(deltas), "seconds": time.perf_counter() - start}
+    info = {"concepts": len(deltas), "condition_number": condition, "seconds": time.perf_counter() - start}
+    return ridge.set_kv(params, new_mats), info
 
 
 # ------------------------------------------------------------------------------------------- the method

@@ -40,6 +40,8 @@ from jaxdiff.erase.uce import TECHNIQUES, tensor_values
 from jaxdiff.errors import UserError
 
 METHOD = MethodInfo(kind="closed_form", order=20)
+# The config settings that regularise the erase edit, named when it is refused as ill-conditioned (ridge.edit).
+SETTINGS = "--config.rece.lam (λ₂) or --config.rece.preserve_scale (λ₁), or add preserved prompts (--config.preserve)"
 
 
 def embedding_system(edited: dict, original: dict):
@@ -82,9 +84,10 @@ def rece_edit(
     erase_scale: float = 1.0,
     preserve_scale: float = 0.1,
     technique: str = "replace",
-) -> dict:
+) -> tuple[dict, float]:
     """One RECE erase step: adversarial [K, L, D] rows mapped onto W_cur · targets [K, L, D] rows (position-wise),
-    retain [R, L, D] rows kept at W_cur r; anchored at W_cur (λ = lamb)."""
+    retain [R, L, D] rows kept at W_cur r; anchored at W_cur (λ = lamb). Returns ({name: W'}, the solve's
+    condition number)."""
     if technique not in TECHNIQUES:
         raise UserError(f"unknown technique {technique!r}; choose from {TECHNIQUES}")
     adv = jnp.asarray(adversarial, jnp.float32)
@@ -98,7 +101,7 @@ def rece_edit(
     if retain is not None:
         r = jnp.asarray(retain, jnp.float32).reshape(-1, adv.shape[-1])
         terms.append(ridge.Term(r, preserve_scale, sources=r))
-    return ridge.edit(current, terms, lam)
+    return ridge.edit(current, terms, lam, settings=SETTINGS)
 
 
 def rece(
@@ -126,7 +129,8 @@ def rece(
     validate(params, epoch) -> score (lower is better) picks the epoch returned; without it the last epoch is
     returned. `validate_initial` also scores the starting (UCE) model as epoch 0.
 
-    Returns (params, info) with info = {"history": [{epoch, score, seconds, adversarial_norm}], "best_epoch"}.
+    Returns (params, info) with info = {"history": [{epoch, score, seconds, adversarial_norm, condition_number}],
+    "best_epoch", "condition_number" (the largest of the epochs' erase solves)}.
     """
     names = ridge.KV_NAMES if with_to_k else ("to_v",)
     original = ridge.get_kv(original_params, names)
@@ -142,7 +146,7 @@ def rece(
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         adversarial = regenerating_embedding(current, original, concepts, reg)
-        current = rece_edit(
+        current, condition = rece_edit(
             current,
             adversarial,
             targets,
@@ -156,6 +160,7 @@ def rece(
         seconds = time.perf_counter() - start
         out_params = ridge.set_kv(params, current)
         record = {"epoch": epoch, "seconds": seconds, "adversarial_norm": float(jnp.linalg.norm(adversarial))}
+        record["condition_number"] = condition
         if validate is not None:
             score = float(validate(out_params, epoch))
             record["score"] = score
@@ -164,7 +169,8 @@ def rece(
         history.append(record)
     if validate is None:
         best = (out_params, epochs)
-    return best[0], {"history": history, "best_epoch": best[1]}
+    conditions = [h["condition_number"] for h in history if "condition_number" in h]
+    return best[0], {"history": history, "best_epoch": best[1], "condition_number": max(conditions, default=None)}
 
 
 # ------------------------------------------------------------------------------------------- the method

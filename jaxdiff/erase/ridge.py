@@ -27,10 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.erase.common import ONE_OFF
+from jaxdiff.errors import UserError
 from jaxdiff.selectors import Path, flatten, path_str, unflatten
 
 HIGHEST = jax.lax.Precision.HIGHEST
 KV_NAMES = ("to_k", "to_v")
+# The largest condition number (2-norm, of λI + Σ w c cᵀ + ρ S_cc in float64) of an edit `edit` accepts. The solve
+# runs in float32 (unit roundoff 2⁻²⁴ ≈ 6e-8), whose relative error is bounded by about κ·2⁻²⁴: at κ = 1e8 that
+# bound is ~6, no correct digit along the directions the contexts barely span, so the edit there is rounding noise.
+# A rank-deficient system with λ = 0 reads 1e16 or more; well-posed edits (λ > 0, or contexts and a cache that span
+# the space) read far less.
+MAX_CONDITION = 1e8
 
 # ------------------------------------------------------------------------------------ K/V access
 
@@ -219,18 +226,53 @@ def _stack(mats: dict[str, jax.Array], names: list[str]) -> jax.Array:
     return jnp.stack([_f32(mats[n]) for n in names])
 
 
-def _check_finite(x):
+class IllConditionedEdit(UserError, FloatingPointError):
+    """A closed-form edit whose system is singular or too ill-conditioned to solve in float32."""
+
+
+DEFAULT_SETTINGS = "lam (λ) or the preservation weight (ρ / preserve_scale), or give more preserved prompts"
+
+
+def _check_finite(x, settings: str = DEFAULT_SETTINGS):
     if not bool(jnp.all(jnp.isfinite(x))):
-        raise FloatingPointError(
-            "the ridge edit is singular or too ill-conditioned in float32 (non-finite result): raise lam or the "
-            "preservation weight rho, or give more contexts"
+        raise IllConditionedEdit(
+            f"the ridge edit is singular or too ill-conditioned in float32 (non-finite result): raise {settings}"
         )
 
 
-def edit(mats: dict[str, jax.Array], terms: Sequence[Term], lam: float, preserve: Preserve | None = None):
+def system_matrix(terms: Sequence[Term], lam: float, preserve: Preserve | None, d: int) -> np.ndarray:
+    """λI + Σ w c cᵀ (+ ρ S_cc) [d, d] in float64 (numpy): the matrix every edited W's solve factorises."""
+    m = lam * np.eye(d)
+    for t in terms:
+        C = np.asarray(t.contexts, np.float64)
+        w = np.broadcast_to(np.asarray(t.weights, np.float64), (C.shape[0],))
+        m += (C * w[:, None]).T @ C
+    if preserve is not None:
+        m += preserve.rho * np.asarray(preserve.S_cc, np.float64)
+    return m
+
+
+def condition_number(terms: Sequence[Term], lam: float, preserve: Preserve | None = None) -> float:
+    """The 2-norm condition number σ_max/σ_min of the edit's `system_matrix` (inf when it is not finite)."""
+    d = int(np.shape(terms[0].contexts if terms else preserve.S_cc)[-1])
+    m = system_matrix(terms, lam, preserve, d)
+    return float(np.linalg.cond(m)) if np.all(np.isfinite(m)) else float("inf")
+
+
+def edit(
+    mats: dict[str, jax.Array],
+    terms: Sequence[Term],
+    lam: float,
+    preserve: Preserve | None = None,
+    *,
+    settings: str = DEFAULT_SETTINGS,
+    max_condition: float = MAX_CONDITION,
+) -> tuple[dict[str, jax.Array], float]:
     """Edit every matrix of `mats` ({name: W [d_out, d_in]}, the anchors W_anchor) in closed form; matrices of
-    the same shape are stacked and edited together against one shared factorisation. Returns {name: W'} in
-    float32; FloatingPointError when the system is singular in float32."""
+    the same shape are stacked and edited together against one shared factorisation. Returns ({name: W'} in
+    float32, the system's condition number). IllConditionedEdit (a UserError naming `settings`, the method's
+    config settings that regularise the edit) when the condition number exceeds `max_condition` or the float32
+    solve is not finite."""
     if not terms and preserve is None:
         raise ValueError("nothing to edit: no terms and no preserve cache")
     d_in = {int(w.shape[1]) for w in mats.values()}
@@ -240,6 +282,13 @@ def edit(mats: dict[str, jax.Array], terms: Sequence[Term], lam: float, preserve
     for t in terms:
         if np.shape(t.contexts)[-1] != d:
             raise ValueError(f"contexts have dimension {np.shape(t.contexts)[-1]}, the matrices take {d}")
+    condition = condition_number(terms, lam, preserve)
+    if not condition <= max_condition:
+        raise IllConditionedEdit(
+            f"the closed-form edit is ill-conditioned: the condition number of λI + Σ w c cᵀ + ρ S_cc is "
+            f"{condition:.3g} (> {max_condition:.0e}), so its float32 solve would be rounding noise along the "
+            f"directions the contexts do not span; raise {settings}"
+        )
 
     anchor_only = all(t.sources is not None and t.value_mats is None for t in terms)
     anchor_only = anchor_only and (preserve is None or (preserve.S_vc is None and preserve.value_mats is None))
@@ -254,8 +303,8 @@ def edit(mats: dict[str, jax.Array], terms: Sequence[Term], lam: float, preserve
             {n: _f32(w) for n, w in mats.items()}, rows, s_cc, jnp.float32(rho), jnp.float32(lam)
         )
         if not bool(finite):
-            _check_finite(jnp.asarray(jnp.nan))
-        return {n: out[n] for n in mats}
+            _check_finite(jnp.asarray(jnp.nan), settings)
+        return {n: out[n] for n in mats}, condition
 
     # General case. Σ w c cᵀ is the same for every matrix; Σ w v cᵀ = W_src (Σ w s cᵀ) for source terms.
     cc = jnp.zeros((d, d), jnp.float32)
@@ -296,12 +345,12 @@ def edit(mats: dict[str, jax.Array], terms: Sequence[Term], lam: float, preserve
         rows.append((m1.reshape(-1, d), names, W.shape))
     # One factorisation of λI + Σ w c cᵀ (+ ρ S_cc) for all matrices: the contexts are the same text vectors.
     solved = _solve_shared(jnp.concatenate([r for r, _, _ in rows]), cc, jnp.float32(lam))
-    _check_finite(solved)
+    _check_finite(solved, settings)
     out, start = {}, 0
     for r, names, shape in rows:
         out.update(zip(names, list(solved[start : start + r.shape[0]].reshape(shape))))
         start += r.shape[0]
-    return {n: out[n] for n in mats}
+    return {n: out[n] for n in mats}, condition
 
 
 def augmented_lstsq_problem(W, C, V, w, lam, P=None, W_ref=None, rho=0.0):

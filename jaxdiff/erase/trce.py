@@ -45,6 +45,11 @@ from jaxdiff.errors import UserError
 
 # The scorecard maps the concept onto its kind's generic word (circle -> shape): TRCE's "safe" prompts name it.
 METHOD = MethodInfo(kind="closed_form+finetune", order=40, selector="trce", anchor="kind")
+# The config settings that regularise stage 1, named when it is refused as ill-conditioned (ridge.edit).
+SETTINGS = (
+    "--config.trce.lam (λ) or --config.trce.preserve_scale (ρ = preserve_scale² / cache_divisor), or add "
+    "preserved prompts to the cache (--config.preserve)"
+)
 
 # ------------------------------------------------------------------------------------------- stage 1
 
@@ -115,12 +120,13 @@ def eot_mapping(
             f"TRCE stage 1 with lam=0 and no preservation cache is singular ({ctx.shape[0]} mapped tokens for "
             f"{ctx.shape[1]} dimensions): give cache_cc (ridge.context_cache of preserved captions) or lam > 0"
         )
-    new_mats = ridge.edit(mats, [ridge.Term(ctx, w, sources=src)], lam, preserve)
+    new_mats, condition = ridge.edit(mats, [ridge.Term(ctx, w, sources=src)], lam, preserve, settings=SETTINGS)
     jax.block_until_ready(new_mats)
     return ridge.set_kv(params, new_mats), {
         "matrices": len(new_mats),
         "rows": int(ctx.shape[0]),
         "rho": rho,
+        "condition_number": condition,
         "seconds": time.perf_counter() - start,
     }
 

@@ -32,6 +32,8 @@ from jaxdiff.erase.registry import MethodInfo
 from jaxdiff.errors import UserError
 
 METHOD = MethodInfo(kind="closed_form", order=10)
+# The config settings that regularise the edit, named when it is refused as ill-conditioned (ridge.edit).
+SETTINGS = "--config.uce.lam (λ) or --config.uce.preserve_scale, or add preserved prompts (--config.preserve)"
 
 TECHNIQUES = ("replace", "tensor")
 # `--expand_prompts true` of the current code: 5 templates per (edit, guide) pair, added after the bare concepts.
@@ -110,8 +112,8 @@ def uce_mats(
     edit_tokens: str = "last_word",
     preserve_tokens: str = "last_word",
     technique: str = "replace",
-) -> dict:
-    """UCE on a dict of K/V matrices {name: W_old [d_out, d_in]} -> {name: W'}."""
+) -> tuple[dict, float]:
+    """UCE on a dict of K/V matrices {name: W_old [d_out, d_in]} -> ({name: W'}, the solve's condition number)."""
     if technique not in TECHNIQUES:
         raise UserError(f"unknown UCE technique {technique!r}; choose from {TECHNIQUES}")
     ctx, src, seg = edit_rows(edit, guide, edit_tokens)
@@ -124,7 +126,7 @@ def uce_mats(
             preserve_scale = default_preserve_scale(len(preserve))
         p = preserve_rows(preserve, preserve_tokens)
         terms.append(ridge.Term(p, preserve_scale, sources=p))
-    return ridge.edit(mats, terms, lam)
+    return ridge.edit(mats, terms, lam, settings=SETTINGS)
 
 
 def uce(params, edit: Encoded, guide: Encoded, preserve: Encoded | None = None, *, with_to_k: bool = True, **options):
@@ -132,9 +134,9 @@ def uce(params, edit: Encoded, guide: Encoded, preserve: Encoded | None = None, 
     edit_tokens, preserve_tokens, technique); `with_to_k=False` edits only the value projections."""
     start = time.perf_counter()
     mats = ridge.get_kv(params, ridge.KV_NAMES if with_to_k else ("to_v",))
-    new = uce_mats(mats, edit, guide, preserve, **options)
+    new, condition = uce_mats(mats, edit, guide, preserve, **options)
     jax.block_until_ready(new)
-    info = {"matrices": len(new), "seconds": time.perf_counter() - start}
+    info = {"matrices": len(new), "condition_number": condition, "seconds": time.perf_counter() - start}
     return ridge.set_kv(params, new), info
 
 
