@@ -63,6 +63,7 @@ def get_config(arg: str = ""):
                 uncond_per_step=2,
                 epochs=2,
                 data_guidance=5.0,
+                lam=0.01,  # λ = 0 here: condition number ≈ 5e17, refused by erase.ridge; 0.01: ≈ 7.8e3 (circle)
             )
             c.train.learning_rate = 1e-5
         elif variant == "stage1":
