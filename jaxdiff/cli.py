@@ -274,7 +274,7 @@ def _add_distill(sub) -> None:
     p = sub.add_parser(
         "distill",
         help="distill a teacher to a few-step student with a configs/distill/*.py method "
-        "(reflow, instaflow, sid, lcm, dmd2)",
+        "(reflow, instaflow, sid, lcm, dmd2, scm)",
         description="Distill: --config configs/distill/METHOD.py[:shapes|:runlocal] then --config.KEY=VALUE "
         "overrides. Makes teacher (noise, latent) pairs (OUT/pairs, resumable; sid and dmd2 are data-free), "
         "trains the student on the runner "

@@ -31,7 +31,7 @@ from jaxdiff.distill import rectified_flow as rf
 from jaxdiff.distill import teacher as teacher_lib
 from jaxdiff.errors import UserError
 
-METHODS = ("reflow", "instaflow", "sid", "lcm", "dmd2")
+METHODS = ("reflow", "instaflow", "sid", "lcm", "dmd2", "scm")
 GRID = 8
 
 
@@ -200,6 +200,10 @@ def distill(config: mlc.ConfigDict, out, *, progress: bool = True) -> dict:
         from jaxdiff.distill import lcm
 
         return lcm.distill(config, pipe, init, pairs, contexts, uncond, out, progress=progress)
+    if config.method == "scm":  # continuous-time consistency on the pairs' latents (jaxdiff/distill/scm.py)
+        from jaxdiff.distill import scm
+
+        return scm.distill(config, pipe, init, pairs, contexts, uncond, out, progress=progress)
     t0 = time.perf_counter()
     params, info = train(config, pipe, init, pairs, contexts, str(out / "train"), progress)
     jax.block_until_ready(params)

@@ -1,0 +1,226 @@
+"""sCM: continuous-time consistency distillation in TrigFlow with `jax.jvp` (tangent warm-up and normalisation,
+adaptive log-variance weighting) on a VP teacher, as NVlabs/FastGen's `sCM.py` (`distill_anchors.md` §1)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.distill import sid
+from jaxdiff.distill import teacher as teacher_lib
+from jaxdiff.errors import UserError
+
+# ------------------------------------------------------------------------------------------------ TrigFlow <-> VP
+
+
+def _bc(a, x):
+    return jnp.reshape(a, jnp.shape(a) + (1,) * (x.ndim - jnp.ndim(a)))
+
+
+def trig_time(alpha, sigma, sigma_data: float):
+    """TrigFlow time of a VP noise level: t̂ = atan2(σ_t, α_t σ_d) (SNR matching: x̂_t = cos t̂ x0 + sin t̂ z with
+    z ~ N(0, σ_d² I) has the VP point's signal-to-noise ratio)."""
+    return jnp.arctan2(sigma, alpha * sigma_data)
+
+
+def vp_input(acp, x_hat, t_hat, sigma_data: float):
+    """(x_vp, timestep) of the TrigFlow point (x̂_t, t̂): σ_EDM = σ_d tan t̂, the fractional VP timestep with that
+    σ_EDM (`sid.timestep_of_sigma`, exact on the linearly interpolated ᾱ) and x_vp = x̂ √(α² + (σ/σ_d)²) (= α x̂ / cos t̂).
+    Differentiable in t̂ (the tangent's ∂/∂t̂ goes through the timestep and the scaling)."""
+    sigma_edm = sigma_data * jnp.tan(t_hat)
+    timestep = sid.timestep_of_sigma(acp, sigma_edm)
+    alpha = 1.0 / jnp.sqrt(1.0 + sigma_edm**2)
+    coeff = jnp.sqrt(alpha**2 + (sigma_edm * alpha / sigma_data) ** 2)
+    return x_hat * _bc(coeff, x_hat), timestep
+
+
+def trig_flow(model: teacher_lib.Teacher, params, x_hat, t_hat, context, sigma_data: float, acp):
+    """F(x̂_t/σ_d, t̂) of a VP UNet: its x̂0 at the matching VP point turned into TrigFlow's velocity over σ_d,
+    (cos t̂ x̂_t − x̂0) / (sin t̂ σ_d) (FastGen's `TrigFlowPrecond`). Then f = cos t̂ x̂_t − sin t̂ σ_d F = x̂0: the
+    consistency function is the UNet's own x0 prediction."""
+    x_vp, timestep = vp_input(acp, x_hat, t_hat, sigma_data)
+    x0 = model.predict(params, x_vp, timestep, context, "sample").astype(jnp.float32)
+    return (_bc(jnp.cos(t_hat), x_hat) * x_hat - x0) / (_bc(jnp.sin(t_hat), x_hat) * sigma_data)
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+
+
+def tangent(F_minus, F_jvp, x_hat, dxt_dt, t_hat, sigma_data: float, warmup: float, const: float = 0.1):
+    """g = −cos² t̂ (σ_d F⁻ − dx̂/dt) − r (cos t̂ sin t̂ x̂_t + σ_d F_jvp), F_jvp = cos t̂ sin t̂ dF⁻/dt̂ (the JVP with
+    tangents (cos sin · dx̂/dt, cos sin)), r the tangent warm-up; normalised per sample g / (‖g‖ + c)."""
+    c, s = _bc(jnp.cos(t_hat), x_hat), _bc(jnp.sin(t_hat), x_hat)
+    g = -(c * c) * (sigma_data * F_minus - dxt_dt) - warmup * (c * s * x_hat + sigma_data * F_jvp)
+    norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)), keepdims=True))
+    return g / (norm + const)
+
+
+def weighted_loss(F, F_minus, g, logvar):
+    """Per sample: mean((F − sg(F⁻) − g)²) / e^{logvar} + logvar (adaptive weighting; the unweighted term is a
+    mean over the sample's elements, FastGen's D = 1)."""
+    unweighted = jnp.mean(jnp.square(F - jax.lax.stop_gradient(F_minus) - g), axis=tuple(range(1, F.ndim)))
+    return unweighted * jnp.exp(-logvar) + logvar, unweighted
+
+
+class LogVar(nn.Module):
+    """The adaptive weight's log-variance of t̂: fixed Fourier features of t̂ (64), then a linear map (zero-init:
+    logvar 0 at the start)."""
+
+    features: int = 64
+
+    @nn.compact
+    def __call__(self, t_hat):
+        freqs = jax.random.normal(jax.random.PRNGKey(0), (self.features,))
+        phases = jax.random.uniform(jax.random.PRNGKey(1), (self.features,))
+        f = jnp.cos(2 * jnp.pi * (t_hat[:, None] * freqs + phases)) * np.sqrt(2)
+        return nn.Dense(1, kernel_init=nn.initializers.zeros)(f)[:, 0]
+
+
+def sample_trig_times(key, batch: int, acp, sigma_data: float, p_mean: float = -1.0, p_std: float = 1.4):
+    """t̂ = arctan(σ / σ_d) with ln σ ~ N(P_mean, P_std²) (sCM's proposal), σ clipped to the teacher's range."""
+    lo, hi = sid.sigma_range(acp)
+    sigma = jnp.clip(jnp.exp(p_mean + p_std * jax.random.normal(key, (batch,))), lo, hi)
+    return jnp.arctan(sigma / sigma_data)
+
+
+# ------------------------------------------------------------------------------------------------ the phase
+
+
+def make_phases(unet_fn, scheduler_config: dict, settings):
+    """One phase on network "unet" = {"unet": student UNet params, "logvar": LogVar params}; batch "x0" [B, h, w, c]
+    (the teacher's latents from the pair store), "context"; `frozen` "teacher", "uncond".
+
+    x̂_t = cos t̂ x0 + sin t̂ z (z ~ N(0, σ_d² I)); dx̂/dt = σ_d F_teacher, guided u + w (c − u) with w = `guidance`;
+    (F⁻, F_jvp) = jax.jvp of the student's stop-gradient F at (x̂_t, t̂) with tangents (cos sin · dx̂/dt, cos sin); r =
+    min(1, step / tangent_warmup_steps); loss = mean_batch weighted_loss(F_θ, F⁻, tangent(...), logvar(t̂))."""
+    from jaxdiff.train import step as step_lib
+
+    s = dict(settings)
+    model = teacher_lib.Teacher(unet_fn, dict(scheduler_config))
+    if model.is_flow:
+        raise UserError("sCM here distills a VP (ε / v / x0) teacher")
+    acp = jnp.asarray(model.alphas_cumprod(), jnp.float32)
+    sd, w = float(s["sigma_data"]), float(s["guidance"])
+    warmup_steps = max(int(s["tangent_warmup_steps"]), 1)
+    logvar_head = LogVar()
+
+    def F_of(params, x_hat, t_hat, ctx):
+        return trig_flow(model, params, x_hat, t_hat, ctx, sd, acp)
+
+    def student_loss(params, frozen, batch, rng):
+        k_t, k_z = jax.random.split(rng)
+        x0, ctx = batch["x0"], batch["context"]
+        b = x0.shape[0]
+        t_hat = sample_trig_times(k_t, b, model.alphas_cumprod(), sd, float(s["p_mean"]), float(s["p_std"]))
+        z = sd * jax.random.normal(k_z, x0.shape)
+        x_hat = _bc(jnp.cos(t_hat), x0) * x0 + _bc(jnp.sin(t_hat), x0) * z
+        teacher = frozen["teacher"]
+        F_c = F_of(teacher, x_hat, t_hat, ctx)
+        if w != 1.0:
+            F_u = F_of(teacher, x_hat, t_hat, jnp.broadcast_to(frozen["uncond"], ctx.shape))
+            F_c = teacher_lib.cfg_uncond_based(F_c, F_u, w)
+        dxt_dt = jax.lax.stop_gradient(sd * F_c)
+        student = params["unet"]
+        fixed = jax.lax.stop_gradient(student["unet"])
+        v_t = jnp.cos(t_hat) * jnp.sin(t_hat)
+        F_minus, F_jvp = jax.jvp(lambda x, t: F_of(fixed, x, t, ctx), (x_hat, t_hat), (_bc(v_t, x_hat) * dxt_dt, v_t))
+        r = jnp.minimum(1.0, frozen["step"].astype(jnp.float32) / warmup_steps)
+        g = jax.lax.stop_gradient(tangent(F_minus, F_jvp, x_hat, dxt_dt, t_hat, sd, r, float(s["tangent_const"])))
+        F = F_of(student["unet"], x_hat, t_hat, ctx)
+        logvar = logvar_head.apply({"params": student["logvar"]}, t_hat)
+        rows, unweighted = weighted_loss(F, F_minus, g, logvar)
+        return jnp.mean(rows), {"unweighted": jnp.mean(unweighted), "logvar": jnp.mean(logvar), "warmup": r}
+
+    return [step_lib.Phase("student", "unet", student_loss)]
+
+
+def init_logvar(seed: int = 0):
+    return LogVar().init(jax.random.PRNGKey(seed), jnp.zeros((1,), jnp.float32))["params"]
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def train(config, pipe, init_params, pairs: dict, contexts, uncond, workdir: str, progress: bool):
+    """The student {"unet", "logvar"} on the runner (AdamW of the train block); returns (student UNet params, info)."""
+    from jaxdiff import sharding
+    from jaxdiff.erase import finetune
+    from jaxdiff.train import step as step_lib
+
+    t = config.train
+    unet = pipe.unet
+    unet_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx))
+    phases = make_phases(unet_fn, pipe.scheduler_config, config.scm)
+    lr = finetune.schedule(t)
+    network = step_lib.Network(
+        "unet", finetune.optimizer(t, lr), lr, clip_norm=float(t.max_grad_norm), ema_decay=float(t.ema_decay)
+    )
+    n, b, seed = len(pairs["z1"]), int(t.batch_size), int(config.seed)
+
+    def batch_fn(step: int) -> dict:
+        idx = np.random.default_rng([seed, 7, step]).integers(0, n, size=b)
+        return {"x0": pairs["z1"][idx], "context": contexts[pairs["prompt_index"][idx]]}
+
+    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731  (no buffer shared with the teacher)
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    state, info = finetune.run(
+        [network],
+        phases,
+        {"unet": {"unet": copy(init_params), "logvar": init_logvar(int(config.seed))}},
+        {"teacher": pipe.unet.params, "uncond": jnp.asarray(uncond)},
+        batch_fn,
+        t,
+        workdir,
+        seed=seed,
+        mesh=mesh,
+        model=unet,
+        progress=progress,
+        label="sCM step",
+    )
+    return state.ema_params("unet")["unet"], info
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+def distill(config, pipe, init_params, pairs, contexts, uncond, out, progress: bool = True) -> dict:
+    """`jaxdiff distill` for method "scm" (run.distill hands over after the pairs): train, OUT/model (LCMScheduler
+    with original_inference_steps = the first student step count: x̂0, fresh noise, x̂0 …), the grid, the report."""
+    import json
+    import time
+    from pathlib import Path
+
+    from jaxdiff import fileio
+    from jaxdiff.distill import dmd2, evaluate
+    from jaxdiff.distill import run as run_lib
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    params, info = train(config, pipe, init_params, pairs, contexts, uncond, str(out / "train"), progress)
+    jax.block_until_ready(params)
+    train_s = time.perf_counter() - t0
+    k = max(int(n) for n in config.eval.student_steps)
+    run_lib.save_student(
+        pipe, params, out, int(config.eval.student_steps[0]), dmd2.student_scheduler(pipe.scheduler_config, k)
+    )
+    report = {
+        "method": config.method,
+        "teacher": str(config.teacher),
+        "init": str(config.init),
+        "scm": dict(config.scm),
+        "train": {
+            "seconds": train_s,
+            **{key: info[key] for key in ("steps", "resumed_from", "skipped")},
+            "last": info.get("last", {}),
+        },
+    }
+
+    def sample_student(pipe, params, prompts, latents, steps):
+        return dmd2.sample(pipe, params, prompts, latents, steps, k)
+
+    report.update(evaluate.evaluate(config, pipe, params, out / "before_after.png", sample_student, "student"))
+    fileio.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    fileio.atomic_write_text(out / "report.md", evaluate.markdown(report))
+    return report
