@@ -77,14 +77,18 @@ def test_tangent_and_weighted_loss_match_fastgen():
     np.testing.assert_allclose(rows, want.numpy(), rtol=1e-5)
 
 
-def test_scm_command_writes_a_two_step_student(tiny_teacher, tmp_path):  # noqa: F811
+def test_rcm_command_writes_a_two_step_student(tiny_teacher, tmp_path):  # noqa: F811
+    # rCM = the sCM phase + DMD2's fake score and term: one run covers both (pure sCM is the same phase, dmd_weight 0)
     out = tmp_path / "run"
-    argv = ["distill", "--config", "configs/distill/scm.py:smoke", f"--config.teacher={tiny_teacher}"]
+    argv = ["distill", "--config", "configs/distill/scm.py:smoke,rcm", f"--config.teacher={tiny_teacher}"]
     assert cli.main(argv + ["--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     last = report["train"]["last"]
-    assert report["train"]["steps"] == 3 and last["ok"] == 1.0 and np.isfinite(last["loss"])
-    assert 0 < last["warmup"] <= 1.0  # the tangent warm-up is on at step 2 of 2
+    assert report["train"]["steps"] == 3 and last["ok"] == 1.0
+    for key in ("loss_student", "loss_scm_student", "loss_dmd_student", "loss_fake_score"):
+        assert np.isfinite(last[key]), key
+    assert 0 < last["warmup_student"] <= 1.0  # the tangent warm-up is on at step 2 of 2
+    assert report["scm"]["dmd_weight"] == 1.0 and report["scm"]["dmd2"]["num_steps"] == 2
     assert [r["sampler"] for r in report["rows"]] == ["teacher DDIM 1", "scm student 2"]
     sched = json.loads((out / "model" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "LCMScheduler" and sched["original_inference_steps"] == 2

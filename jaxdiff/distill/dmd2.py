@@ -133,20 +133,30 @@ def sample_latents(model, params, z, context, timesteps, key):
 
 
 def make_phases(unet_fn, features_fn, scheduler_config: dict, settings):
-    """The phases of a DMD2 step on networks "fake_score" ({"unet", "head"}: the fake UNet and the GAN head) and
-    "unet" (the generator): the fake score `fake_updates` times (each on fresh generator samples), then the
-    generator once — the official ratio dfake_gen_update_ratio of guidance to generator updates. `frozen` holds
-    "teacher" (UNet params) and "uncond" [1, L, D]; the batch: "context" [B, L, D] (fake phase), "gen_context"
-    [B, L, D] (generator phase), and with the GAN "real" [B, h, w, c] (latents of real images).
+    """[fake score × fake_updates, generator] from `make_losses`."""
+    from jaxdiff.train import step as step_lib
 
-    Fake phase: fake_score_loss on the generator's (backward-simulated) samples at t ~ U{0..T−1}; with the GAN,
+    fake_loss, generator_loss = make_losses(unet_fn, features_fn, scheduler_config, settings)
+    return [
+        step_lib.Phase("fake_score", "fake_score", fake_loss, repeat=int(settings["fake_updates"])),
+        step_lib.Phase("generator", "unet", generator_loss),
+    ]
+
+
+def make_losses(unet_fn, features_fn, scheduler_config: dict, settings):
+    """(fake_loss, generator_loss): the losses of a DMD2 step's phases on networks "fake_score" ({"unet", "head"}:
+    the fake UNet and the GAN head) and "unet" (the generator). `frozen` holds "teacher" (UNet params) and "uncond"
+    [1, L, D]; the batch: "context" [B, L, D] (fake phase), "gen_context" and "gen_teacher_context" [B, L, D]
+    (generator phase), and with the GAN "real" [B, h, w, c] (latents of real images). `make_phases` runs the fake
+    loss `fake_updates` times (each on fresh generator samples), then the generator once: the official ratio
+    dfake_gen_update_ratio of guidance to generator updates.
+
+    Fake loss: fake_score_loss on the generator's (backward-simulated) samples at t ~ U{0..T−1}; with the GAN,
     + gan_weight_d · discriminator_loss on the head's logits for real latents vs samples (diffusion-GAN: both noised
-    to t ~ U{0..gan_max_timestep−1}). Generator phase: dm_loss at t ~ U{min_step..max_step} with the teacher guided
+    to t ~ U{0..gan_max_timestep−1}). Generator loss: dm_loss at t ~ U{min_step..max_step} with the teacher guided
     u + s(c − u), s = `real_guidance`, on "gen_teacher_context" (SFD's concept override: the teacher is asked
     another prompt where the generator's names the forget concept), the fake score unguided on the generator's own
     prompt; + gan_weight_g · generator_gan_loss."""
-    from jaxdiff.train import step as step_lib
-
     s = dict(settings)
     model = teacher_lib.Teacher(unet_fn, dict(scheduler_config))
     if model.is_flow:
@@ -225,10 +235,7 @@ def make_phases(unet_fn, features_fn, scheduler_config: dict, settings):
             aux["loss_gan"] = g_loss
         return loss, aux
 
-    return [
-        step_lib.Phase("fake_score", "fake_score", fake_loss, repeat=int(s["fake_updates"])),
-        step_lib.Phase("generator", "unet", generator_loss),
-    ]
+    return fake_loss, generator_loss
 
 
 def init_head(features_fn, unet_params, latent_shape, context, seed: int = 0):

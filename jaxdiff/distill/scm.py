@@ -1,5 +1,6 @@
 """sCM: continuous-time consistency distillation in TrigFlow with `jax.jvp` (tangent warm-up and normalisation,
-adaptive log-variance weighting) on a VP teacher, as NVlabs/FastGen's `sCM.py` (`distill_anchors.md` §1)."""
+adaptive log-variance weighting) on a VP teacher, as NVlabs/FastGen's `sCM.py`; rCM: + DMD2's distribution-matching
+term with its fake score (NVlabs/rcm; `distill_anchors.md` §1)."""
 
 from __future__ import annotations
 
@@ -88,13 +89,18 @@ def sample_trig_times(key, batch: int, acp, sigma_data: float, p_mean: float = -
 # ------------------------------------------------------------------------------------------------ the phase
 
 
-def make_phases(unet_fn, scheduler_config: dict, settings):
+def make_phases(unet_fn, scheduler_config: dict, settings, dmd_settings=None, features_fn=None):
     """One phase on network "unet" = {"unet": student UNet params, "logvar": LogVar params}; batch "x0" [B, h, w, c]
     (the teacher's latents from the pair store), "context"; `frozen` "teacher", "uncond".
 
     x̂_t = cos t̂ x0 + sin t̂ z (z ~ N(0, σ_d² I)); dx̂/dt = σ_d F_teacher, guided u + w (c − u) with w = `guidance`;
     (F⁻, F_jvp) = jax.jvp of the student's stop-gradient F at (x̂_t, t̂) with tangents (cos sin · dx̂/dt, cos sin); r =
-    min(1, step / tangent_warmup_steps); loss = mean_batch weighted_loss(F_θ, F⁻, tangent(...), logvar(t̂))."""
+    min(1, step / tangent_warmup_steps); loss = mean_batch weighted_loss(F_θ, F⁻, tangent(...), logvar(t̂)).
+
+    rCM (`dmd_weight` > 0, `dmd_settings` = a dmd2 block): first DMD2's fake score `fake_updates` times (network
+    "fake_score" = {"unet"}), then the student on scm_weight · sCM + dmd_weight · DMD2's generator loss of its own
+    (backward-simulated) samples (rCM: sCM × 100 + DMD × 1, the student every 5 fake-score updates); the batch then
+    also holds "gen_context" and "gen_teacher_context"."""
     from jaxdiff.train import step as step_lib
 
     s = dict(settings)
@@ -133,7 +139,30 @@ def make_phases(unet_fn, scheduler_config: dict, settings):
         rows, unweighted = weighted_loss(F, F_minus, g, logvar)
         return jnp.mean(rows), {"unweighted": jnp.mean(unweighted), "logvar": jnp.mean(logvar), "warmup": r}
 
-    return [step_lib.Phase("student", "unet", student_loss)]
+    w_scm, w_dmd = float(s.get("scm_weight", 1.0)), float(s.get("dmd_weight", 0.0))
+    if w_dmd <= 0:
+        return [step_lib.Phase("student", "unet", student_loss)]
+    from jaxdiff.distill import dmd2
+
+    fake_loss, dm_loss = dmd2.make_losses(unet_fn, features_fn, scheduler_config, dmd_settings)
+    as_dmd = lambda params: {**params, "unet": params["unet"]["unet"]}  # noqa: E731  (the student's UNet alone)
+
+    def rcm_loss(params, frozen, batch, rng):
+        k_scm, k_dmd = jax.random.split(rng)
+        scm_value, aux = student_loss(params, frozen, batch, k_scm)
+        dmd_value, dmd_aux = dm_loss(as_dmd(params), frozen, batch, k_dmd)
+        aux.update(loss_scm=scm_value, loss_dmd=dmd_value, dm_grad_norm=dmd_aux["dm_grad_norm"])
+        return w_scm * scm_value + w_dmd * dmd_value, aux
+
+    return [
+        step_lib.Phase(
+            "fake_score",
+            "fake_score",
+            lambda params, frozen, batch, rng: fake_loss(as_dmd(params), frozen, batch, rng),
+            repeat=int(dmd_settings["fake_updates"]),
+        ),
+        step_lib.Phase("student", "unet", rcm_loss),
+    ]
 
 
 def init_logvar(seed: int = 0):
@@ -144,31 +173,54 @@ def init_logvar(seed: int = 0):
 
 
 def train(config, pipe, init_params, pairs: dict, contexts, uncond, workdir: str, progress: bool):
-    """The student {"unet", "logvar"} on the runner (AdamW of the train block); returns (student UNet params, info)."""
+    """The student {"unet", "logvar"} on the runner (AdamW of the train block), with rCM also DMD2's fake score
+    (a copy of the teacher, AdamW β 0.9/0.999 at dmd2.fake_score_learning_rate); returns (student UNet, info)."""
     from jaxdiff import sharding
     from jaxdiff.erase import finetune
+    from jaxdiff.train import optim
     from jaxdiff.train import step as step_lib
 
     t = config.train
     unet = pipe.unet
     unet_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx))
-    phases = make_phases(unet_fn, pipe.scheduler_config, config.scm)
+    rcm = float(config.scm.dmd_weight) > 0
+    dmd_settings, features_fn = None, None
+    if rcm:
+        from jaxdiff.distill import dmd2
+
+        dmd_settings = dmd2.settings_of(config, pipe)
+        features_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx, method="encode")["mid"])
+    phases = make_phases(unet_fn, pipe.scheduler_config, config.scm, dmd_settings, features_fn)
     lr = finetune.schedule(t)
-    network = step_lib.Network(
-        "unet", finetune.optimizer(t, lr), lr, clip_norm=float(t.max_grad_norm), ema_decay=float(t.ema_decay)
-    )
+    networks = [
+        step_lib.Network(
+            "unet", finetune.optimizer(t, lr), lr, clip_norm=float(t.max_grad_norm), ema_decay=float(t.ema_decay)
+        )
+    ]
     n, b, seed = len(pairs["z1"]), int(t.batch_size), int(config.seed)
 
     def batch_fn(step: int) -> dict:
         idx = np.random.default_rng([seed, 7, step]).integers(0, n, size=b)
-        return {"x0": pairs["z1"][idx], "context": contexts[pairs["prompt_index"][idx]]}
+        batch = {"x0": pairs["z1"][idx], "context": contexts[pairs["prompt_index"][idx]]}
+        if rcm:
+            gen = contexts[np.random.default_rng([seed, 8, step]).integers(0, len(contexts), size=b)]
+            batch.update(gen_context=gen, gen_teacher_context=gen)
+        return batch
 
     copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731  (no buffer shared with the teacher)
+    params = {"unet": {"unet": copy(init_params), "logvar": init_logvar(int(config.seed))}}
+    if rcm:
+        f_lr = optim.schedule(
+            float(config.dmd2.fake_score_learning_rate), t.steps, kind=t.lr_schedule, warmup_steps=t.warmup_steps
+        )
+        f_tx = optim.optimizer("adamw", f_lr, b1=0.9, b2=0.999, weight_decay=float(t.weight_decay))
+        networks.insert(0, step_lib.Network("fake_score", f_tx, f_lr, clip_norm=float(t.max_grad_norm)))
+        params["fake_score"] = {"unet": copy(pipe.unet.params)}
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     state, info = finetune.run(
-        [network],
+        networks,
         phases,
-        {"unet": {"unet": copy(init_params), "logvar": init_logvar(int(config.seed))}},
+        params,
         {"teacher": pipe.unet.params, "uncond": jnp.asarray(uncond)},
         batch_fn,
         t,
@@ -177,7 +229,7 @@ def train(config, pipe, init_params, pairs: dict, contexts, uncond, workdir: str
         mesh=mesh,
         model=unet,
         progress=progress,
-        label="sCM step",
+        label="rCM step" if rcm else "sCM step",
     )
     return state.ema_params("unet")["unet"], info
 
@@ -209,7 +261,7 @@ def distill(config, pipe, init_params, pairs, contexts, uncond, out, progress: b
         "method": config.method,
         "teacher": str(config.teacher),
         "init": str(config.init),
-        "scm": dict(config.scm),
+        "scm": dict(config.scm) | ({"dmd2": dict(config.dmd2)} if float(config.scm.dmd_weight) > 0 else {}),
         "train": {
             "seconds": train_s,
             **{key: info[key] for key in ("steps", "resumed_from", "skipped")},
