@@ -14,7 +14,7 @@ stage is skipped):
            caption ids encoded in the step by the frozen VAE and text encoder above, epsilon prediction with
            SD's betas, 10% caption dropout (classifier-free guidance), AdamW + warmup + cosine, EMA, min-SNR
            weighting; steps from --unet-steps, or fitted to --unet-minutes by a measured s/step, else the
-           config's 2700
+           config's 12000
   decoder  the VAE decoder fine-tuned with the encoder frozen (sharper images; latents, scaling factor and
            the UNet stay valid)
   package  jaxdiff/assets/shapes (a jaxdiff checkpoint laid out like a diffusers StableDiffusionPipeline)

@@ -31,8 +31,8 @@ HPARAMS = {
     "unet": {
         "batch": (64, 16),
         "lr": 5e-4,
-        "warmup": 150,
-        "ema": 0.999,
+        "warmup": 300,
+        "ema": 0.9995,
         "min_snr": 5.0,
         "drop": 0.1,
         "smoke_steps": 6,

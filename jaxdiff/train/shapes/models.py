@@ -97,10 +97,11 @@ def unet_config(cross_attention_dim: int, tiny: bool = False) -> dict:
         "center_input_sample": False,
         "flip_sin_to_cos": True,
         "freq_shift": 0,
-        # 8x8 convolutions only; cross-attention at 4x4, at the lowest resolution (2x2) and in the mid block.
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        # Self- and cross-attention at every resolution (8x8, 4x4, 2x2) and in the mid block: attention-map methods
+        # (prompt-to-prompt, AttenCraft, ...) read the 8x8 maps, where a left and a right object are 4 columns each.
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3,
         "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D"] * 3,
         "only_cross_attention": False,
         "block_out_channels": chans,
         "layers_per_block": 1,
