@@ -312,6 +312,38 @@ def test_rece_retain_set_keeps_the_empty_prompt(monkeypatch, preserve):
     assert seen["args"][4] == ["", *preserve]
 
 
+def test_rece_picks_its_epoch_on_prompts_disjoint_from_the_test_prompts(monkeypatch):
+    """The validation captions share no prompt with the evaluation sets and the attack prompts, and they are what
+    the epoch's score is computed on (recorded in the report's info)."""
+    from types import SimpleNamespace
+
+    from jaxdiff.erase import evaluate as ev
+    from jaxdiff.erase.job import Result
+
+    sampled = []
+    monkeypatch.setattr(uce, "run", lambda job: Result("uce params", {}))
+    monkeypatch.setattr(rece, "rece", lambda *args, validate, **kw: (args[0], {"score": validate(args[0], 1)}))
+    monkeypatch.setattr(rece, "probe", lambda: None)
+    monkeypatch.setattr(ev, "attack_success", lambda probe, concept, images: 0.0)
+    options = dict(validate=True, validate_initial=False, epochs=1, reg=1e-3, lam=0.1, erase_scale=1.0)
+    options.update(preserve_scale=0.1, technique="replace", num_validation_prompts=16)
+    eval_block = SimpleNamespace(num_images=64, seed=1234, attacks=True, attack_images=16)
+    config = SimpleNamespace(rece=SimpleNamespace(**options), uce=SimpleNamespace(with_to_k=True), seed=0)
+    config.eval = eval_block
+    job = SimpleNamespace(config=config, concept_prompts=["a circle"], preserve_prompts=[], anchor="")
+    job.__dict__.update(original="original params", is_shapes=True, concepts=["circle"], latent_shape=(2, 2, 1))
+    job.context = list  # the prompts themselves
+    job.images = lambda prompts, latents, params: sampled.append(list(prompts))
+    info = rece.run(job).info
+    concept = ev.resolve("circle")
+    test = {p for prompts, _ in ev.prompt_sets(concept, 64, 1234).values() for p in prompts}
+    test |= set(ev.attack_captions(concept, 16, 1234))
+    chosen = info["validation"]["prompts"]
+    assert len(chosen) == 16 and sampled == [chosen]
+    assert not set(chosen) & test
+    assert all("circle" in p for p in chosen)
+
+
 # ---------------------------------------------------------------------------------------- TRCE / MACE
 
 

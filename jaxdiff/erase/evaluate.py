@@ -126,6 +126,32 @@ def prompt_sets(concept: Concept, n: int, seed: int = 0) -> dict[str, tuple[list
     return sets
 
 
+def attack_captions(concept: Concept, n: int, seed: int) -> list[str]:
+    """The prompts the attacks start from (`jaxdiff erase` with eval.attacks): n train-template captions."""
+    return captions(concept, n, seed + 7)[0]
+
+
+def scoring_prompts(concept: Concept, num_images: int, seed: int, attack_images: int = 0) -> set[str]:
+    """Every prompt that scores an erasure of `concept` (the four `prompt_sets` and the attack prompts)."""
+    out = {p for prompts, _ in prompt_sets(concept, num_images, seed).values() for p in prompts}
+    return out | set(attack_captions(concept, attack_images, seed) if attack_images else ())
+
+
+def validation_captions(concept: Concept, n: int, seed: int, exclude: set[str], pool: int = 64) -> list[str]:
+    """n captions naming `concept` (its word, train and held-out templates alternately, drawn with `seed`) that
+    are none of `exclude` (the test prompts): a validation set disjoint from the test set, for choices made on
+    images (RECE's epoch). Fewer than n when the templates run out; a UserError when none is left."""
+    candidates = [captions(concept, pool * n, seed + i, split=split)[0] for i, split in enumerate(("train", "heldout"))]
+    interleaved = [p for pair in zip(*candidates) for p in pair]
+    out = [p for p in interleaved if p not in exclude][:n]
+    if not out:
+        raise UserError(
+            f"no caption of {concept.word!r} is left for validation outside the {len(exclude)} test prompts: "
+            "lower --config.eval.num_images"
+        )
+    return out
+
+
 def concept_rate(predictions: dict, concept: Concept) -> float:
     """Fraction of images in which the probe sees the concept (slot 0: the single object)."""
     ids = predictions[f"{concept.kind}0"]

@@ -19,7 +19,8 @@ Starting from a UCE-edited model, each epoch
 Defaults (scripts/nudity.sh): λ₂ = lamb = 0.1, λ₁ = preserve_scale = 0.1, s_e = 1, "replace"; λ_reg 0.1 for
 nudity (3 epochs) / unsafe, 1e-3 for artistic styles and hard objects (1 epoch). The official loop keeps the
 epoch whose validation images score lowest (NudeNet rate); here that is the `validate(params, epoch) -> float`
-callback (lower is better).
+callback (lower is better). On `shapes` it scores the probe's concept rate on validation captions that share no
+prompt with the evaluation and attack prompts (`validation_prompts`, recorded in the report's info).
 """
 
 from __future__ import annotations
@@ -181,6 +182,23 @@ def retain_prompts(preserve_prompts: list[str]) -> list[str]:
     return ["", *preserve_prompts]
 
 
+def validation_prompts(job: Job, concept: ev.Concept) -> tuple[list[str], dict]:
+    """The prompts that pick RECE's epoch: captions of the concept that are none of the prompts that score the
+    run (`ev.scoring_prompts` of its eval block), so the epoch is not chosen on the test set. Returns (prompts, the
+    record kept in the report)."""
+    e = job.config.eval
+    test = ev.scoring_prompts(concept, int(e.num_images), int(e.seed), int(e.attack_images) if e.attacks else 0)
+    seed = job.config.seed + 99
+    prompts = ev.validation_captions(concept, int(job.config.rece.num_validation_prompts), seed, test)
+    record = {
+        "prompts": prompts,
+        "seed": seed,
+        "rule": "captions of the concept (train and held-out templates) outside the evaluation and attack prompts",
+        "excluded_test_prompts": len(test),
+    }
+    return prompts, record
+
+
 def run(job: Job) -> Result:
     """RECE: UCE, then epochs of regenerating-embedding edits (validated on the shapes probe when asked)."""
     start = uce.run(job)
@@ -188,12 +206,11 @@ def run(job: Job) -> Result:
     concepts = job.context(job.concept_prompts)
     targets = job.context([job.anchor or " "])[0]
     retain = job.context(retain_prompts(job.preserve_prompts))
-    validate = None
+    validate, validation = None, {}
     if o.validate and job.is_shapes:
         concept = ev.resolve(job.concepts[0])
-        n = int(o.num_validation_prompts)
-        prompts = ev.captions(concept, n, job.config.seed + 99)[0]
-        latents = ev.noise(n, job.latent_shape, job.config.seed + 99)
+        prompts, validation = validation_prompts(job, concept)
+        latents = ev.noise(len(prompts), job.latent_shape, job.config.seed + 99)
 
         def validate(params, epoch):  # fraction of validation images still showing the concept (lower is better)
             return ev.attack_success(probe(), concept, job.images(prompts, latents, params))
@@ -214,4 +231,6 @@ def run(job: Job) -> Result:
         validate_initial=o.validate_initial,
         with_to_k=job.config.uce.with_to_k,
     )
+    if validation:
+        info["validation"] = validation
     return Result(params, {"uce": start.info, **info})

@@ -149,7 +149,7 @@ def _attacks(job: Job, result: Result, concept: ev.Concept, probe) -> dict:
 
     e = job.config.eval
     n = int(e.attack_images)
-    prompts = ev.captions(concept, n, int(e.seed) + 7)[0]
+    prompts = ev.attack_captions(concept, n, int(e.seed))
     latents = ev.noise(n, job.latent_shape, int(e.seed) + 7)
     edited = result.unet_params
     out = {}
