@@ -237,6 +237,61 @@ def test_spm_anchors():
     assert np.all((ratio >= 0.8 - 1e-5) & (ratio <= 1.2 + 1e-5)) and np.std(ratio) > 0
 
 
+class TokenStub:
+    """A 'UNet' whose prediction is 0.1 x + mean over tokens of tanh(context @ kernel): nonlinear in the context,
+    so the anchoring loss depends on which contexts it sees; an adapter on layer/attn2 changes the kernel."""
+
+    @staticmethod
+    def apply(params, x, t, ctx):
+        w = params["layer"]["attn2"]["kernel"]
+        return 0.1 * x + jnp.mean(jnp.tanh(ctx @ w), axis=1)[:, None, None, :]
+
+
+def _official_spm_anchoring_loss(x, uncond, anchors, kernel_edited, kernel_original):
+    """numpy transcription of the official L_LA at batch 1 (Con6924/SPM train_spm.py, sampling.sample,
+    train_util.predict_noise with guidance_scale=1, prompt.py _erase_with_la's MSELoss)."""
+
+    def unet(latents, embeddings, kernel):
+        return 0.1 * latents + np.tanh(embeddings @ kernel).mean(axis=1)[:, None, None, :]
+
+    def predict_noise(latents, text_embeddings, kernel, guidance_scale=1.0):
+        noise_pred = unet(np.concatenate([latents] * 2), text_embeddings, kernel)
+        noise_pred_uncond, noise_pred_text = np.split(noise_pred, 2)
+        return noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+
+    samples = np.concatenate([np.concatenate([uncond, s[None]]) for s in anchors])  # [u, a_1, u, a_2, ...]
+    repeated = np.repeat(x, len(anchors), axis=0)  # denoised_latents.repeat(repeat, 1, 1, 1), batch 1
+    anchor_latents = predict_noise(repeated, samples, kernel_edited)
+    anchor_latents_ori = predict_noise(repeated, samples, kernel_original)
+    return np.mean((anchor_latents - anchor_latents_ori) ** 2)
+
+
+def test_spm_anchoring_loss_is_the_official_batch_with_the_unconditional_in_front_of_each_anchor(monkeypatch):
+    rng = np.random.default_rng(0)
+    k = 4
+    x = rng.standard_normal((1, 2, 2, 3)).astype(np.float32)
+    uncond, target = (rng.standard_normal((1, L, D)).astype(np.float32) for _ in range(2))
+    anchors = rng.standard_normal((1, k, L, D)).astype(np.float32)
+    kernel = rng.standard_normal((D, 3)).astype(np.float32) * 0.5
+    adapter = {
+        "layer/attn2": {"down": rng.standard_normal((D, 1)).astype(np.float32), "up": np.ones((1, 3), np.float32)}
+    }
+    monkeypatch.setattr(spm, "sample_anchors", lambda key, tar, num: jnp.asarray(anchors[:, :num]))
+    monkeypatch.setattr(common, "partial_sample", lambda *args: jnp.asarray(x))
+    loss = spm.make_loss(TokenStub, num_anchors=k, max_denoising_steps=3, latent_shape=x.shape[1:])
+    batch = {name: jnp.asarray(target) for name in ("target", "positive", "surrogate")}
+    batch["uncond"] = jnp.asarray(uncond)
+    frozen = {"base": {"layer": {"attn2": {"kernel": jnp.asarray(kernel)}}}}
+    _, aux = loss(adapter, frozen, batch, jax.random.PRNGKey(0))
+    edited = kernel + adapter["layer/attn2"]["down"] @ adapter["layer/attn2"]["up"]
+    expected = _official_spm_anchoring_loss(x, uncond, anchors[0], edited, kernel)
+    np.testing.assert_allclose(float(aux["anchor"]), expected, rtol=1e-4)
+    # the rows it keeps: (u, a_3, u, a_4), not the four anchors
+    _, _, contexts = spm.anchoring_batch(jnp.asarray(x), jnp.zeros(1), jnp.asarray(uncond), jnp.asarray(anchors))
+    for row, want in zip(contexts, [uncond[0], anchors[0, 2], uncond[0], anchors[0, 3]]):
+        np.testing.assert_array_equal(np.asarray(row), want)
+
+
 # ---------------------------------------------------------------------------------------------- DoCo
 
 

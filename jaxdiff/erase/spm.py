@@ -15,7 +15,10 @@ Loss (action `erase_with_la`), per iteration:
 - Latent anchoring: K = 4 anchors a = s · n̂ · ||c_tar||, n̂ a unit-norm Gaussian sample of c_tar's shape accepted
   with probability 1 − cos(c_tar, n̂) (rejection sampling from 4K candidates; if fewer than K are accepted the
   remaining slots take rejected candidates), s ~ U(0.8, 1.2);
-  L_LA = MSE(ε_{θ+Δ}(x_t,t,a), sg ε_θ(x_t,t,a)) over all anchors.
+  L_LA = MSE(ε_{θ+Δ}(x_t,t,a), sg ε_θ(x_t,t,a)) over the official anchoring batch (`anchoring_batch`):
+  `sample` puts the unconditional embedding u in front of each anchor, [u, a_1, u, a_2, …, u, a_K], and
+  `predict_noise` (CFG 1 on the K latents repeated twice) keeps the second half of that batch, so with K = 4 the
+  loss runs over (u, a_3, u, a_4): half unconditional, half anchors.
 - L = L_erase + λ_LA · L_LA, λ_LA = 1000.
 
 Facilitated Transport (inference): for prompt p and an SPM trained on target(s) c_tar,
@@ -64,6 +67,21 @@ def sample_anchors(key, target, num: int, candidates: int | None = None):
     return (s * chosen * norm_t[:, None, None]).reshape(b, num, *target.shape[1:])
 
 
+def anchoring_batch(x, t, uncond, anchors):
+    """The latent-anchoring batch of the official code: (latents, timesteps, contexts) [B·K, ...] for x [B, ...],
+    t [B], uncond [B, L, D] and anchors [B, K, L, D].
+
+    Official (`sampling.sample`, `train_util.predict_noise` with guidance 1): contexts [u, a_1, u, a_2, …, u, a_K]
+    [2K] against the K repeated latents concatenated twice; the result is the "uncond" half plus 1 × (the "text"
+    half − the "uncond" half), i.e. the text half: rows K..2K−1 of the interleaved contexts. Only those rows are
+    computed here (the same values, half the UNet calls). Each batch row gets the official batch-1 construction."""
+    b, k = anchors.shape[:2]
+    u = jnp.broadcast_to(uncond[:, None].astype(anchors.dtype), anchors.shape)
+    interleaved = jnp.stack([u, anchors], axis=2).reshape(b, 2 * k, *anchors.shape[2:])
+    contexts = interleaved[:, k:].reshape(b * k, *anchors.shape[2:])
+    return jnp.repeat(x, k, axis=0), jnp.repeat(t, k, axis=0), contexts
+
+
 def make_loss(
     model,
     *,
@@ -95,9 +113,7 @@ def make_loss(
         x = common.partial_sample(model, equipped, sched, plan, x_T, tar, null, guidance, depth)
         t = jnp.broadcast_to(ts_all[(depth * T) // n], (b,))
 
-        anchors = sample_anchors(k_anchor, tar, num_anchors).reshape(b * num_anchors, *tar.shape[1:])
-        xa = jnp.repeat(x, num_anchors, axis=0)
-        ta = jnp.repeat(t, num_anchors, axis=0)
+        xa, ta, anchors = anchoring_batch(x, t, null, sample_anchors(k_anchor, tar, num_anchors))
         # the original model's predictions (surrogate, positive, anchors) in one batched call
         frozen_out = common.eps(
             model, base, jnp.concatenate([x, x, xa]), jnp.concatenate([t, t, ta]), jnp.concatenate([sur, pos, anchors])
