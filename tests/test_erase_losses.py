@@ -2,6 +2,7 @@
 Transport, DoCo's gradient surgery and step, and finite losses/gradients of every objective on a tiny UNet."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -360,7 +361,8 @@ def _doco_reference_step(method, unet_opt, disc_opt):
     return step
 
 
-def test_doco_on_the_runner_equals_its_pre_runner_step_and_trains_the_unet_only_after_warm_up():
+def _doco_on_the_runner(method):
+    """(params, trainable, disc, batch, unet_opt, disc_opt, state, compiled runner step) of DoCo on KVStub."""
     from jaxdiff.train import state as state_lib
     from jaxdiff.train import step as step_lib
 
@@ -368,7 +370,6 @@ def test_doco_on_the_runner_equals_its_pre_runner_step_and_trains_the_unet_only_
     params = {
         "attn2": {n: {"kernel": jnp.asarray(rng.standard_normal((D, 3)).astype(np.float32))} for n in ("to_k", "to_v")}
     }
-    method = doco.DoCo(KVStub, disc_channels=(8, 16), warm_up=1)
     trainable, _ = selectors.split(params, "cross-attn-kv")
     unet_opt, disc_opt = optax.adamw(1e-2, weight_decay=1e-2), optax.adam(1e-2, b1=0.5)
     disc = method.init_disc(jax.random.PRNGKey(0), LATENT)
@@ -383,6 +384,12 @@ def test_doco_on_the_runner_equals_its_pre_runner_step_and_trains_the_unet_only_
     masks = {k: jax.tree_util.tree_map(lambda _: True, v) for k, v in {"unet": trainable, "disc": disc}.items()}
     state = state_lib.create({"unet": trainable, "disc": disc}, {"unet": unet_opt, "disc": disc_opt}, masks, seed=3)
     step = fast_jit(step_lib.build(networks, method.phases(), masks))
+    return params, trainable, disc, batch, unet_opt, disc_opt, state, step
+
+
+def test_doco_on_the_runner_equals_its_pre_runner_step_and_trains_the_unet_only_after_warm_up():
+    method = doco.DoCo(KVStub, disc_channels=(8, 16), warm_up=1)
+    params, trainable, disc, batch, unet_opt, disc_opt, state, step = _doco_on_the_runner(method)
     reference = fast_jit(_doco_reference_step(method, unet_opt, disc_opt))
     ref = {"step": jnp.int32(0), "unet": trainable, "unet_opt": unet_opt.init(trainable), "disc": disc}
     ref["disc_opt"] = disc_opt.init(disc)
@@ -404,6 +411,34 @@ def test_doco_on_the_runner_equals_its_pre_runner_step_and_trains_the_unet_only_
         assert tw_max_abs_diff(new.opt_state["unet"], ref["unet_opt"]) <= 1e-6
         state = new
     assert int(state.step) == 3
+
+
+def test_doco_logs_the_discriminator_accuracy_and_updates_no_unet_weight_during_its_warm_up(tmp_path):
+    warm_up = 2
+    method = doco.DoCo(KVStub, disc_channels=(8, 16), warm_up=warm_up)
+    params, trainable, _, batch, _, _, state, step = _doco_on_the_runner(method)
+    first = state.params["unet"]
+    for k in range(warm_up + 2):
+        state, m = step(state, batch, {"base": params})
+        assert 0.0 <= float(m["d_acc_anchor_disc"]) <= 1.0 and 0.0 <= float(m["d_acc_target_disc"]) <= 1.0
+        unchanged = tw_max_abs_diff(state.params["unet"], first) == 0.0
+        assert unchanged == (k <= warm_up)  # steps 0..warm_up train D alone (the official global_step > warm_up)
+    logits = jnp.asarray([[-1.0, 2.0], [-3.0, -0.5]])
+    acc = doco.discriminator_accuracy(logits, logits)  # anchor: 3 of 4 patches < 0; target: 1 of 4 > 0
+    assert float(acc["d_acc_anchor"]) == 0.75 and float(acc["d_acc_target"]) == 0.25
+    rows = [{"step": s, "loss": 1.0, "d_acc_anchor_disc": s / 10, "d_acc_target_disc": 0.5} for s in (1, 2, 3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = doco.accuracy_report(str(tmp_path), warm_up=2)
+    assert report["disc_accuracy_warm_up"] == {"step": 3, "d_acc_anchor_disc": 0.3, "d_acc_target_disc": 0.5}
+    assert report["disc_accuracy_final"]["step"] == 4
+
+
+def test_doco_shapes_preset_warms_up_for_half_its_steps_as_the_official_defaults():
+    """The official 1000 discriminator-only steps of 2000; the :shapes preset's 20 of 300 left D at chance."""
+    from test_erase_closed_form import _load_config
+
+    for c in (_load_config("doco"), _load_config("doco", "shapes")):
+        assert 2 * c.doco.warm_up >= c.train.steps
 
 
 def tw_max_abs_diff(a, b) -> float:

@@ -23,8 +23,10 @@ and the UNet is updated with g_u only (official quirk: the retain gradient only 
 L_adv + 0.1·prior_loss_weight·L_prior. The discriminator trains every step with its own Adam(0.5, 0.999); the
 UNet only after `warm_up` steps. Official quirk (default on, `disc_grad_includes_adv`): after warm-up the
 discriminator's gradient also contains ∇_D L_adv, because `backward(L_adv)` reaches D's parameters and their
-gradients are only zeroed after D's step. BatchNorm runs in training mode (batch statistics) as it always does
-in the official training; running averages are not kept.
+gradients are only zeroed after D's step. D's accuracy on each domain is logged every step
+(`discriminator_accuracy`) and reported at the end of the warm-up and of training (`accuracy_report`): the warm-up
+should end with D separating the domains. BatchNorm runs in training mode (batch statistics) as it always does in
+the official training; running averages are not kept.
 """
 
 from __future__ import annotations
@@ -107,6 +109,16 @@ class PatchGAN(nn.Module):
 def bce_logits(logits, label: float):
     """torch BCEWithLogitsLoss (mean) against a constant label 0 or 1."""
     return jnp.mean(jax.nn.softplus(-logits) if label == 1 else jax.nn.softplus(logits))
+
+
+def discriminator_accuracy(logits_anchor, logits_target) -> dict:
+    """D's accuracy per domain, over its patch logits: "d_acc_anchor" = share of anchor patches called anchor
+    (logit < 0, label 0), "d_acc_target" = share of target patches called target (logit > 0, label 1); 0.5 is
+    chance. The runner logs them as d_acc_anchor_disc / d_acc_target_disc."""
+    return {
+        "d_acc_anchor": jnp.mean((logits_anchor < 0).astype(jnp.float32)),
+        "d_acc_target": jnp.mean((logits_target > 0).astype(jnp.float32)),
+    }
 
 
 # -------------------------------------------------------------------------------------- surgery
@@ -198,11 +210,14 @@ class DoCo:
         return common.mse(pred, noise), {}
 
     def disc_loss(self, d_params, x0_anchor, x0_target, adv_weight=0.0):
-        """L_D = BCE(D(x̂0_anc), 0) + BCE(D(x̂0_tgt), 1) (+ adv_weight · BCE(D(x̂0_tgt), 0): the official quirk)."""
-        l_real = bce_logits(self.disc_apply(d_params, x0_anchor), 0.0)
+        """L_D = BCE(D(x̂0_anc), 0) + BCE(D(x̂0_tgt), 1) (+ adv_weight · BCE(D(x̂0_tgt), 0): the official quirk).
+        aux also has D's accuracy on each domain before its update (`discriminator_accuracy`)."""
+        logits_anc = self.disc_apply(d_params, x0_anchor)
+        l_real = bce_logits(logits_anc, 0.0)
         logits_tgt = self.disc_apply(d_params, x0_target)
         l_fake = bce_logits(logits_tgt, 1.0)
-        return l_real + l_fake + adv_weight * bce_logits(logits_tgt, 0.0), {"d_real": l_real, "d_fake": l_fake}
+        aux = {"d_real": l_real, "d_fake": l_fake, **discriminator_accuracy(logits_anc, logits_tgt)}
+        return l_real + l_fake + adv_weight * bce_logits(logits_tgt, 0.0), aux
 
     def unet_grads(self, trainable, frozen, batch, rng):
         """(update gradient for the UNet, aux): surgery on the clipped L_adv / L_prior gradients, or the clipped
@@ -297,4 +312,20 @@ def run(job: Job) -> Result:
     ]
     params = {"unet": trainable, "disc": disc}
     state, info = finetune.train_networks(job, networks, d.phases(), params, {"base": job.original}, batch_fn)
-    return Result(common.combine(state.params["unet"], job.original), {**info, "learning_rate": lr})
+    info = {**info, "learning_rate": lr, "warm_up": int(o.warm_up), **accuracy_report(job.train_dir(), int(o.warm_up))}
+    return Result(common.combine(state.params["unet"], job.original), info)
+
+
+def accuracy_report(workdir: str, warm_up: int) -> dict:
+    """D's logged accuracies (`discriminator_accuracy`) at the last logged step of the warm-up (rows 1..warm_up + 1
+    of metrics.jsonl count steps done; the UNet's first update is step warm_up + 2) and at the end:
+    {"disc_accuracy_warm_up": {"step", "d_acc_anchor_disc", "d_acc_target_disc"}, "disc_accuracy_final": {...}}
+    (entries absent when nothing was logged then)."""
+    rows = finetune.logged_rows(workdir, "d_acc_")
+    out = {}
+    warm = [r for r in rows if r["step"] <= warm_up + 1]
+    if warm:
+        out["disc_accuracy_warm_up"] = warm[-1]
+    if rows:
+        out["disc_accuracy_final"] = rows[-1]
+    return out

@@ -148,17 +148,22 @@ def run(
     return state, {"steps": summary["step"], **info, **training_movement(params, state.params, workdir)}
 
 
-def logged_losses(workdir: str) -> dict:
-    """The first and last rows of `workdir/metrics.jsonl` that log a loss: {"loss_initial": {"step", "loss"...},
-    "loss_final": {...}} with every "loss*" scalar of the row ({} when nothing was logged). The first logged row is
-    step `log_every` (or 1 with log_every 1), the nearest the runner records to the untrained model's loss."""
+def logged_rows(workdir: str, prefix: str) -> list[dict]:
+    """The rows of `workdir/metrics.jsonl` that log a metric named `prefix`…: [{"step", those metrics}, ...]."""
     path = os.path.join(workdir, "metrics.jsonl")
     rows = []
     if os.path.isfile(path):
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-    rows = [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("loss")}} for r in rows]
-    rows = [r for r in rows if len(r) > 1]
+    rows = [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith(prefix)}} for r in rows]
+    return [r for r in rows if len(r) > 1]
+
+
+def logged_losses(workdir: str) -> dict:
+    """The first and last rows of `workdir/metrics.jsonl` that log a loss: {"loss_initial": {"step", "loss"...},
+    "loss_final": {...}} with every "loss*" scalar of the row ({} when nothing was logged). The first logged row is
+    step `log_every` (or 1 with log_every 1), the nearest the runner records to the untrained model's loss."""
+    rows = logged_rows(workdir, "loss")
     return {"loss_initial": rows[0], "loss_final": rows[-1]} if rows else {}
 
 
