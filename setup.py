@@ -23,7 +23,13 @@ EXTRAS = {
     "torch": ["torch==2.13.0"],
     "reference": ["torch==2.13.0", "diffusers>=0.40,<0.43"],
     "data": ["tensorflow-datasets>=4.9.6,<5"],
-    "test": ["torch==2.13.0", "diffusers>=0.40,<0.43", "pytest>=8", "pytest-xdist>=3.6,<4", "tensorflow-datasets>=4.9.6,<5"],
+    "test": [
+        "torch==2.13.0",
+        "diffusers>=0.40,<0.43",
+        "pytest>=8",
+        "pytest-xdist>=3.6,<4",
+        "tensorflow-datasets>=4.9.6,<5",
+    ],
     # Accelerator builds of jax (see README): pip install -e ".[cuda]" or ".[tpu]".
     "cuda": ["jax[cuda12]>=0.10.2,<0.12"],
     "tpu": ["jax[tpu]>=0.10.2,<0.12"],
