@@ -317,14 +317,23 @@ def settings_of(config, pipe) -> dict:
     return dict(config.dmd2, latent_shape=latent_shape)
 
 
+def adamw_network(name: str, learning_rate: float, train, ema_decay: float = 0.0):
+    """A network with the official run's AdamW (β 0.9/0.999, the train block's weight decay), its LR schedule
+    (train.lr_schedule after train.warmup_steps) and clipping at train.max_grad_norm."""
+    from jaxdiff.train import optim
+    from jaxdiff.train import step as step_lib
+
+    lr = optim.schedule(float(learning_rate), train.steps, kind=train.lr_schedule, warmup_steps=train.warmup_steps)
+    tx = optim.optimizer("adamw", lr, b1=0.9, b2=0.999, weight_decay=float(train.weight_decay))
+    return step_lib.Network(name, tx, lr, clip_norm=float(train.max_grad_norm), ema_decay=float(ema_decay))
+
+
 def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workdir: str, progress: bool):
     """Generator ("unet", from `init_params`) and fake score ("fake_score": a copy of the teacher + the GAN head) on
     the runner, each with its own AdamW (β 0.9/0.999, weight decay 0.01, as the official run) and constant LR after
     warm-up; returns (generator params (its EMA when train.ema_decay > 0), info)."""
-    from jaxdiff import sharding
-    from jaxdiff.erase import finetune
-    from jaxdiff.train import optim
-    from jaxdiff.train import step as step_lib
+    from jaxdiff.distill import run as run_lib
+    from jaxdiff.distill import sid
 
     t, d = config.train, config.dmd2
     settings = settings_of(config, pipe)
@@ -334,41 +343,21 @@ def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workd
     phases = make_phases(unet_fn, features_fn, pipe.scheduler_config, settings)
     gan = float(d.gan_weight_d) > 0 or float(d.gan_weight_g) > 0
     reals = real_latents(config, pipe, prompts) if gan else None
-    from jaxdiff.distill import sid
-
     forget, forget_index, teacher_prompts = sid.prompt_pools(prompts, config.sfd)
     teacher_ctx = np.asarray(pipe.encode_prompts(teacher_prompts)[0]) if forget.any() else contexts
 
-    def adamw(lr_value):
-        lr = optim.schedule(lr_value, t.steps, kind=t.lr_schedule, warmup_steps=t.warmup_steps)
-        return optim.optimizer("adamw", lr, b1=0.9, b2=0.999, weight_decay=float(t.weight_decay)), lr
-
-    g_tx, g_lr = adamw(float(t.learning_rate))
-    f_tx, f_lr = adamw(float(d.fake_score_learning_rate))
     networks = [
-        step_lib.Network("fake_score", f_tx, f_lr, clip_norm=float(t.max_grad_norm)),
-        step_lib.Network("unet", g_tx, g_lr, clip_norm=float(t.max_grad_norm), ema_decay=float(t.ema_decay)),
+        adamw_network("fake_score", d.fake_score_learning_rate, t),
+        adamw_network("unet", t.learning_rate, t, t.ema_decay),
     ]
     copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731  (no buffer shared with the teacher)
     fake = {"unet": copy(pipe.unet.params)}
     if gan:
         fake["head"] = init_head(features_fn, pipe.unet.params, settings["latent_shape"], contexts, int(config.seed))
     params = {"fake_score": fake, "unet": copy(init_params)}
-    frozen = {"teacher": pipe.unet.params, "uncond": jnp.asarray(uncond)}
-    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    state, info = finetune.run(
-        networks,
-        phases,
-        params,
-        frozen,
-        batch_function(config, contexts, reals, teacher_ctx, forget_index),
-        t,
-        workdir,
-        seed=int(config.seed),
-        mesh=mesh,
-        model=unet,
-        progress=progress,
-        label="DMD2 step",
+    batch_fn = batch_function(config, contexts, reals, teacher_ctx, forget_index)
+    state, info = run_lib.train_beside_teacher(
+        networks, phases, params, pipe, uncond, batch_fn, config, workdir, progress, "DMD2 step"
     )
     info["forget_prompts"] = int(forget.sum())
     return state.ema_params("unet"), info
@@ -426,44 +415,28 @@ def sample(pipe, generator_params, prompts: list[str], latents, steps: int, num_
 def distill(config, pipe, init_params, prompts, contexts, uncond, out, progress: bool = True) -> dict:
     """`jaxdiff distill` for method "dmd2" (run.distill hands over after loading the teacher and the prompts): train,
     OUT/model (an LCMScheduler pipeline of the student's k steps), the grid and the NFE-vs-quality report."""
-    import json
-    import time
     from pathlib import Path
 
-    from jaxdiff import fileio
-    from jaxdiff.distill import evaluate
     from jaxdiff.distill import run as run_lib
 
     out = Path(out)
     d = config.dmd2
     denoising_timesteps(int(d.num_steps), int(pipe.scheduler_config.get("num_train_timesteps", 1000)))
-    t0 = time.perf_counter()
-    params, info = train(config, pipe, init_params, prompts, contexts, uncond, str(out / "train"), progress)
-    jax.block_until_ready(params)
-    train_s = time.perf_counter() - t0
+    params, info, seconds = run_lib.timed(
+        train, config, pipe, init_params, prompts, contexts, uncond, str(out / "train"), progress
+    )
     k = int(d.num_steps)
     run_lib.save_student(pipe, params, out, k, student_scheduler(pipe.scheduler_config, k))
-    report = {
-        "method": config.method,
-        "teacher": str(config.teacher),
-        "init": str(config.init),
+    settings = {
         "dmd2": {key: d[key] for key in ("num_steps", "real_guidance", "fake_updates", "gan_weight_g", "gan_weight_d")}
         | {
             "forget_concept": str(config.sfd.forget_concept),
             "override_prompt": str(config.sfd.override_prompt),
             "forget_prompts": info["forget_prompts"],
-        },
-        "train": {
-            "seconds": train_s,
-            **{key: info[key] for key in ("steps", "resumed_from", "skipped")},
-            "last": info.get("last", {}),
-        },
+        }
     }
 
     def sample_student(pipe, params, prompts, latents, steps):
         return sample(pipe, params, prompts, latents, steps, k)
 
-    report.update(evaluate.evaluate(config, pipe, params, out / "before_after.png", sample_student, "student"))
-    fileio.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    fileio.atomic_write_text(out / "report.md", evaluate.markdown(report))
-    return report
+    return run_lib.write_report(config, pipe, params, out, info, seconds, settings, sample_student, "student")

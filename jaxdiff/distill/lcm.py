@@ -157,7 +157,7 @@ def train(config, pipe, init_params, pairs: dict, contexts, uncond, workdir: str
     (the student's params, info)."""
     import optax
 
-    from jaxdiff import sharding
+    from jaxdiff.distill import run as run_lib
     from jaxdiff.erase import finetune
     from jaxdiff.train import step as step_lib
 
@@ -171,27 +171,11 @@ def train(config, pipe, init_params, pairs: dict, contexts, uncond, workdir: str
         step_lib.Network("unet", finetune.optimizer(t, lr), lr, clip_norm=float(t.max_grad_norm)),
         step_lib.Network("target", optax.sgd(1.0 - decay)),
     ]
-    n, b, seed = len(pairs["z1"]), int(t.batch_size), int(config.seed)
-
-    def batch_fn(step: int) -> dict:
-        idx = np.random.default_rng([seed, 7, step]).integers(0, n, size=b)
-        return {"x0": pairs["z1"][idx], "context": contexts[pairs["prompt_index"][idx]]}
-
     copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731  (no buffer shared with the teacher)
-    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    state, info = finetune.run(
-        networks,
-        phases,
-        {"unet": copy(init_params), "target": copy(init_params)},
-        {"teacher": pipe.unet.params, "uncond": jnp.asarray(uncond)},
-        batch_fn,
-        t,
-        workdir,
-        seed=seed,
-        mesh=mesh,
-        model=unet,
-        progress=progress,
-        label="LCM step",
+    params = {"unet": copy(init_params), "target": copy(init_params)}
+    batch_fn = run_lib.pair_batches(pairs, contexts, int(t.batch_size), int(config.seed))
+    state, info = run_lib.train_beside_teacher(
+        networks, phases, params, pipe, uncond, batch_fn, config, workdir, progress, "LCM step"
     )
     return state.params["unet"], info
 
@@ -220,40 +204,21 @@ def student_scheduler(scheduler_config: dict, settings=None) -> dict:
 def distill(config, pipe, init_params, pairs, contexts, uncond, out, progress: bool = True) -> dict:
     """`jaxdiff distill` for method "lcm" (run.distill hands over after the pairs): train, OUT/model (an LCMScheduler
     student, `sampling_defaults` steps = eval.student_steps[0], no CFG), the grid and the NFE-vs-quality report."""
-    import json
-    import time
     from pathlib import Path
 
-    from jaxdiff import fileio
-    from jaxdiff.distill import evaluate
     from jaxdiff.distill import run as run_lib
     from jaxdiff.sampling.pipeline import load_pipeline
 
     out = Path(out)
-    t0 = time.perf_counter()
-    params, info = train(config, pipe, init_params, pairs, contexts, uncond, str(out / "train"), progress)
-    jax.block_until_ready(params)
-    train_s = time.perf_counter() - t0
+    params, info, seconds = run_lib.timed(
+        train, config, pipe, init_params, pairs, contexts, uncond, str(out / "train"), progress
+    )
     sched = student_scheduler(pipe.scheduler_config, config.lcm)
     run_lib.save_student(pipe, params, out, int(config.eval.student_steps[0]), sched)
     student = load_pipeline(out / "model")
-    s = config.lcm
-    report = {
-        "method": config.method,
-        "teacher": str(config.teacher),
-        "init": str(config.init),
-        "lcm": {k: (v if isinstance(v, str) else float(v)) for k, v in dict(s).items()},
-        "train": {
-            "seconds": train_s,
-            **{k: info[k] for k in ("steps", "resumed_from", "skipped")},
-            "last": info.get("last", {}),
-        },
-    }
+    settings = {"lcm": {k: (v if isinstance(v, str) else float(v)) for k, v in dict(config.lcm).items()}}
 
     def sample_student(pipe_, params_, prompts, latents, steps):
         return np.asarray(student(list(prompts), steps=int(steps), guidance=1.0, latents=latents))
 
-    report.update(evaluate.evaluate(config, pipe, params, out / "before_after.png", sample_student, "LCM"))
-    fileio.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    fileio.atomic_write_text(out / "report.md", evaluate.markdown(report))
-    return report
+    return run_lib.write_report(config, pipe, params, out, info, seconds, settings, sample_student, "LCM")

@@ -169,9 +169,84 @@ def save_student(pipe, params, out: Path, steps: int, scheduler: dict | None = N
     fileio.replace_directory(tmp, out / "model")
 
 
+def pair_batches(pairs: dict, contexts, batch_size: int, seed: int):
+    """step -> {"x0": the teacher latents of `batch_size` random pairs, "context": their prompts' encodings}, a pure
+    function of the step (resumable); LCM and sCM train on it."""
+    n = len(pairs["z1"])
+
+    def batch_fn(step: int) -> dict:
+        idx = np.random.default_rng([seed, 7, step]).integers(0, n, size=batch_size)
+        return {"x0": pairs["z1"][idx], "context": contexts[pairs["prompt_index"][idx]]}
+
+    return batch_fn
+
+
+def train_beside_teacher(networks, phases, params: dict, pipe, uncond, batch_fn, config, workdir: str, progress, label):
+    """`finetune.run` on one device with `frozen` = {"teacher": the teacher UNet's params, "uncond": the "" prompt's
+    encoding}, the config's train block and seed: the runner call of the methods with a frozen teacher."""
+    import jax.numpy as jnp
+
+    from jaxdiff import sharding
+    from jaxdiff.erase import finetune
+
+    return finetune.run(
+        networks,
+        phases,
+        params,
+        {"teacher": pipe.unet.params, "uncond": jnp.asarray(uncond)},
+        batch_fn,
+        config.train,
+        workdir,
+        seed=int(config.seed),
+        mesh=sharding.make_mesh({"data": 1}, jax.devices()[:1]),
+        model=pipe.unet,
+        progress=progress,
+        label=label,
+    )
+
+
+def timed(train_fn, *args) -> tuple:
+    """(params, info, seconds) of `train_fn(*args)`, the seconds counted until the params are ready."""
+    t0 = time.perf_counter()
+    params, info = train_fn(*args)
+    jax.block_until_ready(params)
+    return params, info, time.perf_counter() - t0
+
+
+def write_report(
+    config,
+    pipe,
+    params,
+    out: Path,
+    info: dict,
+    seconds: float,
+    settings: dict,
+    sample_student=None,
+    student_label: str = "Euler",
+) -> dict:
+    """OUT/report.json and report.md: method, teacher, init, the method's `settings` block(s), the training figures
+    and `evaluate.evaluate`'s rows (and OUT/before_after.png); returns the report."""
+    from jaxdiff.distill import evaluate
+
+    report = {
+        "method": config.method,
+        "teacher": str(config.teacher),
+        "init": str(config.init),
+        **settings,
+        "train": {
+            "seconds": seconds,
+            **{k: info[k] for k in ("steps", "resumed_from", "skipped")},
+            "last": info.get("last", {}),
+        },
+    }
+    report.update(evaluate.evaluate(config, pipe, params, out / "before_after.png", sample_student, student_label))
+    fileio.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    fileio.atomic_write_text(out / "report.md", evaluate.markdown(report))
+    return report
+
+
 def distill(config: mlc.ConfigDict, out, *, progress: bool = True) -> dict:
     """Run the configured method; write pairs/, train/, model/, before_after.png, report.json, report.md."""
-    from jaxdiff.distill import evaluate
     from jaxdiff.sampling.pipeline import load_pipeline
 
     if config.method not in METHODS:
@@ -204,24 +279,8 @@ def distill(config: mlc.ConfigDict, out, *, progress: bool = True) -> dict:
         from jaxdiff.distill import scm
 
         return scm.distill(config, pipe, init, pairs, contexts, uncond, out, progress=progress)
-    t0 = time.perf_counter()
-    params, info = train(config, pipe, init, pairs, contexts, str(out / "train"), progress)
-    jax.block_until_ready(params)
-    train_s = time.perf_counter() - t0
+    params, info, seconds = timed(train, config, pipe, init, pairs, contexts, str(out / "train"), progress)
     save_student(pipe, params, out, int(config.eval.student_steps[0]))
-    report = {
-        "method": config.method,
-        "teacher": str(config.teacher),
-        "init": str(config.init),
-        "pairs": {k: pair_info[k] for k in ("scheduler", "steps", "guidance", "seed", "written_shards", "seconds")}
-        | {"num_pairs": int(config.pairs.num_pairs), "folder": str(folder)},
-        "train": {
-            "seconds": train_s,
-            **{k: info[k] for k in ("steps", "resumed_from", "skipped")},
-            "last": info.get("last", {}),
-        },
-    }
-    report.update(evaluate.evaluate(config, pipe, params, out / "before_after.png"))
-    fileio.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    fileio.atomic_write_text(out / "report.md", evaluate.markdown(report))
-    return report
+    pair_report = {k: pair_info[k] for k in ("scheduler", "steps", "guidance", "seed", "written_shards", "seconds")}
+    pair_report |= {"num_pairs": int(config.pairs.num_pairs), "folder": str(folder)}
+    return write_report(config, pipe, params, out, info, seconds, {"pairs": pair_report})

@@ -175,9 +175,9 @@ def init_logvar(seed: int = 0):
 def train(config, pipe, init_params, pairs: dict, contexts, uncond, workdir: str, progress: bool):
     """The student {"unet", "logvar"} on the runner (AdamW of the train block), with rCM also DMD2's fake score
     (a copy of the teacher, AdamW β 0.9/0.999 at dmd2.fake_score_learning_rate); returns (student UNet, info)."""
-    from jaxdiff import sharding
+    from jaxdiff.distill import dmd2
+    from jaxdiff.distill import run as run_lib
     from jaxdiff.erase import finetune
-    from jaxdiff.train import optim
     from jaxdiff.train import step as step_lib
 
     t = config.train
@@ -186,8 +186,6 @@ def train(config, pipe, init_params, pairs: dict, contexts, uncond, workdir: str
     rcm = float(config.scm.dmd_weight) > 0
     dmd_settings, features_fn = None, None
     if rcm:
-        from jaxdiff.distill import dmd2
-
         dmd_settings = dmd2.settings_of(config, pipe)
         features_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx, method="encode")["mid"])
     phases = make_phases(unet_fn, pipe.scheduler_config, config.scm, dmd_settings, features_fn)
@@ -197,39 +195,24 @@ def train(config, pipe, init_params, pairs: dict, contexts, uncond, workdir: str
             "unet", finetune.optimizer(t, lr), lr, clip_norm=float(t.max_grad_norm), ema_decay=float(t.ema_decay)
         )
     ]
-    n, b, seed = len(pairs["z1"]), int(t.batch_size), int(config.seed)
+    seed = int(config.seed)
+    pair_batch = run_lib.pair_batches(pairs, contexts, int(t.batch_size), seed)
 
     def batch_fn(step: int) -> dict:
-        idx = np.random.default_rng([seed, 7, step]).integers(0, n, size=b)
-        batch = {"x0": pairs["z1"][idx], "context": contexts[pairs["prompt_index"][idx]]}
-        if rcm:
-            gen = contexts[np.random.default_rng([seed, 8, step]).integers(0, len(contexts), size=b)]
+        batch = pair_batch(step)
+        if rcm:  # DMD2's prompts for the student's own samples (data-free)
+            gen = contexts[np.random.default_rng([seed, 8, step]).integers(0, len(contexts), size=int(t.batch_size))]
             batch.update(gen_context=gen, gen_teacher_context=gen)
         return batch
 
     copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731  (no buffer shared with the teacher)
-    params = {"unet": {"unet": copy(init_params), "logvar": init_logvar(int(config.seed))}}
+    params = {"unet": {"unet": copy(init_params), "logvar": init_logvar(seed)}}
     if rcm:
-        f_lr = optim.schedule(
-            float(config.dmd2.fake_score_learning_rate), t.steps, kind=t.lr_schedule, warmup_steps=t.warmup_steps
-        )
-        f_tx = optim.optimizer("adamw", f_lr, b1=0.9, b2=0.999, weight_decay=float(t.weight_decay))
-        networks.insert(0, step_lib.Network("fake_score", f_tx, f_lr, clip_norm=float(t.max_grad_norm)))
+        networks.insert(0, dmd2.adamw_network("fake_score", config.dmd2.fake_score_learning_rate, t))
         params["fake_score"] = {"unet": copy(pipe.unet.params)}
-    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    state, info = finetune.run(
-        networks,
-        phases,
-        params,
-        {"teacher": pipe.unet.params, "uncond": jnp.asarray(uncond)},
-        batch_fn,
-        t,
-        workdir,
-        seed=seed,
-        mesh=mesh,
-        model=unet,
-        progress=progress,
-        label="rCM step" if rcm else "sCM step",
+    label = "rCM step" if rcm else "sCM step"
+    state, info = run_lib.train_beside_teacher(
+        networks, phases, params, pipe, uncond, batch_fn, config, workdir, progress, label
     )
     return state.ema_params("unet")["unet"], info
 
@@ -239,40 +222,22 @@ def train(config, pipe, init_params, pairs: dict, contexts, uncond, workdir: str
 
 def distill(config, pipe, init_params, pairs, contexts, uncond, out, progress: bool = True) -> dict:
     """`jaxdiff distill` for method "scm" (run.distill hands over after the pairs): train, OUT/model (LCMScheduler
-    with original_inference_steps = the first student step count: x̂0, fresh noise, x̂0 …), the grid, the report."""
-    import json
-    import time
+    with original_inference_steps = the largest student step count: x̂0, fresh noise, x̂0 …), the grid, the report."""
     from pathlib import Path
 
-    from jaxdiff import fileio
-    from jaxdiff.distill import dmd2, evaluate
+    from jaxdiff.distill import dmd2
     from jaxdiff.distill import run as run_lib
 
     out = Path(out)
-    t0 = time.perf_counter()
-    params, info = train(config, pipe, init_params, pairs, contexts, uncond, str(out / "train"), progress)
-    jax.block_until_ready(params)
-    train_s = time.perf_counter() - t0
-    k = max(int(n) for n in config.eval.student_steps)
-    run_lib.save_student(
-        pipe, params, out, int(config.eval.student_steps[0]), dmd2.student_scheduler(pipe.scheduler_config, k)
+    params, info, seconds = run_lib.timed(
+        train, config, pipe, init_params, pairs, contexts, uncond, str(out / "train"), progress
     )
-    report = {
-        "method": config.method,
-        "teacher": str(config.teacher),
-        "init": str(config.init),
-        "scm": dict(config.scm) | ({"dmd2": dict(config.dmd2)} if float(config.scm.dmd_weight) > 0 else {}),
-        "train": {
-            "seconds": train_s,
-            **{key: info[key] for key in ("steps", "resumed_from", "skipped")},
-            "last": info.get("last", {}),
-        },
-    }
+    k = max(int(n) for n in config.eval.student_steps)
+    sched = dmd2.student_scheduler(pipe.scheduler_config, k)
+    run_lib.save_student(pipe, params, out, int(config.eval.student_steps[0]), sched)
+    settings = {"scm": dict(config.scm) | ({"dmd2": dict(config.dmd2)} if float(config.scm.dmd_weight) > 0 else {})}
 
     def sample_student(pipe, params, prompts, latents, steps):
         return dmd2.sample(pipe, params, prompts, latents, steps, k)
 
-    report.update(evaluate.evaluate(config, pipe, params, out / "before_after.png", sample_student, "student"))
-    fileio.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    fileio.atomic_write_text(out / "report.md", evaluate.markdown(report))
-    return report
+    return run_lib.write_report(config, pipe, params, out, info, seconds, settings, sample_student, "student")

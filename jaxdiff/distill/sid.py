@@ -378,8 +378,7 @@ def batch_function(config, contexts, teacher_ctx, forget, forget_index):
 def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workdir: str, progress: bool):
     """Generator ("unet", from `init_params`) and fake score ("fake_score", from the teacher) on the runner, each with
     its own AdamW; returns (generator params (its EMA when train.ema_decay > 0), info)."""
-    from jaxdiff import sharding
-    from jaxdiff.erase import finetune
+    from jaxdiff.distill import run as run_lib
     from jaxdiff.train import optim
     from jaxdiff.train import step as step_lib
 
@@ -414,21 +413,9 @@ def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workd
     ]
     copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731  (no buffer shared with the teacher)
     params = {"fake_score": copy(pipe.unet.params), "unet": copy(init_params)}
-    frozen = {"teacher": pipe.unet.params, "uncond": jnp.asarray(uncond)}
-    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    state, info = finetune.run(
-        networks,
-        phases,
-        params,
-        frozen,
-        batch_function(config, contexts, teacher_ctx, forget, forget_index),
-        t,
-        workdir,
-        seed=int(config.seed),
-        mesh=mesh,
-        model=unet,
-        progress=progress,
-        label="SiD step",
+    batch_fn = batch_function(config, contexts, teacher_ctx, forget, forget_index)
+    state, info = run_lib.train_beside_teacher(
+        networks, phases, params, pipe, uncond, batch_fn, config, workdir, progress, "SiD step"
     )
     info["forget_prompts"] = int(forget.sum())
     return state.ema_params("unet"), info
@@ -448,26 +435,18 @@ def init_timestep(scheduler_config: dict, s) -> float:
 def distill(config, pipe, init_params, prompts, contexts, uncond, out, progress: bool = True) -> dict:
     """`jaxdiff distill` for method "sid" (run.distill hands over after loading the teacher and the prompts): train,
     OUT/model (an Euler pipeline whose one step is the generator), the grid and the NFE-vs-quality report."""
-    import json
-    import time
     from pathlib import Path
 
-    from jaxdiff import fileio
-    from jaxdiff.distill import evaluate
     from jaxdiff.distill import run as run_lib
 
     out = Path(out)
-    t0 = time.perf_counter()
-    params, info = train(config, pipe, init_params, prompts, contexts, uncond, str(out / "train"), progress)
-    jax.block_until_ready(params)
-    train_s = time.perf_counter() - t0
+    params, info, seconds = run_lib.timed(
+        train, config, pipe, init_params, prompts, contexts, uncond, str(out / "train"), progress
+    )
     t_init = init_timestep(pipe.scheduler_config, config.sid)
     run_lib.save_student(pipe, params, out, 1, student_scheduler(pipe.scheduler_config, t_init))
     s = config.sid
-    report = {
-        "method": config.method,
-        "teacher": str(config.teacher),
-        "init": str(config.init),
+    settings = {
         "sid": {
             "t_init": t_init,
             "alpha": float(s.alpha),
@@ -476,21 +455,13 @@ def distill(config, pipe, init_params, prompts, contexts, uncond, out, progress:
             "forget_concept": str(config.sfd.forget_concept),
             "override_prompt": str(config.sfd.override_prompt),
             "forget_prompts": info["forget_prompts"],
-        },
-        "train": {
-            "seconds": train_s,
-            **{k: info[k] for k in ("steps", "resumed_from", "skipped")},
-            "last": info.get("last", {}),
-        },
+        }
     }
 
     def sample_student(pipe, params, prompts, latents, steps):
         return sample(pipe, params, prompts, latents, steps, t_init)
 
-    report.update(evaluate.evaluate(config, pipe, params, out / "before_after.png", sample_student, "generator"))
-    fileio.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    fileio.atomic_write_text(out / "report.md", evaluate.markdown(report))
-    return report
+    return run_lib.write_report(config, pipe, params, out, info, seconds, settings, sample_student, "generator")
 
 
 # ------------------------------------------------------------------------------------------------ the student
