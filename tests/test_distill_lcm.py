@@ -11,19 +11,10 @@ import test_distill_sid
 from jaxdiff import cli
 from jaxdiff.config import load_config
 from jaxdiff.distill import lcm
-from jaxdiff.distill import teacher as teacher_lib
 
 RTOL = 1e-5  # float32 vs float64 numpy transcriptions
-SCHED = {
-    "_class_name": "DDIMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-}
+SCHED, ACP = test_distill_sid.SCHED, test_distill_sid.ACP  # SD's scaled-linear DDIM config and its ᾱ (float64)
 tiny_teacher = test_distill_sid.tiny_teacher  # the fixture: a tiny random UNet in the shapes pipeline
-ACP = teacher_lib.Teacher(None, SCHED).alphas_cumprod().astype(np.float64)
 
 
 def _rand(seed, shape=(3, 4, 4, 2)):
