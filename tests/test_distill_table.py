@@ -1,0 +1,52 @@
+"""tools/distill_table.py: every method's training flags apply to its config; the diversity and verdict helpers."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+
+import distill_table as dt  # noqa: E402
+
+from jaxdiff.config import apply_overrides, load_config  # noqa: E402
+
+
+@pytest.mark.parametrize("method", [m.name for m in dt.BUDGETS])
+def test_budget_flags_apply_to_the_config(method, tmp_path):
+    """A misspelt override (a key the config lacks) would fail here rather than after an hour of other training."""
+    m = dt.BY_NAME[method]
+    cmd = dt.train_command(m, tmp_path)
+    config_arg = cmd[cmd.index("--config") + 1]
+    overrides = [a for a in cmd if a.startswith("--config.")]
+    c = apply_overrides(load_config(config_arg), overrides)
+    assert int(c.train.steps) == int(next(f for f in m.flags if "train.steps" in f).split("=")[1])
+    if "pairs" in c:
+        assert str(c.pairs.folder) == str(tmp_path / "pairs") and float(c.pairs.guidance) == dt.GUIDANCE
+    if m.after:
+        assert str(c.init) == str(tmp_path / m.after / "model")
+
+
+def test_every_pair_user_shares_one_store_key(tmp_path):
+    keys = set()
+    for m in dt.BUDGETS:
+        cmd = dt.train_command(m, tmp_path)
+        c = apply_overrides(load_config(cmd[cmd.index("--config") + 1]), [a for a in cmd if a.startswith("--config.")])
+        if "pairs" in c and any(f.startswith("--config.pairs.") for f in m.flags):
+            p = c.pairs
+            keys.add((p.scheduler, int(p.steps), float(p.guidance), int(p.seed), int(p.num_pairs), int(p.shard_size)))
+            assert int(c.data.num_prompts) == 400  # the store is tied to its prompts
+    assert len(keys) == 1
+
+
+def test_diversity_is_zero_for_repeated_images_and_grows_with_spread():
+    class Probe:
+        def __call__(self, images):
+            return {}, images.reshape(len(images), -1)
+
+    same = np.repeat(np.arange(6, dtype=np.float32).reshape(2, 1, 3), 4, axis=1).reshape(8, 3)
+    assert dt._diversity(Probe(), same, 4) == 0.0
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(size=(8, 3)), 10 * rng.normal(size=(8, 3))
+    assert dt._diversity(Probe(), large, 4) > dt._diversity(Probe(), small, 4) > 0

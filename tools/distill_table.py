@@ -1,0 +1,464 @@
+#!/usr/bin/env python
+"""The NFE-vs-quality table of every distillation method on `shapes`: train (resumable), then judge, one command.
+
+  python tools/distill_table.py                      # train what is missing in runs/distill_table, then the table
+  python tools/distill_table.py --only-table         # judge the runs that exist (missing ones are listed)
+  python tools/distill_table.py --methods reflow instaflow --n 64 --out /tmp/dt
+
+Training: every method's `configs/distill/<method>.py:shapes` preset with the budget below (`BUDGETS`), the
+teacher's default guidance (2.0 for the shipped teacher) and one shared pair store (DDIM 25 steps). Each run goes
+through `jaxdiff distill`, so a killed run resumes from its last checkpoint when this command is run again.
+
+Judging: held-out-template prompts (tools/eval_shapes.py), the same prompts and starting noise in every row. Per
+row: UNet evaluations per image (a CFG step counts 2), Fréchet distance on probe features against renders of the
+prompted scenes (the real-vs-real floor printed beside it), shape/colour/position accuracy by the probe and by the
+pixel judge, the pixel judge's invalid-image rate, within-prompt diversity relative to the 25-step teacher (mean
+pairwise probe-feature distance over several seeds of the same prompt), milliseconds per image of the compiled
+sampler (median of timed batches, same run), the training cost (CPU minutes, teacher UNet evaluations), and the
+rate at which prompts naming the forget concept of SFD still show it. Writes table.md, table.json and grid.png
+(teacher 25 steps vs every one-step student, same prompts and seeds) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (str(ROOT), str(ROOT / "tools")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import eval_shapes  # noqa: E402
+
+GUIDANCE = 2.0  # the shipped teacher's default (jaxdiff/assets/shapes/sampling_defaults.json)
+PAIRS = [  # one store for every method that learns from teacher pairs (the store's key checks they agree)
+    "--config.pairs.num_pairs=1024",
+    "--config.pairs.shard_size=64",
+    "--config.pairs.scheduler=ddim",
+    "--config.pairs.steps=25",
+    f"--config.pairs.guidance={GUIDANCE}",
+]
+SMALL_EVAL = ["--config.eval.num_images=16", "--config.eval.bootstraps=0"]  # the run's own report; this tool judges
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str  # the run folder under --runs and the row label
+    config: str  # configs/distill/<file>:<variants>
+    flags: tuple[str, ...]  # the training budget and guidance
+    steps: tuple[int, ...]  # the student's step counts in the table
+    sampler: str  # "flow": uniform Euler on the velocity student; "pipeline": OUT/model's own scheduler
+    teacher_evals_per_sample: int  # teacher UNet evaluations per training sample and step (CFG counts 2)
+    after: str = ""  # a run whose OUT/model is the init
+
+
+BUDGETS = (
+    Method("reflow", "reflow.py:shapes", ("--config.train.steps=2000", *PAIRS), (1, 2, 4), "flow", 0),
+    Method(
+        "instaflow",
+        "instaflow.py:shapes",
+        ("--config.train.steps=1000", *PAIRS),
+        (1,),
+        "flow",
+        0,
+        after="reflow",
+    ),
+    Method(
+        "dmd2",
+        "dmd2.py:shapes",
+        ("--config.train.steps=1000", f"--config.dmd2.real_guidance={GUIDANCE}"),
+        (1,),
+        "pipeline",
+        2,
+    ),
+    Method(
+        "sid",
+        "sid.py:shapes",
+        ("--config.train.steps=1000", f"--config.sid.cfg_eval_real={GUIDANCE}"),
+        (1,),
+        "pipeline",
+        2,
+    ),
+    Method(
+        "lcm",
+        "lcm.py:shapes",
+        ("--config.train.steps=1000", "--config.lcm.w_min=1.0", "--config.lcm.w_max=1.0", *PAIRS),
+        (1, 2, 4),
+        "pipeline",
+        2,
+    ),
+    Method(
+        "scm",
+        "scm.py:shapes",
+        ("--config.train.steps=600", f"--config.scm.guidance={GUIDANCE}", *PAIRS),
+        (1, 2),
+        "pipeline",
+        2,
+    ),
+    Method(
+        "rcm",
+        "scm.py:shapes,rcm",
+        (
+            "--config.train.steps=400",
+            f"--config.scm.guidance={GUIDANCE}",
+            f"--config.dmd2.real_guidance={GUIDANCE}",
+            *PAIRS,
+        ),
+        (1, 2),
+        "pipeline",
+        4,
+    ),
+    Method(
+        "sfd",
+        "sid.py:shapes,sfd",
+        ("--config.train.steps=1000", f"--config.sid.cfg_eval_real={GUIDANCE}"),
+        (1,),
+        "pipeline",
+        2,
+    ),
+    Method(
+        "dmd2_4step",
+        "dmd2.py:shapes,4step",
+        ("--config.train.steps=500", f"--config.dmd2.real_guidance={GUIDANCE}"),
+        (4, 1),
+        "pipeline",
+        2,
+    ),
+)
+BY_NAME = {m.name: m for m in BUDGETS}
+FORGET = "circle"  # SFD's forget concept in configs/distill/sid.py:sfd
+
+
+def train_command(m: Method, runs: Path) -> list[str]:
+    flags = list(m.flags) + SMALL_EVAL
+    if any(f.startswith("--config.pairs.") for f in flags):
+        flags.append(f"--config.pairs.folder={runs / 'pairs'}")
+    if m.after:
+        flags.append(f"--config.init={runs / m.after / 'model'}")
+    return [sys.executable, "-m", "jaxdiff.cli", "distill", "--config", f"configs/distill/{m.config}", *flags]
+
+
+def train(methods: list[Method], runs: Path) -> None:
+    for m in methods:
+        out = runs / m.name
+        if (out / "report.json").exists():
+            print(f"[{m.name}] trained ({out}/report.json)", flush=True)
+            continue
+        cmd = train_command(m, runs) + ["--out", str(out)]
+        print(f"[{m.name}] {' '.join(cmd[2:])}", flush=True)
+        t = time.time()
+        rc = subprocess.call(cmd, cwd=ROOT)
+        _add_seconds(out, time.time() - t)  # every attempt counts, so a resumed run reports its whole cost
+        if rc != 0:
+            raise SystemExit(f"[{m.name}] jaxdiff distill exited {rc}; rerun this command to resume")
+        print(f"[{m.name}] done in {time.time() - t:.0f} s", flush=True)
+
+
+COST = "table_cost.json"  # wall seconds of every `jaxdiff distill` attempt of a run (pairs, training, its report)
+
+
+def _add_seconds(out: Path, seconds: float) -> None:
+    from jaxdiff import fileio
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / COST
+    cost = json.loads(path.read_text()) if path.exists() else {"seconds": 0.0, "attempts": 0}
+    cost = {"seconds": cost["seconds"] + seconds, "attempts": cost["attempts"] + 1}
+    fileio.atomic_write_text(path, json.dumps(cost) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ judging
+
+TEACHER_ROWS = (
+    ("ddim", 50),
+    ("ddim", 25),
+    ("ddim", 8),
+    ("ddim", 4),
+    ("ddim", 1),
+    ("dpm++2m", 25),
+    ("dpm++2m", 8),
+    ("dpm++2m", 4),
+)
+BATCH = 100  # images per compiled sampling call (one compile per row)
+DIVERSITY = (20, 5)  # prompts x seeds for the within-prompt diversity
+
+
+@dataclasses.dataclass
+class Row:
+    label: str
+    method: str
+    steps: int
+    nfe: int
+    sample: object  # (prompts, latents, seed) -> images [B, H, W, 3]
+    run: Path | None = None
+
+
+def rows_for(methods: list[Method], runs: Path, pipe) -> tuple[list[Row], list[str]]:
+    """The teacher's rows and every trained student's; and the methods with no finished run."""
+    from jaxdiff.distill import rectified_flow as rf
+    from jaxdiff.sampling.pipeline import load_pipeline
+
+    def teacher(scheduler, steps):
+        return lambda pr, z, seed: pipe(pr, steps=steps, guidance=GUIDANCE, scheduler=scheduler, latents=z, seed=seed)
+
+    rows = [Row(f"teacher {sch.upper()} {k}", "teacher", k, 2 * k, teacher(sch, k)) for sch, k in TEACHER_ROWS]
+    missing = []
+    for m in methods:
+        out = runs / m.name
+        if not (out / "report.json").exists():
+            missing.append(m.name)
+            continue
+        student = load_pipeline(out / "model")
+        for k in m.steps:
+            if m.sampler == "flow":
+                fn = (lambda st, k: lambda pr, z, seed: rf.sample(st, st.unet.params, pr, z, k))(student, k)
+            else:
+                fn = (lambda st, k: lambda pr, z, seed: st(pr, steps=k, guidance=1.0, latents=z, seed=seed))(student, k)
+            rows.append(Row(f"{m.name} {k}", m.name, k, k, fn, out))
+    return rows, missing
+
+
+def _batched(fn, prompts, latents, seed, times: list, warm: bool):
+    """fn over fixed-size batches (the last padded: one compiled shape); the wall time of every batch after the
+    first call of the row (which compiles) appended to `times`."""
+    out = []
+    for b, start in enumerate(range(0, len(prompts), BATCH)):
+        pr, z = list(prompts[start : start + BATCH]), latents[start : start + BATCH]
+        pad = BATCH - len(pr)
+        t = time.perf_counter()
+        images = np.asarray(fn(pr + [pr[-1]] * pad, np.concatenate([z, z[:1].repeat(pad, 0)]), seed + b))
+        if warm or b > 0:
+            times.append(time.perf_counter() - t)
+        out.append(images[: len(pr)])
+    return np.concatenate(out)
+
+
+def _diversity(probe, images: np.ndarray, seeds: int) -> float:
+    """Mean pairwise distance of probe features between images of the same prompt (rows grouped by prompt)."""
+    _, feats = probe(images)
+    f = np.asarray(feats, np.float64).reshape(-1, seeds, feats.shape[-1])
+    d = np.linalg.norm(f[:, :, None] - f[:, None, :], axis=-1)
+    return float(d.sum() / (f.shape[0] * seeds * (seeds - 1)))
+
+
+def judge(rows: list[Row], n: int, seed: int, boots: int, pipe) -> dict:
+    from jaxdiff.data import shapes as S
+    from jaxdiff.erase import evaluate as ev
+    from jaxdiff.metrics import frechet
+    from jaxdiff.metrics import probe as probe_lib
+    from jaxdiff.metrics.evaluate import frechet_with_interval
+
+    probe = probe_lib.load_probe()
+    prompts, scenes = eval_shapes.heldout_prompts(n, 1, seed)
+    _, real_feats = probe(eval_shapes.real_renders(scenes))
+    real_feats = np.asarray(real_feats, np.float64)
+    _, again = probe(eval_shapes.real_renders(eval_shapes.rejittered(scenes, seed)))
+    floor = frechet.frechet_distance_from_features(np.asarray(again, np.float64), real_feats)
+    c = pipe.unet.config
+    shape = (int(c.get("sample_size", 64)),) * 2 + (int(c.get("in_channels", 4)),)
+    latents = ev.noise(n, shape, seed)
+    k, s = min(DIVERSITY[0], n), DIVERSITY[1]
+    div_prompts = [p for p in prompts[:k] for _ in range(s)]
+    div_latents = ev.noise(k * s, shape, seed + 1)
+    forget = np.asarray([sc.objects[0].shape == FORGET for sc in scenes])
+    results, grid = [], []
+    for row in rows:
+        t0, times = time.perf_counter(), []
+        images = _batched(row.sample, prompts, latents, seed, times, warm=False)
+        div_images = _batched(row.sample, div_prompts, div_latents, seed + 50, times, warm=True)
+        r = eval_shapes.judge(probe, images, scenes, prompts, real_feats)
+        preds, feats = probe(images)
+        r["fd"], r["fd_ci"] = frechet_with_interval(real_feats, np.asarray(feats, np.float64), boots=boots, seed=seed)
+        r["forget_rate"] = float(np.mean(preds["shape0"][forget] == S.SHAPES.index(FORGET)))
+        r["forget_n"] = int(forget.sum())
+        r["diversity"] = _diversity(probe, div_images, s)
+        r["ms_per_image"] = 1000 * float(np.median(times)) / BATCH if times else float("nan")
+        r.update(label=row.label, method=row.method, steps=row.steps, nfe=row.nfe, seconds=time.perf_counter() - t0)
+        if row.run is not None:
+            r["train"] = _train_cost(row.run)
+        results.append(r)
+        print(
+            f"{row.label}: FD {r['fd']:.1f}, shape {r['shape_acc']:.3f}/{r['pixel_shape_acc']:.3f}, "
+            f"valid {r['pixel_valid']:.3f}, {r['ms_per_image']:.2f} ms/img ({r['seconds']:.0f} s)",
+            flush=True,
+        )
+        if row.method == "teacher" and row.steps == 25 or row.method != "teacher" and row.steps == 1:
+            grid.append((row.label.replace(" ", "\n", 1), images[:GRID]))
+    base = next(r for r in results if r["method"] == "teacher" and r["steps"] == 25 and "DDIM" in r["label"])
+    for r in results:
+        r["diversity_rel"] = r["diversity"] / base["diversity"]
+    return {
+        "n": n,
+        "seed": seed,
+        "bootstraps": boots,
+        "fd_floor": floor,
+        "guidance": GUIDANCE,
+        "rows": results,
+        "grid": grid,
+        "diversity_set": {"prompts": k, "seeds": s},
+    }
+
+
+GRID = 8
+
+
+def _train_cost(run: Path) -> dict:
+    report = json.loads((run / "report.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    cost = json.loads((run / COST).read_text()) if (run / COST).exists() else {}
+    m = BY_NAME[run.name]
+    steps, batch = int(config["train"]["steps"]), int(config["train"]["batch_size"])
+    pairs = report.get("pairs") or {}
+    return {
+        "steps": steps,
+        "batch_size": batch,
+        "minutes": cost.get("seconds", float("nan")) / 60,
+        "teacher_evals": steps * batch * m.teacher_evals_per_sample,
+        "uses_pairs": bool(pairs),
+        "init": report.get("init", "teacher"),
+    }
+
+
+def _pct(rate: float, n: int) -> str:
+    return eval_shapes._cell(rate, n)
+
+
+def markdown(table: dict, missing: list[str], runs: Path, command: str) -> str:
+    n = table["n"]
+    rows = table["rows"]
+    base = next(r for r in rows if r["label"] == "teacher DDIM 25")
+    lines = [
+        "# Distillation on `shapes`: UNet evaluations vs quality",
+        "",
+        f"Regenerate: `{command}` (trains what is missing in `{runs}`, resumable; then judges). Code revision "
+        f"`{table['revision']}`{' (uncommitted changes)' if table['dirty'] else ''}; every row judged in this run.",
+        "",
+        f"N = {n} prompts from the held-out templates (one object each), the same prompts and starting noise in "
+        f"every row; rates with 95 % Wilson intervals, FD with a 95 % bootstrap interval ({table['bootstraps']} "
+        f"resamples). Teacher rows use CFG {table['guidance']} (its default); students sample without CFG. "
+        f"FD floor (real renders vs the same scenes re-rendered): {table['fd_floor']:.1f}.",
+        "",
+        "| sampler | UNet evals | probe FD (95 % CI) | shape: probe / pixel | colour: probe / pixel | position "
+        "(probe) | invalid (pixel judge) | diversity vs teacher | ms / image | training |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        ci = f" ({r['fd_ci'][0]:.1f}–{r['fd_ci'][1]:.1f})" if r.get("fd_ci") else ""
+        t = r.get("train")
+        train = (
+            f"{t['steps']} steps × {t['batch_size']}, {t['minutes']:.0f} min, "
+            f"{t['teacher_evals'] / 1e3:.0f}k teacher evals"
+            + (" + pairs" if t["uses_pairs"] else "")
+            + (" (init: reflow)" if "reflow" in str(t["init"]) else "")
+            if t
+            else "–"
+        )
+        pos = r.get("position_acc_when_stated")
+        lines.append(
+            f"| {r['label']} | {r['nfe']} | {r['fd']:.1f}{ci} | {100 * r['shape_acc']:.1f} / "
+            f"{100 * r['pixel_shape_acc']:.1f} % | {100 * r['colour_acc']:.1f} / {100 * r['pixel_colour_acc']:.1f} % | "
+            f"{'n/a' if pos is None else f'{100 * pos:.0f} %'} | {_pct(1 - r['pixel_valid'], n)} | "
+            f"{r['diversity_rel']:.2f} | {r['ms_per_image']:.2f} | {train} |"
+        )
+    lines += ["", "## Against the goal", ""]
+    lines.append(
+        f"Goal: a one-step student within 1.5× the 25-step teacher's FD ({1.5 * base['fd']:.1f}) and within 3 points "
+        f"of its accuracies (shape {100 * base['shape_acc']:.1f} / {100 * base['pixel_shape_acc']:.1f} %, colour "
+        f"{100 * base['colour_acc']:.1f} / {100 * base['pixel_colour_acc']:.1f} %, probe / pixel judge)."
+    )
+    lines.append("")
+    for r in rows:
+        if r["method"] == "teacher" or r["steps"] != 1:
+            continue
+        gaps = {
+            "FD": r["fd"] <= 1.5 * base["fd"],
+            "shape": all(base[k] - r[k] <= 0.03 for k in ("shape_acc", "pixel_shape_acc")),
+            "colour": all(base[k] - r[k] <= 0.03 for k in ("colour_acc", "pixel_colour_acc")),
+        }
+        verdict = "meets it" if all(gaps.values()) else "misses on " + ", ".join(k for k, ok in gaps.items() if not ok)
+        lines.append(f"- {r['label']}: FD {r['fd']:.1f} ({r['fd'] / base['fd']:.1f}× the teacher's); {verdict}.")
+    sfd = [r for r in rows if r["method"] in ("sfd", "sid", "teacher") and r["steps"] in (1, 25)]
+    if any(r["method"] == "sfd" for r in sfd):
+        lines += [
+            "",
+            f"## Forgetting ({FORGET!r}, SFD)",
+            "",
+            f"Prompts naming a {FORGET} whose image shows one (probe), n = {rows[0]['forget_n']}:",
+            "",
+        ]
+        for r in sfd:
+            lines.append(f"- {r['label']}: {_pct(r['forget_rate'], r['forget_n'])}")
+    if missing:
+        lines += ["", "Not trained yet (no row): " + ", ".join(missing) + "."]
+    lines += [
+        "",
+        "Columns: UNet evals per image (a CFG step counts 2); shape / colour: accuracy by the learned probe and by "
+        "the non-learned pixel judge (an invalid image is wrong); position: over prompts that state one; invalid: "
+        "the pixel judge finds no clean single object; diversity: mean pairwise probe-feature distance between "
+        f"{table['diversity_set']['seeds']} seeds of each of {table['diversity_set']['prompts']} prompts, relative to "
+        "teacher DDIM 25; ms / image: median wall time of a compiled batch of "
+        f"{BATCH} on this machine's CPU, divided by {BATCH}; training: steps × batch, wall minutes of `jaxdiff "
+        "distill` on 2 CPU cores (every attempt), teacher UNet evaluations during training (the shared pair store "
+        "of 1024 DDIM-25 pairs costs 51k more).",
+        "",
+        "Grid: grid.png, teacher DDIM 25 and every one-step student on the first 8 prompts, same noise.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _revision() -> tuple[str, bool]:
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default="runs/distill_table", help="where the training runs live (resumable)")
+    p.add_argument("--methods", nargs="+", default=[m.name for m in BUDGETS], choices=list(BY_NAME))
+    p.add_argument("--only-table", action="store_true", help="judge the existing runs; train nothing")
+    p.add_argument("--only-train", action="store_true", help="train what is missing; no table")
+    p.add_argument("--n", type=int, default=200, help="prompts per row")
+    p.add_argument("--seed", type=int, default=0, help="the held-out prompts' and noise seed")
+    p.add_argument("--bootstraps", type=int, default=200, help="resamples of the FD interval (0: none)")
+    p.add_argument("--out", default="docs/distill_table", help="table.md, table.json, grid.png")
+    args = p.parse_args(argv)
+    runs = Path(args.runs)
+    methods = [BY_NAME[n] for n in args.methods]
+    if not args.only_table:
+        train(methods, runs)
+    if args.only_train:
+        return 0
+    from jaxdiff import fileio
+    from jaxdiff.images import labeled_rows, save_png
+    from jaxdiff.sampling.pipeline import load_pipeline
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline("shapes")
+    rows, missing = rows_for(methods, runs, pipe)
+    table = judge(rows, args.n, args.seed, args.bootstraps, pipe)
+    table["revision"], table["dirty"] = _revision()
+    save_png(out / "grid.png", labeled_rows(table.pop("grid")))
+    command = "python tools/distill_table.py" + ("" if argv is None else " " + " ".join(argv))
+    fileio.atomic_write_text(out / "table.json", json.dumps(table, indent=2, default=float) + "\n")
+    fileio.atomic_write_text(out / "table.md", markdown(table, missing, runs, command))
+    print((out / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
