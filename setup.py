@@ -23,12 +23,16 @@ EXTRAS = {
     "torch": ["torch==2.13.0"],
     "reference": ["torch==2.13.0", "diffusers>=0.40,<0.43"],
     "data": ["tensorflow-datasets>=4.9.6,<5"],
+    # Adaptive teacher ODE solvers for distillation pairs (pairs.scheduler="tsit5"/"dopri5"); 0.7.2 resolves with
+    # jax 0.10.2 (Python 3.11) and jax 0.11 (Python 3.12).
+    "distill": ["diffrax>=0.7.2,<0.8"],
     "test": [
         "torch==2.13.0",
         "diffusers>=0.40,<0.43",
         "pytest>=8",
         "pytest-xdist>=3.6,<4",
         "tensorflow-datasets>=4.9.6,<5",
+        "diffrax>=0.7.2,<0.8",
     ],
     # Accelerator builds of jax (see README): pip install -e ".[cuda]" or ".[tpu]".
     "cuda": ["jax[cuda12]>=0.10.2,<0.12"],
