@@ -9,6 +9,7 @@ lowered and compiled by XLA:TPU, and XLA's own memory and cost analyses are prin
     python tools/aot_compile.py --topology v5e:4x4 --model sd15 --mesh fsdp=16 --batch 64 --res 512 --remat blocks
     python tools/aot_compile.py --topology v5p:2x2x1 --model sdxl --task sample --mesh data=4 --batch 8 --res 1024
     python tools/aot_compile.py --topology v5e:4x4 --model path/to/diffusers-pipeline --mesh fsdp=16 --batch 64
+    python tools/aot_compile.py --topology v5e:2x2 --model sd15 --task distill --method dmd2 --mesh fsdp=4 --batch 8
 
 HBM per device: arguments (params, optimiser state, EMA, the batch), outputs, temporaries and generated code, and
 their peak (arguments + outputs - donated aliases + temporaries + code) against the chip's capacity. FLOPs are
@@ -18,6 +19,13 @@ UNet forward's matmul and convolution FLOPs for training), and the implied MFU d
 over that time: what the step would reach if it ran at the roofline (remat's recomputation and non-matmul work
 lower it). Sampling: XLA counts the loop body once, so the time is from the model FLOPs of `--steps` guided
 UNet calls and one VAE decode.
+
+Distillation (`--task distill --method M`): the step `jaxdiff distill` trains (the networks and phases of the
+method's `build` in `jaxdiff.distill`, its config `configs/distill/<M>.py` with `--set KEY=VALUE` overrides,
+train.batch_size = `--batch`), the student, fake score / target networks and the frozen teacher all from abstract
+params, every UNet-shaped tree sharded by the UNet's logical axes and the batch over the batch axes (the runner
+itself trains on one device). Its model FLOPs are the matmuls and convolutions of the whole step's jaxpr (every
+UNet call, forward and backward, scan trips counted; a backward-simulation loop of traced length once).
 """
 
 from __future__ import annotations
@@ -62,6 +70,17 @@ CHIPS = {
 }
 DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p", "TPU v6 lite": "v6e"}
 MODELS = ("tiny", "sd15", "sd21", "sdxl")
+# --method -> (jaxdiff.distill module, its default config); sfd and rcm are variants of SiD and sCM.
+DISTILL_METHODS = {
+    "reflow": ("rectified_flow", "configs/distill/reflow.py"),
+    "instaflow": ("rectified_flow", "configs/distill/instaflow.py"),
+    "sid": ("sid", "configs/distill/sid.py"),
+    "sfd": ("sid", "configs/distill/sid.py:sfd"),
+    "dmd2": ("dmd2", "configs/distill/dmd2.py"),
+    "lcm": ("lcm", "configs/distill/lcm.py"),
+    "scm": ("scm", "configs/distill/scm.py"),
+    "rcm": ("scm", "configs/distill/scm.py:rcm"),
+}
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "bfloat16": "bfloat16", "float32": "float32"}
 
 
@@ -184,6 +203,13 @@ def parse_mesh(text: str) -> dict[str, int]:
 def matmul_flops(fn, *args) -> float:
     """FLOPs of the matmuls and convolutions in `fn`'s jaxpr (2 per multiply-add): the model FLOPs of MFU."""
     import jax
+
+    return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def jaxpr_flops(jaxpr) -> float:
+    """FLOPs of the matmuls and convolutions in `jaxpr` (2 per multiply-add; a scan's body times its length, a while
+    loop's body once, every branch of a cond)."""
     import numpy as np
 
     def walk(jaxpr, times=1.0):
@@ -209,7 +235,7 @@ def matmul_flops(fn, *args) -> float:
                         total += walk(sub.jaxpr, times * scale)
         return total
 
-    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return walk(jaxpr)
 
 
 @dataclasses.dataclass
@@ -222,6 +248,8 @@ class Program:
     num_params: int
     mesh: dict
     notes: list
+    traced: object = None  # `fn` already traced on `args` (its jaxpr gave the model FLOPs): lowered from this
+    trace_s: float = 0.0  # the seconds that tracing took (counted as lowering)
 
 
 def train_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
@@ -276,6 +304,174 @@ def train_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
     return Program(fn, (state, batch, None), 3.0 * forward, s.model.num_params(), dict(s.mesh.shape), notes)
 
 
+def make_mesh(mesh: dict, devices):
+    """The jax Mesh of `parse_mesh`'s axes over `devices` (an axis of -1 takes the devices the others leave)."""
+    from jaxdiff import sharding
+
+    shape = {a: n for a, n in mesh.items()}
+    if -1 in shape.values():
+        known = math.prod(n for n in shape.values() if n != -1)
+        shape = {a: (len(devices) // known if n == -1 else n) for a, n in shape.items()}
+    return sharding.make_mesh(shape, devices)
+
+
+def distill_config(args):
+    """(the method's module name in jaxdiff.distill, its config): configs/distill/<method>.py, then
+    train.batch_size = --batch and the --set KEY=VALUE overrides."""
+    from jaxdiff.config import apply_overrides, load_config
+
+    module_name, spec = DISTILL_METHODS[args.method]
+    path, _, variant = spec.partition(":")
+    config = load_config(str(ROOT / path) + (f":{variant}" if variant else ""))
+    overrides = [f"--config.train.batch_size={args.batch}"]
+    overrides += [item if item.startswith("--config.") else f"--config.{item}" for item in args.set or ()]
+    return module_name, apply_overrides(config, overrides)
+
+
+def forget_rows(config, batch: int) -> int:
+    """SFD's extra forget rows per phase (`sfd.forget_batch_size`, -1 = the batch size) when a forget concept is
+    set (the real run adds them only when a training prompt names it)."""
+    if "sfd" not in config or not str(config.sfd.forget_concept).strip():
+        return 0
+    n = int(config.sfd.forget_batch_size)
+    return batch if n < 0 else n
+
+
+def distill_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
+    """The step `jaxdiff distill` trains for `--method` (the method's `build` and `initial_params` in
+    `jaxdiff.distill`, as its `train` passes them to the runner), from abstract params, on `devices`."""
+    import importlib
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxdiff import platforms, sharding
+    from jaxdiff.models.model import create
+    from jaxdiff.models.registry import architecture_for
+    from jaxdiff.train import state as state_lib
+    from jaxdiff.train import step as step_lib
+
+    if spec.pooled_dim is not None:
+        raise SystemExit(f"--task distill: {spec.name} takes added conditioning (SDXL); jaxdiff distill refuses it")
+    name, config = distill_config(args)
+    module = importlib.import_module(f"jaxdiff.distill.{name}")
+    m = make_mesh(mesh, devices)
+    platform, dtype = platforms.of(m), getattr(jnp, DTYPES[args.dtype])
+    unet_config = dict(spec.unet)
+    unet_config.setdefault("_class_name", "UNet2DConditionModel")
+    unet = create(
+        architecture_for(unet_config),
+        unet_config,
+        abstract=True,
+        dtype=dtype,
+        attention=args.attention,
+        platform=platform,
+    )
+    apply = unet.apply
+    if args.remat == "blocks":  # not what the runner does: an option to see what block remat would save
+        from jaxdiff.train import objectives
+
+        apply = objectives.remat_blocks(apply, objectives.unet_block_types())
+    # As the methods' train(): one jitted UNet call (and its bottleneck for DMD2's GAN head).
+    unet_fn = jax.jit(lambda p, x, t, c: apply(p, x, t, c))
+    features_fn = jax.jit(lambda p, x, t, c: apply(p, x, t, c, method="encode")["mid"])
+    size = args.res // spec.vae_factor
+    latent_shape = (size, size, int(spec.unet.get("in_channels", 4)))
+    scheduler_config = dict(spec.scheduler, prediction_type=spec.prediction_type)
+    networks, phases = module.build(config, unet_fn, features_fn, scheduler_config, latent_shape)
+    nets = {n.name: n for n in networks}
+    length, width = spec.context_length, spec.context_dim
+    f32 = jnp.float32
+    one_context = jax.ShapeDtypeStruct((1, length, width), f32)
+    params = jax.eval_shape(
+        lambda student, teacher, c: module.initial_params(config, student, teacher, features_fn, latent_shape, c),
+        unet.params,
+        unet.params,
+        one_context,
+    )
+    masks = {k: state_lib.mask(params[k], n.trainable) for k, n in nets.items()}
+    txs = {k: n.tx for k, n in nets.items()}
+    ema = tuple(k for k, n in nets.items() if n.ema_decay > 0)
+    abstract_state = jax.eval_shape(lambda p: state_lib.create(p, txs, masks, seed=int(config.seed), ema=ema), params)
+    unet_tree = jax.tree_util.tree_structure(unet.params)
+
+    def axes_of(tree):
+        """The UNet's logical axes for every UNet-shaped subtree (student, fake score, target), else replicated."""
+        if jax.tree_util.tree_structure(tree) == unet_tree:
+            return unet.logical_axes
+        if isinstance(tree, dict):
+            return {k: axes_of(v) for k, v in tree.items()}
+        return jax.tree_util.tree_map(lambda _: PartitionSpec(), tree)
+
+    axes = {k: axes_of(v) for k, v in params.items()}
+    state_sh = state_lib.shardings(abstract_state, axes, m, sharding.DEFAULT_RULES)
+    state = state_lib.abstract(abstract_state, state_sh)
+    replicated = NamedSharding(m, PartitionSpec())
+    frozen, frozen_sh = {}, {}
+    if name != "rectified_flow":  # reflow and InstaFlow train on stored pairs: their step has no teacher
+        teacher_sh = sharding.param_shardings(unet.params, unet.logical_axes, m)
+        frozen_sh = {"teacher": teacher_sh, "uncond": replicated}
+        frozen = {
+            "teacher": state_lib.abstract(unet.params, teacher_sh),
+            "uncond": jax.ShapeDtypeStruct((1, length, width), f32, sharding=replicated),
+        }
+
+    # The batch of the method's batch function (`batch_function` / `pair_batches` / run.train's).
+    b = args.batch
+    n = b + forget_rows(config, b)
+    rows = math.gcd(b, n)
+    batch_sh = NamedSharding(m, sharding.logical_to_mesh_spec(PartitionSpec("batch"), (rows,), m))
+
+    def latents(k):
+        return jax.ShapeDtypeStruct((k, *latent_shape), f32, sharding=batch_sh)
+
+    def contexts(k):
+        return jax.ShapeDtypeStruct((k, length, width), f32, sharding=batch_sh)
+
+    if name == "rectified_flow":
+        batch = {"z0": latents(b), "z1": latents(b), "context": contexts(b)}
+    elif name in ("lcm", "scm"):
+        batch = {"x0": latents(b), "context": contexts(b)}
+        if name == "scm" and module.uses_dmd(config):
+            batch.update(gen_context=contexts(b), gen_teacher_context=contexts(b))
+    elif name == "sid":
+        weights = jax.ShapeDtypeStruct((n,), f32, sharding=batch_sh)
+        batch = {"fake_context": contexts(n), "fake_weight": weights, "gen_context": contexts(n)}
+        batch.update(gen_teacher_context=contexts(n), gen_weight=weights)
+    else:  # dmd2
+        batch = {"context": contexts(n), "gen_context": contexts(n), "gen_teacher_context": contexts(n)}
+        if module.uses_gan(config):
+            batch["real"] = latents(n)
+
+    options = step_lib.Options(remat="loss" if args.remat == "loss" else "none")
+    fn = step_lib.jit(step_lib.build(nets, phases, masks, options), state_sh, batch_sh, frozen_sh)
+    t0 = time.perf_counter()
+    traced = fn.trace(state, batch, frozen)
+    trace_s = time.perf_counter() - t0
+    jaxpr = traced.jaxpr
+    step_flops = jaxpr_flops(getattr(jaxpr, "jaxpr", jaxpr))
+
+    def count(tree):
+        return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+
+    described = []
+    for k, net in nets.items():
+        extra = ", EMA" if net.ema_decay > 0 else ""
+        described.append(f"{k} {count(params[k]) / 1e6:.1f}M{extra}")
+    phase_list = ", ".join(p.name + (f" x{p.repeat}" if p.repeat > 1 else "") for p in phases)
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in batch.items())
+    notes = [
+        f"platform {platform}, attention {args.attention}; method {args.method} ({DISTILL_METHODS[args.method][1]}"
+        + (f" {' '.join(args.set)}" if args.set else "")
+        + ")",
+        f"networks: {', '.join(described)}; phases: {phase_list}; frozen: "
+        + ("teacher UNet + uncond" if frozen else "none (pairs)"),
+        f"batch: {shapes}",
+    ]
+    return Program(fn, (state, batch, frozen), step_flops, unet.num_params(), dict(m.shape), notes, traced, trace_s)
+
+
 def sample_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
     """The pipeline's compiled sampling program: `--steps` guided UNet calls in one fori_loop, then the VAE decode."""
     import jax
@@ -288,11 +484,7 @@ def sample_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
     from jaxdiff.sampling import make_scheduler
     from jaxdiff.sampling.pipeline import Pipeline
 
-    shape = {a: n for a, n in mesh.items()}
-    if -1 in shape.values():
-        known = math.prod(n for n in shape.values() if n != -1)
-        shape = {a: (len(devices) // known if n == -1 else n) for a, n in shape.items()}
-    m = sharding.make_mesh(shape, devices)
+    m = make_mesh(mesh, devices)
     platform, dtype = platforms.of(m), getattr(jnp, DTYPES[args.dtype])
     models = {}
     for name, config in (("unet", spec.unet), ("vae", dict(spec.vae, _class_name="AutoencoderKL"))):
@@ -357,8 +549,8 @@ def sample_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
 def compile_program(program: Program) -> dict:
     """Lower and compile; XLA's memory and cost analyses per device and the wall time of each stage."""
     t0 = time.perf_counter()
-    lowered = program.fn.lower(*program.args)
-    t1 = time.perf_counter()
+    lowered = program.traced.lower() if program.traced is not None else program.fn.lower(*program.args)
+    t1 = time.perf_counter() + program.trace_s
     print(f"lowered in {t1 - t0:.1f} s; compiling with XLA:TPU ...", file=sys.stderr, flush=True)
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -388,7 +580,7 @@ def analyse(args, spec: ModelSpec, kind: str, chip: Chip, devices, per_chip: int
     peak = chip.bf16_tflops * 1e12 / per_chip
     bandwidth = chip.hbm_gbps * 1e9 / per_chip
     model_flops = program.model_flops / n
-    if args.task == "train":
+    if args.task in ("train", "distill"):
         # XLA counts a loop's body once (SPMD's windowed einsums, accumulation scans): take the larger count.
         compute_s = max(result["flops_per_device"], model_flops) / peak
         memory_s = result["bytes_accessed_per_device"] / bandwidth
@@ -403,11 +595,12 @@ def analyse(args, spec: ModelSpec, kind: str, chip: Chip, devices, per_chip: int
         devices_per_chip=per_chip,
         model=spec.name,
         task=args.task,
+        method=args.method if args.task == "distill" else None,
         mesh=program.mesh,
         batch=args.batch,
         res=args.res,
         dtype=DTYPES[args.dtype],
-        remat=args.remat if args.task == "train" else None,
+        remat=args.remat if args.task in ("train", "distill") else None,
         params=program.num_params,
         hbm_capacity_bytes=int(hbm),
         fits=result["peak_bytes"] <= hbm,
@@ -437,11 +630,12 @@ def _time(seconds: float) -> str:
 def report(r: dict) -> str:
     gib = _bytes
     devices = f"{r['devices']} device{'s' if r['devices'] > 1 else ''}"
-    what = f"{r['task']} {r['model']} ({r['params'] / 1e6:.1f}M params) on {r['topology']} ({devices})"
+    task = f"distill {r['method']}" if r["task"] == "distill" else r["task"]
+    what = f"{task} {r['model']} ({r['params'] / 1e6:.1f}M UNet params) on {r['topology']} ({devices})"
     mesh = ",".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "1 device"
     lines = [
         f"{what}, mesh {mesh}, global batch {r['batch']}, {r['res']}px, {r['dtype']}"
-        + (f", remat {r['remat']}" if r["remat"] else ""),
+        + (f", remat {r['remat']}" if r["remat"] and r["remat"] != "none" else ""),
         *[f"  {note}" for note in r["notes"]],
         f"  compile: lower {r['lower_s']:.1f} s, XLA:TPU {r['compile_s']:.1f} s",
         "  HBM per device:",
@@ -452,10 +646,11 @@ def report(r: dict) -> str:
         f"    peak         {gib(r['peak_bytes'])}  of {gib(r['hbm_capacity_bytes']).strip()} "
         f"({100 * r['peak_bytes'] / r['hbm_capacity_bytes']:.0f} %): {'fits' if r['fits'] else 'DOES NOT FIT'}",
     ]
-    if r["task"] == "train":
+    if r["task"] in ("train", "distill"):
+        how = "3x the forward's" if r["task"] == "train" else "the whole step's, every UNet call forward and backward:"
         lines += [
             f"  FLOPs per step and device: {_flop(r['flops_per_device'])} (XLA), "
-            f"model {_flop(r['model_flops_per_device'])} (3x the forward's matmuls and convolutions)",
+            f"model {_flop(r['model_flops_per_device'])} ({how} matmuls and convolutions)",
             f"  roofline per step: compute {_time(r['roofline_compute_s'])}, HBM traffic "
             f"{_time(r['roofline_memory_s'])} -> {_time(r['roofline_step_s'])}, "
             f"{r['images_per_s']:.1f} images/s, implied MFU {100 * r['mfu']:.0f} %",
@@ -479,8 +674,10 @@ def run(args) -> dict:
     kind, chip, devices, per_chip = topology(args.topology)
     if args.devices:
         devices = devices[: args.devices]
-    mesh = parse_mesh(args.mesh or ("fsdp=-1" if args.task == "train" else "data=-1"))
-    build = train_program if args.task == "train" else sample_program
+    mesh = parse_mesh(args.mesh or ("data=-1" if args.task == "sample" else "fsdp=-1"))
+    if args.task == "distill" and not args.method:
+        raise SystemExit(f"--task distill needs --method ({', '.join(DISTILL_METHODS)})")
+    build = {"train": train_program, "sample": sample_program, "distill": distill_program}[args.task]
     program = build(spec, devices, mesh, args)
     result = compile_program(program)
     return analyse(args, spec, kind, chip, devices, per_chip, program, result)
@@ -490,7 +687,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--topology", default="v5e:2x2", help="TPU topology, e.g. v5e:4x4, v5p:4x4x4, v6e:16x16")
     p.add_argument("--model", default="tiny", help=f"{' | '.join(MODELS)} | a pipeline or UNet folder")
-    p.add_argument("--task", choices=("train", "sample"), default="train")
+    p.add_argument("--task", choices=("train", "sample", "distill"), default="train")
+    p.add_argument("--method", choices=tuple(DISTILL_METHODS), help="distill: the distillation method")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="distill: a config override, e.g. --set dmd2.fake_updates=5 (repeatable)",
+    )
     p.add_argument(
         "--mesh", help="e.g. fsdp=16 or data=2,fsdp=8 (default: fsdp over all devices for train, data for sample)"
     )
@@ -500,7 +704,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8, help="global batch (images per step)")
     p.add_argument("--res", type=int, help="image resolution in pixels (default: the model's native size)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="compute dtype (params stay float32)")
-    p.add_argument("--remat", choices=("none", "loss", "blocks"), default="none", help="train: rematerialisation")
+    p.add_argument(
+        "--remat", choices=("none", "loss", "blocks"), default="none", help="train, distill: rematerialisation"
+    )
     p.add_argument("--accum", type=int, default=1, help="train: gradient accumulation micro-batches")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="train: EMA of the params")
     p.add_argument("--attention", default="auto", help="attention implementation (auto: per the target platform)")

@@ -328,6 +328,34 @@ def adamw_network(name: str, learning_rate: float, train, ema_decay: float = 0.0
     return step_lib.Network(name, tx, lr, clip_norm=float(train.max_grad_norm), ema_decay=float(ema_decay))
 
 
+def uses_gan(config) -> bool:
+    return float(config.dmd2.gan_weight_d) > 0 or float(config.dmd2.gan_weight_g) > 0
+
+
+def build(config, unet_fn, features_fn, scheduler_config: dict, latent_shape):
+    """(networks, phases) of a DMD2 step: the fake score ("fake_score") and the generator ("unet"), each with the
+    official AdamW (`adamw_network`), the phases of `make_phases` with the config's `dmd2` block on latents of
+    `latent_shape` (h, w, c). `unet_fn(params, x, t, context)`, `features_fn` the same UNet's bottleneck."""
+    t, d = config.train, config.dmd2
+    settings = dict(d, latent_shape=tuple(latent_shape))
+    phases = make_phases(unet_fn, features_fn, scheduler_config, settings)
+    networks = [
+        adamw_network("fake_score", d.fake_score_learning_rate, t),
+        adamw_network("unet", t.learning_rate, t, t.ema_decay),
+    ]
+    return networks, phases
+
+
+def initial_params(config, student, teacher, features_fn=None, latent_shape=None, context=None) -> dict:
+    """{"fake_score": {"unet": a copy of the teacher, "head": the GAN head (with the GAN)}, "unet": a copy of the
+    student}; `context` [N, L, D] (its first row shapes the head's init)."""
+    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731  (no buffer shared with the teacher)
+    fake = {"unet": copy(teacher)}
+    if uses_gan(config):
+        fake["head"] = init_head(features_fn, teacher, tuple(latent_shape), context, int(config.seed))
+    return {"fake_score": fake, "unet": copy(student)}
+
+
 def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workdir: str, progress: bool):
     """Generator ("unet", from `init_params`) and fake score ("fake_score": a copy of the teacher + the GAN head) on
     the runner, each with its own AdamW (β 0.9/0.999, weight decay 0.01, as the official run) and constant LR after
@@ -335,26 +363,15 @@ def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workd
     from jaxdiff.distill import run as run_lib
     from jaxdiff.distill import sid
 
-    t, d = config.train, config.dmd2
-    settings = settings_of(config, pipe)
+    latent_shape = settings_of(config, pipe)["latent_shape"]
     unet = pipe.unet
     unet_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx))
     features_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx, method="encode")["mid"])
-    phases = make_phases(unet_fn, features_fn, pipe.scheduler_config, settings)
-    gan = float(d.gan_weight_d) > 0 or float(d.gan_weight_g) > 0
-    reals = real_latents(config, pipe, prompts) if gan else None
+    networks, phases = build(config, unet_fn, features_fn, pipe.scheduler_config, latent_shape)
+    reals = real_latents(config, pipe, prompts) if uses_gan(config) else None
     forget, forget_index, teacher_prompts = sid.prompt_pools(prompts, config.sfd)
     teacher_ctx = np.asarray(pipe.encode_prompts(teacher_prompts)[0]) if forget.any() else contexts
-
-    networks = [
-        adamw_network("fake_score", d.fake_score_learning_rate, t),
-        adamw_network("unet", t.learning_rate, t, t.ema_decay),
-    ]
-    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731  (no buffer shared with the teacher)
-    fake = {"unet": copy(pipe.unet.params)}
-    if gan:
-        fake["head"] = init_head(features_fn, pipe.unet.params, settings["latent_shape"], contexts, int(config.seed))
-    params = {"fake_score": fake, "unet": copy(init_params)}
+    params = initial_params(config, init_params, pipe.unet.params, features_fn, latent_shape, contexts)
     batch_fn = batch_function(config, contexts, reals, teacher_ctx, forget_index)
     state, info = run_lib.train_beside_teacher(
         networks, phases, params, pipe, uncond, batch_fn, config, workdir, progress, "DMD2 step"

@@ -152,27 +152,42 @@ def make_phases(unet_fn, scheduler_config: dict, settings, ema_decay: float):
 # ------------------------------------------------------------------------------------------------ training
 
 
-def train(config, pipe, init_params, pairs: dict, contexts, uncond, workdir: str, progress: bool):
-    """Student ("unet") and its EMA target ("target"), both from `init_params` (the teacher by default); returns
-    (the student's params, info)."""
+def build(config, unet_fn, features_fn=None, scheduler_config=None, latent_shape=None):
+    """(networks, phases) of an LCM step: the student ("unet", the train block's optimiser, schedule and clipping)
+    and its EMA target ("target", `optax.sgd(1 − lcm.ema_decay)`), the phases of `make_phases` with the config's
+    `lcm` block. `unet_fn(params, x, t, context)`; `features_fn` and `latent_shape` are unused (other methods')."""
     import optax
 
-    from jaxdiff.distill import run as run_lib
     from jaxdiff.erase import finetune
     from jaxdiff.train import step as step_lib
 
     t, s = config.train, config.lcm
-    unet = pipe.unet
-    unet_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx))
     decay = float(s.ema_decay)
-    phases = make_phases(unet_fn, pipe.scheduler_config, s, decay)
+    phases = make_phases(unet_fn, scheduler_config, s, decay)
     lr = finetune.schedule(t)
     networks = [
         step_lib.Network("unet", finetune.optimizer(t, lr), lr, clip_norm=float(t.max_grad_norm)),
         step_lib.Network("target", optax.sgd(1.0 - decay)),
     ]
+    return networks, phases
+
+
+def initial_params(config, student, teacher, features_fn=None, latent_shape=None, context=None) -> dict:
+    """{"unet": a copy of the student, "target": another copy}."""
     copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731  (no buffer shared with the teacher)
-    params = {"unet": copy(init_params), "target": copy(init_params)}
+    return {"unet": copy(student), "target": copy(student)}
+
+
+def train(config, pipe, init_params, pairs: dict, contexts, uncond, workdir: str, progress: bool):
+    """Student ("unet") and its EMA target ("target"), both from `init_params` (the teacher by default); returns
+    (the student's params, info)."""
+    from jaxdiff.distill import run as run_lib
+
+    t = config.train
+    unet = pipe.unet
+    unet_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx))
+    networks, phases = build(config, unet_fn, None, pipe.scheduler_config)
+    params = initial_params(config, init_params, pipe.unet.params)
     batch_fn = run_lib.pair_batches(pairs, contexts, int(t.batch_size), int(config.seed))
     state, info = run_lib.train_beside_teacher(
         networks, phases, params, pipe, uncond, batch_fn, config, workdir, progress, "LCM step"

@@ -103,6 +103,28 @@ def make_loss(unet_apply, t_schedule, eps: float, loss: str, num_train_timesteps
     return loss_fn
 
 
+def build(config, unet_fn, features_fn=None, scheduler_config=None, latent_shape=None):
+    """(networks, phases) of a reflow / InstaFlow step: one network "unet" (the train block's optimiser, schedule,
+    clipping and EMA), one phase on `make_loss` with the config's `rectified_flow` block. `unet_fn(params, x, t,
+    context)`; the other arguments are the other methods' (`jaxdiff.distill.*.build`) and unused here."""
+    from jaxdiff.erase import finetune
+    from jaxdiff.train import step as step_lib
+
+    t, r = config.train, config.rectified_flow
+    schedule = int(r.t_schedule) if str(r.t_schedule).isdigit() else str(r.t_schedule)
+    loss = make_loss(unet_fn, schedule, float(r.eps), str(r.loss))
+    lr = finetune.schedule(t)
+    network = step_lib.Network(
+        "unet", finetune.optimizer(t, lr), lr, clip_norm=float(t.max_grad_norm), ema_decay=float(t.ema_decay)
+    )
+    return [network], [step_lib.Phase("unet", "unet", loss)]
+
+
+def initial_params(config, student, teacher, features_fn=None, latent_shape=None, context=None) -> dict:
+    """{"unet": the student's initial UNet params} (the other arguments: as the other methods')."""
+    return {"unet": student}
+
+
 # ------------------------------------------------------------------------------------------------ sampling
 
 

@@ -106,16 +106,10 @@ def train(config, pipe, init_params, pairs: dict, contexts: np.ndarray, workdir:
     """The student on the runner (one network "unet", one phase); returns (params, info)."""
     from jaxdiff import sharding
     from jaxdiff.erase import finetune
-    from jaxdiff.train import step as step_lib
 
-    t, r = config.train, config.rectified_flow
-    schedule = int(r.t_schedule) if str(r.t_schedule).isdigit() else str(r.t_schedule)
+    t = config.train
     unet = pipe.unet
-    loss = rf.make_loss(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx), schedule, float(r.eps), str(r.loss))
-    lr = finetune.schedule(t)
-    network = step_lib.Network(
-        "unet", finetune.optimizer(t, lr), lr, clip_norm=float(t.max_grad_norm), ema_decay=float(t.ema_decay)
-    )
+    networks, phases = rf.build(config, lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx))
     n, b, seed = len(pairs["z0"]), int(t.batch_size), int(config.seed)
 
     def batch_fn(step: int) -> dict:
@@ -124,9 +118,9 @@ def train(config, pipe, init_params, pairs: dict, contexts: np.ndarray, workdir:
 
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     state, info = finetune.run(
-        [network],
-        [step_lib.Phase("unet", "unet", loss)],
-        {"unet": init_params},
+        networks,
+        phases,
+        rf.initial_params(config, init_params, pipe.unet.params),
         {},
         batch_fn,
         t,

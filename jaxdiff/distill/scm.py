@@ -172,29 +172,60 @@ def init_logvar(seed: int = 0):
 # ------------------------------------------------------------------------------------------------ training
 
 
-def train(config, pipe, init_params, pairs: dict, contexts, uncond, workdir: str, progress: bool):
-    """The student {"unet", "logvar"} on the runner (AdamW of the train block), with rCM also DMD2's fake score
-    (a copy of the teacher, AdamW β 0.9/0.999 at dmd2.fake_score_learning_rate); returns (student UNet, info)."""
+def uses_dmd(config) -> bool:
+    """rCM: the config's sCM has a DMD2 term (`scm.dmd_weight` > 0)."""
+    return float(config.scm.dmd_weight) > 0
+
+
+def build(config, unet_fn, features_fn, scheduler_config: dict, latent_shape=None):
+    """(networks, phases) of an sCM / rCM step: the student ("unet" = {"unet", "logvar"}, the train block's
+    optimiser, schedule, clipping and EMA), with rCM first DMD2's fake score ("fake_score", `dmd2.adamw_network` at
+    dmd2.fake_score_learning_rate); the phases of `make_phases` with the config's `scm` block (and `dmd2` block on
+    latents of `latent_shape` (h, w, c) for rCM). `features_fn`: the UNet's bottleneck (rCM with a GAN head only)."""
     from jaxdiff.distill import dmd2
-    from jaxdiff.distill import run as run_lib
     from jaxdiff.erase import finetune
     from jaxdiff.train import step as step_lib
 
     t = config.train
-    unet = pipe.unet
-    unet_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx))
-    rcm = float(config.scm.dmd_weight) > 0
-    dmd_settings, features_fn = None, None
-    if rcm:
-        dmd_settings = dmd2.settings_of(config, pipe)
-        features_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx, method="encode")["mid"])
-    phases = make_phases(unet_fn, pipe.scheduler_config, config.scm, dmd_settings, features_fn)
+    rcm = uses_dmd(config)
+    dmd_settings = dict(config.dmd2, latent_shape=tuple(latent_shape)) if rcm else None
+    phases = make_phases(unet_fn, scheduler_config, config.scm, dmd_settings, features_fn if rcm else None)
     lr = finetune.schedule(t)
     networks = [
         step_lib.Network(
             "unet", finetune.optimizer(t, lr), lr, clip_norm=float(t.max_grad_norm), ema_decay=float(t.ema_decay)
         )
     ]
+    if rcm:
+        networks.insert(0, dmd2.adamw_network("fake_score", config.dmd2.fake_score_learning_rate, t))
+    return networks, phases
+
+
+def initial_params(config, student, teacher, features_fn=None, latent_shape=None, context=None) -> dict:
+    """{"unet": {"unet": a copy of the student, "logvar": a fresh `LogVar`}} and with rCM "fake_score": {"unet": a
+    copy of the teacher}."""
+    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731  (no buffer shared with the teacher)
+    params = {"unet": {"unet": copy(student), "logvar": init_logvar(int(config.seed))}}
+    if uses_dmd(config):
+        params["fake_score"] = {"unet": copy(teacher)}
+    return params
+
+
+def train(config, pipe, init_params, pairs: dict, contexts, uncond, workdir: str, progress: bool):
+    """The student {"unet", "logvar"} on the runner (AdamW of the train block), with rCM also DMD2's fake score
+    (a copy of the teacher, AdamW β 0.9/0.999 at dmd2.fake_score_learning_rate); returns (student UNet, info)."""
+    from jaxdiff.distill import dmd2
+    from jaxdiff.distill import run as run_lib
+
+    t = config.train
+    unet = pipe.unet
+    unet_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx))
+    rcm = uses_dmd(config)
+    latent_shape, features_fn = None, None
+    if rcm:
+        latent_shape = dmd2.settings_of(config, pipe)["latent_shape"]
+        features_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx, method="encode")["mid"])
+    networks, phases = build(config, unet_fn, features_fn, pipe.scheduler_config, latent_shape)
     seed = int(config.seed)
     pair_batch = run_lib.pair_batches(pairs, contexts, int(t.batch_size), seed)
 
@@ -205,11 +236,7 @@ def train(config, pipe, init_params, pairs: dict, contexts, uncond, workdir: str
             batch.update(gen_context=gen, gen_teacher_context=gen)
         return batch
 
-    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731  (no buffer shared with the teacher)
-    params = {"unet": {"unet": copy(init_params), "logvar": init_logvar(seed)}}
-    if rcm:
-        networks.insert(0, dmd2.adamw_network("fake_score", config.dmd2.fake_score_learning_rate, t))
-        params["fake_score"] = {"unet": copy(pipe.unet.params)}
+    params = initial_params(config, init_params, pipe.unet.params)
     label = "rCM step" if rcm else "sCM step"
     state, info = run_lib.train_beside_teacher(
         networks, phases, params, pipe, uncond, batch_fn, config, workdir, progress, label

@@ -375,23 +375,18 @@ def batch_function(config, contexts, teacher_ctx, forget, forget_index):
     return batch_fn
 
 
-def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workdir: str, progress: bool):
-    """Generator ("unet", from `init_params`) and fake score ("fake_score", from the teacher) on the runner, each with
-    its own AdamW; returns (generator params (its EMA when train.ema_decay > 0), info)."""
-    from jaxdiff.distill import run as run_lib
+def build(config, unet_fn, features_fn, scheduler_config: dict, latent_shape):
+    """(networks, phases) of a SiD / SFD step: the fake score ("fake_score") and the generator ("unet"), each with
+    its own AdamW (β `sid.adam_b1`/`adam_b2`, the train block's weight decay and clipping; the generator's EMA), the
+    phases of `make_phases` with the config's `sid` block on latents of `latent_shape` (h, w, c), the loss
+    normaliser the train block's batch size. `unet_fn(params, x, t, context)`; `features_fn` is unused (DMD2's)."""
     from jaxdiff.train import optim
     from jaxdiff.train import step as step_lib
 
     t, s = config.train, config.sid
-    forget, forget_index, teacher_prompts = prompt_pools(prompts, config.sfd)
-    teacher_ctx = np.asarray(pipe.encode_prompts(teacher_prompts)[0]) if forget.any() else contexts
-    c = pipe.unet.config
-    settings = dict(s, latent_shape=(int(c.get("sample_size", 64)),) * 2 + (int(c.get("in_channels", 4)),))
-    settings["t_init"] = init_timestep(pipe.scheduler_config, s)
-    unet = pipe.unet
-    # One jitted UNet: the step's five UNet calls (two batch sizes) are traced twice instead of five times.
-    unet_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx))
-    phases = make_phases(unet_fn, pipe.scheduler_config, settings, int(t.batch_size))
+    settings = dict(s, latent_shape=tuple(latent_shape))
+    settings["t_init"] = init_timestep(scheduler_config, s)
+    phases = make_phases(unet_fn, scheduler_config, settings, int(t.batch_size))
 
     def adamw(lr_value):
         lr = optim.schedule(lr_value, t.steps, kind=t.lr_schedule, warmup_steps=t.warmup_steps)
@@ -411,8 +406,29 @@ def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workd
         step_lib.Network("fake_score", f_tx, f_lr, clip_norm=float(t.max_grad_norm)),
         step_lib.Network("unet", g_tx, g_lr, clip_norm=float(t.max_grad_norm), ema_decay=float(t.ema_decay)),
     ]
+    return networks, phases
+
+
+def initial_params(config, student, teacher, features_fn=None, latent_shape=None, context=None) -> dict:
+    """{"fake_score": a copy of the teacher, "unet": a copy of the student (the generator)}."""
     copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731  (no buffer shared with the teacher)
-    params = {"fake_score": copy(pipe.unet.params), "unet": copy(init_params)}
+    return {"fake_score": copy(teacher), "unet": copy(student)}
+
+
+def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workdir: str, progress: bool):
+    """Generator ("unet", from `init_params`) and fake score ("fake_score", from the teacher) on the runner, each with
+    its own AdamW; returns (generator params (its EMA when train.ema_decay > 0), info)."""
+    from jaxdiff.distill import run as run_lib
+
+    forget, forget_index, teacher_prompts = prompt_pools(prompts, config.sfd)
+    teacher_ctx = np.asarray(pipe.encode_prompts(teacher_prompts)[0]) if forget.any() else contexts
+    c = pipe.unet.config
+    latent_shape = (int(c.get("sample_size", 64)),) * 2 + (int(c.get("in_channels", 4)),)
+    unet = pipe.unet
+    # One jitted UNet: the step's five UNet calls (two batch sizes) are traced twice instead of five times.
+    unet_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx))
+    networks, phases = build(config, unet_fn, None, pipe.scheduler_config, latent_shape)
+    params = initial_params(config, init_params, pipe.unet.params)
     batch_fn = batch_function(config, contexts, teacher_ctx, forget, forget_index)
     state, info = run_lib.train_beside_teacher(
         networks, phases, params, pipe, uncond, batch_fn, config, workdir, progress, "SiD step"
