@@ -1,4 +1,5 @@
-"""Compile jaxdiff's train step or sampling loop for a TPU topology on this host: per-chip HBM, FLOPs, roofline time.
+"""Compile jaxdiff's train step, sampling loop or a distillation step for a TPU topology on this host: per-chip HBM,
+FLOPs, roofline time.
 
 Needs libtpu (`pip install -e ".[tpu-aot]"`, i.e. jax[tpu]; no TPU chips): JAX describes the topology's devices
 (`jax.experimental.topologies`), the real program is built for them (the trainer's step from `jaxdiff.train.loop`
@@ -379,7 +380,13 @@ def distill_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
     size = args.res // spec.vae_factor
     latent_shape = (size, size, int(spec.unet.get("in_channels", 4)))
     scheduler_config = dict(spec.scheduler, prediction_type=spec.prediction_type)
-    networks, phases = module.build(config, unet_fn, features_fn, scheduler_config, latent_shape)
+    models = [unet]  # the Models whose params trees are sharded by their logical axes
+    extra = {}
+    if hasattr(module, "student_model") and module.embedding_dim(config[args.method]):  # LCM's w-embedding student
+        student = module.student_model(unet, config[args.method])
+        models.append(student)
+        extra["student_fn"] = module.student_unet_fn(student)
+    networks, phases = module.build(config, unet_fn, features_fn, scheduler_config, latent_shape, **extra)
     nets = {n.name: n for n in networks}
     length, width = spec.context_length, spec.context_dim
     f32 = jnp.float32
@@ -394,12 +401,13 @@ def distill_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
     txs = {k: n.tx for k, n in nets.items()}
     ema = tuple(k for k, n in nets.items() if n.ema_decay > 0)
     abstract_state = jax.eval_shape(lambda p: state_lib.create(p, txs, masks, seed=int(config.seed), ema=ema), params)
-    unet_tree = jax.tree_util.tree_structure(unet.params)
+    trees = [(jax.tree_util.tree_structure(model.params), model.logical_axes) for model in models]
 
     def axes_of(tree):
         """The UNet's logical axes for every UNet-shaped subtree (student, fake score, target), else replicated."""
-        if jax.tree_util.tree_structure(tree) == unet_tree:
-            return unet.logical_axes
+        for structure, logical_axes in trees:
+            if jax.tree_util.tree_structure(tree) == structure:
+                return logical_axes
         if isinstance(tree, dict):
             return {k: axes_of(v) for k, v in tree.items()}
         return jax.tree_util.tree_map(lambda _: PartitionSpec(), tree)
@@ -696,7 +704,8 @@ def parse_args(argv=None):
         help="distill: a config override, e.g. --set dmd2.fake_updates=5 (repeatable)",
     )
     p.add_argument(
-        "--mesh", help="e.g. fsdp=16 or data=2,fsdp=8 (default: fsdp over all devices for train, data for sample)"
+        "--mesh",
+        help="e.g. fsdp=16 or data=2,fsdp=8 (default: fsdp over all devices for train and distill, data for sample)",
     )
     p.add_argument(
         "--devices", type=int, help="use only the topology's first N devices (e.g. 1 for a per-chip baseline)"
