@@ -4,12 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_distill_sid
 
 from jaxdiff.distill import pairs as P
 from jaxdiff.distill import rectified_flow as rf
 from jaxdiff.errors import UserError
 from jaxdiff.sampling import denoise
 from jaxdiff.sampling.schedulers.flow_euler import FlowEuler
+
+tiny_teacher = test_distill_sid.tiny_teacher  # the fixture: a tiny random UNet in the shapes pipeline
 
 
 def _toy(seed=0, n=4):
@@ -120,3 +123,91 @@ def test_pair_store_refuses_another_teacher(tmp_path):
     with pytest.raises(UserError, match="prompts_sha256"):
         P.PairStore.open(tmp_path / "s", {"teacher_unet_sha256": "abc", "steps": 2}, 4, ["b"])
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == before
+
+
+# ------------------------------------------------------------------------------------------------ perceptual loss
+
+
+def _tiny_vae_pipe():
+    """A pipeline-shaped stand-in with a differentiable "VAE": latents [B, 8, 8, 4] -> images [B, 32, 32, 3]
+    (4x nearest upsampling and a fixed channel mix), in front of the shipped shapes probe."""
+    import types
+
+    mix = np.random.default_rng(5).standard_normal((4, 3)).astype(np.float32) * 0.5
+
+    def decode(params, z):
+        return jnp.repeat(jnp.repeat(jnp.tanh(z @ params), 4, axis=1), 4, axis=2)
+
+    vae = types.SimpleNamespace(config={"scaling_factor": 1.0}, params=jnp.asarray(mix), decode=decode)
+    return types.SimpleNamespace(vae=vae)
+
+
+def test_probe_loss_is_zero_at_the_target_positive_elsewhere_with_finite_gradients():
+    features = rf.probe_perceptual(_tiny_vae_pipe())  # the shipped probe (jaxdiff/assets/shapes_probe)
+    rng = np.random.default_rng(0)
+    z0 = jnp.asarray(rng.standard_normal((2, 8, 8, 4)).astype(np.float32))
+    ctx = jnp.zeros((2, 1, 1), jnp.float32)
+    w_star = 0.5  # (1 − w) z0 = z0 − w z0 exactly in float32
+    z1 = (1 - w_star) * z0  # the linear "UNet" out = w x gives x̂1 = z0 + v = (1 − w) z0: exact at w = w*
+    apply = lambda params, x, t, c: params * x  # noqa: E731
+    loss_fn = rf.make_loss(apply, "t0", 0.0, "distill_probe", perceptual=features)
+    batch = {"z0": z0, "z1": z1, "context": ctx}
+    key = jax.random.PRNGKey(0)
+    at_target, aux = loss_fn({"unet": jnp.float32(w_star)}, {}, batch, key)
+    assert float(at_target) == 0.0 and float(aux["l2"]) == 0.0
+    grad_fn = jax.value_and_grad(lambda w: loss_fn({"unet": w}, {}, batch, key)[0])
+    value, grad = grad_fn(jnp.float32(0.8))
+    assert float(value) > 1e-4 and np.isfinite(float(grad)) and float(grad) > 0  # moving w toward w* lowers it
+    # The mix: perceptual_weight·D_probe + l2_weight·D_L2, each logged.
+    mixed = rf.make_loss(apply, "t0", 0.0, "distill_probe", perceptual=features, perceptual_weight=2.0, l2_weight=0.5)
+    v2, aux2 = mixed({"unet": jnp.float32(0.8)}, {}, batch, key)
+    np.testing.assert_allclose(v2, 2 * value + 0.5 * aux2["l2"], rtol=1e-5)
+    np.testing.assert_allclose(aux2["perceptual"], value, rtol=1e-5)
+
+
+def test_perceptual_losses_refuse_clearly():
+    apply = lambda params, x, t, c: x  # noqa: E731
+    with pytest.raises(UserError, match="LPIPS needs the VGG/AlexNet"):
+        rf.make_loss(apply, "t0", 0.0, "distill_lpips")
+    with pytest.raises(UserError, match="needs the perceptual network"):
+        rf.make_loss(apply, "t0", 0.0, "distill_probe")
+
+
+def test_instaflow_probe_smoke_training(tiny_teacher):
+    """3 training steps of InstaFlow with the probe loss on the tiny teacher, built as `jaxdiff distill` builds
+    them (`rf.build` with the instaflow config's "probe" variant: the teacher's VAE decode and the shipped probe).
+    (The whole command, pairs, runner and report, is tested on reflow: tests/test_distill_command.py.)"""
+    import optax
+
+    from jaxdiff.config import load_config
+    from jaxdiff.sampling.pipeline import load_pipeline
+
+    config = load_config("configs/distill/instaflow.py:runlocal,probe")
+    config.teacher = str(tiny_teacher)
+    pipe = load_pipeline(tiny_teacher)
+    unet = pipe.unet
+    networks, phases = rf.build(config, lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx))
+    loss_fn = phases[0].loss_fn
+    rng = np.random.default_rng(0)
+    batch = {
+        "z0": jnp.asarray(rng.standard_normal((2, 8, 8, 4)).astype(np.float32)),
+        "z1": jnp.asarray(rng.standard_normal((2, 8, 8, 4)).astype(np.float32)),
+        "context": pipe.encode_prompts(["a red circle", "a blue square"])[0],
+    }
+    tx = optax.adam(1e-3)
+    params = {"unet": unet.params}
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt):
+        (value, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, {}, batch, jax.random.PRNGKey(0))
+        updates, opt = tx.update(grads, opt, params)
+        norm = optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt, value, aux, norm
+
+    values = []
+    for _ in range(3):
+        params, opt, value, aux, norm = step(params, opt)
+        values.append(float(value))
+        assert np.isfinite([value, aux["perceptual"], aux["l2"], norm]).all() and float(norm) > 0
+    assert values[0] > 0 and values[-1] < values[0]  # three Adam steps on one batch lower it

@@ -12,8 +12,11 @@ Formulas from `shared/specs/distill_metrics.md` §1 (RectifiedFlow losses.py / s
   so that an ε-prediction teacher's output (≈ the noise at σ = 1) starts near the target.
 - Reflow loss (§1.2, `reduce_mean=True`): mean over C·H·W of ‖v_RF − (z1 − z0)‖², then the batch mean.
 - One-step distillation (§1.5 't0', InstaFlow "Distill"): D(z1, x̂1) with x̂1 = X_t + (1 − t)·v_RF(X_t, t) (the
-  straight-line extrapolation of §1.3; = z0 + v(z0) at t = 0). D = L2 (per-sample mean); the LPIPS stage of the
-  paper is not available offline (no VGG/AlexNet LPIPS weights) and is left out.
+  straight-line extrapolation of §1.3; = z0 + v(z0) at t = 0). D = L2 (per-sample mean, loss "distill_l2"), or
+  "distill_probe": the paper's second stage uses LPIPS, D = ‖φ(decode(x̂1)) − φ(decode(z1))‖²; on shapes the
+  shapes probe's penultimate features play φ (`probe_perceptual`; mean over the features, then the batch mean),
+  mixed as perceptual_weight·D_probe + l2_weight·D_L2 (defaults 1 and 0). LPIPS itself ("distill_lpips") is not
+  implemented: it needs the VGG/AlexNet LPIPS network and weights, not available offline.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from jaxdiff.sampling import denoise
 from jaxdiff.sampling.schedulers.flow_euler import FlowEuler, FlowPlan
 
 T_SCHEDULES = ("uniform", "t0", "t1")
-LOSSES = ("l2", "distill_l2")
+LOSSES = ("l2", "distill_l2", "distill_probe")
+PERCEPTUAL = ("distill_probe",)  # losses through the VAE decoder and a feature network (`make_loss(perceptual=)`)
 FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
 
 
@@ -82,11 +86,88 @@ def distill_l2(x1_hat, z1):
     return jnp.mean(_mean_per_sample(jnp.square(x1_hat - z1)))
 
 
-def make_loss(unet_apply, t_schedule, eps: float, loss: str, num_train_timesteps: int = 1000):
+def perceptual_distance(features, x1_hat, z1):
+    """Mean over samples of mean_D (φ(x̂1) − φ(z1))², φ = `features` (latents [B, h, w, c] -> [B, D]); one call on
+    [x̂1; z1], the target's features held fixed."""
+    f = features(jnp.concatenate([x1_hat, z1]))
+    f_hat, f_tgt = jnp.split(f, 2)
+    return jnp.mean(_mean_per_sample(jnp.square(f_hat - jax.lax.stop_gradient(f_tgt))))
+
+
+def decode_unclipped(pipe, vae_params, latents):
+    """The pipeline's VAE decode as `pipe.decode_latents` without its final clip to [0, 1] (which zeroes the
+    gradient of saturated pixels): images [B, H, W, 3], ~[0, 1]."""
+    z = latents / pipe.vae.config.get("scaling_factor", 0.18215)
+    if pipe.vae.config.get("shift_factor") is not None:
+        z = z + pipe.vae.config["shift_factor"]
+    return pipe.vae.decode(vae_params, z) / 2 + 0.5
+
+
+def probe_perceptual(pipe, probe=None):
+    """φ(decode(z)) for "distill_probe": the shapes probe's (`jaxdiff.metrics.probe`, a Flax module) penultimate
+    features [B, D] of the pipeline's VAE decode of latents [B, h, w, c], differentiable in z. The VAE and probe
+    params are closed over (constants of the step's program: both are small for shapes; the shipped probe by
+    default). A decode of another size than the probe reads (32x32) is a UserError."""
+    from jaxdiff.metrics import probe as probe_lib
+
+    probe = probe_lib.load_probe() if probe is None else probe
+    size = int(probe.config["image_size"])
+    vae_params, probe_params = pipe.vae.params, probe.params
+
+    def features(z):
+        images = decode_unclipped(pipe, vae_params, z.astype(jnp.float32))
+        if images.shape[1:3] != (size, size):
+            raise UserError(
+                f"rectified_flow.loss=distill_probe: the teacher decodes {images.shape[1]}x{images.shape[2]} images, "
+                f"the shapes probe reads {size}x{size} (a shapes teacher)"
+            )
+        return probe.module.apply({"params": probe_params}, images)[1]
+
+    return features
+
+
+def perceptual_settings(config) -> dict:
+    """make_loss's perceptual keywords from the config's `rectified_flow` block: {} for the L2 losses; for
+    "distill_probe" the teacher pipeline's VAE and the shapes probe (`rectified_flow.probe`: a probe folder, "" or
+    absent = the shipped one) as `perceptual`, and `perceptual_weight` / `l2_weight` (absent: 1 and 0; the
+    instaflow config's "probe" variant sets them)."""
+    r = config.rectified_flow
+    if str(r.loss) not in PERCEPTUAL:
+        return {}
+    from jaxdiff.metrics import probe as probe_lib
+    from jaxdiff.sampling.pipeline import load_pipeline
+
+    probe = probe_lib.load_probe(r.get("probe") or None)
+    return {
+        "perceptual": probe_perceptual(load_pipeline(config.teacher), probe),
+        "perceptual_weight": float(r.get("perceptual_weight", 1.0)),
+        "l2_weight": float(r.get("l2_weight", 0.0)),
+    }
+
+
+def make_loss(
+    unet_apply,
+    t_schedule,
+    eps: float,
+    loss: str,
+    num_train_timesteps: int = 1000,
+    perceptual=None,
+    perceptual_weight: float = 1.0,
+    l2_weight: float = 0.0,
+):
     """loss_fn(params, frozen, batch, rng) for `jaxdiff.train.step.Phase` on network "unet"; batch: z0, z1
-    [B, h, w, c] and context [B, L, D]."""
+    [B, h, w, c] and context [B, L, D]. "distill_probe" needs `perceptual` (latents -> features [B, D], e.g.
+    `probe_perceptual(pipe)`) and is perceptual_weight·D_probe + l2_weight·D_L2."""
+    if loss == "distill_lpips":
+        raise UserError(
+            "rectified_flow.loss=distill_lpips is not available: LPIPS needs the VGG/AlexNet LPIPS network and its "
+            "weights, which jaxdiff does not ship or convert; on shapes use distill_probe (the shapes probe's "
+            "features as the perceptual distance) or distill_l2"
+        )
     if loss not in LOSSES:
         raise UserError(f"rectified_flow.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if loss in PERCEPTUAL and perceptual is None:
+        raise UserError(f"rectified_flow.loss={loss} needs the perceptual network (make_loss(perceptual=...))")
 
     def loss_fn(params, frozen, batch, rng):
         z0, z1, ctx = batch["z0"], batch["z1"], batch["context"]
@@ -95,10 +176,14 @@ def make_loss(unet_apply, t_schedule, eps: float, loss: str, num_train_timesteps
         out = unet_apply(params["unet"], x_t, unet_timestep(t, num_train_timesteps), ctx).astype(jnp.float32)
         v = rf_velocity_of(out)
         if loss == "l2":
-            value = reflow_loss(v, z0, z1)
-        else:
-            value = distill_l2(extrapolate(x_t, t, v), z1)
-        return value, {"t_mean": jnp.mean(t)}
+            return reflow_loss(v, z0, z1), {"t_mean": jnp.mean(t)}
+        x1_hat = extrapolate(x_t, t, v)
+        l2 = distill_l2(x1_hat, z1)
+        if loss == "distill_l2":
+            return l2, {"t_mean": jnp.mean(t)}
+        d = perceptual_distance(perceptual, x1_hat, z1)
+        value = float(perceptual_weight) * d + float(l2_weight) * l2
+        return value, {"t_mean": jnp.mean(t), "perceptual": d, "l2": l2}
 
     return loss_fn
 
@@ -112,7 +197,7 @@ def build(config, unet_fn, features_fn=None, scheduler_config=None, latent_shape
 
     t, r = config.train, config.rectified_flow
     schedule = int(r.t_schedule) if str(r.t_schedule).isdigit() else str(r.t_schedule)
-    loss = make_loss(unet_fn, schedule, float(r.eps), str(r.loss))
+    loss = make_loss(unet_fn, schedule, float(r.eps), str(r.loss), **perceptual_settings(config))
     lr = finetune.schedule(t)
     network = step_lib.Network(
         "unet", finetune.optimizer(t, lr), lr, clip_norm=float(t.max_grad_norm), ema_decay=float(t.ema_decay)
