@@ -173,3 +173,56 @@ def test_unsupported_unet_config_is_refused_with_the_reason():
         create(UNET, dict(TINY, class_embed_type="timestep"), abstract=True)
     with pytest.raises(ValueError, match="SimpleCrossAttnDownBlock2D"):
         create(UNET, dict(TINY, down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D")), abstract=True)
+
+
+def test_unet_with_time_cond_proj_dim_matches_diffusers(tmp_path):
+    """diffusers' `time_cond_proj_dim` (LCM's guidance-scale embedding): time_embedding.cond_proj (no bias) adds
+    cond_proj(timestep_cond) before linear_1; timestep_cond=None skips it (both as in diffusers); the key round-trips
+    (time_embedding.cond_proj.weight)."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.numpy import load_file
+
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel(**TINY_CONFIGS["sd1"], time_cond_proj_dim=16).eval()
+    _randomize(ref, 3)
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["time_cond_proj_dim"] == 16
+    state = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
+    assert state["time_embedding.cond_proj.weight"].shape == (32, 16)  # [in_channels = block_out_channels[0], dim]
+    model = create(UNET, config, abstract=True)
+    params = layout.load_state_dict(model, state)
+    assert params["time_embedding"]["cond_proj"]["kernel"].shape == (16, 32)
+    back = layout.to_state_dict(model, params)
+    assert sorted(back) == sorted(state)
+    np.testing.assert_array_equal(back["time_embedding.cond_proj.weight"], state["time_embedding.cond_proj.weight"])
+
+    sample, t, context, _ = _inputs("sd1")
+    cond = np.random.default_rng(2).standard_normal((2, 16)).astype(np.float32)
+    apply = jax.jit(model.apply)
+    out = apply(params, sample, t, context, timestep_cond=cond)
+    out_added = apply(params, sample, t, context, {"timestep_cond": cond})  # how the sampling loop passes it
+    plain = apply(params, sample, t, context)
+    with torch.no_grad():
+        args = (torch.from_numpy(sample).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(context))
+        expected = ref(*args, timestep_cond=torch.from_numpy(cond)).sample.permute(0, 2, 3, 1).numpy()
+        expected_plain = ref(*args).sample.permute(0, 2, 3, 1).numpy()
+    assert_parity(out, expected, rel=1e-4, what="time_cond_proj_dim UNet output")
+    assert_parity(plain, expected_plain, rel=1e-4, what="time_cond_proj_dim UNet output without timestep_cond")
+    np.testing.assert_array_equal(np.asarray(out_added), np.asarray(out))
+    assert np.max(np.abs(expected - expected_plain)) > 1e-2  # the condition matters
+
+    with pytest.raises(ValueError, match="time_cond_proj_dim"):
+        plain_model = create(UNET, TINY_CONFIGS["sd1"], abstract=True)
+        plain_model.apply(plain_model.params, sample, t, context, timestep_cond=cond)
+    with pytest.raises(ValueError, match="time_cond_proj_dim is 16"):
+        apply(params, sample, t, context, timestep_cond=cond[:, :8])
+
+
+def test_unet_without_time_cond_proj_dim_has_no_cond_proj():
+    model = create(UNET, TINY_CONFIGS["sd1"], abstract=True)
+    assert "cond_proj" not in model.params["time_embedding"]
+    with_it = create(UNET, dict(TINY_CONFIGS["sd1"], time_cond_proj_dim=256), abstract=True)
+    assert with_it.num_params() == model.num_params() + 256 * 32

@@ -18,7 +18,6 @@ _UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 _REQUIRED_DEFAULTS = {
     "class_embed_type": None,
     "encoder_hid_dim_type": None,
-    "time_cond_proj_dim": None,
     "dual_cross_attention": False,
     "resnet_time_scale_shift": "default",
     "time_embedding_type": "positional",
@@ -90,13 +89,29 @@ def timestep_embedding(t, dim: int, flip_sin_to_cos: bool, freq_shift: float, ma
 
 
 class TimestepEmbedding(nn.Module):
-    """linear_1 -> SiLU -> linear_2."""
+    """linear_1 -> SiLU -> linear_2; with `cond_proj_dim` (diffusers' `time_cond_proj_dim`, LCM's guidance-scale
+    embedding) `condition` [B, cond_proj_dim] enters first through `cond_proj` (no bias): x + cond_proj(condition).
+    Without a condition the module computes what it computes without cond_proj (diffusers skips it too)."""
 
     features: int
     dtype: jnp.dtype = jnp.float32
+    cond_proj_dim: int | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, condition=None):
+        if self.cond_proj_dim:
+            if condition is None and self.is_initializing():
+                condition = jnp.zeros((x.shape[0], self.cond_proj_dim), self.dtype)  # create the kernel
+            if condition is not None:
+                if condition.shape[-1] != self.cond_proj_dim:
+                    raise ValueError(
+                        f"timestep_cond has {condition.shape[-1]} features; this UNet's time_cond_proj_dim is "
+                        f"{self.cond_proj_dim}"
+                    )
+                proj = Dense(x.shape[-1], use_bias=False, axes=(MLP, EMBED), dtype=self.dtype, name="cond_proj")
+                x = x + proj(condition.astype(self.dtype))
+        elif condition is not None:
+            raise ValueError("timestep_cond needs a UNet with time_cond_proj_dim set in its config")
         x = Dense(self.features, axes=(EMBED, MLP), dtype=self.dtype, name="linear_1")(x)
         return Dense(self.features, axes=(MLP, EMBED), dtype=self.dtype, name="linear_2")(nn.silu(x))
 
@@ -141,7 +156,7 @@ class DownPath(nn.Module):
         channels = cfg["block_out_channels"]
         dt = self.dtype
         common = self.block_options(cfg)
-        self.time_embedding = TimestepEmbedding(channels[0] * 4, dtype=dt)
+        self.time_embedding = TimestepEmbedding(channels[0] * 4, dtype=dt, cond_proj_dim=cfg["time_cond_proj_dim"])
         if cfg["addition_embed_type"] == "text_time":
             self.add_embedding = TimestepEmbedding(channels[0] * 4, dtype=dt)
         self.conv_in = Conv(channels[0], 3, padding=1, dtype=dt, platform=self.platform)
@@ -168,13 +183,19 @@ class DownPath(nn.Module):
                 **common,
             )
 
-    def embed(self, timesteps, batch: int, added_cond=None):
-        """The time (+ SDXL text_time) embedding [batch, 4 * C0] of timesteps [batch] (or a scalar)."""
+    def embed(self, timesteps, batch: int, added_cond=None, timestep_cond=None):
+        """The time (+ SDXL text_time) embedding [batch, 4 * C0] of timesteps [batch] (or a scalar).
+
+        `timestep_cond` [batch, time_cond_proj_dim] (diffusers' `timestep_cond`, an LCM student's guidance-scale
+        embedding) goes through time_embedding.cond_proj; `added_cond["timestep_cond"]` is the same input carried
+        with the other added conditioning (how the sampling loop passes it), used when `timestep_cond` is None."""
         cfg = self._cfg
         c0 = cfg["block_out_channels"][0]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
         t = timestep_embedding(timesteps, c0, cfg["flip_sin_to_cos"], cfg["freq_shift"])
-        emb = self.time_embedding(t.astype(self.dtype))
+        if timestep_cond is None and cfg["time_cond_proj_dim"]:  # a ControlNet beside the UNet ignores it
+            timestep_cond = (added_cond or {}).get("timestep_cond")
+        emb = self.time_embedding(t.astype(self.dtype), timestep_cond)
         if cfg["addition_embed_type"] == "text_time":
             if added_cond is None or "text_embeds" not in added_cond or "time_ids" not in added_cond:
                 raise ValueError('this model needs added_cond={"text_embeds": [B, P], "time_ids": [B, 6]} (SDXL)')
@@ -211,7 +232,9 @@ class DownPath(nn.Module):
 
 class UNet2DConditionModel(DownPath):
     """apply(params, sample [B,H,W,C], timesteps [B], encoder_hidden_states [B,L,D], added_cond=None) -> [B,H,W,C];
-    a ControlNet's outputs go in as `down_block_additional_residuals` / `mid_block_additional_residual` (see encode).
+    a ControlNet's outputs go in as `down_block_additional_residuals` / `mid_block_additional_residual` (see encode);
+    with `time_cond_proj_dim` in the config, `timestep_cond` [B, time_cond_proj_dim] (an LCM student's guidance-scale
+    embedding; also accepted as `added_cond["timestep_cond"]`) enters the time embedding, as in diffusers.
 
     The same module, split for training-free acceleration (`method=` on apply):
     `encode` (time embedding, conv_in, down blocks, mid block) -> features {"skips", "mid", "emb"};
@@ -254,6 +277,7 @@ class UNet2DConditionModel(DownPath):
         added_cond=None,
         down_block_additional_residuals=None,
         mid_block_additional_residual=None,
+        timestep_cond=None,
     ):
         features = self.encode(
             sample,
@@ -262,6 +286,7 @@ class UNet2DConditionModel(DownPath):
             added_cond,
             down_block_additional_residuals=down_block_additional_residuals,
             mid_block_additional_residual=mid_block_additional_residual,
+            timestep_cond=timestep_cond,
         )
         return self.decode(features, encoder_hidden_states)
 
@@ -275,6 +300,7 @@ class UNet2DConditionModel(DownPath):
         num_skips: int | None = None,
         down_block_additional_residuals=None,
         mid_block_additional_residual=None,
+        timestep_cond=None,
     ):
         """Faster Diffusion's encoder: {"skips": tuple of down-path features (conv_in's first), "mid": [B, h, w, C],
         "emb": [B, E]}. `num_skips`: stop once that many skips exist, with no mid block (DeepCache's shallow
@@ -283,7 +309,9 @@ class UNet2DConditionModel(DownPath):
         ControlNet residuals (a ControlNet's outputs, both or neither), added where diffusers adds them: each of
         `down_block_additional_residuals` (one per skip) to its skip after the whole down path, so only the up path
         sees them, and `mid_block_additional_residual` to the mid block's output. With `num_skips`, the first
-        residuals go to the skips computed and the mid residual is unused."""
+        residuals go to the skips computed and the mid residual is unused.
+
+        `timestep_cond` [B, time_cond_proj_dim]: diffusers' `timestep_cond` (see `embed`)."""
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise ValueError(
                 "ControlNet residuals come in pairs: pass both down_block_additional_residuals and "
@@ -296,7 +324,7 @@ class UNet2DConditionModel(DownPath):
             )
         cfg = self._cfg
         self.check_sample_size(sample)
-        emb = self.embed(timesteps, sample.shape[0], added_cond)
+        emb = self.embed(timesteps, sample.shape[0], added_cond, timestep_cond)
         x = sample.astype(self.dtype)
         if cfg["center_input_sample"]:
             x = 2 * x - 1.0
@@ -387,6 +415,7 @@ def resolved_config(config: dict, *, up_blocks: bool = True, what: str = "UNet2D
         projection_class_embeddings_input_dim=None,
         downsample_padding=1,
         mid_block_scale_factor=1,
+        time_cond_proj_dim=None,
     )
     cfg.update({k: v for k, v in config.items() if not k.startswith("_")})
     problems = [f"{k}={cfg[k]!r} (supported: {v!r})" for k, v in _REQUIRED_DEFAULTS.items() if cfg.get(k, v) != v]
@@ -397,6 +426,8 @@ def resolved_config(config: dict, *, up_blocks: bool = True, what: str = "UNet2D
         problems.append(f"mid_block_type={cfg['mid_block_type']!r} (supported: UNetMidBlock2DCrossAttn or null)")
     if cfg["addition_embed_type"] not in (None, "text_time"):
         problems.append(f"addition_embed_type={cfg['addition_embed_type']!r} (supported: null, 'text_time')")
+    if cfg["time_cond_proj_dim"] is not None and (not up_blocks or int(cfg["time_cond_proj_dim"]) <= 0):
+        problems.append(f"time_cond_proj_dim={cfg['time_cond_proj_dim']!r} (supported: null, or > 0 for a UNet)")
     if cfg["downsample_padding"] != 1 or cfg["mid_block_scale_factor"] != 1:
         problems.append("downsample_padding and mid_block_scale_factor must be 1")
     if problems:

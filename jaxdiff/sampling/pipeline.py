@@ -301,7 +301,10 @@ class Pipeline:
         if height <= 0 or width <= 0 or height % factor or width % factor:
             raise UserError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
 
-        use_cfg = guidance > 1.0
+        # A UNet with a guidance-scale embedding (diffusers' time_cond_proj_dim: an LCM student) takes the guidance as
+        # input, as diffusers' LatentConsistencyModelPipeline: timestep_cond = embedding of w = guidance − 1, no CFG.
+        w_dim = self.unet.config.get("time_cond_proj_dim")
+        use_cfg = guidance > 1.0 and not w_dim
         schedule = cache_lib.parse(cache, np.asarray(plan.timesteps), self.unet.module.num_skips, use_cfg)
         if prompt_embeds is None and negative_prompt_embeds is None and use_cfg and zero_negatives:
             context, pooled = self.encode_prompts(prompts, params)
@@ -321,6 +324,11 @@ class Pipeline:
             else:
                 rows = [[height, width, 0, 0, height, width]] * context.shape[0]
             added = {"text_embeds": pooled, "time_ids": jnp.asarray(rows, jnp.float32)}
+        if w_dim:
+            from jaxdiff.distill.teacher import guidance_embedding
+
+            w = jnp.full((context.shape[0],), float(guidance) - 1.0, jnp.float32)
+            added = {**(added or {}), "timestep_cond": guidance_embedding(w, int(w_dim))}
         shape = (
             batch,
             height // self.vae_scale_factor,
