@@ -130,3 +130,15 @@ def test_missing_diffrax_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match="need diffrax.*optional"):
         P.make_solver(_pipe(), "tsit5", 0, GUIDANCE)
     P.make_solver(_pipe(), "ddim", 2, GUIDANCE)  # the fixed-step schedulers are unaffected
+
+
+def test_solver_settings_join_the_key_only_for_adaptive_solvers():
+    from jaxdiff.config import load_config
+
+    fixed = load_config("configs/distill/reflow.py:shapes").pairs
+    assert P.solver_settings(fixed) == {}  # fixed-step stores keep their keys
+    adaptive = load_config("configs/distill/instaflow.py:shapes,tsit5").pairs
+    assert adaptive.scheduler == "tsit5"
+    assert P.solver_settings(adaptive) == {"rtol": 1e-3, "atol": 1e-3}
+    adaptive.rtol = 1e-5
+    assert P.solver_settings(adaptive)["rtol"] == 1e-5

@@ -30,6 +30,8 @@ def get_config(arg: str = ""):
             c.train.update(
                 steps=200, learning_rate=1e-4, batch_size=16, warmup_steps=20, log_every=25, checkpoint_every=100
             )
+        elif variant == "tsit5":  # adaptive teacher pairs (diffrax), after shapes/runlocal; keys only this adds
+            c.pairs.update(scheduler="tsit5", rtol=1e-3, atol=1e-3)
         elif variant == "probe":  # keys only this variant adds (jaxdiff.distill.rectified_flow.perceptual_settings)
             c.rectified_flow.update(loss="distill_probe", perceptual_weight=1.0, l2_weight=0.0, probe="")
         elif variant == "runlocal":
@@ -38,5 +40,5 @@ def get_config(arg: str = ""):
             c.train.update(steps=3, batch_size=2, learning_rate=1e-4, warmup_steps=0, log_every=1, checkpoint_every=2)
             c.eval.update(num_images=4, bootstraps=0, teacher_steps=(1,), student_steps=(1,))
         else:
-            raise UserError(f"unknown instaflow config variant {variant!r} (shapes, probe, runlocal)")
+            raise UserError(f"unknown instaflow config variant {variant!r} (shapes, probe, tsit5, runlocal)")
     return c

@@ -29,10 +29,18 @@ def runlocal(c):
     c.eval.update(num_images=4, bootstraps=0, teacher_steps=(1,), student_steps=(1,))
 
 
+def tsit5(c):
+    """Pairs from the adaptive Tsit5 solve of the teacher ODE (diffrax; `jaxdiff.distill.pairs.AdaptiveSolver`):
+    pairs.steps is ignored, pairs.rtol / pairs.atol (keys only this variant adds) set the step-size control. Name it
+    after "shapes" / "runlocal" (which set pairs.scheduler), e.g. reflow.py:shapes,tsit5."""
+    c.pairs.update(scheduler="tsit5", rtol=1e-3, atol=1e-3)
+
+
 def get_config(arg: str = ""):
     c = base_config("reflow")
+    variants = {"shapes": shapes, "runlocal": runlocal, "tsit5": tsit5}
     for variant in filter(None, arg.split(",")):
-        if variant not in ("shapes", "runlocal"):
-            raise UserError(f"unknown reflow config variant {variant!r} (shapes, runlocal)")
-        {"shapes": shapes, "runlocal": runlocal}[variant](c)
+        if variant not in variants:
+            raise UserError(f"unknown reflow config variant {variant!r} ({', '.join(variants)})")
+        variants[variant](c)
     return c

@@ -193,6 +193,17 @@ def adaptive_solver(pipe, method: str, guidance: float, rtol: float = DEFAULT_RT
     return AdaptiveSolver(pipe, method, guidance, rtol, atol)
 
 
+def solver_settings(pairs_config) -> dict:
+    """The solver keywords of a config's `pairs` block that `make_solver` takes and the store's key must hold: {}
+    for the fixed-step schedulers (their keys stay as they were), {"rtol", "atol"} for the adaptive ones
+    (`pairs.rtol` / `pairs.atol`, absent: `DEFAULT_RTOL` / `DEFAULT_ATOL`; the configs' "tsit5" variant adds them).
+    `pairs.steps` is ignored by the adaptive solvers."""
+    p = pairs_config
+    if str(p.scheduler) not in ADAPTIVE:
+        return {}
+    return {"rtol": float(p.get("rtol", DEFAULT_RTOL)), "atol": float(p.get("atol", DEFAULT_ATOL))}
+
+
 def solver_summary(pairs: dict) -> dict:
     """NFE figures of an adaptive solver's pairs (`PairStore.load`'s dict): {"nfe_mean", "nfe_min", "nfe_max",
     "num_steps_mean"}; {} for fixed-step pairs (their NFE is `steps`)."""
