@@ -142,3 +142,23 @@ def test_solver_settings_join_the_key_only_for_adaptive_solvers():
     assert P.solver_settings(adaptive) == {"rtol": 1e-3, "atol": 1e-3}
     adaptive.rtol = 1e-5
     assert P.solver_settings(adaptive)["rtol"] == 1e-5
+
+
+def test_flow_teacher_integrates_sigma_from_one_to_zero():
+    """A FlowMatch teacher on the same Gaussian data: x_σ = (1 − σ) x0 + σ ε, the exact velocity u = E[ε − x0 | x]
+    is linear in x and μ, and the ODE from x(1) = z0 ends at μ_g + s z0."""
+    pytest.importorskip("diffrax")
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+    def apply(params, x, t, ctx):
+        sigma = (t / 1000.0)[:, None, None, None]
+        mu = ctx[:, 0, 0][:, None, None, None]
+        var = (1 - sigma) ** 2 * S**2 + sigma**2
+        return -mu + (x - (1 - sigma) * mu) * (sigma - (1 - sigma) * S**2) / var
+
+    pipe = types.SimpleNamespace(unet=types.SimpleNamespace(apply=apply, params={}), scheduler_config=config)
+    z0, cond, uncond, mu_c = _inputs()
+    z1, stats = P.make_solver(pipe, "tsit5", 0, GUIDANCE, rtol=1e-6, atol=1e-6).with_stats({}, z0, cond, uncond)
+    mu_g = (0.2 + GUIDANCE * (mu_c - 0.2))[:, None, None, None]
+    np.testing.assert_allclose(z1, mu_g + S * np.asarray(z0), atol=5e-5)
+    np.testing.assert_array_equal(stats["nfe"], 6 * np.asarray(stats["num_steps"]) + 1)  # no x0 step for flows
