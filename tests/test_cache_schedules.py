@@ -170,6 +170,7 @@ def test_deepcache_pattern_is_uniform_every_n():
         ("faster:0,3,12", "key steps must lie in 0..9"),
         ("faster:every0", "must be a positive integer"),
         ("faster:every2:alpha=1", "unknown option 'alpha=1'"),
+        ("faster:every2:decode=fast", "decode must be one of auto, parallel, sequential"),
         ("deepcache:0", "must be a positive integer"),
         ("deepcache:11", "longer than the run"),
         ("deepcache:2:branch=4", "branch must lie in 0..3"),
@@ -269,22 +270,41 @@ def test_degenerate_schedules_are_plain_sampling_bitwise(sd1, scheduler):
     plain, _ = _sample(*sd1, scheduler, steps, None)
     # Faster Diffusion's loop (scale_model_input at key steps, multistep carries) on every scheduler; the others'
     # loops do not depend on the scheduler beyond what `denoise` already shares.
-    specs = ["faster:every1:inject=0"] + (["deepcache:1", "tgate:5:sp=1"] if scheduler == "ddim" else [])
+    faster = [f"faster:every1:inject=0:decode={d}" for d in ("parallel", "sequential")]
+    specs = faster + (["deepcache:1", "tgate:5:sp=1"] if scheduler == "ddim" else [])
     for spec in specs:
         got, _ = _sample(*sd1, scheduler, steps, spec)
         np.testing.assert_array_equal(got, plain, err_msg=spec)
 
 
+def test_faster_diffusion_sequential_decoding_equals_the_parallel_form(sd1):
+    """A non-key step's decoder sees the key step's features and its own timestep, never its latent: decoding the
+    group in one batched call or step by step is the same arithmetic (float32 reassociation apart)."""
+    spec = "faster:0,1,2,5,10"
+    parallel, _ = _sample(*sd1, "ddim", 14, spec + ":decode=parallel")
+    sequential, _ = _sample(*sd1, "ddim", 14, spec + ":decode=sequential")
+    np.testing.assert_allclose(sequential, parallel, rtol=0, atol=1e-4)
+    assert np.abs(parallel).max() > 0.1  # not trivially zero
+
+
 def test_recorded_call_traces_match_the_schedules(sd1):
     steps = 14
     LOG.clear()
-    _, plan = _sample(*sd1, "ddim", steps, "faster:0,1,2,5,10", recording=True)
+    _, plan = _sample(*sd1, "ddim", steps, "faster:0,1,2,5,10:decode=parallel", recording=True)
     ts = [float(t) for t in np.asarray(plan.timesteps)]
     # Per group: the encoder on 2B rows at the key step, one decoder call on size * 2B rows (size 1: the key's).
     expect = []
     for start, size in [(0, 1), (1, 1), (2, 3), (5, 5), (10, 4)]:
         expect += [("encode", 4, ts[start]), ("decode", 4 * size, None)]
     assert [(w, b, t if w == "encode" else None) for w, b, t in _trace()] == expect
+
+    LOG.clear()
+    _sample(*sd1, "ddim", steps, "faster:0,1,2,5,10:decode=sequential", recording=True)
+    # Step by step: the encoder at the key steps only, the decoder at every step with the step's own timestep.
+    expect = []
+    for i, t in enumerate(ts):
+        expect += ([("encode", 4, t)] if i in (0, 1, 2, 5, 10) else []) + [("decode", 4, t)]
+    assert _trace() == expect
 
     LOG.clear()
     _sample(*sd1, "ddim", 7, "deepcache:3:branch=2", recording=True)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import platforms
 from jaxdiff.errors import UserError
 from jaxdiff.models.transformer import ATTN_CACHE
 
@@ -29,9 +30,11 @@ FASTER_INJECT_TAU = 500.0
 # T-GATE (Liu et al. 2024, official tgate_utils.tgate_scheduler) defaults: self-attention cache intervals before
 # (sp) and after (fi) the gate, and the warm-up steps.
 TGATE_DEFAULTS = {"sp": 5, "fi": 1, "warmup": 2}
+FASTER_DECODE = ("auto", "parallel", "sequential")
 
 USAGE = (
-    "faster:<50ls|50ls2|75ls|100ls|s2|pro|everyK|i,j,...>[:inject=ALPHA], deepcache:N[:branch=B], "
+    "faster:<50ls|50ls2|75ls|100ls|s2|pro|everyK|i,j,...>[:inject=ALPHA][:decode=auto|parallel|sequential], "
+    "deepcache:N[:branch=B], "
     "tgate:G[:sp=5][:fi=1][:warmup=2]"
 )
 
@@ -41,7 +44,11 @@ class CacheSchedule:
     """What each step computes and reuses; static (hashable), so it selects one compiled program.
 
     faster: `key[i]` runs the encoder at step i; the non-key steps after it are decoded with it in one batched call
-    (`groups`: (start, size) per key step); `inject[i]`: prior noise injection before the scheduler step i.
+    (`groups`: (start, size) per key step) or, `decode` = "sequential", one decoder call per step (the same
+    arithmetic: a non-key step's decoder input is the key step's features and its own timestep, never its latent);
+    "auto" picks sequential where the UNet is compiled for a CPU (a batch of k decoder rows costs k rows there: the
+    parallel form gains nothing and its large batched call ran slower) and parallel elsewhere (the official form,
+    whose gain is a GPU's spare parallelism); `inject[i]`: prior noise injection before the scheduler step i.
     deepcache: `full[i]` runs the whole UNet (and refreshes the cached feature), else the shallow branch `branch`.
     tgate: `attn[i]` = (self-attention mode, cross-attention mode) and `cfg[i]` (guidance rows run) per step.
     """
@@ -56,6 +63,7 @@ class CacheSchedule:
     branch: int = 0
     attn: tuple = ()
     cfg: tuple = ()
+    decode: str = "auto"
 
     @property
     def groups(self) -> tuple:
@@ -110,7 +118,9 @@ def parse(spec: str | None, timesteps, num_skips: int | None = None, use_cfg: bo
     method, _, rest = spec.partition(":")
     arg, *parts = rest.split(":")
     if method == "faster":
-        opts = _options(parts, {"inject": FASTER_INJECT_ALPHA}, spec)
+        opts = _options(parts, {"inject": FASTER_INJECT_ALPHA, "decode": "auto"}, spec)
+        if opts["decode"] not in FASTER_DECODE:
+            raise UserError(f"cache {spec!r}: decode must be one of {', '.join(FASTER_DECODE)}, got {opts['decode']!r}")
         if arg in FASTER_PRESETS:
             needs, rule = FASTER_PRESETS[arg]
             if needs is not None and needs != n:
@@ -131,7 +141,9 @@ def parse(spec: str | None, timesteps, num_skips: int | None = None, use_cfg: bo
             )
         key[0] = True
         inject = tuple(bool(opts["inject"] != 0 and t < FASTER_INJECT_TAU) for t in timesteps)
-        return CacheSchedule("faster", spec, n, key=tuple(key), inject=inject, alpha=float(opts["inject"]))
+        return CacheSchedule(
+            "faster", spec, n, key=tuple(key), inject=inject, alpha=float(opts["inject"]), decode=opts["decode"]
+        )
     if method == "deepcache":
         interval = _positive(arg, "the cache interval", spec)
         branch = _options(parts, {"branch": 0}, spec)["branch"]
@@ -237,7 +249,7 @@ def run(schedule: CacheSchedule, model: CachedUNet, sched, plan, x, cond, uncond
 
     args = (schedule, model, sched, plan, x, context, rows, guide, tick, key)
     if schedule.method == "faster":
-        return _faster(*args)
+        return _faster_sequential(*args) if sequential_decoding(schedule, model) else _faster(*args)
     if schedule.method == "deepcache":
         return _deepcache(*args)
     return _tgate(*args, cond=cond, use_cfg=use_cfg)
@@ -290,6 +302,43 @@ def _faster(schedule, model, sched, plan, x, context, rows, guide, tick, key):
 
     carry = sched.init_carry(plan, x)
     return jax.lax.fori_loop(0, len(groups), group, (x, carry, key))[0]
+
+
+def sequential_decoding(schedule: CacheSchedule, model: CachedUNet) -> bool:
+    """Whether Faster Diffusion decodes step by step: `decode`, with "auto" = the UNet's target platform is a CPU."""
+    if schedule.decode != "auto":
+        return schedule.decode == "sequential"
+    return platforms.resolve(getattr(model.module, "platform", None)) == "cpu"
+
+
+def _faster_sequential(schedule, model, sched, plan, x, context, rows, guide, tick, key):
+    """Encoder propagation step by step: the encoder at key steps (refreshing the cached features), the decoder at
+    every step on the cached features with the step's own timestep."""
+    keys, inject = jnp.asarray(schedule.key), jnp.asarray(schedule.inject)
+    z_T = x
+    x_rows = rows(x)
+    t0 = jnp.broadcast_to(plan.timesteps[0], (x_rows.shape[0],))
+    shape = jax.eval_shape(lambda: _features(model.encode(x_rows, t0, context)))
+
+    def body(i, state):
+        x, carry, key, features = state
+        key, step_key = _split_key(key)
+        x_in = rows(sched.scale_model_input(plan, x, i))
+        t = jnp.broadcast_to(plan.timesteps[i], (x_in.shape[0],))
+        features = jax.lax.cond(keys[i], lambda: _features(model.encode(x_in, t, context)), lambda: features)
+        out = model.decode({**features, "emb": None}, t, context)
+        x = jnp.where(inject[i], x + schedule.alpha * z_T, x)
+        x, carry = sched.step(plan, guide(out), i, x, carry, step_key)
+        tick(i)
+        return x, carry, key, features
+
+    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shape)
+    return jax.lax.fori_loop(0, schedule.steps, body, (x, sched.init_carry(plan, x), key, zeros))[0]
+
+
+def _features(encoded: dict) -> dict:
+    """The encoder's output without its time embedding (each step's decoder computes its own)."""
+    return {"skips": tuple(encoded["skips"]), "mid": encoded["mid"]}
 
 
 def _deepcache(schedule, model, sched, plan, x, context, rows, guide, tick, key):
