@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -94,7 +95,13 @@ BUDGETS = (
     Method(
         "lcm",
         "lcm.py:shapes",
-        ("--config.train.steps=1000", "--config.lcm.w_min=1.0", "--config.lcm.w_max=1.0", *PAIRS),
+        (
+            "--config.train.steps=1000",
+            "--config.lcm.time_cond_proj_dim=256",  # the w-embedding student, sampled at s = w + 1 = 2 (no CFG)
+            "--config.lcm.w_min=0.5",
+            "--config.lcm.w_max=1.5",
+            *PAIRS,
+        ),
         (1, 2, 4),
         "pipeline",
         2,
@@ -159,11 +166,26 @@ def train(methods: list[Method], runs: Path) -> None:
         cmd = train_command(m, runs) + ["--out", str(out)]
         print(f"[{m.name}] {' '.join(cmd[2:])}", flush=True)
         t = time.time()
-        rc = subprocess.call(cmd, cwd=ROOT)
+        rc = _run_forwarding_sigterm(cmd)
         _add_seconds(out, time.time() - t)  # every attempt counts, so a resumed run reports its whole cost
         if rc != 0:
             raise SystemExit(f"[{m.name}] jaxdiff distill exited {rc}; rerun this command to resume")
         print(f"[{m.name}] done in {time.time() - t:.0f} s", flush=True)
+
+
+def _run_forwarding_sigterm(cmd: list[str]) -> int:
+    """Run `cmd`; a SIGTERM or Ctrl-C here is passed on to it (the runner checkpoints and exits), then awaited."""
+    child = subprocess.Popen(cmd, cwd=ROOT)
+
+    def forward(signum, frame):
+        child.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 COST = "table_cost.json"  # wall seconds of every `jaxdiff distill` attempt of a run (pairs, training, its report)
@@ -224,10 +246,18 @@ def rows_for(methods: list[Method], runs: Path, pipe) -> tuple[list[Row], list[s
         for k in m.steps:
             if m.sampler == "flow":
                 fn = (lambda st, k: lambda pr, z, seed: rf.sample(st, st.unet.params, pr, z, k))(student, k)
-            else:
-                fn = (lambda st, k: lambda pr, z, seed: st(pr, steps=k, guidance=1.0, latents=z, seed=seed))(student, k)
+            else:  # the guidance the student's pipeline names (a w-embedding LCM's; 1.0 = none)
+                g = _student_guidance(out / "model")
+                fn = (lambda st, k, g: lambda pr, z, seed: st(pr, steps=k, guidance=g, latents=z, seed=seed))(
+                    student, k, g
+                )
             rows.append(Row(f"{m.name} {k}", m.name, k, k, fn, out))
     return rows, missing
+
+
+def _student_guidance(model: Path) -> float:
+    path = model / "sampling_defaults.json"
+    return float(json.loads(path.read_text()).get("guidance", 1.0)) if path.exists() else 1.0
 
 
 def _batched(fn, prompts, latents, seed, times: list, warm: bool):
@@ -347,7 +377,8 @@ def markdown(table: dict, missing: list[str], runs: Path, command: str) -> str:
         "",
         f"N = {n} prompts from the held-out templates (one object each), the same prompts and starting noise in "
         f"every row; rates with 95 % Wilson intervals, FD with a 95 % bootstrap interval ({table['bootstraps']} "
-        f"resamples). Teacher rows use CFG {table['guidance']} (its default); students sample without CFG. "
+        f"resamples). Teacher rows use CFG {table['guidance']} (its default); students sample without CFG "
+        "(LCM's w-embedding student gets its guidance through the embedding: one UNet call per step). "
         f"FD floor (real renders vs the same scenes re-rendered): {table['fd_floor']:.1f}.",
         "",
         "| sampler | UNet evals | probe FD (95 % CI) | shape: probe / pixel | colour: probe / pixel | position "
