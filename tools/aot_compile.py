@@ -381,11 +381,12 @@ def distill_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
     latent_shape = (size, size, int(spec.unet.get("in_channels", 4)))
     scheduler_config = dict(spec.scheduler, prediction_type=spec.prediction_type)
     models = [unet]  # the Models whose params trees are sharded by their logical axes
-    extra = {}
+    extra, extra_note = {}, ""
     if hasattr(module, "student_model") and module.embedding_dim(config[args.method]):  # LCM's w-embedding student
         student = module.student_model(unet, config[args.method])
         models.append(student)
         extra["student_fn"] = module.student_unet_fn(student)
+        extra_note = f"; the student has LCM's w-embedding (time_cond_proj_dim {module.embedding_dim(config.lcm)})"
     networks, phases = module.build(config, unet_fn, features_fn, scheduler_config, latent_shape, **extra)
     nets = {n.name: n for n in networks}
     length, width = spec.context_length, spec.context_dim
@@ -474,7 +475,8 @@ def distill_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
         + (f" {' '.join(args.set)}" if args.set else "")
         + ")",
         f"networks: {', '.join(described)}; phases: {phase_list}; frozen: "
-        + ("teacher UNet + uncond" if frozen else "none (pairs)"),
+        + ("teacher UNet + uncond" if frozen else "none (pairs)")
+        + extra_note,
         f"batch: {shapes}",
     ]
     return Program(fn, (state, batch, frozen), step_flops, unet.num_params(), dict(m.shape), notes, traced, trace_s)
