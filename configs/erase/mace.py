@@ -12,7 +12,7 @@
 # the LoRAs onto the CFR weights (ρ_f 7e-7, once). The `shapes` model trains on renders with their exact masks;
 # other models need `lora.data_dir` (<dir>/<concept>/*.png, masks/<same name>, optional prompts.txt).
 # ":cfr" ("mace-cfr", `--config.stages=cfr`): the closed-form refinement alone, as before. ":shapes": the tiny
-# model's settings (more prompts, λ 0.01, lr 1e-3). ":runlocal": a seconds-long smoke run.
+# model's settings (more prompts, λ 0.01 in both solves, ρ_f 0.1, lr 1e-3). ":runlocal": a seconds-long smoke run.
 """MACE; see jaxdiff/erase/mace.py."""
 
 from jaxdiff.erase.config import base_config, train_block
@@ -32,6 +32,7 @@ def get_config(arg: str = ""):
         no_real_image=False,  # True: noise added to zeros instead of the images' latents (official option)
         num_images=32,  # shapes model: renders of the concept (with exact masks) per concept
         data_dir="",  # other models: <dir>/<concept>/*.png, <dir>/<concept>/masks/<same name>, prompts.txt
+        eval_examples=16,  # report the mean attention loss before/after on this many fixed draws (0: off)
         fuse_preserve_scale=7e-7,  # ρ_f of the fusion (applied once)
         fuse_lam=0.0,  # λ of the fusion (times the CFR weights)
     )
@@ -49,7 +50,7 @@ def get_config(arg: str = ""):
         if variant == "cfr":
             c.stages = "cfr"
         elif variant == "runlocal":
-            c.lora.num_images = 2
+            c.lora.update(num_images=2, eval_examples=0)
             c.train.update(steps=2, log_every=1)
         elif variant == "shapes":
             c.num_prompts = 8
@@ -58,7 +59,12 @@ def get_config(arg: str = ""):
             # λ = 0 on this ~100-token cache is a near-singular solve (condition number ≈ 9e10, refused by
             # erase.ridge); λ = 0.01 gives ≈ 2.4e6 (measured: concept circle, anchor square).
             c.mace.lam = 0.01
-            c.lora.fuse_lam = 0.01  # the fusion's system on this cache is as ill-conditioned as the CFR's at λ = 0
+            # The fusion's system on this cache is as ill-conditioned as the CFR's at λ = 0 (κ ≈ 5e10); λ 0.01: 2.4e6.
+            # ρ_f 0.1 instead of 7e-7 (MACE's cache is ~all COCO captions, this one ~100 prompts): measured on circle
+            # → square, erased 59% → 75%, preserved shape/colour 12%/38% → 19%/50% (both judges, n = 32).
+            c.lora.update(fuse_lam=0.01, fuse_preserve_scale=0.1)
+            # lr 1e-3 (SD's 1e-5 leaves the loss at 1.004 of 1.007): the mean attention loss on 32 fixed draws falls
+            # 1.007 → 0.63 in 120 steps, ‖ΔW‖ 14.6 against ‖W_kv‖ 42.8 (lr 1e-2: 0.025, ‖ΔW‖ 67).
             c.train.update(learning_rate=1e-3, log_every=10)
         else:
             raise UserError(f"unknown mace config variant {variant!r} (cfr, runlocal, shapes)")

@@ -246,10 +246,12 @@ def train_lora(
     seed: int = 0,
     mesh=None,
     progress: bool = False,
+    eval_examples: int = 0,
     **loss_options,
 ):
     """One concept's LoRA on `base` (the CFR-edited params) through the erasure runner (`finetune.run`): returns
-    (adapters, ΔW by module path, info with the first/last logged loss, ‖Δ adapters‖ and ‖ΔW‖_F)."""
+    (adapters, ΔW by module path, info with the first/last logged loss, ‖Δ adapters‖ and ‖ΔW‖_F; with
+    `eval_examples`, the mean loss before/after training on the first batches with fixed noise and timesteps)."""
     if mesh is None:
         from jaxdiff import sharding
 
@@ -271,6 +273,11 @@ def train_lora(
         label="MACE LoRA step",
     )
     trained = state.params["unet"]
+    if eval_examples:  # the logged losses are single noisy steps (batch 1, random t): also the mean on fixed draws
+        fixed = jax.jit(lambda a, batch, key: loss(a, {"base": base}, batch, key)[0])
+        keys = [jax.random.fold_in(jax.random.PRNGKey(seed + 99), i) for i in range(int(eval_examples))]
+        mean = lambda a: float(np.mean([float(fixed(a, batch_fn(i), k)) for i, k in enumerate(keys)]))  # noqa: E731
+        info["attention_loss_fixed"] = {"before": mean(adapters), "after": mean(trained), "examples": len(keys)}
     deltas = kv_deltas(trained)
     info["delta_w_norm"] = float(jnp.sqrt(sum(jnp.sum(jnp.square(d)) for d in deltas.values())))
     return trained, deltas, info
@@ -427,6 +434,7 @@ def lora_and_fuse(job: Job, cfr_params, cache, info: dict) -> Result:
             seed=job.config.seed + i,
             mesh=job.mesh,
             progress=job.progress,
+            eval_examples=int(lo.eval_examples),
             importance_sampling=bool(lo.importance_sampling),
             no_real_image=bool(lo.no_real_image),
             scheduler_config=job.pipe.scheduler_config or None,
@@ -445,6 +453,13 @@ def lora_and_fuse(job: Job, cfr_params, cache, info: dict) -> Result:
     )
     before, after = ridge.get_kv(cfr_params), ridge.get_kv(fused)
     fuse_info["delta_norm"] = float(jnp.sqrt(sum(jnp.sum(jnp.square(after[n] - before[n])) for n in before)))
-    first = runs[0]  # the summary line's loss and ‖Δθ‖ (adapters): the first concept's LoRA; every one in "lora"
-    keys = ("loss_initial", "loss_final", "delta_norm", "delta_w_norm", "steps")
-    return Result(fused, {**info, **{k: first[k] for k in keys if k in first}, "lora": runs, "fuse": fuse_info})
+    # The summary line's loss and ‖Δθ‖ (adapters) are the first concept's LoRA's (every one is in "lora"); its loss
+    # is the mean on fixed draws before/after (step 0 / the last), when measured, rather than two noisy logged steps.
+    first = runs[0]
+    keys = ("loss_initial", "loss_final", "delta_norm", "delta_w_norm", "attention_loss_fixed", "steps")
+    top = {k: first[k] for k in keys if k in first}
+    if "attention_loss_fixed" in first:
+        fixed = first["attention_loss_fixed"]
+        top["loss_initial"] = {"step": 0, "attention_loss_fixed": fixed["before"]}
+        top["loss_final"] = {"step": int(first["steps"]), "attention_loss_fixed": fixed["after"]}
+    return Result(fused, {**info, **top, "lora": runs, "fuse": fuse_info})
