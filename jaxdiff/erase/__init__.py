@@ -1,7 +1,8 @@
 """Concept erasure for text-to-image diffusion models, as closed-form edits and pure JAX objectives.
 
 Closed form on the cross-attention K/V projections (one ridge kernel, `ridge.py`):
-  uce.py (UCE), rece.py (RECE), trce.py (TRCE stage 1, `eot_mapping`), mace.py (MACE: CFR, per-concept attention-loss LoRA, closed-form fusion).
+  uce.py (UCE), rece.py (RECE), trce.py (TRCE stage 1, `eot_mapping`),
+  mace.py (MACE: CFR, a per-concept LoRA on the attention-map loss, closed-form fusion).
 Fine-tuning objectives, `loss(trainable, frozen, batch, rng) -> (loss, aux)` built by `make_loss(model, ...)`:
   esd.py (ESD), spm.py (SPM adapters, latent anchoring, Facilitated Transport), trce.py (stage 2),
   doco.py (DoCo: discriminator, gradient surgery, a two-optimiser step), all_but_one.py, ablation.py.
