@@ -83,6 +83,7 @@ def make_pairs(config, pipe, folder: Path, prompts: list[str], contexts, uncond,
     p = config.pairs
     c = pipe.unet.config
     shape = (int(c.get("sample_size", 64)),) * 2 + (int(c.get("in_channels", 4)),)
+    settings = pairs_lib.solver_settings(p)  # {} for fixed-step schedulers; rtol/atol for "tsit5" / "dopri5"
     key = {
         "teacher": str(pipe.path),
         "teacher_unet_sha256": teacher_lib.params_digest(pipe.unet.params),
@@ -93,13 +94,16 @@ def make_pairs(config, pipe, folder: Path, prompts: list[str], contexts, uncond,
         "negative_prompt": "",
         "seed": int(p.seed),
         "latent_shape": list(shape),
+        **settings,
     }
     store = pairs_lib.PairStore.open(folder, key, int(p.shard_size), prompts)
-    solver = pairs_lib.make_solver(pipe, p.scheduler, int(p.steps), float(p.guidance))
+    solver = pairs_lib.make_solver(pipe, p.scheduler, int(p.steps), float(p.guidance), **settings)
     make = pairs_lib.teacher_shard_fn(pipe, solver, contexts, uncond, int(p.seed), int(p.shard_size), shape)
     t0 = time.perf_counter()
     written = store.fill(int(p.num_pairs), make, progress=progress)
-    return store.load(int(p.num_pairs)), {"written_shards": written, "seconds": time.perf_counter() - t0, **key}
+    pairs = store.load(int(p.num_pairs))
+    seconds = time.perf_counter() - t0
+    return pairs, {"written_shards": written, "seconds": seconds, **key, **pairs_lib.solver_summary(pairs)}
 
 
 def train(config, pipe, init_params, pairs: dict, contexts: np.ndarray, workdir: str, progress: bool):
@@ -277,4 +281,6 @@ def distill(config: mlc.ConfigDict, out, *, progress: bool = True) -> dict:
     save_student(pipe, params, out, int(config.eval.student_steps[0]))
     pair_report = {k: pair_info[k] for k in ("scheduler", "steps", "guidance", "seed", "written_shards", "seconds")}
     pair_report |= {"num_pairs": int(config.pairs.num_pairs), "folder": str(folder)}
+    adaptive = ("rtol", "atol", "nfe_mean", "nfe_min", "nfe_max", "num_steps_mean")  # tsit5 / dopri5 pairs only
+    pair_report |= {k: pair_info[k] for k in adaptive if k in pair_info}
     return write_report(config, pipe, params, out, info, seconds, {"pairs": pair_report})
