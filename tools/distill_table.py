@@ -167,7 +167,7 @@ def train(methods: list[Method], runs: Path) -> None:
         print(f"[{m.name}] {' '.join(cmd[2:])}", flush=True)
         t = time.time()
         rc = _run_forwarding_sigterm(cmd)
-        _add_seconds(out, time.time() - t)  # every attempt counts, so a resumed run reports its whole cost
+        _add_seconds(runs, m.name, time.time() - t)  # every attempt counts: a resumed run reports its whole cost
         if rc != 0:
             raise SystemExit(f"[{m.name}] jaxdiff distill exited {rc}; rerun this command to resume")
         print(f"[{m.name}] done in {time.time() - t:.0f} s", flush=True)
@@ -188,14 +188,17 @@ def _run_forwarding_sigterm(cmd: list[str]) -> int:
             signal.signal(sig, handler)
 
 
-COST = "table_cost.json"  # wall seconds of every `jaxdiff distill` attempt of a run (pairs, training, its report)
+def cost_path(runs: Path, name: str) -> Path:
+    """Wall seconds of every `jaxdiff distill` attempt of a run (pairs, training, its report); kept beside the run
+    folder, which the runner must find empty or its own."""
+    return runs / "costs" / f"{name}.json"
 
 
-def _add_seconds(out: Path, seconds: float) -> None:
+def _add_seconds(runs: Path, name: str, seconds: float) -> None:
     from jaxdiff import fileio
 
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / COST
+    path = cost_path(runs, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     cost = json.loads(path.read_text()) if path.exists() else {"seconds": 0.0, "attempts": 0}
     cost = {"seconds": cost["seconds"] + seconds, "attempts": cost["attempts"] + 1}
     fileio.atomic_write_text(path, json.dumps(cost) + "\n")
@@ -347,7 +350,8 @@ GRID = 8
 def _train_cost(run: Path) -> dict:
     report = json.loads((run / "report.json").read_text())
     config = json.loads((run / "config.json").read_text())
-    cost = json.loads((run / COST).read_text()) if (run / COST).exists() else {}
+    cost_file = cost_path(run.parent, run.name)
+    cost = json.loads(cost_file.read_text()) if cost_file.exists() else {}
     m = BY_NAME[run.name]
     steps, batch = int(config["train"]["steps"]), int(config["train"]["batch_size"])
     pairs = report.get("pairs") or {}
