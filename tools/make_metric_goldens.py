@@ -6,7 +6,8 @@ Runs in its own venv (the references need torchvision, which the pinned torch 2.
     /tmp/goldvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 pytorch-fid==0.3.0 clean-fid==0.1.35 \
         torch-fidelity==0.4.0 timm scipy numpy
     /tmp/goldvenv/bin/python tools/make_metric_goldens.py          # writes tests/goldens/fid_*.npz and timm_*.npz
-    /tmp/goldvenv/bin/python tools/make_metric_goldens.py --only timm   # one section (fid or timm)
+    /tmp/goldvenv/bin/python tools/make_metric_goldens.py --only timm   # one section (fid, timm, features, lpips)
+    /tmp/goldvenv/bin/pip install lpips==0.1.4   # for --only lpips (tests/goldens/lpips.npz)
 
 Nothing is downloaded: each reference network gets weights drawn from a numpy seed (`inception_weights`, which the
 tests import to draw the same weights), and only seeds, inputs and outputs are stored. Module level needs only numpy.
@@ -37,6 +38,10 @@ TIMM_MODELS = {"inception_v4": "InceptionV4", "inception_resnet_v2": "InceptionR
 TIMM_SEED = 1602_07261  # arXiv:1602.07261, the paper of both networks
 FEATURE_METRICS_SEED = 2020_0411  # KID / IS / PRDC on synthetic features
 TIMM_INPUT_SHAPE = (2, 107, 91, 3)  # stored as uint8 images, fed as (x - 128) / 128: exact in float32
+LPIPS_SEED = 1801_03924  # arXiv:1801.03924 (LPIPS)
+LPIPS_NETS = ("vgg", "alex")
+# image pairs per case: (N, H, W); not square, so a swapped height/width shows; 32x40 is near AlexNet's smallest input
+LPIPS_CASES = {"64x48": (3, 64, 48), "32x40": (1, 32, 40)}
 
 
 def inception_weights(shapes: dict[str, tuple[int, ...]], seed: int = WEIGHTS_SEED) -> dict[str, np.ndarray]:
@@ -100,6 +105,42 @@ def timm_input(seed: int = TIMM_SEED) -> np.ndarray:
 def timm_scale(images: np.ndarray) -> np.ndarray:
     """uint8 -> float32 in [-1, 1) as (x - 128) / 128: every value exact, so both sides get identical inputs."""
     return (images.astype(np.float32) - 128.0) / 128.0
+
+
+def lpips_weights(shapes: dict[str, tuple[int, ...]], seed: int = LPIPS_SEED) -> dict[str, np.ndarray]:
+    """float32 tensors for lpips.LPIPS state-dict keys and shapes (the duplicate `lins.K.*` and the `scaling_layer.*`
+    buffers skipped), each from its own stream (seed, crc32 of the key): He-scaled backbone convolutions, biases
+    N(0, 0.1^2), lin weights U(0, 1) (non-negative, as the trained ones)."""
+    out = {}
+    for key, shape in shapes.items():
+        if key.startswith(("lins.", "scaling_layer.")):
+            continue
+        rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+        if key.startswith("lin"):
+            w = rng.uniform(0.0, 1.0, shape)
+        elif key.endswith("weight"):
+            w = rng.standard_normal(shape) * np.sqrt(2.0 / int(np.prod(shape[1:])))
+        elif key.endswith("bias"):
+            w = rng.standard_normal(shape) * 0.1
+        else:
+            raise KeyError(f"no rule to draw {key}")
+        out[key] = w.astype(np.float32)
+    return out
+
+
+def lpips_inputs(seed: int = LPIPS_SEED) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{case: (in0, in1)} float32 NHWC in [-1, 1]: in0 uniform noise; in1 a perturbation of in0 (pair 0: small,
+    pair 1: large), the third pair independent noise."""
+    out = {}
+    for i, (case, (n, h, w)) in enumerate(LPIPS_CASES.items()):
+        rng = np.random.default_rng([seed, i])
+        a = rng.uniform(-1.0, 1.0, (n, h, w, 3))
+        noise = rng.standard_normal((n, h, w, 3)) * np.array([0.05, 0.5, 0.0])[:n, None, None, None]
+        b = np.clip(a + noise, -1.0, 1.0)
+        if n > 2:
+            b[2] = rng.uniform(-1.0, 1.0, (h, w, 3))
+        out[case] = (a.astype(np.float32), b.astype(np.float32))
+    return out
 
 
 def weights_checksum(weights: dict[str, np.ndarray]) -> float:
@@ -366,7 +407,47 @@ def feature_metric_references(out_dir: str) -> None:
     print({k: float(v) for k, v in g.items() if not k.startswith(("input/", "versions"))})
 
 
-SECTIONS = {"fid": references, "timm": timm_references, "features": feature_metric_references}
+def lpips_references(out_dir: str) -> None:
+    """lpips.LPIPS(net, version="0.1") forward(in0, in1, retPerLayer=True, normalize=False) on drawn weights (built with
+    pretrained=False, pnet_rand=True: nothing downloaded), for each net and case of `lpips_inputs`."""
+    import lpips
+    import torch
+
+    torch.set_num_threads(2)
+    g: dict[str, np.ndarray] = {}
+    inputs = lpips_inputs()
+    for net in LPIPS_NETS:
+        torch.manual_seed(0)
+        model = lpips.LPIPS(net=net, version="0.1", pretrained=False, pnet_rand=True, verbose=False).eval()
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        weights = lpips_weights(shapes)
+        missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+        assert not unexpected and all(k.startswith(("lins.", "scaling_layer.")) for k in missing), (missing, unexpected)
+        for kk in range(5):  # linK and lins[K] are one module
+            assert torch.equal(model.lins[kk].model[1].weight, torch.from_numpy(weights[f"lin{kk}.model.1.weight"]))
+        for case, (a, b) in inputs.items():
+            with torch.no_grad():
+                value, layers = model(_nchw(a), _nchw(b), retPerLayer=True, normalize=False)
+            g[f"{net}/{case}"] = value.reshape(-1).numpy().astype(np.float32)
+            g[f"{net}/{case}/layers"] = torch.stack([x.reshape(-1) for x in layers], 1).numpy().astype(np.float32)
+        g[f"{net}/state_shapes"] = np.array(json.dumps({k: list(v) for k, v in shapes.items()}))
+        g[f"{net}/weights_checksum"] = np.float64(weights_checksum(weights))
+    g["seed"] = np.int64(LPIPS_SEED)
+    g["cases"] = np.array(json.dumps(LPIPS_CASES))
+    versions = {"lpips": importlib.metadata.version("lpips"), "torch": torch.__version__, "numpy": np.__version__}
+    g["versions"] = np.array(json.dumps(versions))
+    path = os.path.join(out_dir, "lpips.npz")
+    np.savez_compressed(path, **g)
+    print(f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KiB); {versions}")
+    print({k: v.tolist() for k, v in g.items() if k.count("/") == 1 and k.split("/")[1] in LPIPS_CASES})
+
+
+SECTIONS = {
+    "fid": references,
+    "timm": timm_references,
+    "features": feature_metric_references,
+    "lpips": lpips_references,
+}
 
 
 def main() -> None:

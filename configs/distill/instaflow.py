@@ -34,11 +34,15 @@ def get_config(arg: str = ""):
             c.pairs.update(scheduler="tsit5", rtol=1e-3, atol=1e-3)
         elif variant == "probe":  # keys only this variant adds (jaxdiff.distill.rectified_flow.perceptual_settings)
             c.rectified_flow.update(loss="distill_probe", perceptual_weight=1.0, l2_weight=0.0, probe="")
+        elif variant == "lpips":  # keys only this variant adds; perceptual_weights: the user's lpips.LPIPS state dict
+            c.rectified_flow.update(
+                loss="distill_lpips", perceptual_weight=1.0, l2_weight=0.0, perceptual_weights="", lpips_net="vgg"
+            )
         elif variant == "runlocal":
             c.data.num_prompts = 8
             c.pairs.update(num_pairs=8, shard_size=4, scheduler="ddim", steps=2)
             c.train.update(steps=3, batch_size=2, learning_rate=1e-4, warmup_steps=0, log_every=1, checkpoint_every=2)
             c.eval.update(num_images=4, bootstraps=0, teacher_steps=(1,), student_steps=(1,))
         else:
-            raise UserError(f"unknown instaflow config variant {variant!r} (shapes, probe, tsit5, runlocal)")
+            raise UserError(f"unknown instaflow config variant {variant!r} (shapes, probe, lpips, tsit5, runlocal)")
     return c

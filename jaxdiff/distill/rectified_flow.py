@@ -15,8 +15,9 @@ Formulas from `shared/specs/distill_metrics.md` §1 (RectifiedFlow losses.py / s
   straight-line extrapolation of §1.3; = z0 + v(z0) at t = 0). D = L2 (per-sample mean, loss "distill_l2"), or
   "distill_probe": the paper's second stage uses LPIPS, D = ‖φ(decode(x̂1)) − φ(decode(z1))‖²; on shapes the
   shapes probe's penultimate features play φ (`probe_perceptual`; mean over the features, then the batch mean),
-  mixed as perceptual_weight·D_probe + l2_weight·D_L2 (defaults 1 and 0). LPIPS itself ("distill_lpips") is not
-  implemented: it needs the VGG/AlexNet LPIPS network and weights, not available offline.
+  mixed as perceptual_weight·D_probe + l2_weight·D_L2 (defaults 1 and 0). "distill_lpips" is the paper's: D =
+  LPIPS(decode(x̂1), decode(z1)) (`jaxdiff.metrics.lpips` on user-supplied weights, `rectified_flow.perceptual_weights`
+  = a state dict of lpips.LPIPS, `lpips_net` vgg or alex; `lpips_perceptual`; the batch mean), mixed likewise.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from jaxdiff.sampling import denoise
 from jaxdiff.sampling.schedulers.flow_euler import FlowEuler, FlowPlan
 
 T_SCHEDULES = ("uniform", "t0", "t1")
-LOSSES = ("l2", "distill_l2", "distill_probe")
-PERCEPTUAL = ("distill_probe",)  # losses through the VAE decoder and a feature network (`make_loss(perceptual=)`)
+LOSSES = ("l2", "distill_l2", "distill_probe", "distill_lpips")
+# losses through the VAE decoder and a feature network (`make_loss(perceptual=)`)
+PERCEPTUAL = ("distill_probe", "distill_lpips")
 FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
 
 
@@ -126,16 +128,54 @@ def probe_perceptual(pipe, probe=None):
     return features
 
 
+def lpips_perceptual(pipe, model):
+    """D(x̂1, z1) [B] for "distill_lpips": LPIPS (`model`, a `jaxdiff.metrics.lpips.LPIPS`) of the pipeline's VAE
+    decodes (unclipped, ~[0, 1]: normalize=True maps them to [−1, 1]) of latents [B, h, w, c], differentiable in
+    x̂1; one decode of [x̂1; z1], the target's images held fixed. VAE and LPIPS params are closed over."""
+    from jaxdiff.metrics import lpips as lpips_lib
+
+    vae_params, params, net = pipe.vae.params, model.params, model.net
+
+    def distance(x1_hat, z1):
+        images = decode_unclipped(pipe, vae_params, jnp.concatenate([x1_hat, z1]).astype(jnp.float32))
+        hat, tgt = jnp.split(images, 2)
+        return lpips_lib.lpips_distance(params, hat, jax.lax.stop_gradient(tgt), net, normalize=True)
+
+    return distance
+
+
+LPIPS_WEIGHTS_HELP = (
+    "LPIPS needs the VGG/AlexNet LPIPS network and its weights, which jaxdiff does not ship or download: set "
+    "rectified_flow.perceptual_weights to a state dict of lpips.LPIPS (.pth/.safetensors/.npz: the lpips package's "
+    "weights/v0.1/vgg.pth merged with torchvision's vgg16 backbone; the recipe is in jaxdiff.metrics.lpips), e.g. "
+    "--config configs/distill/instaflow.py:shapes,lpips --config.rectified_flow.perceptual_weights=lpips_vgg.pth; "
+    "on shapes distill_probe (the shapes probe's features) needs no weights"
+)
+
+
 def perceptual_settings(config) -> dict:
     """make_loss's perceptual keywords from the config's `rectified_flow` block: {} for the L2 losses; for
     "distill_probe" the teacher pipeline's VAE and the shapes probe (`rectified_flow.probe`: a probe folder, "" or
     absent = the shipped one) as `perceptual`, and `perceptual_weight` / `l2_weight` (absent: 1 and 0; the
-    instaflow config's "probe" variant sets them)."""
+    instaflow config's "probe" variant sets them); for "distill_lpips" `lpips_perceptual` on the LPIPS weights at
+    `rectified_flow.perceptual_weights` (`lpips_net`: vgg, the default, or alex; the "lpips" variant's keys)."""
     r = config.rectified_flow
     if str(r.loss) not in PERCEPTUAL:
         return {}
     from jaxdiff.metrics import probe as probe_lib
     from jaxdiff.sampling.pipeline import load_pipeline
+
+    if str(r.loss) == "distill_lpips":  # `perceptual_weights` (and `lpips_net`): keys the "lpips" variant adds
+        from jaxdiff.metrics import lpips as lpips_lib
+
+        if not r.get("perceptual_weights"):
+            raise UserError(f"rectified_flow.loss=distill_lpips: {LPIPS_WEIGHTS_HELP}")
+        model = lpips_lib.load_lpips(str(r.perceptual_weights), str(r.get("lpips_net", "vgg")))
+        return {
+            "perceptual": lpips_perceptual(load_pipeline(config.teacher), model),
+            "perceptual_weight": float(r.get("perceptual_weight", 1.0)),
+            "l2_weight": float(r.get("l2_weight", 0.0)),
+        }
 
     probe = probe_lib.load_probe(r.get("probe") or None)
     return {
@@ -157,12 +197,12 @@ def make_loss(
 ):
     """loss_fn(params, frozen, batch, rng) for `jaxdiff.train.step.Phase` on network "unet"; batch: z0, z1
     [B, h, w, c] and context [B, L, D]. "distill_probe" needs `perceptual` (latents -> features [B, D], e.g.
-    `probe_perceptual(pipe)`) and is perceptual_weight·D_probe + l2_weight·D_L2."""
-    if loss == "distill_lpips":
+    `probe_perceptual(pipe)`) and is perceptual_weight·D_probe + l2_weight·D_L2; "distill_lpips" needs `perceptual`
+    ((x̂1, z1) -> distances [B], `lpips_perceptual(pipe, model)`) and mixes its batch mean likewise."""
+    if loss == "distill_lpips" and perceptual is None:
         raise UserError(
-            "rectified_flow.loss=distill_lpips is not available: LPIPS needs the VGG/AlexNet LPIPS network and its "
-            "weights, which jaxdiff does not ship or convert; on shapes use distill_probe (the shapes probe's "
-            "features as the perceptual distance) or distill_l2"
+            f"rectified_flow.loss=distill_lpips needs make_loss(perceptual=lpips_perceptual(pipe, "
+            f"jaxdiff.metrics.lpips.load_lpips(path))): {LPIPS_WEIGHTS_HELP}"
         )
     if loss not in LOSSES:
         raise UserError(f"rectified_flow.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
@@ -181,7 +221,10 @@ def make_loss(
         l2 = distill_l2(x1_hat, z1)
         if loss == "distill_l2":
             return l2, {"t_mean": jnp.mean(t)}
-        d = perceptual_distance(perceptual, x1_hat, z1)
+        if loss == "distill_lpips":
+            d = jnp.mean(perceptual(x1_hat, z1))
+        else:
+            d = perceptual_distance(perceptual, x1_hat, z1)
         value = float(perceptual_weight) * d + float(l2_weight) * l2
         return value, {"t_mean": jnp.mean(t), "perceptual": d, "l2": l2}
 
