@@ -27,6 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--boots", type=int, default=200, help="bootstrap resamples for the FD intervals")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--repeats", type=int, default=3, help="--sd-like: interleaved timing rounds (median reported)")
     p.add_argument(
         "--sd-like",
         action="store_true",
@@ -67,7 +68,7 @@ def sd_like(args) -> int:
     x = jnp.asarray(rng.standard_normal((b, 32, 32, 4)).astype(np.float32))
     cond = (jnp.asarray(rng.standard_normal((b, 77, 768)).astype(np.float32)), None)
     uncond = (jnp.asarray(rng.standard_normal((b, 77, 768)).astype(np.float32)), None)
-    rows = []
+    rows, fns = [], []
     for steps in args.steps:
         plan = sched.plan(steps)
         for spec in [None] + (args.cache or DEFAULT.get(steps, DEFAULT[25])):
@@ -80,24 +81,30 @@ def sd_like(args) -> int:
 
             t = time.perf_counter()
             fn(model.params, x, cond, uncond).block_until_ready()
-            compile_s = time.perf_counter() - t
-            t = time.perf_counter()
-            fn(model.params, x, cond, uncond).block_until_ready()
-            s = (time.perf_counter() - t) / b
             passes = steps if schedule is None else schedule.encoder_passes()
             rows.append(
                 {
                     "steps": steps,
                     "cache": spec or "none",
-                    "s_per_image": s,
-                    "compile_s": compile_s,
+                    "compile_s": time.perf_counter() - t,
                     "encoder_passes": passes,
+                    "times": [],
                 }
             )
-            print(json.dumps(rows[-1]), flush=True)
+            fns.append(fn)
+    # Interleaved rounds (every schedule once per round), the median per schedule: a load that drifts during the
+    # run touches every schedule alike, so the ratios hold on a busy machine too.
+    for _ in range(args.repeats):
+        for row, fn in zip(rows, fns):
+            t = time.perf_counter()
+            fn(model.params, x, cond, uncond).block_until_ready()
+            row["times"].append((time.perf_counter() - t) / b)
+    for row in rows:
+        row["s_per_image"] = float(np.median(row["times"]))
+        print(json.dumps(row), flush=True)
     print(
-        f"\nSD1.5-shaped UNet at reduced width {SD_LIKE}, random weights, batch {b} (x2 CFG rows), load "
-        f"{os.getloadavg()}"
+        f"\nSD1.5-shaped UNet at reduced width {SD_LIKE}, random weights, batch {b} (x2 CFG rows), median of "
+        f"{args.repeats} interleaved rounds, load {os.getloadavg()}"
     )
     print("| steps | cache | encoder passes | s/image (loop only) | speed-up |\n|---|---|---|---|---|")
     for r in rows:
