@@ -1,9 +1,11 @@
 # COMMAND: jaxdiff distill --config configs/distill/instaflow.py:shapes --config.init=runs/reflow_shapes/model \
 #   --config.pairs.folder=runs/reflow_shapes/pairs --out runs/instaflow_shapes
 # InstaFlow's one-step distillation (Liu et al. 2024): t fixed at 0 (UNet time 1000, the 1-step sampler's), loss
-# D(z1, z0 + v(z0)) with D = L2 (the paper's second, LPIPS stage needs LPIPS weights: not available offline; the
-# ",probe" variant plays it on shapes: D = the shapes probe's penultimate features of the VAE decode, squared
-# distance, weighted perceptual_weight·D_probe + l2_weight·D_L2; e.g. --config.init=runs/instaflow_shapes/model).
+# D(z1, z0 + v(z0)) with D = L2; the paper's second stage uses LPIPS: ",lpips" with
+# --config.rectified_flow.perceptual_weights=PATH (user-supplied lpips state dict, recipe in jaxdiff/metrics/lpips.py;
+# none ships: no weights offline). The ",probe" variant plays that stage on shapes: D = the shapes probe's
+# penultimate features of the VAE decode, squared distance, weighted perceptual_weight·D_probe + l2_weight·D_L2;
+# e.g. --config.init=runs/instaflow_shapes/model).
 # Init: the 2-rectified flow (`init`); "teacher" gives "SD + Distill" without reflow. The shapes variant reuses the
 # reflow run's pairs when `pairs.folder` points at them (same teacher and solver key).
 """InstaFlow one-step distillation on teacher pairs."""
