@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from test_distill_sid import tiny_teacher  # noqa: F401  (a fixture: a tiny random UNet in the shapes pipeline)
 
 from jaxdiff import cli
 from jaxdiff.config import load_config
@@ -20,8 +21,9 @@ def test_distill_help(capsys):
     assert "configs/distill" in capsys.readouterr().out
 
 
-def test_distill_runs_resumes_and_writes_a_loadable_student(tmp_path, monkeypatch):
+def test_distill_runs_resumes_and_writes_a_loadable_student(tiny_teacher, tmp_path, monkeypatch):  # noqa: F811
     config = load_config("configs/distill/reflow.py:runlocal")
+    config.teacher = str(tiny_teacher)  # a small UNet: the same code paths, a fraction of the compile time
     out = tmp_path / "run"
 
     def fault(moment, step):  # "kill" the first run right after step 3 ran (checkpoint of step 2 committed)
@@ -55,6 +57,7 @@ def test_distill_runs_resumes_and_writes_a_loadable_student(tmp_path, monkeypatc
     np.testing.assert_allclose(pipe(["a red circle"], steps=1, guidance=1.0, latents=z), mine, atol=1e-5)
 
     changed = load_config("configs/distill/reflow.py:runlocal")
+    changed.teacher = str(tiny_teacher)
     changed.train.steps = 4
     with pytest.raises(FileExistsError):
         run_lib.distill(changed, out, progress=False)
