@@ -138,7 +138,7 @@ BUDGETS = (
     Method(
         "dmd2_4step",
         "dmd2.py:shapes,4step",
-        ("--config.train.steps=500", f"--config.dmd2.real_guidance={GUIDANCE}"),
+        ("--config.train.steps=250", f"--config.dmd2.real_guidance={GUIDANCE}"),
         (4, 1),
         "pipeline",
         2,
