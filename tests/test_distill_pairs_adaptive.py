@@ -13,21 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_distill_sid import SCHED
 
 from jaxdiff.distill import pairs as P
 from jaxdiff.distill import teacher as teacher_lib
 from jaxdiff.errors import UserError
 
-SD = {
-    "_class_name": "DDIMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "linspace",
-    "set_alpha_to_one": False,
-}
+SD = {**SCHED, "timestep_spacing": "linspace", "set_alpha_to_one": False}  # SD's scheduler config (test_distill_sid)
 S = 0.5  # data standard deviation
 GUIDANCE = 3.0
 
