@@ -341,6 +341,15 @@ def _add_controlnet_train(sub) -> None:
 SUBCOMMANDS.append(_add_controlnet_train)
 
 
+def _add_protect(sub) -> None:
+    from jaxdiff.protect import command
+
+    command.add_parser(sub)
+
+
+SUBCOMMANDS.append(_add_protect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdiff", description=jaxdiff.__doc__)
     parser.add_argument("--version", action="version", version=f"jaxdiff {jaxdiff.__version__}")
