@@ -111,3 +111,25 @@ def denoise(
 
     (x, _, _), (before, after, prediction) = jax.lax.scan(scan_body, (x, carry, key), jnp.arange(int(start), int(end)))
     return x, Trajectory(before, after, prediction, plan.timesteps[start:end])
+
+
+def stage_index(t, num_stages: int, num_train_timesteps: int = 1000):
+    """ProSpect's stage of timesteps t: k = floor(t·K / T) (`cond[int(t * K / 1000)]`), clipped to 0..K−1; k = 0 is
+    the end of generation (t < T/K), k = K−1 its start."""
+    k = jnp.floor(jnp.asarray(t, jnp.float32) * num_stages / num_train_timesteps).astype(jnp.int32)
+    return jnp.clip(k, 0, num_stages - 1)
+
+
+class Staged:
+    """A denoiser model(x, t, cond) whose context holds K stages per row, [B, K, L, D] (batch first, so CFG's
+    concatenation of cond and uncond rows is unchanged): each call gives the model row b's stage
+    `stage_index(t[b], K, T)`, [B, L, D]. cond is a context or (context, added)."""
+
+    def __init__(self, model, num_train_timesteps: int = 1000):
+        self.model, self.num_train = model, num_train_timesteps
+
+    def __call__(self, x, t, cond):
+        context = cond[0] if isinstance(cond, tuple) else cond
+        k = stage_index(t, context.shape[1], self.num_train)
+        context = context[jnp.arange(context.shape[0]), k]
+        return self.model(x, t, (context,) + tuple(cond[1:]) if isinstance(cond, tuple) else context)

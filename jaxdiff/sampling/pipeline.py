@@ -193,6 +193,7 @@ class Pipeline:
         aesthetic_score: float = 6.0,
         negative_aesthetic_score: float = 2.5,
         attention_edit=None,
+        text_correction=None,
         _compile_only: bool = False,
     ) -> np.ndarray | None:
         """Images [B, H, W, 3] float in [0, 1]. `latents`: NHWC unit Gaussian noise (scaled by the scheduler's
@@ -226,7 +227,12 @@ class Pipeline:
 
         `attention_edit`: a hashable `edit(probs, layer, step, num_steps) -> probs` applied to every attention of
         every UNet call in the loop (`jaxdiff.models.attention_control`), e.g.
-        `jaxdiff.sampling.prompt_to_prompt.PromptToPrompt`; one compiled program per edit object."""
+        `jaxdiff.sampling.prompt_to_prompt.PromptToPrompt`; one compiled program per edit object.
+
+        Per-stage conditioning (ProSpect): `prompt_embeds` of shape [K, B, L, D] holds K stages; the UNet call at
+        timestep t sees stage floor(t·K / num_train_timesteps) (`denoise.stage_index`; 0 = the end of generation),
+        the negative rows the same at every stage. `text_correction`: a hashable correction of the prompts' rows
+        of the text conditioning inside a step window, e.g. `jaxdiff.sampling.t2i_zero.CbS`."""
         from jaxdiff.sampling import cache as cache_lib
         from jaxdiff.sampling import make_scheduler
 
@@ -236,7 +242,14 @@ class Pipeline:
         if prompt_embeds is not None:
             if prompts is not None:
                 raise UserError("give prompts or prompt_embeds, not both")
-            prompt_embeds = _embeds(prompt_embeds, "prompt_embeds")
+            if np.ndim(prompt_embeds) == 4:  # [K, B, L, D] stages -> [B, K, L, D] (batch first, as CFG concatenates)
+                staged = jnp.asarray(prompt_embeds)
+                if 0 in staged.shape:
+                    raise UserError(f"per-stage prompt_embeds must be a non-empty [K, B, L, D], got {staged.shape}")
+                staged = staged if jnp.issubdtype(staged.dtype, jnp.floating) else staged.astype(jnp.float32)
+                prompt_embeds = jnp.moveaxis(staged, 0, 1)
+            else:
+                prompt_embeds = _embeds(prompt_embeds, "prompt_embeds")
             batch = prompt_embeds.shape[0]
         else:
             if prompts is None:
@@ -344,8 +357,12 @@ class Pipeline:
         kind = None if req is None else req.kind
         if attention_edit is not None and cache is not None:
             raise UserError("an attention edit needs every UNet call computed: it cannot be combined with a cache")
+        if context.ndim == 4 and (cache is not None or control is not None or text_correction is not None):
+            raise UserError("per-stage prompt_embeds cannot be combined with a cache, ControlNets or text_correction")
         control_key = control and (len(control.images), control.guess_mode)
-        fn = self._sampler(name, use_cfg, progress, schedule, kind, control_key, end, output, attention_edit)
+        fn = self._sampler(
+            name, use_cfg, progress, schedule, kind, control_key, end, output, attention_edit, text_correction
+        )
         conditioning = None
         if req is not None:
             conditioning = {
@@ -431,6 +448,8 @@ class Pipeline:
             uncond = jnp.broadcast_to(self.encode_prompts(negative_prompts[:1], params)[0], cond.shape)
         else:
             uncond = self.encode_prompts(negative_prompts, params)[0]
+        if cond.ndim == 4 and uncond.ndim == 3:  # per-stage prompts: the negative rows at every stage
+            uncond = jnp.broadcast_to(uncond[:, None], uncond.shape[:1] + cond.shape[1:])
         if uncond.shape[1:] != cond.shape[1:]:
             raise UserError(
                 f"negative conditioning rows have shape {tuple(uncond.shape[1:])}, the prompts' {tuple(cond.shape[1:])}"
@@ -448,6 +467,7 @@ class Pipeline:
         end: int | None = None,
         output: str = "images",
         attention_edit=None,
+        text_correction=None,
     ):
         """One jitted program per (scheduler, guidance on/off, progress, cache schedule, image kind, (number of
         ControlNets, guess mode)); XLA caches one executable per shape (strength, start step, control scales and
@@ -456,14 +476,16 @@ class Pipeline:
         key += (("control",) + tuple(control),) if control else ()
         key += (("end", end, output),) if end is not None or output != "images" else ()
         key += (("attention_edit", attention_edit),) if attention_edit is not None else ()
+        key += (("text_correction", text_correction),) if text_correction is not None else ()
         if key not in self._compiled:
             from jaxdiff.sampling import make_scheduler
 
             sched = make_scheduler(name, self.scheduler_config)
             guess = bool(control and control[1])
             sample = functools.partial(
-                self._sample, sched, use_cfg, progress, schedule, kind, guess, end, output, attention_edit
-            )
+                self._sample, sched, use_cfg, progress, schedule, kind, guess, end, output, attention_edit,
+                text_correction,
+            )  # fmt: skip
             self._compiled[key] = jax.jit(sample)
         return self._compiled[key]
 
@@ -482,6 +504,7 @@ class Pipeline:
         end,
         output,
         attention_edit,
+        text_correction,
         unet_params,
         vae_params,
         plan,
@@ -514,6 +537,12 @@ class Pipeline:
             model, x, start, after_step = self._image_conditioned(
                 sched, plan, model, vae_params, latents, key, **conditioning
             )
+        if context.ndim == 4:  # per-stage conditioning [B, K, L, D]
+            model = denoise.Staged(model, int(self.scheduler_config.get("num_train_timesteps", 1000)))
+        if text_correction is not None:
+            from jaxdiff.sampling.t2i_zero import TextCorrected
+
+            model = TextCorrected(model, text_correction, plan.timesteps, n)
         if attention_edit is not None:
             from jaxdiff.models.attention_control import Controlled
 
