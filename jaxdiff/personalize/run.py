@@ -30,13 +30,14 @@ import numpy as np
 
 from jaxdiff import fileio
 from jaxdiff.errors import UserError
-from jaxdiff.personalize import custom_diffusion, dreambooth_lora, textual_inversion, tokens
+from jaxdiff.personalize import custom_diffusion, dreambooth_lora, prospect, textual_inversion, tokens
 from jaxdiff.personalize.job import Job
 
 METHODS = {
     "textual_inversion": textual_inversion,
     "dreambooth_lora": dreambooth_lora,
     "custom_diffusion": custom_diffusion,
+    "prospect": prospect,
 }
 LORA_DIR, LORA_FILE, LORA_META = "lora", "adapters.safetensors", "lora.json"
 
@@ -163,12 +164,16 @@ def personalize(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: boo
     result = method.outputs(job, trained)
     save_model(job, result["rows"], jax.device_get(result["unet"]), out / "model")
     tokens.save_embeds(out / tokens.EMBEDS_FILE, [job.token], result["rows"])
+    if hasattr(method, "save_extra"):  # e.g. ProSpect's stage vectors
+        method.save_extra(job, result, out)
     if "lora" in result:
         _save_lora(out / LORA_DIR, jax.device_get(result["lora"]), result["lora_scale"], config)
 
     personal = load_pipeline(out / "model")
     prompts = [p.format(job.token) for p in config.sample.prompts]
-    rows = [("instance\nimages", job.images[:8])] + [(p, im) for p, im in _samples(job, personal, prompts)]
+    sampled = method.samples(job, personal, prompts, result) if hasattr(method, "samples") else None
+    sampled = _samples(job, personal, prompts) if sampled is None else sampled
+    rows = [("instance\nimages", job.images[:8])] + [(p, im) for p, im in sampled]
     save_png(out / "samples.png", labeled_rows(rows))
     report = {
         "method": config.method,
