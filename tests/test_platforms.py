@@ -50,6 +50,7 @@ def _traced(model):
     im2col = sum(e.primitive.name == "concatenate" and len(e.invars) == 9 for e in eqns)
     # Self-attention logits over the 1024 tokens of the first level (contracting the head dim, 8): their largest
     # non-key dimension is the query block, 128 when chunked, 1024 when whole.
+    splash_calls = sum(e.primitive.name == "pallas_call" for e in eqns)
     logits = sorted(
         {
             max(e.outvars[0].aval.shape[1:-1])
@@ -59,7 +60,7 @@ def _traced(model):
             and e.invars[0].aval.shape[e.params["dimension_numbers"][0][0][0]] == HEAD_DIM
         }
     )
-    return convs, im2col, logits, str(jaxpr)
+    return convs, im2col, logits, splash_calls, str(jaxpr)
 
 
 def _conv3x3_count(params):
@@ -77,29 +78,36 @@ def test_platform_names_resolve_and_come_from_the_devices():
 def test_auto_attention_follows_the_platform():
     q = jnp.zeros((1, 1024, 8, 64), jnp.bfloat16)
     assert attention.auto_implementation(q, platform="cpu") == "chunked"
-    assert attention.auto_implementation(q, platform="tpu") == "xla"
+    assert attention.auto_implementation(q, platform="tpu") == "splash"  # 1024 queries: the Pallas kernel
+    assert attention.auto_implementation(q[:, :77], platform="tpu") == "xla"  # not a multiple of its 128-row block
     assert attention.auto_implementation(q, platform="gpu") == "cudnn"
     assert attention.auto_implementation(q.astype(jnp.float32), platform="gpu") == "xla"
     assert layers.use_im2col(256, "cpu") and not layers.use_im2col(257, "cpu")
     assert not layers.use_im2col(64, "tpu") and not layers.use_im2col(64, "gpu")
 
 
-def test_unet_for_tpu_traces_xla_attention_and_native_convolutions():
+def test_unet_for_tpu_traces_splash_attention_and_native_convolutions():
     config = _tiny_config()
     tpu = create(UNET, config, abstract=True, platform="tpu")
     assert tpu.platform == "tpu"
-    convs, im2col, logits, _ = _traced(tpu)
+    convs, im2col, logits, splash_calls, _ = _traced(tpu)
     assert convs == _conv3x3_count(tpu.params), "every 3x3 convolution is a native convolution on TPU"
     assert im2col == 0
-    assert logits == [SIZE * SIZE], f"unchunked attention over {SIZE * SIZE} queries, got query blocks {logits}"
+    # The 1024- and 256-token levels' self- and cross-attention run the Pallas kernel: no logits materialised.
+    assert logits == [] and splash_calls > 0, (logits, splash_calls)
+    convs, im2col, logits, splash_calls, _ = _traced(
+        create(UNET, config, abstract=True, platform="tpu", attention="xla")
+    )
+    assert logits == [SIZE * SIZE] and splash_calls == 0, f"unchunked XLA attention, got query blocks {logits}"
 
     cpu = create(UNET, config, abstract=True, platform="cpu")
-    convs, im2col, logits, cpu_text = _traced(cpu)
+    convs, im2col, logits, splash_calls, cpu_text = _traced(cpu)
     assert im2col > 0 and convs < _conv3x3_count(cpu.params), "small convolutions are im2col on CPU"
     assert logits == [attention.CPU_QUERY_CHUNK], f"128-query chunks on CPU, got {logits}"
     # On this CPU host the default is the CPU program, unchanged; for_platform rebuilds the same model.
-    assert _traced(create(UNET, config, abstract=True))[3] == cpu_text
-    assert _traced(tpu.for_platform("cpu"))[3] == cpu_text
+    assert splash_calls == 0
+    assert _traced(create(UNET, config, abstract=True))[4] == cpu_text
+    assert _traced(tpu.for_platform("cpu"))[4] == cpu_text
 
 
 def test_the_trainer_builds_for_its_mesh_not_for_the_host(monkeypatch):

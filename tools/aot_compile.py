@@ -489,6 +489,7 @@ def sample_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
     from jax.sharding import NamedSharding, PartitionSpec
 
     from jaxdiff import platforms, sharding
+    from jaxdiff.models import splash
     from jaxdiff.models.model import create
     from jaxdiff.models.registry import architecture_for
     from jaxdiff.sampling import make_scheduler
@@ -538,7 +539,7 @@ def sample_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
         jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
         abstract(jax.random.PRNGKey(0), replicated),
     )
-    fn = jax.jit(functools.partial(pipe._sample, sched, True, False))
+    fn = jax.jit(splash.traced_over(m, functools.partial(pipe._sample, sched, True, False)))
     unet_args = [
         jax.ShapeDtypeStruct((2 * b, size, size, channels), jnp.float32),
         jax.ShapeDtypeStruct((2 * b,), jnp.float32),

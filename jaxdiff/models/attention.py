@@ -1,4 +1,5 @@
-"""Scaled dot-product attention, implementation chosen per target platform (cuDNN flash on GPU, chunked on CPU)."""
+"""Scaled dot-product attention, implementation chosen per target platform (splash on TPU, cuDNN flash on GPU,
+chunked on CPU)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import platforms
+from jaxdiff.models import splash
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "einsum", "chunked")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "einsum", "chunked")
 
 # Query-chunk length for the chunked CPU path: keeps the [chunk, L] logits block in cache.
 CPU_QUERY_CHUNK = 128
@@ -26,12 +28,17 @@ def dot_product_attention(
     `mask` is an optional boolean [B or 1, 1 or H, Lq, Lk] (True = attend). `upcast` computes the logits
     and the softmax in float32 (diffusers' `upcast_attention`/`upcast_softmax`); the float32 path always
     does so. `implementation` is one of IMPLEMENTATIONS; "auto" picks for `platform`, the platform the program is
-    compiled for (None: the host's default backend).
+    compiled for (None: the host's default backend). "splash" (the TPU Pallas kernel, `splash.py`; Pallas' interpret
+    mode off TPU) runs where its shapes allow and XLA attention elsewhere (queries not a multiple of 128, a mask).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
     if implementation == "auto":
         implementation = auto_implementation(q, mask, platform)
+    if implementation == "splash":
+        if splash.supported(q, k, mask):
+            return splash.attention(q, k, v, interpret=platforms.resolve(platform) != "tpu").astype(q.dtype)
+        implementation = "xla"
     scale = 1.0 / math.sqrt(q.shape[-1])
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
@@ -58,7 +65,10 @@ def auto_implementation(q, mask=None, platform: str | None = None) -> str:
         return "xla"
     if platform == "cpu":
         return "chunked"
-    # The unrolled query chunks only pay off in a CPU's caches; on TPU they multiply the program's size.
+    # The unrolled query chunks only pay off in a CPU's caches; on TPU they multiply the program's size. Splash
+    # attention keeps the [Lq, Lk] probabilities out of HBM where its blocks fit the queries.
+    if platform == "tpu" and splash.supported(q, None, mask):
+        return "splash"
     return "xla"
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxdiff.models import splash
 from jaxdiff.train import state as state_lib
 from jaxdiff.train.state import TrainState
 
@@ -250,7 +251,7 @@ def jit(step: Callable, state_shardings: TrainState, batch_sharding: NamedShardi
     """jax.jit with in/out shardings from the logical-axis rules and the train state donated."""
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
     return jax.jit(
-        step,
+        splash.traced_over(batch_sharding.mesh, step),  # Pallas attention partitioned over the mesh
         in_shardings=(state_shardings, batch_sharding, frozen_shardings),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
