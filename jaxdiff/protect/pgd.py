@@ -208,6 +208,13 @@ def protect_images(
     shapes Pipeline); `prompt` conditions the UNet (one, or one per image; "" by default). Returns float32 in [0, 1]
     with ‖x − images‖∞ ≤ cfg.eps. `target_image` [H, W, 3] in [0, 1] for the target modes (default: a checkerboard).
     Image i draws its noise from fold_in(PRNGKey(seed), first_index + i): the result does not depend on batching."""
+    fn, args = prepare(pipe, images, prompt, cfg, seed, target_image, first_index)
+    return finish(fn(*args))
+
+
+def prepare(pipe, images, prompt="", cfg: ProtectConfig = ProtectConfig(), seed=0, target_image=None, first_index=0):
+    """(compiled function, its arguments) of `protect_images` with the same inputs, so that a caller can compile
+    ahead (`fn.lower(*args).compile()`) and time the run alone; `finish(fn(*args))` is the result."""
     from jaxdiff.sampling.image_conditioning import as_image_batch
 
     x = np.asarray(images)
@@ -230,8 +237,12 @@ def protect_images(
             raise UserError(f"the target image is {xt.shape[0]}x{xt.shape[1]}, the images {h}x{w}")
     params = {"vae": pipe.vae.params, "unet": pipe.unet.params}
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(first_index + jnp.arange(b))
-    out = compiled(cfg, _target(pipe))(params, x * 2.0 - 1.0, context, keys, xt[None])
-    return np.clip((np.asarray(out) + 1.0) / 2.0, 0.0, 1.0)
+    return compiled(cfg, _target(pipe)), (params, x * 2.0 - 1.0, context, keys, xt[None])
+
+
+def finish(out) -> np.ndarray:
+    """`pgd`'s output on [−1, 1] -> float32 images in [0, 1]."""
+    return np.clip((np.asarray(out, np.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
 def _target(pipe) -> Target:
