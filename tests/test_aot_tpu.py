@@ -48,3 +48,11 @@ def test_fsdp_over_four_chips_cuts_per_chip_argument_bytes_to_a_quarter(aot):
     assert ratio <= 1.15 / 4, f"fsdp=4 holds {ratio:.3f} of one chip's argument bytes"
     assert 0 < four["flops_per_device"] < 0.5 * one["flops_per_device"]  # the batch's compute is split too
     assert four["fits"] and 0 < four["peak_bytes"] < four["hbm_capacity_bytes"]
+
+
+def test_the_sampling_program_compiles_with_its_batch_split_over_the_chips(aot):
+    """--task sample: the pipeline's own compiled loop (CFG rows, `--steps` UNet calls, the VAE decode)."""
+    flags = ["--topology", "v5e:2x2", "--model", "tiny", "--task", "sample", "--mesh", "data=4", "--batch", "4"]
+    r = aot.run(aot.parse_args([*flags, "--steps", "2"]))
+    assert r["platform"] == "tpu" and r["devices"] == 4 and r["mesh"]["data"] == 4
+    assert r["fits"] and r["flops_per_device"] > 0 and r["output_bytes"] > 0

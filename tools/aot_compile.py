@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -539,7 +538,14 @@ def sample_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
         jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
         abstract(jax.random.PRNGKey(0), replicated),
     )
-    fn = jax.jit(splash.traced_over(m, functools.partial(pipe._sample, sched, True, False)))
+    statics = dict(sched=sched, use_cfg=True, progress=False, schedule=None, kind=None, guess_mode=False, end=None)
+    statics.update(output="images", attention_edit=None, text_correction=None)
+    names = ("unet_params", "vae_params", "plan", "context", "added", "latents", "guidance", "key")
+
+    def sample(*call):  # by name: a static argument added to Pipeline._sample fails here, it cannot shift these
+        return pipe._sample(**statics, **dict(zip(names, call, strict=True)))
+
+    fn = jax.jit(splash.traced_over(m, sample))
     unet_args = [
         jax.ShapeDtypeStruct((2 * b, size, size, channels), jnp.float32),
         jax.ShapeDtypeStruct((2 * b,), jnp.float32),
