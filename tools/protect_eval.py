@@ -196,20 +196,17 @@ def main(argv=None) -> int:
     return 0
 
 
-def grid(protected, attacks, clean, path: Path, methods, eps: int = 16, k: int = 8, strength: float = 0.3) -> None:
+def grid(protected, attacks, clean, path: Path, methods, eps: int = 16, k: int = 8, strengths=(0.05, 0.3)) -> None:
     from jaxdiff.images import labeled_rows, save_png
 
     pick = np.r_[0 : k // 2, len(clean) // 2 : len(clean) // 2 + k // 2]  # k/2 stars, k/2 known shapes
     clean = clean[pick]
-    rows = [("clean", clean), (f"clean\nSDEdit {strength}", attacks[("clean", 0, strength)][pick])]
+    rows = [("clean", clean)] + [(f"clean\nSDEdit {s}", attacks[("clean", 0, s)][pick]) for s in strengths]
     for m in methods:
         x = protected[(m, eps)]["images"][pick]
         delta = np.abs(x.astype(np.float32) - clean.astype(np.float32)) / eps  # 1 = the full budget
-        rows += [
-            (f"{m} eps {eps}/255", x),
-            (f"{m} |delta| / eps", np.clip(delta, 0, 1)),
-            (f"{m}\nSDEdit {strength}", attacks[(m, eps, strength)][pick]),
-        ]
+        rows += [(f"{m} eps {eps}/255", x), (f"{m} |delta| / eps", np.clip(delta, 0, 1))]
+        rows += [(f"{m}\nSDEdit {s}", attacks[(m, eps, s)][pick]) for s in strengths]
     save_png(path, labeled_rows(rows, label_width=170))
 
 
@@ -304,9 +301,9 @@ def markdown(res: dict, args) -> str:
         "",
         "![clean / protected / |δ| / SDEdit](protection.png)",
         "",
-        "The grid (4 stars, then 4 known shapes): the clean renders and their SDEdit at s = 0.3, then per method at "
-        "ε = 16/255 the protected renders, |δ| divided by the budget (white = the full 16/255) and their SDEdit at "
-        "s = 0.3.",
+        "The grid (4 stars, then 4 known shapes): the clean renders and their SDEdit at s = 0.05 and 0.3, then per "
+        "method at ε = 16/255 the protected renders, |δ| divided by the budget (white = the full 16/255) and their "
+        "SDEdit at s = 0.05 and 0.3.",
         "",
         _findings(res),
         "",
