@@ -85,6 +85,14 @@ def test_budget_and_range_hold_after_every_projection(tiny, steps):
     assert np.all(x[:, :4] <= 1.0) and np.all(x[:, 4:8] >= -1.0)
 
 
+@pytest.mark.parametrize("mode", ["sdst-", "sdst+", "advdm", "photoguard", "mist"])
+def test_every_mode_moves_within_the_budget(tiny, mode):
+    x0 = np.asarray(tiny[2])
+    x = _run(tiny, mode=mode, eps=2 / 255, alpha=1 / 255, steps=3)
+    delta = np.abs(x - x0)
+    assert 0 < delta.max() <= 4 / 255 + 1e-6 and x.min() >= -1.0 and x.max() <= 1.0
+
+
 def test_project_clips_to_ball_then_range():
     x0 = jnp.asarray([-0.99, 0.0, 0.99])
     x = jnp.asarray([-2.0, 0.5, 2.0])
