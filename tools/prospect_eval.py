@@ -2,7 +2,7 @@
 """Multi-Concept T2I-Zero and ProSpect measured on `shapes`, judged by the pixel judge (jaxdiff.metrics.pixel_judge).
 
   python tools/prospect_eval.py all                # every part, then docs/t2i_zero_prospect.md (+ .png grids)
-  python tools/prospect_eval.py t2i0 --n 128       # (a) T2I-Zero on two-object prompts: plain vs CbS vs CTNMS
+  python tools/prospect_eval.py t2i0 --template heldout   # (a) T2I-Zero on two-object prompts: plain vs CbS vs CTNMS
   python tools/prospect_eval.py sweep --n 64       # (b) ProSpect stage sweep on the base model (no training)
   python tools/prospect_eval.py transfer --n 64    # (c) ProSpect: learn 10 stage vectors from one render, transfer
   python tools/prospect_eval.py report             # the markdown from the parts' JSON files
@@ -366,26 +366,27 @@ def report(args) -> str:
         lines += ["", "![A, B, B in stage 0 only, then B in stages 9..k for k = 1..9](t2i_zero_prospect_sweep.png)", ""]
     if "transfer" in parts:
         d = parts["transfer"]
-        m = d["meta"]
+        m = {**d["meta"], **_training(Path(d["meta"]["run"]))}
         lines += [
             "## (c) ProSpect: 10 stage vectors learned from one render, then transferred",
             "",
             f"Reference: a {m['reference'][3]} {m['reference'][0]} {m['reference'][1]} on the {m['reference'][2]} "
             f"({m['reference'][4]} background), one render; `jaxdiff personalize --config "
-            f"configs/personalize/prospect.py:shapes` (caption `<p>`, {m['train_steps']} steps, "
-            f"{m['train_s']:.0f} s, last loss {m['loss_last']:.4f}). Text: `{m['text']}` (every attribute "
+            f"configs/personalize/prospect.py:shapes` (caption `<p>`, {m['train_steps']} steps of batch 8, "
+            f"{m['train_s']:.0f} s of training steps, last logged loss {m['loss_last']:.4f}; n images per row from "
+            f"fixed seeds). Text: `{m['text']}` (every attribute "
             "differs). Columns: the share of images showing the reference's attribute (and the text's).",
             "",
             "| conditioning | n | reference position | reference shape | reference colour | text position | "
-            "text shape | text colour |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "text shape | text colour | one object |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in d["results"].items():
             n = r["n"]
             lines.append(
                 f"| {name} | {n} | {wilson(r['B_position'], n)} | {wilson(r['B_shape'], n)} | "
                 f"{wilson(r['B_colour'], n)} | {wilson(r['A_position'], n)} | {wilson(r['A_shape'], n)} | "
-                f"{wilson(r['A_colour'], n)} |"
+                f"{wilson(r['A_colour'], n)} | {wilson(r['one_object'], n)} |"
             )
         lines += ["", "![reference, then each conditioning](t2i_zero_prospect_transfer.png)", ""]
     lines += [READING, NOTES]
@@ -403,17 +404,23 @@ READING = """## Reading (measured 2026-12-01 on the v2 `shapes` model; see the t
   sixth of the images visibly, CTNMS almost none. The failure mode the paper names (one concept dominating) is rare
   on this model; its failures are attribute leakage, which CbS/CTNMS on the shape nouns do not address. Whether the
   methods help at SD scale is not tested here.
-- **The stage sweep finds layout first, then shape and colour together at the very end.** Swapping the prompt in one
-  stage k = 1..9 alone changes nothing; giving B the first stages (9..k) moves the object to B's side once B holds
-  stages down to about 3-4, while shape and colour follow whichever prompt holds the last stages (1 and 0): B in
-  stage 0 alone (t < 100, the last 3 of 25 DDIM steps) repaints shape and colour about two thirds of the time. So
-  ProSpect's layout → content → material order is reproduced only as layout → (shape + colour); this tiny model keeps
-  rewriting its object until the last steps, which SD does not.
-- **ProSpect transfer works in the direction this model allows.** The 10 stage vectors learned from one render
-  reproduce it (position, shape and colour 64/64). The learned late stages carry shape and colour: "text early,
-  `<p>` late" gives the reference's shape and colour with the text's or the reference's position, depending on the
-  split; "`<p>` early, text late" gives the text's shape and colour and, with a split at stage 2-3, mostly the
-  reference's position, as the sweep predicts.
+- **The stage sweep (plain prompts) finds layout first, then shape and colour together at the very end.** Swapping
+  the prompt in one stage k = 1..9 alone changes nothing; B in stage 0 alone (t < 100, the last 3 of 25 DDIM steps)
+  repaints shape and colour in about two thirds of the images (and moves the object in a third). Giving B the first
+  stages (9..k, A after) moves the object to B's side more often the further down B reaches (6 % for 9..6, 22 % for
+  9..5, 45 % for 9..3, 72 % for 9..1), while shape and colour stay A's (the prompt of the last stages) unless B holds
+  stage 1 too (23 % B's shape for 9..1); in between the model often draws both objects (the "one object" column; the
+  judge then reads the left one). So ProSpect's layout → content → material order shows up only as layout → (shape +
+  colour) with plain prompts: this tiny model keeps rewriting its object until the last steps, which SD does not.
+- **ProSpect transfer reproduces the layout → content → material order with the learned stages.** The 10 stage
+  vectors learned from one render reproduce it (position, shape and colour 64/64). Putting the text ("a red circle on
+  the right") in the late stages only and `<p>` early: with the text in stages 0-1 the image keeps the reference's
+  position (100 %) and shape (94 %) and takes the text's colour (97 %), though only about 60 % of those images show
+  one clean object; with the text in stages 0-4 it takes the text's shape and colour and mostly its position too.
+  The reverse (text early, `<p>` late) keeps the reference's shape and colour at every split and takes the text's
+  position only when the text holds stages 2-9 (100 %; 75 % for 3-9, about half for 5-9, 2 % for 8-9). So on this
+  model position is set in stages about 2-7, the learned token's shape in stages 2-4 and its colour in stages 0-1.
+  With plain prompts (the sweep above) shape and colour move together, in the last two stages.
 """
 
 NOTES = """## What is reproduced, what is UNVERIFIED
@@ -438,6 +445,22 @@ NOTES = """## What is reproduced, what is UNVERIFIED
 """
 
 
+def _training(run: Path) -> dict:
+    """Last logged loss and the logged training time of a personalize run (from OUT/train/metrics.jsonl)."""
+    path = ROOT / run / "train" / "metrics.jsonl" if not run.is_absolute() else run / "train" / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return {}
+    return {
+        "loss_last": rows[-1]["loss"],
+        "train_s": rows[-1]["time"] - rows[0]["time"],
+        "train_steps": rows[-1]["step"],
+    }
+
+
 def _json(part: str) -> Path:
     return OUT.with_name(f"{OUT.name}_{part}.json")
 
@@ -450,22 +473,24 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--template", choices=tuple(TEMPLATES), default="train", help="t2i0: the two-object template")
     p.add_argument("--alpha", type=float, default=0.25, help="CbS correction strength (besides α = 1)")
-    p.add_argument("--splits", type=int, nargs="+", default=[5, 8], help="transfer: stage boundaries")
+    p.add_argument("--splits", type=int, nargs="+", default=[2, 3, 5, 8], help="transfer: stage boundaries")
     p.add_argument("--train-steps", type=int, default=800)
     p.add_argument("--run", default="runs/prospect_eval", help="transfer: the personalize output folder")
     p.add_argument("--grid", type=int, default=8, help="images per row of the PNG grids")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    parts = ("t2i0", "sweep", "transfer") if args.part == "all" else (args.part,)
-    for part in parts:
-        if part == "report":
-            continue
+    if args.part == "all":  # t2i0 on every template, then the sweep and the transfer
+        jobs = [("t2i0", t) for t in TEMPLATES] + [("sweep", None), ("transfer", None)]
+    else:
+        jobs = [] if args.part == "report" else [(args.part, args.template)]
+    for part, template in jobs:
         a = argparse.Namespace(**vars(args))
+        a.template = template or args.template
         a.n = args.n or (128 if part == "t2i0" else 64)
         t0 = time.time()
         out = {"t2i0": t2i0, "sweep": sweep, "transfer": transfer}[part](a)
         out["seconds"] = time.time() - t0
-        part = f"t2i0_{args.template}" if part == "t2i0" else part
+        part = f"t2i0_{a.template}" if part == "t2i0" else part
         out["command"] = "python tools/prospect_eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
         _json(part).parent.mkdir(parents=True, exist_ok=True)
         _json(part).write_text(json.dumps(out, indent=2) + "\n")
