@@ -239,7 +239,12 @@ def _add_erase(sub) -> None:
         "jaxdiff checkpoint; `jaxdiff export OUT/model DST` for diffusers), OUT/before_after.png, OUT/report.json "
         "and OUT/report.md. Fine-tuning methods resume from OUT/train when rerun with the same config.",
     )
-    p.add_argument("--config", required=True, help="configs/erase/<method>.py, optionally :VARIANT (e.g. :runlocal)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="configs/erase/<method>.py, optionally :VARIANT (e.g. :runlocal); without one, the built-in shapes "
+        "model runs the :shapes preset",
+    )
     p.add_argument("--model", default=None, help="'shapes' (default) or a diffusers / jaxdiff pipeline folder")
     p.add_argument("--out", required=True, help="output folder (resumed if it holds a run of the same config)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it holds something else")
@@ -259,12 +264,26 @@ def _erase(args) -> int:
     config = apply_overrides(load_config(args.config), args.overrides)
     if args.model:
         config.model = args.model
+    preset = model_preset(args.config, config.model)
+    if preset:  # a method named without a variant, run on the built-in model: that model's calibrated preset
+        print(f"using the built-in model's preset {preset} (name a variant, e.g. {args.config}:paper, to choose)")
+        config = apply_overrides(load_config(preset), args.overrides)
+        if args.model:
+            config.model = args.model
     if args.attacks:
         config.eval.attacks = True
     report = erase(config, args.out, progress=not args.no_progress, overwrite=args.overwrite)
     print(summary(report))
     print(f"wrote {args.out}/model, before_after.png, report.md, report.json")
     return 0
+
+
+def model_preset(config_spec: str, model: str) -> str | None:
+    """`configs/erase/M.py:shapes` when `config_spec` names no variant and the model is the built-in `shapes`: the
+    methods' plain defaults are the official SD settings, which on the tiny model erase nothing or break it."""
+    if ":" in config_spec or model != "shapes":
+        return None
+    return f"{config_spec}:shapes"
 
 
 SUBCOMMANDS.append(_add_erase)

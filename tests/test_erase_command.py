@@ -280,6 +280,9 @@ def test_erase_command_writes_model_grid_and_report(uce_run):
     assert {"normalised_erasure", "preservation", "joint", "floor_gap"} <= set(report["scores"])
     assert isinstance(report["warnings"], list) and report["preserve"] == "square" and not report["preserve_default"]
     assert report["cost"]["seconds"] > 0 and report["cost"]["peak_rss_gb"] > 0
+    # configs/erase/uce.py named without a variant on the built-in model: its calibrated :shapes preset ran.
+    config = json.loads((out / "config.json").read_text())
+    assert config["uce"]["edit_tokens"] == "last_word_to_end" and config["num_prompts"] == 8
     md = (out / "report.md").read_text()
     assert "| word | 4 |" in md and "Normalised erasure" in md and "Joint score" in md
     assert (out / "before_after.png").stat().st_size > 1000
@@ -291,6 +294,12 @@ def test_erase_command_writes_model_grid_and_report(uce_run):
         if not np.array_equal(np.asarray(a), np.asarray(common.flatten(original.unet.params)[p]))
     ]
     assert changed and all("attn2" in p and p[-2] in ("to_k", "to_v") for p in changed)  # UCE edits K/V only
+
+
+def test_a_method_named_without_a_variant_takes_the_built_in_model_s_preset():
+    assert cli.model_preset("configs/erase/esd.py", "shapes") == "configs/erase/esd.py:shapes"
+    assert cli.model_preset("configs/erase/esd.py:paper", "shapes") is None  # a named variant is kept
+    assert cli.model_preset("configs/erase/esd.py", "/models/sd15") is None  # SD: the official defaults
 
 
 def test_erased_model_exports_to_diffusers(uce_run, tmp_path):
