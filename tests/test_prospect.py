@@ -80,8 +80,28 @@ def test_only_the_stage_vectors_train_and_the_run_samples_per_stage(run):
         prospect.stage_conditioning(base, [["a red <p>"]] * 10, stages, "<p>")
 
 
-def test_generator_representation_is_a_clear_todo():
+def test_config_and_bad_representation():
     c = load_config("configs/personalize/prospect.py:shapes")
     assert c.stages == 10 and c.representation == "free" and tuple(c.templates) == ("{}",)
     with pytest.raises(UserError, match="unknown prospect config variant"):
         load_config("configs/personalize/prospect.py:nope")
+
+
+def test_generator_block_maps_the_init_embedding_to_k_stages_and_alone_trains(tmp_path):
+    params = prospect.init_generator(128, 10)
+    init = jnp.asarray(np.random.default_rng(0).standard_normal((1, 128)), jnp.float32)
+    stages = prospect.generate(params, init, 10)
+    assert stages.shape == (10, 128) and np.all(np.isfinite(stages))
+    grads = jax.grad(lambda p: jnp.sum(prospect.generate(p, init, 10) ** 2))(params)
+    assert all(np.abs(g).max() > 0 for g in jax.tree_util.tree_leaves(grads["ff"]))
+    images = tmp_path / "one"
+    data.write_shapes_renders(images, 1, "<p>")
+    out = tmp_path / "gen"
+    config = "configs/personalize/prospect.py:runlocal"
+    args = ["personalize", "--config", config, "--images", str(images), "--token", "<p>", "--out", str(out), *FAST]
+    assert cli.main([*args, "--config.representation=generator"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    size = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
+    assert report["trainable_params"] == size
+    _, learned = prospect.load_stages(out)
+    assert learned.shape == (10, 128) and np.abs(learned - np.asarray(stages)).max() > 0  # trained from init

@@ -435,9 +435,10 @@ NOTES = """## What is reproduced, what is UNVERIFIED
   multi-concept personalization is not built.
 - **ProSpect**: the stage rule k = floor(t·K/1000), K = 10, the caption `{}` (the token alone), the plain ε-MSE with
   only the stage embeddings trained, and per-stage conditioning at sampling (negative prompt "" at every stage) follow
-  the official code. UNVERIFIED / not built: the official code trains a small transformer ("generator block") from
-  the initializer word's embedding, not free vectors; only free vectors are implemented (`representation="generator"`
-  is a UserError, a TODO); the `'teddy'`-string initializer quirk (here `init_word="shape"`); the official lr 1e-4
+  the official code. UNVERIFIED: the official code trains a small transformer ("generator block") from the
+  initializer word's embedding, not free vectors as the paper says; both exist (`representation="free"`, the
+  default and the one measured here, or `"generator"`: built and unit-tested, not measured; its dropout, head width
+  and initialisation are guesses); the `'teddy'`-string initializer quirk (here `init_word="shape"`); the official lr 1e-4
   at 512 px / SD-1.4 scale is replaced by 1e-2 for the tiny model (`:shapes`); the paper's CLIP metrics and user
   study are not reproduced (no CLIP judge here: the pixel judge reads position, shape and colour directly).
 - The shapes world has 32×32 images, 8×8 latents and cross-attention at 8×8, 4×4 and 2×2: effects that need

@@ -13,7 +13,7 @@ from jaxdiff.personalize.config import base_config, train_block
 def get_config(arg: str = ""):
     c = base_config("prospect")
     c.stages = 10  # K: stage k serves the timesteps t with floor(t K / 1000) = k (k = 0: the end of generation)
-    c.representation = "free"  # "free" stage vectors (the paper); "generator" (the official code's block) is a TODO
+    c.representation = "free"  # "free" stage vectors (the paper) or "generator" (the official code's block)
     c.init_word = "shape"  # the official 'teddy' string's element 0 is "t" (UNVERIFIED which one was used)
     c.snr_gamma = 0.0
     c.captions = "templates"
