@@ -438,8 +438,8 @@ NOTES = """## What is reproduced, what is UNVERIFIED
   the official code. UNVERIFIED: the official code trains a small transformer ("generator block") from the
   initializer word's embedding, not free vectors as the paper says; both exist (`representation="free"`, the
   default and the one measured here, or `"generator"`: built and unit-tested, not measured; its dropout, head width
-  and initialisation are guesses); the `'teddy'`-string initializer quirk (here `init_word="shape"`); the official lr 1e-4
-  at 512 px / SD-1.4 scale is replaced by 1e-2 for the tiny model (`:shapes`); the paper's CLIP metrics and user
+  and initialisation are guesses); the `'teddy'`-string initializer quirk (here `init_word="shape"`); the official
+  lr 1e-4 at 512 px / SD-1.4 scale is replaced by 1e-2 for the tiny model (`:shapes`); the paper's CLIP metrics and user
   study are not reproduced (no CLIP judge here: the pixel judge reads position, shape and colour directly).
 - The shapes world has 32×32 images, 8×8 latents and cross-attention at 8×8, 4×4 and 2×2: effects that need
   spatial detail in the attention maps (CTNMS) have few pixels to act on, so results here say little about SD scale.
