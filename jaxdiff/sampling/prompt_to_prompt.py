@@ -1,11 +1,14 @@
-"""Prompt-to-prompt (Hertz et al.; google/prompt-to-prompt): word-swap replace and reweight of the target prompts'
-attention by the source prompt's, as an attention edit inside the compiled sampling loop."""
+"""Prompt-to-prompt (Hertz et al.; google/prompt-to-prompt): word-swap replace and reweight of the targets'
+attention by the source prompt's, as an attention edit inside the compiled sampling loop; LocalBlend of the latents."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.errors import UserError
 
@@ -54,3 +57,178 @@ class PromptToPrompt:
             on = step < self.self_replace * num_steps
             targets = jnp.where(on, jnp.broadcast_to(source, targets.shape), targets)
         return jnp.concatenate([source, targets, rest])
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalBlend:
+    """Prompt-to-prompt's LocalBlend (the official `step_callback`): after each step from `start` (a fraction of the
+    steps; `start_blend` 0.2 in the official controller) on, x_target <- x_source + mask * (x_target - x_source),
+    applied as a select so that a mask of ones keeps x_target and a mask of zeros gives x_source, bitwise.
+
+    The mask of prompt row b: its cross-attention to the tokens `tokens[b]` (the chosen words of that prompt; row 0
+    is the source), summed over those tokens, averaged over heads and over every cross-attention layer with
+    `side` x `side` queries (16 x 16 on SD's 64 x 64 latent, official; 4 x 4 on `shapes`), summed over the steps so
+    far with `accumulate` (the official attention store; else this step's maps only), max-pooled (`pool` x `pool`,
+    stride 1), upsampled to the latent (nearest), divided by its maximum, thresholded (> `threshold`, official 0.3),
+    and united with the source row's mask. The maps are the attention before prompt-to-prompt's edit, as the
+    official store records them. Thresholds and the layer choice are UNVERIFIED (read from copies of the notebook)."""
+
+    tokens: tuple  # per prompt row, a tuple of token indices into the padded sequence (SoT = 0)
+    threshold: float = 0.3
+    start: float = 0.2
+    side: int = 4
+    pool: int = 3
+    accumulate: bool = True
+
+    def __post_init__(self):
+        if len(self.tokens) < 2 or any(len(t) == 0 for t in self.tokens):
+            raise UserError("LocalBlend needs at least one chosen token for the source and for every target prompt")
+        if not 0.0 <= self.start <= 1.0:
+            raise UserError(f"LocalBlend start must be a fraction of the steps in [0, 1], got {self.start}")
+        if self.pool < 1 or self.pool % 2 == 0 or self.side < 1:
+            raise UserError(f"LocalBlend pool must be odd and positive and side positive, got {self.pool}, {self.side}")
+
+    def start_step(self, num_steps: int) -> int:
+        """The first plan step after which the latents are blended (the official `counter > start_blend`)."""
+        return int(self.start * num_steps)
+
+    def weights(self, num_keys: int) -> jnp.ndarray:
+        """[B, num_keys]: 1 at each row's chosen tokens."""
+        w = np.zeros((len(self.tokens), num_keys), np.float32)
+        for row, tokens in enumerate(self.tokens):
+            for token in tokens:
+                if not 0 <= token < num_keys:
+                    raise UserError(f"LocalBlend token {token} is outside the {num_keys} text positions")
+                w[row, token] = 1.0
+        return jnp.asarray(w)
+
+    def maps(self, captured: dict) -> jnp.ndarray:
+        """{layer name: cross-attention probabilities [B, H, side², K] of the prompts' rows} -> [B, side, side]: the
+        chosen tokens' attention, summed over tokens, averaged over heads and layers."""
+        picked = [p for p in captured.values() if p.shape[2] == self.side * self.side]
+        if not picked:
+            raise UserError(f"LocalBlend: the UNet has no cross-attention at {self.side}x{self.side}")
+        w = self.weights(picked[0].shape[-1])
+        per_layer = [jnp.einsum("bhqk,bk->bq", p.astype(jnp.float32), w) / p.shape[1] for p in picked]
+        return jnp.mean(jnp.stack(per_layer), axis=0).reshape(-1, self.side, self.side)
+
+    def mask(self, maps: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
+        """maps [B, side, side] -> bool mask [B, height, width, 1] (row 0: the source's; the others: united with it)."""
+        k = self.pool // 2
+        pooled = jax.lax.reduce_window(
+            maps, -jnp.inf, jax.lax.max, (1, self.pool, self.pool), (1, 1, 1), ((0, 0), (k, k), (k, k))
+        )
+        rows = (np.arange(height) * self.side) // height  # nearest, torch's F.interpolate default
+        cols = (np.arange(width) * self.side) // width
+        up = pooled[:, rows][:, :, cols]
+        top = jnp.max(up, axis=(1, 2), keepdims=True)
+        m = up / jnp.maximum(top, jnp.finfo(up.dtype).tiny) > self.threshold
+        return (m | m[:1])[..., None]
+
+
+def word_tokens(tokenizer, prompt: str, words) -> tuple[int, ...]:
+    """The token indices (in the padded sequence, SoT = 0) of each word or phrase of `words` in `prompt`; a word
+    that is not in the prompt is a UserError."""
+    from jaxdiff.sampling import text
+
+    ids = list(text.tokenize(tokenizer, [prompt])[0])
+    found = []
+    for word in [words] if isinstance(words, str) else words:
+        sub = list(tokenizer(word, add_special_tokens=False).input_ids)
+        hits = [i for i in range(len(ids) - len(sub) + 1) if sub and ids[i : i + len(sub)] == sub]
+        if not hits:
+            raise UserError(f"{word!r} is not in the prompt {prompt!r}")
+        found.extend(range(hits[0], hits[0] + len(sub)))
+    return tuple(found)
+
+
+def sample(
+    pipe,
+    prompts: list[str],
+    edit: PromptToPrompt | None = None,
+    blend: LocalBlend | None = None,
+    *,
+    steps: int = 25,
+    guidance: float = 7.5,
+    scheduler: str | None = None,
+    seed: int = 0,
+    latents=None,
+    output: str = "images",
+):
+    """Prompt-to-prompt with LocalBlend as one compiled program (SD 1.x/2.x pipelines, e.g. `shapes`): the prompts
+    [source, targets...] from the same noise `latents` ([1 or B, h, w, C] unit Gaussian; default from `seed`), the
+    attention edit `edit` at every UNet call and the blend after every step. Returns (images [B, H, W, 3] in [0, 1]
+    or, with output="latents", the final latents [B, h, w, C], and the last blend mask bool [B, h, w] (all True
+    without `blend`)). Without `blend` this is `pipe(prompts, attention_edit=edit)`."""
+    from jaxdiff.sampling import make_scheduler
+
+    if pipe.is_sdxl:
+        raise UserError("prompt_to_prompt.sample supports SD 1.x/2.x pipelines")
+    if output not in ("images", "latents"):
+        raise UserError(f"output must be 'images' or 'latents', got {output!r}")
+    if blend is not None and len(blend.tokens) != len(prompts):
+        raise UserError(f"LocalBlend has tokens for {len(blend.tokens)} prompts, {len(prompts)} were given")
+    name = scheduler or pipe.default_scheduler()
+    sched = make_scheduler(name, pipe.scheduler_config)
+    plan = sched.plan(steps)
+    use_cfg = guidance > 1.0
+    batch = len(prompts)
+    context, _ = pipe.encode_prompts(list(prompts) + ([""] * batch if use_cfg else []))
+    side = pipe.default_size // pipe.vae_scale_factor
+    shape = (batch, side, side, pipe.vae.config.get("latent_channels", 4))
+    if latents is None:
+        latents = jax.random.normal(jax.random.PRNGKey(seed), shape[1:], jnp.float32)[None]
+    latents = jnp.broadcast_to(jnp.asarray(latents, jnp.float32), shape)
+    key = ("prompt_to_prompt.sample", name, use_cfg, edit, blend, output)
+    if key not in pipe._compiled:
+        pipe._compiled[key] = jax.jit(functools.partial(_program, pipe, sched, use_cfg, edit, blend, output))
+    out, mask = pipe._compiled[key](
+        pipe.unet.params, pipe.vae.params, plan, context, latents, jnp.float32(guidance), jax.random.PRNGKey(seed + 1)
+    )
+    return np.asarray(out), np.asarray(mask)
+
+
+def _program(pipe, sched, use_cfg, edit, blend, output, unet_params, vae_params, plan, context, latents, guidance, key):
+    """The sampling loop of `sample`, traced once per (scheduler, guidance on/off, edit, blend, output)."""
+    from jaxdiff.models import attention_control as ac
+    from jaxdiff.sampling.cache import CachedUNet
+
+    model = CachedUNet(pipe.unet.module, unet_params)
+    n, num_steps = latents.shape[0], plan.timesteps.shape[0]
+    select = None if edit is not None or blend is None else (lambda layer: layer.cross and layer.side == blend.side)
+
+    def call(x, t, i):
+        captured = {}
+
+        def hook(probs, layer):
+            if blend is not None and layer.cross and layer.side == blend.side:
+                captured[layer.name] = probs[:n]  # before the edit, as the official attention store
+            return probs if edit is None else edit(probs, layer, i, num_steps)
+
+        with ac.control(edit=hook, select=select):
+            out = model(x, t, (context, None))
+        return out, captured
+
+    def body(i, state):
+        x, carry, key, acc, mask = state
+        key, step_key = jax.random.split(key)
+        x_in = sched.scale_model_input(plan, x, i)
+        model_in = jnp.concatenate([x_in, x_in]) if use_cfg else x_in
+        out, captured = call(model_in, jnp.broadcast_to(plan.timesteps[i], (model_in.shape[0],)), i)
+        if use_cfg:
+            out_cond, out_uncond = jnp.split(out, 2)
+            out = out_uncond + guidance * (out_cond - out_uncond)
+        x_next, carry = sched.step(plan, out, i, x, carry, step_key)
+        if blend is not None:
+            maps = blend.maps(captured)
+            acc = acc + maps if blend.accumulate else maps
+            mask = blend.mask(acc, x.shape[1], x.shape[2])
+            blended = jnp.where(mask, x_next, x_next[:1])
+            x_next = jnp.where(i >= blend.start_step(num_steps), blended, x_next)
+        return x_next, carry, key, acc, mask
+
+    x = latents * plan.init_noise_sigma
+    size = blend.side if blend is not None else 1
+    state = (x, sched.init_carry(plan, x), key, jnp.zeros((n, size, size)), jnp.ones(x.shape[:3] + (1,), bool))
+    x, _, _, _, mask = jax.lax.fori_loop(0, num_steps, body, state)
+    return (x if output == "latents" else pipe.decode_latents(vae_params, x)), mask[..., 0]
