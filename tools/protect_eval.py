@@ -34,7 +34,7 @@ from jaxdiff.data import shapes as S  # noqa: E402
 from jaxdiff.erase import evaluate as ev  # noqa: E402
 from jaxdiff.fileio import atomic_file, atomic_write_text  # noqa: E402
 
-METHODS = ("sds-", "sds+", "advdm", "photoguard")
+METHODS = ("sds-", "sds+", "sdst-", "advdm", "photoguard", "mist")
 EPSILONS = (4, 8, 16)  # 1/255 units
 STRENGTHS = (0.05, 0.1, 0.2, 0.3, 0.5)
 GROUPS = ("star", "known")  # held-out stars; circles, squares, triangles the model was trained on
@@ -239,8 +239,9 @@ def markdown(res: dict, args) -> str:
         f"Protection: `jaxdiff.protect` ({res['steps']} PGD steps, α = 1/255, no random start, the empty prompt as "
         "the UNet's conditioning; the CLI is `jaxdiff protect --images DIR --out DIR --mode sds- --eps 16`). "
         "*sds−* is the paper's method (SDS gradient through the encoder only, minimising the semantic loss), *sds+* "
-        "its ascending twin, *advdm* ascends the diffusion loss through the UNet, *photoguard* pulls the encoder's "
-        "latent toward a checkerboard's (a stand-in for the official MIST.png target). Protected images are rounded "
+        "its ascending twin, *sdst−* adds the target term (sign(−5·g − ∇‖E(x) − E(target)‖²)), *advdm* ascends the "
+        "diffusion loss through the UNet, *photoguard* pulls the encoder's latent toward a checkerboard's (a "
+        "stand-in for the official MIST.png target), *mist* descends L_T − 10⁴·L_S. Protected images are rounded "
         "to 8 bits before anything is measured.",
         "",
         f"Attack: SDEdit (img2img) with the shapes model, DDIM {SDEDIT['steps']} steps, CFG {SDEDIT['guidance']}, "
@@ -347,9 +348,11 @@ def _findings(res: dict) -> str:
         "- Reading: the shapes UNet pulls anything it denoises toward the shapes it knows, so SDEdit already "
         "destroys a clean star from s = 0.1 on (nothing left to protect), and restores a known shape from a "
         "protected render at s ≥ 0.2 (nothing protected). Only the lightest attack (s = 0.05, one DDIM step), "
-        "which leans most on the encoder's reading of the image, is hurt; there the encoder attacks (sds−, "
-        "photoguard) act on stars and the ascending ones (sds+, advdm) and photoguard on known shapes. The probe "
-        "distances say the same: protection moves the SDEdit output away from the clean render mainly at s ≤ 0.1."
+        "which leans most on the encoder's reading of the image, is hurt: on stars by the descending attacks (sds−, "
+        "sdst−, mist, photoguard), on known shapes by the ascending ones (sds+, advdm) and the targeted ones "
+        "(photoguard, mist). The probe distances say the same: protection moves the SDEdit output away from the "
+        "clean render mainly at s ≤ 0.1. The per-image times come from a shared, loaded 2-core CPU: ratios "
+        "between rows are rough."
     )
     return "\n".join(out)
 
@@ -357,6 +360,9 @@ def _findings(res: dict) -> str:
 def _paper(res: dict) -> str:
     by = {(row["method"], row["eps"]): row for row in res["rows"]}
     speed = ""
+    measured = {row["method"] for row in res["rows"]}
+    absent = [m for m in ("sdst-", "sdst+", "mist") if m not in measured]
+    missing = f"; not in these tables: {', '.join(absent)}" if absent else ""
     if ("sds-", 16) in by and ("advdm", 16) in by:
         ratio = by[("advdm", 16)]["seconds_per_image"] / by[("sds-", 16)]["seconds_per_image"]
         speed = f" Here AdvDM takes {ratio:.1f}x the time of SDS(−) per image (ε = 16/255)."
@@ -370,7 +376,7 @@ def _paper(res: dict) -> str:
             "encoder only, x ← x + s·α·sign(g), L∞ projection, clip to [−1, 1]; SDS(−) the default; ε = 16/255, "
             "α = 1/255 (doubled on [−1, 1]), 100 steps, no random start. The baselines AdvDM, PhotoGuard "
             "(`texture_only`), Mist (L_T − 10⁴·L_S) and SDST(±) (target rate 5) are implemented "
-            "(`jaxdiff/protect/pgd.py`); Mist and SDST are not in these tables.",
+            "(`jaxdiff/protect/pgd.py`)" + missing + ".",
             "- **Reproduced (a claim):** SDS needs no UNet backward pass, so it is cheaper than AdvDM." + speed,
             "- **Not reproduced:** SD v1.4 at 512 px on real images (anime, artworks, landscapes, portraits); the "
             "paper's numbers (FID, precision, SSIM/PSNR/LPIPS/CLIP of mimicked outputs), its inpainting attack and "
