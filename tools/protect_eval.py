@@ -111,6 +111,57 @@ def sdedit(pipe, images: np.ndarray, captions: list[str], strength: float, seed:
     return {"images": (np.asarray(out) * 255 + 0.5).astype(np.uint8)}
 
 
+MIMIC_SHAPE, MIMIC_METHOD = "triangle", ("sds-", 16)
+
+
+def mimicry(pipe, runs: Path, n: int, seed: int) -> dict:
+    """Textual Inversion (`jaxdiff personalize`, :shapes preset) on 8 clean and on 8 sds−-protected (ε = 16/255) large
+    triangle renders; fidelity of n samples of "a {colour} <v>" (the pixel judge: a triangle of the asked colour),
+    and of the unpersonalised model given the word "triangle"."""
+    import shutil
+    import subprocess
+
+    from personalize_eval import concept_prompts
+
+    from jaxdiff.images import save_png
+    from jaxdiff.personalize.data import load_images, write_shapes_renders
+    from jaxdiff.protect.pgd import ProtectConfig, protect_images
+    from jaxdiff.sampling.pipeline import load_pipeline
+
+    root = runs / "mimicry"
+    clean = root / f"{MIMIC_SHAPE}_clean"
+    if not clean.is_dir():
+        write_shapes_renders(clean, 8, TOKEN, MIMIC_SHAPE, seed=seed, sizes=("large",))
+    mode, eps = MIMIC_METHOD
+    prot = root / f"{MIMIC_SHAPE}_{mode}_eps{eps}"
+    if not prot.is_dir():
+        images, _ = load_images(clean)
+        out = protect_images(pipe, images, "", ProtectConfig(mode=mode, eps=eps / 255.0), seed=seed)
+        tmp = root / "tmp_protected"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for i, im in enumerate(out):
+            save_png(tmp / f"{i:03d}.png", im)
+            shutil.copy(clean / f"{i:03d}.txt", tmp / f"{i:03d}.txt")
+        tmp.rename(prot)
+    prompts, colours = concept_prompts(n, seed, "simple")
+    latent = (int(pipe.unet.config["sample_size"]),) * 2 + (int(pipe.unet.config["in_channels"]),)
+    z = ev.noise(n, latent, seed + 21)
+    base = pipe([q.replace(TOKEN, MIMIC_SHAPE) for q in prompts], latents=z, steps=25, guidance=5.0)
+    result = {"unpersonalised (word)": ev.rate(concept_ok(base, [MIMIC_SHAPE] * n, colours))}
+    samples = {"unpersonalised (word)": base[:8]}
+    for name, folder in (("TI on clean renders", clean), (f"TI on {mode} ε={eps}/255 renders", prot)):
+        out_dir = root / f"ti_{folder.name}"
+        if not (out_dir / "model").is_dir():
+            cmd = [sys.executable, "-m", "jaxdiff", "personalize"]
+            cmd += ["--config", "configs/personalize/textual_inversion.py:shapes", "--images", str(folder)]
+            cmd += ["--token", TOKEN, "--out", str(out_dir), "--no-progress"]
+            subprocess.run(cmd, check=True, cwd=ROOT)
+        images = load_pipeline(out_dir / "model")(prompts, latents=z, steps=25, guidance=5.0)
+        result[name] = ev.rate(concept_ok(images, [MIMIC_SHAPE] * n, colours))
+        samples[name] = images[:8]
+    return {"rates": result, "samples": samples, "example": prompts[1]}
+
+
 def mean_ci(values) -> dict:
     v = np.asarray(values, np.float64)
     v = v[np.isfinite(v)]
@@ -130,6 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--doc", default="docs/protection.md")
     p.add_argument("--png", default="docs/protection.png")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-mimicry", action="store_true", help="skip the Textual Inversion mimicry runs")
     args = p.parse_args(argv)
     from tqdm.auto import tqdm
 
@@ -188,6 +240,9 @@ def main(argv=None) -> int:
                 for g, sl in group.items()
             }
         results["rows"].append(row)
+    mimic = None if args.no_mimicry else mimicry(pipe, runs, args.n, args.seed)
+    if mimic is not None:
+        results["mimicry"] = {"rates": mimic["rates"], "example": mimic["example"], "shape": MIMIC_SHAPE}
     results["eval_seconds"] = time.perf_counter() - t_start
     atomic_write_text(runs / "eval.json", json.dumps(results, indent=2) + "\n")
     grid(protected, attacks, clean, ROOT / args.png, methods)
@@ -306,6 +361,7 @@ def markdown(res: dict, args) -> str:
         "method at ε = 16/255 the protected renders, |δ| divided by the budget (white = the full 16/255) and their "
         "SDEdit at s = 0.05 and 0.3.",
         "",
+        *_mimicry_section(res),
         _findings(res),
         "",
         _paper(res),
@@ -357,6 +413,32 @@ def _findings(res: dict) -> str:
     return "\n".join(out)
 
 
+def _mimicry_section(res: dict) -> list[str]:
+    if "mimicry" not in res:
+        return []
+    m = res["mimicry"]
+    mode, eps = MIMIC_METHOD
+    lines = [
+        f"## Mimicry by Textual Inversion ({m['shape']}s)",
+        "",
+        f"`jaxdiff personalize --config configs/personalize/textual_inversion.py:shapes` teaches `{TOKEN}` from 8 "
+        f"large {m['shape']} renders, clean or protected by {mode} at ε = {eps}/255 (100 steps); then n = "
+        f"{res['n']} samples of `a {{colour}} {TOKEN}` (e.g. `{m['example']}`; DDIM 25, CFG 5, the same seeds) are "
+        f"judged: one {m['shape']} of the asked colour. A shape the model knows, because it cannot learn a star "
+        "even from clean renders (docs/personalization.md).",
+        "",
+        "| model | mimicry success |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name} | {r(x)} |" for name, x in m["rates"].items()]
+    return lines + [
+        "",
+        "One training run per row: the intervals cover the sampling of the n prompts, not the spread between "
+        "training runs.",
+        "",
+    ]
+
+
 def _paper(res: dict) -> str:
     by = {(row["method"], row["eps"]): row for row in res["rows"]}
     speed = ""
@@ -383,11 +465,11 @@ def _paper(res: dict) -> str:
             "its one-step x̂₀ SDEdit variant; memory figures. The shapes VAE is tiny (32 px images, 8×8×4 latents) "
             "and its posterior is narrow, so these figures say how the attacks behave on a small latent diffusion "
             "model, not how strong they are on Stable Diffusion.",
-            "- **Missing: mimicry by Textual Inversion and DreamBooth-LoRA** trained on the protected renders. On "
-            "shapes neither method teaches the held-out star even from clean renders (docs/personalization.md: "
-            "fidelity near 0), so a drop cannot be measured for the held-out concept; a run on known shapes "
-            "(where mimicry would be measurable) was not done in this time box. `jaxdiff personalize --images "
-            "PROTECTED_DIR` runs it by hand.",
+            "- **Missing: mimicry by DreamBooth-LoRA**"
+            + ("" if "mimicry" in res else " and by Textual Inversion")
+            + " trained on protected renders, and any mimicry of the held-out star: on shapes neither method "
+            "teaches a star even from clean renders (docs/personalization.md: fidelity near 0), so no drop can be "
+            "measured there. `jaxdiff personalize --images PROTECTED_DIR` runs it by hand.",
             "- PhotoGuard's official target image (MIST.png) is replaced by a 4-px checkerboard "
             "(`jaxdiff.protect.pgd.default_target`); `jaxdiff protect --target FILE` takes any image.",
         ]
