@@ -10,7 +10,8 @@ strength. Attack success: the pixel judge reads the SDEdit output as one object 
 (tools/personalize_eval.py's `fidelity`, for any shape). Protection: the drop in success against the clean renders,
 and the probe-feature distance of the SDEdit output to its clean render.
 Imperceptibility: PSNR and SSIM of the protected render against the clean one, and whether the pixel judge still
-reads the protected render right. Rates with n and 95 % Wilson intervals.
+reads the protected render right. Mimicry: Textual Inversion (`jaxdiff personalize`) on 8 clean vs 8 SDS(−)-protected
+triangle renders, judged on "a {colour} <v>" samples (--no-mimicry skips it). Rates with n and 95 % Wilson intervals.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def mean_ci(values) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="runs/protect_eval", help="cache folder (renders, protected images, attacks)")
-    p.add_argument("--n", type=int, default=64, help="star renders (default 64)")
+    p.add_argument("--n", type=int, default=32, help="renders per set (stars, known shapes; default 32)")
     p.add_argument("--steps", type=int, default=100, help="PGD steps (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})")
@@ -285,7 +286,7 @@ def markdown(res: dict, args) -> str:
         "# Protection against mimicry on the shapes world (Diff-Protect)",
         "",
         f"Regenerate: `python tools/protect_eval.py --n {n}` (resumable: every protected set and every attack is "
-        f"cached under `{args.runs}`; about 30 min on 2 shared CPU cores). Two sets of n = {n} renders each, "
+        f"cached under `{args.runs}`; about 35 min on 2 shared CPU cores, Textual Inversion included). Two sets of n = {n} renders each, "
         "one large object on a plain background in the four training colours (varied position and background): "
         "**stars**, a held-out shape the shapes model never saw (the renders of `tools/personalize_eval.py`), and "
         "**known** shapes (circle, square, triangle, cycled), which it was trained on. Fixed seeds, the same for "
