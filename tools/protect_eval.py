@@ -286,7 +286,8 @@ def markdown(res: dict, args) -> str:
         "# Protection against mimicry on the shapes world (Diff-Protect)",
         "",
         f"Regenerate: `python tools/protect_eval.py --n {n}` (resumable: every protected set and every attack is "
-        f"cached under `{args.runs}`; about 35 min on 2 shared CPU cores, Textual Inversion included). Two sets of n = {n} renders each, "
+        f"cached under `{args.runs}`; about 35 min on 2 shared CPU cores, Textual Inversion included). Two sets "
+        f"of n = {n} renders each, "
         "one large object on a plain background in the four training colours (varied position and background): "
         "**stars**, a held-out shape the shapes model never saw (the renders of `tools/personalize_eval.py`), and "
         "**known** shapes (circle, square, triangle, cycled), which it was trained on. Fixed seeds, the same for "
