@@ -209,7 +209,7 @@ def matmul_flops(fn, *args) -> float:
 
 def jaxpr_flops(jaxpr) -> float:
     """FLOPs of the matmuls and convolutions in `jaxpr` (2 per multiply-add; a scan's body times its length, a while
-    loop's body once, every branch of a cond)."""
+    loop's body once, every branch of a cond, a Pallas kernel's body times its grid)."""
     import numpy as np
 
     def walk(jaxpr, times=1.0):
@@ -226,6 +226,10 @@ def jaxpr_flops(jaxpr) -> float:
                 spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
                 per_output = np.prod([rhs[d] for d in spec[1:]])
                 total += times * 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * float(per_output)
+            if name == "pallas_call":  # a kernel body runs once per grid point (splash attention: per block pair)
+                grid = eqn.params["grid_mapping"].grid
+                total += walk(eqn.params["jaxpr"], times * float(np.prod([int(g) for g in grid])))
+                continue
             scale = eqn.params.get("length", 1) if name == "scan" else 1
             for value in eqn.params.values():
                 for sub in value if isinstance(value, (tuple, list)) else (value,):
