@@ -30,12 +30,13 @@ import numpy as np
 
 from jaxdiff import fileio
 from jaxdiff.errors import UserError
-from jaxdiff.personalize import custom_diffusion, dreambooth_lora, prospect, textual_inversion, tokens
+from jaxdiff.personalize import custom_diffusion, dreambooth, dreambooth_lora, prospect, textual_inversion, tokens
 from jaxdiff.personalize.job import Job
 
 METHODS = {
     "textual_inversion": textual_inversion,
     "dreambooth_lora": dreambooth_lora,
+    "dreambooth": dreambooth,
     "custom_diffusion": custom_diffusion,
     "prospect": prospect,
 }
