@@ -29,20 +29,22 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-METHODS = ("plain", "p2p", "p2p_lb3", "p2p_lb1", "grad_sam", "vae")
+METHODS = ("plain", "p2p", "p2p_lb3", "p2p_lb1", "grad_sam", "grad_sam_spatial", "vae")
 LABELS = {
     "plain": "plain sampling, same noise",
     "p2p": "prompt-to-prompt",
     "p2p_lb3": "P2P + LocalBlend (4x4, pool 3, th 0.3)",
     "p2p_lb1": "P2P + LocalBlend (4x4, pool 1, th 0.3)",
     "grad_sam": "Grad-SAM (ReLU, last layer, strength 0.9)",
+    "grad_sam_spatial": "Grad-SAM, one mask for all channels (spatial=True)",
     "vae": "(no edit: the reference through the VAE, Grad-SAM's floor)",
 }
 
 
 NOTES = [
     "Grid columns: the reference (source sample), the dilated object mask, each method's edit, then the masks of",
-    "P2P + LocalBlend (pool 3, pool 1) and Grad-SAM (union over latent channels) at latent resolution.",
+    "P2P + LocalBlend (pool 3, pool 1) and Grad-SAM (union over latent channels; per channel, spatial) at latent",
+    "resolution.",
     "",
     "## What is implemented, and what is UNVERIFIED",
     "",
@@ -181,10 +183,11 @@ def main(argv=None) -> int:
                 masks[name] = m[1]
             reference = images["p2p"][0]
             z0 = grad_sam.encode_reference(pipe, reference[None])
-            config = grad_sam.GradSAM(tokens=tokens[1])
-            out, m = grad_sam.edit(pipe, [tgt], z0, config, steps=args.steps, guidance=guidance, noise=noise)
-            images["grad_sam"] = np.concatenate([reference[None], out])
-            masks["grad_sam"] = m[0].any(-1)
+            for name, spatial in (("grad_sam", False), ("grad_sam_spatial", True)):
+                config = grad_sam.GradSAM(tokens=tokens[1], spatial=spatial)
+                out, m = grad_sam.edit(pipe, [tgt], z0, config, steps=args.steps, guidance=guidance, noise=noise)
+                images[name] = np.concatenate([reference[None], out])
+                masks[name] = m[0].any(-1)
             images["vae"] = np.concatenate([reference[None], np.asarray(pipe.decode_latents(pipe.vae.params, z0))])
             verdicts = judge(np.stack([reference] + [images[k][1] for k in METHODS]), 1 if kind == "colour" else 2)
             cover = object_mask(verdicts, 0)
@@ -274,7 +277,7 @@ def write(args, results, grid, guidance, seconds, atomic_write_text, labeled_row
             lines.append("| " + " | ".join(cells) + " |")
         read = next(iter(res.values()))["reference_read"]
         lines += ["", f"The judge read the reference's object (needed for the mask metrics) in {read} of {args.n}.", ""]
-    columns = "reference | object mask | plain | P2P | P2P+LB3 | P2P+LB1 | Grad-SAM | VAE | masks"
+    columns = "reference | object mask | plain | P2P | P2P+LB3 | P2P+LB1 | Grad-SAM | Grad-SAM spatial | VAE | masks"
     lines += [f"![{columns}]({out.name}.png)", ""]
     lines += NOTES
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")

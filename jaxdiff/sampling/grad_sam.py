@@ -34,7 +34,8 @@ class GradSAM:
     outside the mask the result is exactly the reference latent). The latest mask is used.
 
     `tokens`: the subjects' token indices in the padded prompt (SoT = 0; the official code's word-index quirk is
-    fixed). Per-subject ε̂ is the conditional prediction (no guidance): UNVERIFIED."""
+    fixed). Per-subject ε̂ is the conditional prediction (no guidance): UNVERIFIED. `spatial`: one mask for every
+    channel, the union over channels (not in the official code, which masks each latent channel separately)."""
 
     tokens: tuple[int, ...]
     manipulate: tuple[float, ...] = (5 / 50, 18 / 50, 28 / 50)
@@ -45,6 +46,7 @@ class GradSAM:
     k: float = 0.5
     smooth: int = 3
     replace: str = "every_step"
+    spatial: bool = False
 
     def __post_init__(self):
         if not self.tokens:
@@ -135,6 +137,8 @@ def saliency_mask(config: GradSAM, out_shape, probs: dict, grads: dict) -> jnp.n
         std = score.std(axis=(1, 2), keepdims=True)
         layer_mask = jnp.any(score > mean + config.k * std, axis=-1)  # union over subjects
         mask = layer_mask if mask is None else mask & layer_mask
+    if config.spatial:
+        mask = jnp.broadcast_to(jnp.any(mask, axis=-1, keepdims=True), mask.shape)
     return mask
 
 
