@@ -1,0 +1,202 @@
+"""Anchor-start DreamBooth on the shapes world: layout kept vs identity of `<v>` over the img2img strength s.
+
+    python tools/anchor_eval.py --train     # render the instance images, run DreamBooth-LoRA, then measure
+    python tools/anchor_eval.py             # measure an existing run (RUNS/dreambooth_lora/model)
+
+`<v>` is a purple square: purple is a held-out colour of the world (the base model never drew it; the held-out star
+of tools/personalize_eval.py stays at 0-11 % fidelity after DreamBooth-LoRA, too weak a signal for a trade-off
+curve). The run learns it from 8 renders of large purple squares captioned "a large <v> on the right on a white
+background". Anchors: two-object renders of the training world whose left object is a generic circle or triangle in
+a training colour; prompt "a <v> on the left and a {colour} {shape} on the right" (the anchor's right object). For
+each s in --strengths (1.0 = no anchor, plain text-to-image from the same noise) the personalised model samples from
+the anchor at s, and the pixel judge scores
+  layout kept: two objects, left and right, each of the anchor's size;
+  identity:    two objects and the left one is a purple square (the concept judged right);
+  right kept:  the right object has the anchor's shape and colour.
+Rates over n anchors per s with 95 % Wilson intervals; writes --doc, --png and RUNS/eval.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from jaxdiff.data import shapes as S  # noqa: E402
+from jaxdiff.erase import evaluate as ev  # noqa: E402
+from jaxdiff.personalize import anchor  # noqa: E402
+
+TOKEN, SHAPE, COLOUR = "<v>", "square", "purple"
+METHOD = "dreambooth_lora"
+
+
+def write_instances(folder: Path, n: int = 8, seed: int = 0) -> None:
+    """n renders of a large purple square (varied position and background) with captions naming the token."""
+    from jaxdiff.images import save_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 61])
+    for i in range(n):
+        scene = S.sample_scene(rng, num_objects=1, shapes=(SHAPE,))
+        obj = dataclasses.replace(scene.objects[0], colour=COLOUR, size="large")
+        scene = dataclasses.replace(scene, objects=(obj,))
+        save_png(folder / f"{i:03d}.png", S.render(scene, 32))
+        where = S.TRAIN_PHRASES[obj.position][0]
+        (folder / f"{i:03d}.txt").write_text(f"a large {TOKEN} {where} on a {scene.background} background\n")
+
+
+def train(runs: Path, steps: int) -> list[str]:
+    images = runs / "instance_images"
+    if not images.is_dir():
+        write_instances(images)
+    cmd = [sys.executable, "-m", "jaxdiff", "personalize", "--config", f"configs/personalize/{METHOD}.py:shapes"]
+    cmd += ["--images", str(images), "--token", TOKEN, "--out", str(runs / METHOD), "--no-progress"]
+    cmd += [f"--config.train.steps={steps}", "--config.sample.num_images=4"]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return cmd
+
+
+def r(x: dict) -> str:
+    lo, hi = x["ci"]
+    return f"{100 * x['rate']:.0f}% ({100 * lo:.0f}–{100 * hi:.0f})"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default="runs/anchor_eval", help="folder of the run and its instance images")
+    p.add_argument("--train", action="store_true", help="first render the instances and run DreamBooth-LoRA")
+    p.add_argument("--steps", type=int, default=400, help="training steps of --train (the short budget)")
+    p.add_argument("--n", type=int, default=32, help="anchors (samples) per strength")
+    p.add_argument("--strengths", default="0.3,0.5,0.7,1.0", help="comma-separated img2img strengths")
+    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--doc", default="docs/anchor_dreambooth.md")
+    p.add_argument("--png", default="docs/anchor_dreambooth.png")
+    args = p.parse_args(argv)
+    runs = ROOT / args.runs
+    strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
+    if args.train:
+        train(runs, args.steps)
+
+    from jaxdiff.images import labeled_rows, save_png
+    from jaxdiff.metrics import pixel_judge
+    from jaxdiff.sampling.pipeline import load_pipeline
+
+    t0 = time.perf_counter()
+    personal = load_pipeline(runs / METHOD / "model")
+    base = load_pipeline("shapes")
+    latent = (int(base.unet.config["sample_size"]),) * 2 + (int(base.unet.config["in_channels"]),)
+    scenes = anchor.anchor_scenes(args.n, args.seed)
+    anchors = np.stack([S.render(s, 32) for s in scenes])
+    prompts = anchor.composition_prompts(scenes, TOKEN)
+    z = ev.noise(args.n, latent, args.seed + 7)
+    show = slice(0, 8)
+    grid = [("anchors", anchors[show])]
+
+    def score(images) -> dict:
+        v = pixel_judge.judge(images, expected_objects=2)
+        lay, ident = anchor.layout_kept(v, scenes), anchor.identity_left(v, SHAPE, COLOUR)
+        right = anchor.right_kept(v, scenes)
+        return {
+            "layout": ev.rate(lay),
+            "identity": ev.rate(ident),
+            "both": ev.rate(lay & ident),
+            "right": ev.rate(right),
+            "two_objects": ev.rate(v["num_objects"] == 2),
+        }
+
+    results: dict = {"n": args.n, "guidance": args.guidance, "steps": args.sample_steps, "prompt": prompts[0]}
+    results["anchor_renders"] = score(anchors)
+    results["strengths"] = {}
+    for s in strengths:
+        t = time.perf_counter()
+        images = anchor.sample_from_anchor(
+            personal, prompts, anchors, s, noise=z, steps=args.sample_steps, guidance=args.guidance
+        )
+        results["strengths"][str(s)] = score(images)
+        grid.append((f"<v> model\ns = {s}", images[show]))
+        x = results["strengths"][str(s)]
+        print(f"s={s}: layout {r(x['layout'])}, identity {r(x['identity'])} ({time.perf_counter() - t:.0f} s)")
+    # reference: the unpersonalised model asked for the words (a purple square), plain text-to-image
+    words = [q.replace(TOKEN, f"{COLOUR} {SHAPE}") for q in prompts]
+    images = anchor.sample_from_anchor(
+        base, words, anchors, 1.0, noise=z, steps=args.sample_steps, guidance=args.guidance
+    )
+    results["base_words"] = score(images)
+    grid.append(("base model,\n'purple square', s = 1", images[show]))
+    print(f"base, words: identity {r(results['base_words']['identity'])}")
+    results["run"] = json.loads((runs / METHOD / "report.json").read_text())
+    results["eval_seconds"] = time.perf_counter() - t0
+    save_png(ROOT / args.png, labeled_rows(grid, label_width=200))
+    (runs / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    (ROOT / args.doc).write_text(markdown(results, args))
+    print(f"wrote {args.doc}, {args.png} and {runs / 'eval.json'}")
+    return 0
+
+
+def markdown(res: dict, args) -> str:
+    run = res["run"]
+    lines = [
+        "# Anchor-start DreamBooth on the shapes world: layout kept vs identity",
+        "",
+        "The recipe of §6/§9 of the personalization spec (deepfake interaction images): a DreamBooth model of a "
+        "subject `<v>` samples a two-subject composition starting from an anchor image at img2img strength s "
+        "(`jaxdiff.personalize.anchor.sample_from_anchor`, SDEdit through the pipeline's `image=`/`strength=`), "
+        "so the layout comes from the anchor and the identity from the fine-tuned model.",
+        "",
+        f"Regenerate: `python tools/anchor_eval.py --train --steps {args.steps} --n {res['n']}` (without `--train` it "
+        "measures the existing run). Sampling: DDIM "
+        f"{res['steps']} steps, CFG {res['guidance']}, n = {res['n']} anchors per s (the same anchors, prompts and "
+        "noise at every s); 95 % Wilson intervals in brackets.",
+        "",
+        f"`<v>` = a **purple square** (purple is a held-out colour: the base model never drew it). The held-out "
+        "star of `docs/personalization.md` is too hard for this model (DreamBooth-LoRA reaches 0–11 % star fidelity), "
+        "which would leave no identity axis to trade against. DreamBooth-LoRA (`configs/personalize/"
+        f"dreambooth_lora.py:shapes`, {run['steps']} steps, {run['trainable_params']:,} trained parameters, "
+        f"{run['seconds']:.0f} s on the shared 2-core CPU) learns it from 8 renders of large purple squares "
+        "captioned e.g. `a large <v> on the right on a white background`.",
+        "",
+        "Anchors: two-object renders of the training world; the left object is a generic circle or triangle in a "
+        "training colour (the subject `<v>` should replace), the right object anything. Prompt: "
+        f"`{res['prompt']}` (the anchor's right object). Pixel judge (expecting two objects):",
+        "",
+        "- **layout kept**: two objects found, left and right, each of the anchor's size;",
+        "- **identity**: two objects and the left one is a purple square;",
+        "- **right kept**: the right object has the anchor's shape and colour.",
+        "",
+        "| s | layout kept | identity of `<v>` | both | right kept | two objects |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    a = res["anchor_renders"]
+    lines.append(
+        f"| anchor renders themselves | {r(a['layout'])} | {r(a['identity'])} | {r(a['both'])} | {r(a['right'])} "
+        f"| {r(a['two_objects'])} |"
+    )
+    for s, x in res["strengths"].items():
+        label = f"{s} (no anchor)" if float(s) >= 1 else s
+        lines.append(
+            f"| {label} | {r(x['layout'])} | {r(x['identity'])} | {r(x['both'])} | {r(x['right'])} "
+            f"| {r(x['two_objects'])} |"
+        )
+    b = res["base_words"]
+    lines.append(
+        f"| base model, words `purple square`, no anchor | {r(b['layout'])} | {r(b['identity'])} | {r(b['both'])} "
+        f"| {r(b['right'])} | {r(b['two_objects'])} |"
+    )
+    lines += ["", "![anchors, then samples per s (first 8 anchors)](anchor_dreambooth.png)", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
