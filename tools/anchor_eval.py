@@ -1,11 +1,12 @@
 """Anchor-start DreamBooth on the shapes world: layout kept vs identity of `<v>` over the img2img strength s.
 
-    python tools/anchor_eval.py --train     # render the instance images, run DreamBooth-LoRA, then measure
-    python tools/anchor_eval.py             # measure an existing run (RUNS/dreambooth_lora/model)
+    python tools/anchor_eval.py --train --method dreambooth   # render the instances, run full DreamBooth, measure
+    python tools/anchor_eval.py --method dreambooth_lora      # measure an existing run (RUNS/METHOD/model)
 
 `<v>` is a purple square: purple is a held-out colour of the world (the base model never drew it; the held-out star
 of tools/personalize_eval.py stays at 0-11 % fidelity after DreamBooth-LoRA, too weak a signal for a trade-off
-curve). The run learns it from 8 renders of large purple squares captioned "a large <v> on the right on a white
+curve). A run (full DreamBooth or DreamBooth-LoRA, :shapes preset, --steps, --override) learns it from 8 renders
+of large purple squares captioned "a large <v> on the right on a white
 background". Anchors: two-object renders of the training world whose left object is a generic circle or triangle in
 a training colour; prompt "a <v> on the left and a {colour} {shape} on the right" (the anchor's right object). For
 each s in --strengths (1.0 = no anchor, plain text-to-image from the same noise) the personalised model samples from
@@ -13,7 +14,8 @@ the anchor at s, and the pixel judge scores
   layout kept: two objects, left and right, each of the anchor's size;
   identity:    two objects and the left one is a purple square (the concept judged right);
   right kept:  the right object has the anchor's shape and colour.
-Rates over n anchors per s with 95 % Wilson intervals; writes --doc, --png and RUNS/eval.json.
+Rates over n anchors per s with 95 % Wilson intervals; writes RUNS/eval_METHOD.json, --png, and --doc from every
+RUNS/eval_*.json present (one table per method).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from jaxdiff.erase import evaluate as ev  # noqa: E402
 from jaxdiff.personalize import anchor  # noqa: E402
 
 TOKEN, SHAPE, COLOUR = "<v>", "square", "purple"
-METHOD = "dreambooth_lora"
+METHODS = ("dreambooth_lora", "dreambooth")
 
 
 def write_instances(folder: Path, n: int = 8, seed: int = 0) -> None:
@@ -54,16 +56,34 @@ def write_instances(folder: Path, n: int = 8, seed: int = 0) -> None:
         (folder / f"{i:03d}.txt").write_text(f"a large {TOKEN} {where} on a {scene.background} background\n")
 
 
-def train(runs: Path, steps: int) -> list[str]:
+def train(runs: Path, method: str, steps: int, overrides: list[str]) -> list[str]:
     images = runs / "instance_images"
     if not images.is_dir():
         write_instances(images)
-    cmd = [sys.executable, "-m", "jaxdiff", "personalize", "--config", f"configs/personalize/{METHOD}.py:shapes"]
-    cmd += ["--images", str(images), "--token", TOKEN, "--out", str(runs / METHOD), "--no-progress"]
-    cmd += [f"--config.train.steps={steps}", "--config.sample.num_images=4"]
+    cmd = [sys.executable, "-m", "jaxdiff", "personalize", "--config", f"configs/personalize/{method}.py:shapes"]
+    cmd += ["--images", str(images), "--token", TOKEN, "--out", str(runs / method), "--no-progress"]
+    cmd += [f"--config.train.steps={steps}", "--config.sample.num_images=4", *overrides]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return cmd
+
+
+def _overrides(run: Path) -> str:
+    """How a run's config differs from its method's :shapes preset."""
+    from jaxdiff.config import load_config
+
+    saved = json.loads((run / "config.json").read_text())
+    preset = json.loads(load_config(f"configs/personalize/{saved['method']}.py:shapes").to_json_best_effort())
+
+    def flat(d, pre=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+
+    a, b = flat(preset), flat(saved)
+    diff = [f"--config.{k}={b[k]}" for k in sorted(b) if k not in ("images", "token") and a.get(k) != b[k]]
+    return f"{saved['method']}.py:shapes " + " ".join(diff)
 
 
 def r(x: dict) -> str:
@@ -74,7 +94,9 @@ def r(x: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="runs/anchor_eval", help="folder of the run and its instance images")
-    p.add_argument("--train", action="store_true", help="first render the instances and run DreamBooth-LoRA")
+    p.add_argument("--train", action="store_true", help="first render the instances and run the method")
+    p.add_argument("--method", default="dreambooth", choices=METHODS, help="full DreamBooth or DreamBooth-LoRA")
+    p.add_argument("--override", action="append", default=[], help="--config.KEY=VALUE for --train (repeatable)")
     p.add_argument("--steps", type=int, default=400, help="training steps of --train (the short budget)")
     p.add_argument("--n", type=int, default=32, help="anchors (samples) per strength")
     p.add_argument("--strengths", default="0.3,0.5,0.7,1.0", help="comma-separated img2img strengths")
@@ -82,19 +104,20 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--doc", default="docs/anchor_dreambooth.md")
-    p.add_argument("--png", default="docs/anchor_dreambooth.png")
+    p.add_argument("--png", default="docs/anchor_dreambooth_{method}.png")
     args = p.parse_args(argv)
+    args.png = args.png.format(method=args.method)
     runs = ROOT / args.runs
     strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
     if args.train:
-        train(runs, args.steps)
+        train(runs, args.method, args.steps, args.override)
 
     from jaxdiff.images import labeled_rows, save_png
     from jaxdiff.metrics import pixel_judge
     from jaxdiff.sampling.pipeline import load_pipeline
 
     t0 = time.perf_counter()
-    personal = load_pipeline(runs / METHOD / "model")
+    personal = load_pipeline(runs / args.method / "model")
     base = load_pipeline("shapes")
     latent = (int(base.unet.config["sample_size"]),) * 2 + (int(base.unet.config["in_channels"]),)
     scenes = anchor.anchor_scenes(args.n, args.seed)
@@ -136,17 +159,25 @@ def main(argv=None) -> int:
     results["base_words"] = score(images)
     grid.append(("base model,\n'purple square', s = 1", images[show]))
     print(f"base, words: identity {r(results['base_words']['identity'])}")
-    results["run"] = json.loads((runs / METHOD / "report.json").read_text())
+    extra = "".join(f" --override={o}" for o in args.override)
+    results["command"] = f"python tools/anchor_eval.py --train --method {args.method} --steps {args.steps} --n {args.n}"
+    results["command"] += extra
+    results["config"] = _overrides(runs / args.method)
+    results["run"] = json.loads((runs / args.method / "report.json").read_text())
     results["eval_seconds"] = time.perf_counter() - t0
     save_png(ROOT / args.png, labeled_rows(grid, label_width=200))
-    (runs / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    (ROOT / args.doc).write_text(markdown(results, args))
-    print(f"wrote {args.doc}, {args.png} and {runs / 'eval.json'}")
+    (runs / f"eval_{args.method}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (ROOT / args.doc).write_text(markdown(runs))
+    print(f"wrote {args.doc}, {args.png} and {runs / f'eval_{args.method}.json'}")
     return 0
 
 
-def markdown(res: dict, args) -> str:
-    run = res["run"]
+def markdown(runs: Path) -> str:
+    """The doc from every RUNS/eval_<method>.json present (one table per method)."""
+    evals = {
+        m: json.loads((runs / f"eval_{m}.json").read_text()) for m in METHODS if (runs / f"eval_{m}.json").is_file()
+    }
+    first = next(iter(evals.values()))
     lines = [
         "# Anchor-start DreamBooth on the shapes world: layout kept vs identity",
         "",
@@ -155,46 +186,49 @@ def markdown(res: dict, args) -> str:
         "(`jaxdiff.personalize.anchor.sample_from_anchor`, SDEdit through the pipeline's `image=`/`strength=`), "
         "so the layout comes from the anchor and the identity from the fine-tuned model.",
         "",
-        f"Regenerate: `python tools/anchor_eval.py --train --steps {args.steps} --n {res['n']}` (without `--train` it "
-        "measures the existing run). Sampling: DDIM "
-        f"{res['steps']} steps, CFG {res['guidance']}, n = {res['n']} anchors per s (the same anchors, prompts and "
-        "noise at every s); 95 % Wilson intervals in brackets.",
+        "Regenerate (each line trains, resumably, then measures; without `--train` it measures an existing run):",
         "",
-        f"`<v>` = a **purple square** (purple is a held-out colour: the base model never drew it). The held-out "
-        "star of `docs/personalization.md` is too hard for this model (DreamBooth-LoRA reaches 0–11 % star fidelity), "
-        "which would leave no identity axis to trade against. DreamBooth-LoRA (`configs/personalize/"
-        f"dreambooth_lora.py:shapes`, {run['steps']} steps, {run['trainable_params']:,} trained parameters, "
-        f"{run['seconds']:.0f} s on the shared 2-core CPU) learns it from 8 renders of large purple squares "
-        "captioned e.g. `a large <v> on the right on a white background`.",
+        "```",
+        *[e["command"] for e in evals.values()],
+        "```",
+        "",
+        f"Sampling: DDIM {first['steps']} steps, CFG {first['guidance']}, n = {first['n']} anchors per s (the same "
+        "anchors, prompts and noise at every s and for every model); 95 % Wilson intervals in brackets.",
+        "",
+        "`<v>` = a **purple square** (purple is a held-out colour: the base model never drew it). The held-out "
+        "star of `docs/personalization.md` is too hard for this model (DreamBooth-LoRA reaches 0–11 % star "
+        "fidelity), which would leave no identity axis to trade against. Each run learns `<v>` from the same 8 "
+        "renders of large purple squares captioned e.g. `a large <v> on the right on a white background`.",
         "",
         "Anchors: two-object renders of the training world; the left object is a generic circle or triangle in a "
         "training colour (the subject `<v>` should replace), the right object anything. Prompt: "
-        f"`{res['prompt']}` (the anchor's right object). Pixel judge (expecting two objects):",
+        f"`{first['prompt']}` (the anchor's right object). Pixel judge (expecting two objects):",
         "",
         "- **layout kept**: two objects found, left and right, each of the anchor's size;",
-        "- **identity**: two objects and the left one is a purple square;",
+        "- **identity**: two objects and the left one is a purple square (the concept judged right);",
         "- **right kept**: the right object has the anchor's shape and colour.",
         "",
-        "| s | layout kept | identity of `<v>` | both | right kept | two objects |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
-    a = res["anchor_renders"]
-    lines.append(
-        f"| anchor renders themselves | {r(a['layout'])} | {r(a['identity'])} | {r(a['both'])} | {r(a['right'])} "
-        f"| {r(a['two_objects'])} |"
-    )
-    for s, x in res["strengths"].items():
-        label = f"{s} (no anchor)" if float(s) >= 1 else s
-        lines.append(
-            f"| {label} | {r(x['layout'])} | {r(x['identity'])} | {r(x['both'])} | {r(x['right'])} "
-            f"| {r(x['two_objects'])} |"
-        )
-    b = res["base_words"]
-    lines.append(
-        f"| base model, words `purple square`, no anchor | {r(b['layout'])} | {r(b['identity'])} | {r(b['both'])} "
-        f"| {r(b['right'])} | {r(b['two_objects'])} |"
-    )
-    lines += ["", "![anchors, then samples per s (first 8 anchors)](anchor_dreambooth.png)", ""]
+    for method, res in evals.items():
+        run = res["run"]
+        lines += [
+            f"## {method}: {run['steps']} steps, {run['trainable_params']:,} trained parameters, "
+            f"{run['seconds']:.0f} s on the shared 2-core CPU",
+            "",
+            f"Config: `{res['config']}`.",
+            "",
+            "| s | layout kept | identity of `<v>` | both | right kept | two objects |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        rows = [("anchor renders themselves", res["anchor_renders"])]
+        rows += [(f"{s} (no anchor)" if float(s) >= 1 else s, x) for s, x in res["strengths"].items()]
+        rows += [("base model, words `purple square`, no anchor", res["base_words"])]
+        for label, x in rows:
+            lines.append(
+                f"| {label} | {r(x['layout'])} | {r(x['identity'])} | {r(x['both'])} | {r(x['right'])} "
+                f"| {r(x['two_objects'])} |"
+            )
+        lines += ["", f"![anchors, then samples per s (first 8 anchors)](anchor_dreambooth_{method}.png)", ""]
     return "\n".join(lines)
 
 
