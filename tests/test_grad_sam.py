@@ -85,3 +85,14 @@ def dataclasses_replace(config, **kwargs):
     import dataclasses
 
     return dataclasses.replace(config, **kwargs)
+
+
+def test_spatial_mask_is_one_mask_for_every_channel():
+    b, h, w, c, e = 1, 2, 2, 2, 8
+    probs = {"l0": jnp.ones((b, 1, 4, 2))}
+    grads = {"l0": jnp.zeros((e, b, 1, 4, 2)).at[1, ..., 1].set(1.0)}  # element 1 = (0, 0, channel 1)
+    per_channel = grad_sam.GradSAM(tokens=(1,), smooth=1)
+    m = np.asarray(grad_sam.saliency_mask(per_channel, (b, h, w, c), probs, grads))
+    assert m[0, 0, 0].tolist() == [False, True] and m.sum() == 1
+    spatial = np.asarray(grad_sam.saliency_mask(dataclasses_replace(per_channel, spatial=True), m.shape, probs, grads))
+    assert spatial[0, 0, 0].tolist() == [True, True] and spatial.sum() == 2
