@@ -3,16 +3,17 @@
     python tools/anchor_eval.py --train --method dreambooth   # render the instances, run full DreamBooth, measure
     python tools/anchor_eval.py --method dreambooth_lora      # measure an existing run (RUNS/METHOD/model)
 
-`<v>` is a purple square: purple is a held-out colour of the world (the base model never drew it; the held-out star
-of tools/personalize_eval.py stays at 0-11 % fidelity after DreamBooth-LoRA, too weak a signal for a trade-off
-curve). A run (full DreamBooth or DreamBooth-LoRA, :shapes preset, --steps, --override) learns it from 8 renders
-of large purple squares captioned "a large <v> on the right on a white
-background". Anchors: two-object renders of the training world whose left object is a generic circle or triangle in
-a training colour; prompt "a <v> on the left and a {colour} {shape} on the right" (the anchor's right object). For
+`<v>` is a yellow triangle: a specific subject of a class the model knows (DreamBooth's setting: "a sks dog"),
+learned from 8 renders of large yellow triangles captioned "a large <v> on the right on a white background" by a
+run (full DreamBooth or DreamBooth-LoRA, :shapes preset, --steps, --override). Not a held-out concept: the held-out
+star stays at 0-11 % fidelity after DreamBooth-LoRA (docs/personalization.md), and the held-out colour purple cannot
+be drawn at all: the frozen VAE decodes purple renders as green (all 8 instance images; see docs/anchor_dreambooth.md).
+Anchors: two-object renders of the training world whose left object is a generic red, green or blue circle or square;
+prompt "a <v> on the left and a {colour} {shape} on the right" (the anchor's right object). For
 each s in --strengths (1.0 = no anchor, plain text-to-image from the same noise) the personalised model samples from
 the anchor at s, and the pixel judge scores
   layout kept: two objects, left and right, each of the anchor's size;
-  identity:    two objects and the left one is a purple square (the concept judged right);
+  identity:    two objects and the left one is a yellow triangle (the concept judged right);
   right kept:  the right object has the anchor's shape and colour.
 Rates over n anchors per s with 95 % Wilson intervals; writes RUNS/eval_METHOD.json, --png, and --doc from every
 RUNS/eval_*.json present (one table per method).
@@ -37,12 +38,12 @@ from jaxdiff.data import shapes as S  # noqa: E402
 from jaxdiff.erase import evaluate as ev  # noqa: E402
 from jaxdiff.personalize import anchor  # noqa: E402
 
-TOKEN, SHAPE, COLOUR = "<v>", "square", "purple"
+TOKEN, SHAPE, COLOUR = "<v>", "triangle", "yellow"
 METHODS = ("dreambooth_lora", "dreambooth")
 
 
 def write_instances(folder: Path, n: int = 8, seed: int = 0) -> None:
-    """n renders of a large purple square (varied position and background) with captions naming the token."""
+    """n renders of a large yellow triangle (varied position and background) with captions naming the token."""
     from jaxdiff.images import save_png
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ def r(x: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default="runs/anchor_eval", help="folder of the run and its instance images")
+    p.add_argument("--runs", default="runs/anchor_dreambooth", help="folder of the run and its instance images")
     p.add_argument("--train", action="store_true", help="first render the instances and run the method")
     p.add_argument("--method", default="dreambooth", choices=METHODS, help="full DreamBooth or DreamBooth-LoRA")
     p.add_argument("--override", action="append", default=[], help="--config.KEY=VALUE for --train (repeatable)")
@@ -151,13 +152,13 @@ def main(argv=None) -> int:
         grid.append((f"<v> model\ns = {s}", images[show]))
         x = results["strengths"][str(s)]
         print(f"s={s}: layout {r(x['layout'])}, identity {r(x['identity'])} ({time.perf_counter() - t:.0f} s)")
-    # reference: the unpersonalised model asked for the words (a purple square), plain text-to-image
+    # reference: the unpersonalised model asked for the words (a yellow triangle), plain text-to-image
     words = [q.replace(TOKEN, f"{COLOUR} {SHAPE}") for q in prompts]
     images = anchor.sample_from_anchor(
         base, words, anchors, 1.0, noise=z, steps=args.sample_steps, guidance=args.guidance
     )
     results["base_words"] = score(images)
-    grid.append(("base model,\n'purple square', s = 1", images[show]))
+    grid.append(("base model,\n'yellow triangle', s = 1", images[show]))
     print(f"base, words: identity {r(results['base_words']['identity'])}")
     extra = "".join(f" --override={o}" for o in args.override)
     results["command"] = f"python tools/anchor_eval.py --train --method {args.method} --steps {args.steps} --n {args.n}"
@@ -195,17 +196,20 @@ def markdown(runs: Path) -> str:
         f"Sampling: DDIM {first['steps']} steps, CFG {first['guidance']}, n = {first['n']} anchors per s (the same "
         "anchors, prompts and noise at every s and for every model); 95 % Wilson intervals in brackets.",
         "",
-        "`<v>` = a **purple square** (purple is a held-out colour: the base model never drew it). The held-out "
-        "star of `docs/personalization.md` is too hard for this model (DreamBooth-LoRA reaches 0–11 % star "
-        "fidelity), which would leave no identity axis to trade against. Each run learns `<v>` from the same 8 "
-        "renders of large purple squares captioned e.g. `a large <v> on the right on a white background`.",
+        "`<v>` = a **yellow triangle**: a specific subject of a class the model knows, DreamBooth's own setting "
+        '("a sks dog"). Each run learns it from the same 8 renders of large yellow triangles captioned e.g. '
+        "`a large <v> on the right on a white background`. Why not a held-out concept: the held-out star of "
+        "`docs/personalization.md` stays at 0–11 % fidelity after DreamBooth-LoRA, and the held-out colour purple "
+        "cannot be drawn at all by this pipeline: the frozen VAE decodes the 8 purple-square instance renders as "
+        "green (pixel judge: 8/8 green), so a first purple-square run (DreamBooth-LoRA and full DreamBooth, 400 "
+        "steps) had 0/32 identity at every s (runs/anchor_eval, not in this table).",
         "",
-        "Anchors: two-object renders of the training world; the left object is a generic circle or triangle in a "
-        "training colour (the subject `<v>` should replace), the right object anything. Prompt: "
+        "Anchors: two-object renders of the training world; the left object is a generic red, green or blue circle "
+        "or square (the subject `<v>` should replace), the right object anything. Prompt: "
         f"`{first['prompt']}` (the anchor's right object). Pixel judge (expecting two objects):",
         "",
         "- **layout kept**: two objects found, left and right, each of the anchor's size;",
-        "- **identity**: two objects and the left one is a purple square (the concept judged right);",
+        "- **identity**: two objects and the left one is a yellow triangle (the concept judged right);",
         "- **right kept**: the right object has the anchor's shape and colour.",
         "",
     ]
@@ -222,7 +226,7 @@ def markdown(runs: Path) -> str:
         ]
         rows = [("anchor renders themselves", res["anchor_renders"])]
         rows += [(f"{s} (no anchor)" if float(s) >= 1 else s, x) for s, x in res["strengths"].items()]
-        rows += [("base model, words `purple square`, no anchor", res["base_words"])]
+        rows += [("base model, words `yellow triangle`, no anchor", res["base_words"])]
         for label, x in rows:
             lines.append(
                 f"| {label} | {r(x['layout'])} | {r(x['identity'])} | {r(x['both'])} | {r(x['right'])} "

@@ -50,16 +50,23 @@ def sample_from_anchor(
 # -- the shapes world ------------------------------------------------------------------------------------------------
 
 
-def anchor_scenes(n: int, seed: int, left_shapes: Sequence[str] = ("circle", "triangle")) -> list:
-    """n two-object scenes of the training world (left object one of `left_shapes` in a training colour: a generic
-    subject the personalised one should replace; right object any training shape and colour; random sizes)."""
+def anchor_scenes(
+    n: int,
+    seed: int,
+    left_shapes: Sequence[str] = ("circle", "square"),
+    left_colours: Sequence[str] = ("red", "green", "blue"),
+) -> list:
+    """n two-object scenes of the training world (left object one of `left_shapes` in one of `left_colours`: a
+    generic subject the personalised one should replace; right object any training shape and colour; random
+    sizes)."""
     from jaxdiff.data import shapes as S
 
     rng = np.random.default_rng([seed, 31])
     scenes = []
     for _ in range(n):
         scene = S.sample_scene(rng, num_objects=2)
-        left = dataclasses.replace(scene.objects[0], shape=str(rng.choice(list(left_shapes))))
+        shape, colour = str(rng.choice(list(left_shapes))), str(rng.choice(list(left_colours)))
+        left = dataclasses.replace(scene.objects[0], shape=shape, colour=colour)
         scenes.append(dataclasses.replace(scene, objects=(left, scene.objects[1])))
     return scenes
 
