@@ -105,9 +105,10 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--doc", default="docs/anchor_dreambooth.md")
-    p.add_argument("--png", default="docs/anchor_dreambooth_{method}.png")
+    p.add_argument("--png", default="docs/anchor_dreambooth_{method}.png", help="{method} and {runs} are filled in")
+    p.add_argument("--doc-runs", action="append", default=[], help="another RUNS folder whose evals the doc also lists")
     args = p.parse_args(argv)
-    args.png = args.png.format(method=args.method)
+    args.png = args.png.format(method=args.method, runs=Path(args.runs).name)
     runs = ROOT / args.runs
     strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
     if args.train:
@@ -161,22 +162,28 @@ def main(argv=None) -> int:
     grid.append(("base model,\n'yellow triangle', s = 1", images[show]))
     print(f"base, words: identity {r(results['base_words']['identity'])}")
     extra = "".join(f" --override={o}" for o in args.override)
+    if args.runs != p.get_default("runs"):
+        extra += f" --runs {args.runs} --png {args.png}"
     results["command"] = f"python tools/anchor_eval.py --train --method {args.method} --steps {args.steps} --n {args.n}"
     results["command"] += extra
     results["config"] = _overrides(runs / args.method)
+    results["png"] = args.png
     results["run"] = json.loads((runs / args.method / "report.json").read_text())
     results["eval_seconds"] = time.perf_counter() - t0
     save_png(ROOT / args.png, labeled_rows(grid, label_width=200))
     (runs / f"eval_{args.method}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (ROOT / args.doc).write_text(markdown(runs))
+    (ROOT / args.doc).write_text(markdown(runs, *[ROOT / x for x in args.doc_runs]))
     print(f"wrote {args.doc}, {args.png} and {runs / f'eval_{args.method}.json'}")
     return 0
 
 
-def markdown(runs: Path) -> str:
-    """The doc from every RUNS/eval_<method>.json present (one table per method)."""
+def markdown(*folders: Path) -> str:
+    """The doc from every FOLDER/eval_<method>.json present (one table per run)."""
     evals = {
-        m: json.loads((runs / f"eval_{m}.json").read_text()) for m in METHODS if (runs / f"eval_{m}.json").is_file()
+        f"{m} ({folder.name})": json.loads((folder / f"eval_{m}.json").read_text())
+        for folder in folders
+        for m in METHODS
+        if (folder / f"eval_{m}.json").is_file()
     }
     first = next(iter(evals.values()))
     lines = [
@@ -232,7 +239,8 @@ def markdown(runs: Path) -> str:
                 f"| {label} | {r(x['layout'])} | {r(x['identity'])} | {r(x['both'])} | {r(x['right'])} "
                 f"| {r(x['two_objects'])} |"
             )
-        lines += ["", f"![anchors, then samples per s (first 8 anchors)](anchor_dreambooth_{method}.png)", ""]
+        png = Path(res.get("png", f"anchor_dreambooth_{res['run']['method']}.png")).name
+        lines += ["", f"![anchors, then samples per s (first 8 anchors)]({png})", ""]
     lines += _findings(evals)
     return "\n".join(lines)
 
