@@ -162,6 +162,8 @@ def main(argv=None) -> int:
     grid.append(("base model,\n'yellow triangle', s = 1", images[show]))
     print(f"base, words: identity {r(results['base_words']['identity'])}")
     extra = "".join(f" --override={o}" for o in args.override)
+    if args.strengths != p.get_default("strengths"):
+        extra += f" --strengths {args.strengths}"
     if args.runs != p.get_default("runs"):
         extra += f" --runs {args.runs} --png {args.png}"
     results["command"] = f"python tools/anchor_eval.py --train --method {args.method} --steps {args.steps} --n {args.n}"
@@ -267,7 +269,9 @@ def _findings(evals: dict) -> list[str]:
             "asks for (identity rising with s while layout falls) has only its layout half here; a longer or "
             "stronger run is the open item."
             if best < 0.1
-            else f"- Identity: best {100 * best:.0f} % at some s (the base model with the words: {r(words)})."
+            else f"- Identity: the best run reaches {100 * best:.0f} % identity at some s (the base model asked for "
+            f"the words: {r(words)}); the runs that bind the token trade layout for identity over s as listed above, "
+            "those that do not keep 0 % identity at every s."
         ),
         "- Not reproduced either: photographs, faces or any identity metric of the papers (face recognition, "
         "DINO/CLIP similarity); the subject here is one of the world's own object classes in a known colour, "
