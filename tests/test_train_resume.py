@@ -65,7 +65,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     workdir = tmp_path / "run"
     # Fast steps and a long run: the signal lands mid-run however fast the machine (8 slow steps once finished
     # before the signal on CI); no periodic checkpoint, so the only one before the end is the SIGTERM save.
-    total = 400
+    total = 150
     overrides = (
         f"--config.total_steps={total}",
         "--config.checkpoint.every_steps=100000",
