@@ -34,6 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from personalize_eval import _overrides, r  # noqa: E402  (tools/ is on sys.path: the script's folder)
+
 from jaxdiff.data import shapes as S  # noqa: E402
 from jaxdiff.erase import evaluate as ev  # noqa: E402
 from jaxdiff.personalize import anchor  # noqa: E402
@@ -67,29 +69,6 @@ def train(runs: Path, method: str, steps: int, overrides: list[str]) -> list[str
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return cmd
-
-
-def _overrides(run: Path) -> str:
-    """How a run's config differs from its method's :shapes preset."""
-    from jaxdiff.config import load_config
-
-    saved = json.loads((run / "config.json").read_text())
-    preset = json.loads(load_config(f"configs/personalize/{saved['method']}.py:shapes").to_json_best_effort())
-
-    def flat(d, pre=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
-        return out
-
-    a, b = flat(preset), flat(saved)
-    diff = [f"--config.{k}={b[k]}" for k in sorted(b) if k not in ("images", "token") and a.get(k) != b[k]]
-    return f"{saved['method']}.py:shapes " + " ".join(diff)
-
-
-def r(x: dict) -> str:
-    lo, hi = x["ci"]
-    return f"{100 * x['rate']:.0f}% ({100 * lo:.0f}–{100 * hi:.0f})"
 
 
 def main(argv=None) -> int:
@@ -168,7 +147,7 @@ def main(argv=None) -> int:
         extra += f" --runs {args.runs} --png {args.png}"
     results["command"] = f"python tools/anchor_eval.py --train --method {args.method} --steps {args.steps} --n {args.n}"
     results["command"] += extra
-    results["config"] = _overrides(runs / args.method)
+    results["config"] = _overrides(runs / args.method, "{}.py:shapes")
     results["png"] = args.png
     results["run"] = json.loads((runs / args.method / "report.json").read_text())
     results["eval_seconds"] = time.perf_counter() - t0

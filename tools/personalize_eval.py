@@ -166,8 +166,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _overrides(run: Path) -> str:
-    """How a variant's config differs from its method's :shapes preset (for the doc)."""
+def _overrides(run: Path, label: str = "{}:shapes") -> str:
+    """How a variant's config differs from its method's :shapes preset (for the doc), after `label` (the method)."""
     from jaxdiff.config import load_config
 
     saved = json.loads((run / "config.json").read_text())
@@ -181,7 +181,7 @@ def _overrides(run: Path) -> str:
 
     a, b = flat(preset), flat(saved)
     diff = [f"--config.{k}={b[k]}" for k in sorted(b) if k not in ("images", "token") and a.get(k) != b[k]]
-    return f"{saved['method']}:shapes " + " ".join(diff)
+    return label.format(saved["method"]) + " " + " ".join(diff)
 
 
 def _instances(runs: Path):
