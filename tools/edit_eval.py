@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from prospect_eval import wilson  # noqa: E402  (tools/ is on sys.path: the script's folder)
+
 METHODS = ("plain", "p2p", "p2p_lb3", "p2p_lb1", "grad_sam", "grad_sam_spatial", "vae")
 LABELS = {
     "plain": "plain sampling, same noise",
@@ -67,15 +69,6 @@ NOTES = [
     "  and its word-index token quirk are deliberately not kept.",
     "",
 ]
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> str:
-    if n == 0:
-        return "n/a"
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return f"{p:.0%} [{max(0, centre - half):.0%}, {min(1, centre + half):.0%}]"
 
 
 def mean_ci(values, fmt: str = ".3f") -> str:

@@ -46,13 +46,12 @@ TEMPLATES = {
 }
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> str:
-    if n == 0:
-        return "n/a"
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return f"{p:.0%} [{max(0, centre - half):.0%}, {min(1, centre + half):.0%}]"
+def wilson(k: int, n: int) -> str:
+    """k/n with its 95 % Wilson interval (`jaxdiff.erase.evaluate.wilson`), as "97% [92%, 99%]"."""
+    from jaxdiff.erase.evaluate import wilson as interval
+
+    ci = interval(k, n)
+    return "n/a" if ci is None else f"{k / n:.0%} [{ci[0]:.0%}, {ci[1]:.0%}]"
 
 
 def _setup(model: str):
