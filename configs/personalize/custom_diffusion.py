@@ -9,6 +9,7 @@
 import ml_collections
 
 from jaxdiff.errors import UserError
+from jaxdiff.personalize import binding
 from jaxdiff.personalize.config import base_config, train_block
 
 
@@ -17,6 +18,7 @@ def get_config(arg: str = ""):
     c.init_word = "object"  # the script's "ktn"; the row starts at this word's embedding
     c.freeze_model = "crossattn_kv"  # crossattn_kv | crossattn (adds to_q and to_out)
     c.prior = ml_collections.ConfigDict(dict(weight=1.0, num_images=200, prompts="a photo of an object"))
+    c.binding = binding.config_block()  # T2I-Zero's binding term: weight > 0 (spec's proposal 0.1) turns it on
     c.train = train_block(steps=250, learning_rate=4e-5, batch_size=2, weight_decay=1e-2)
     for variant in filter(None, arg.split(",")):
         if variant == "shapes":

@@ -6,6 +6,7 @@
 """Textual Inversion; see jaxdiff/personalize/textual_inversion.py for the objective and the options."""
 
 from jaxdiff.errors import UserError
+from jaxdiff.personalize import binding
 from jaxdiff.personalize.config import base_config, train_block
 
 
@@ -13,6 +14,7 @@ def get_config(arg: str = ""):
     c = base_config("textual_inversion")
     c.init_word = "object"  # the new row starts at this word's embedding (mean of its tokens)
     c.snr_gamma = 0.0  # > 0: min-SNR-γ weights
+    c.binding = binding.config_block()  # T2I-Zero's binding term: weight > 0 (spec's proposal 0.1) turns it on
     c.train = train_block(steps=3000, learning_rate=5e-4, batch_size=4)
     for variant in filter(None, arg.split(",")):
         if variant == "shapes":

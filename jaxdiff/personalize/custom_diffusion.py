@@ -10,6 +10,9 @@ script's 1e-5 × batch (× 2 with prior: `--scale_lr`), done in the config. Not 
 augmentation with its masked loss and caption prefixes (a shapes object's size is part of its caption), detaching
 the start token's key and value (it needs a per-position hook in the attention; the row of the start token does
 not train here either way).
+
+`binding.weight` > 0 adds T2I-Zero's supervised contrastive binding term on the instance half
+(`jaxdiff.personalize.binding`, UNVERIFIED form; off by default).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 
 from jaxdiff import selectors
 from jaxdiff.errors import UserError
-from jaxdiff.personalize import dreambooth_lora, tokens
+from jaxdiff.personalize import binding, dreambooth_lora, tokens
 from jaxdiff.personalize.job import Job, Plan
 
 FREEZE_MODELS = {
@@ -40,7 +43,9 @@ def plan(job: Job) -> Plan:
     rows = tokens.init_rows(tokens.table_of(te.params), c.init_word, job.tokenizer, seed=int(c.seed))
     attention, _ = selectors.split(unet.params, _selector(str(c.freeze_model)))
     loss, batch_fn = dreambooth_lora.instance_and_prior(
-        job, lambda p, frozen_unet: selectors.combine(p["attention"], frozen_unet)
+        job,
+        lambda p, frozen_unet: selectors.combine(p["attention"], frozen_unet),
+        c.get("binding") or binding.config_block(),
     )
     frozen = {"unet": unet.params, "text_encoder": te.params}
     return Plan({"attention": attention, "rows": rows}, None, loss, batch_fn, frozen)

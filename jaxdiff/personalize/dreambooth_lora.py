@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxdiff import fileio, lora
 from jaxdiff.errors import UserError
-from jaxdiff.personalize import losses, tokens
+from jaxdiff.personalize import binding, losses, tokens
 from jaxdiff.personalize.job import Job, Plan
 
 PRIOR_FILE = "prior.npz"
@@ -71,10 +71,12 @@ def scale(job: Job) -> float:
     return float(c.alpha) / int(c.rank)
 
 
-def instance_and_prior(job: Job, unet_params_of: Callable) -> tuple[Callable, Callable]:
+def instance_and_prior(job: Job, unet_params_of: Callable, bind=None) -> tuple[Callable, Callable]:
     """(loss, batch_fn) of DreamBooth's objective, shared with Custom Diffusion: ε-MSE on instance captions (the
     token's row from the "rows" leaf) + `prior.weight` × ε-MSE on the generated class examples, one batch of two
-    halves. `unet_params_of(personal params, frozen UNet params)` gives the UNet the step trains through."""
+    halves. `unet_params_of(personal params, frozen UNet params)` gives the UNet the step trains through. `bind`: a
+    `binding` config block whose weight > 0 adds T2I-Zero's binding term on the instance half
+    (`jaxdiff.personalize.binding`)."""
     c = job.config
     te, unet = job.text_encoder, job.unet
     acp = job.alphas_cumprod()
@@ -82,6 +84,7 @@ def instance_and_prior(job: Job, unet_params_of: Callable) -> tuple[Callable, Ca
     use_prior = weight > 0 and int(c.prior.num_images) > 0
     prior_latents, prior_ids, _ = prior_data(job) if use_prior else (None, None, None)
     batch = int(c.train.batch_size)
+    eos = int(job.tokenizer.eos_token_id)
 
     def loss(params, frozen, batch_, rng):
         p = params["personal"]
@@ -93,7 +96,11 @@ def instance_and_prior(job: Job, unet_params_of: Callable) -> tuple[Callable, Ca
         unet_params = unet_params_of(p, frozen["unet"])
         apply = lambda x, t, ctx: unet.apply(unet_params, x, t, ctx)  # noqa: E731
         per = losses.eps_mse(apply, acp, latents, context, rng)
-        return losses.prior_preservation(per, batch, weight)
+        total, aux = losses.prior_preservation(per, batch, weight)
+        if bind is None:
+            return total, aux
+        inst = dict(context=context[:batch], ids=ids[:batch], placeholder_ids=job.new_ids, eos_id=eos)
+        return binding.add(total, aux, bind, rows=p["rows"], **inst)
 
     def batch_fn(step: int) -> dict:
         b = job.instance_batch(step, batch)

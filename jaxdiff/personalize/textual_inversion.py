@@ -6,6 +6,9 @@ caption file), differentiated in the new row only; the table's other rows are a 
 examples/textual_inversion): the row starts at an init word's embedding (`init_word`; the mean of its tokens when it
 has several), AdamW with weight decay on the row, constant lr. Not kept: random flips by default (`flip` 0: a flip
 moves a shapes object to the other side of its caption's position), `num_vectors` > 1.
+
+`binding.weight` > 0 adds T2I-Zero's supervised contrastive binding term (`jaxdiff.personalize.binding`, UNVERIFIED
+form; off by default).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.personalize import losses, tokens
+from jaxdiff.personalize import binding, losses, tokens
 from jaxdiff.personalize.job import Job, Plan
 
 
@@ -23,12 +26,17 @@ def plan(job: Job) -> Plan:
     rows = tokens.init_rows(tokens.table_of(te.params), c.init_word, job.tokenizer, seed=int(c.seed))
     acp = job.alphas_cumprod()
     gamma = float(c.snr_gamma)
+    bind = c.get("binding") or binding.config_block()
+    eos = int(job.tokenizer.eos_token_id)
 
     def loss(params, frozen, batch, rng):
-        context = tokens.encode(te, frozen["text_encoder"], params["personal"]["rows"], batch["ids"])
+        rows = params["personal"]["rows"]
+        context = tokens.encode(te, frozen["text_encoder"], rows, batch["ids"])
         apply = lambda x, t, ctx: unet.apply(frozen["unet"], x, t, ctx)  # noqa: E731
         per = losses.eps_mse(apply, acp, batch["latents"], context, rng, gamma)
-        return jnp.mean(per), {"row_norm": jnp.linalg.norm(params["personal"]["rows"])}
+        aux = {"row_norm": jnp.linalg.norm(rows)}
+        inputs = dict(rows=rows, context=context, ids=batch["ids"], placeholder_ids=job.new_ids, eos_id=eos)
+        return binding.add(jnp.mean(per), aux, bind, **inputs)
 
     frozen = {"unet": unet.params, "text_encoder": te.params}
     batch = int(c.train.batch_size)
