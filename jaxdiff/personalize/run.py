@@ -30,7 +30,15 @@ import numpy as np
 
 from jaxdiff import fileio
 from jaxdiff.errors import UserError
-from jaxdiff.personalize import custom_diffusion, dreambooth, dreambooth_lora, prospect, textual_inversion, tokens
+from jaxdiff.personalize import (
+    custom_diffusion,
+    dreambooth,
+    dreambooth_lora,
+    dreamcreature,
+    prospect,
+    textual_inversion,
+    tokens,
+)
 from jaxdiff.personalize.job import Job
 
 METHODS = {
@@ -39,6 +47,7 @@ METHODS = {
     "dreambooth": dreambooth,
     "custom_diffusion": custom_diffusion,
     "prospect": prospect,
+    "dreamcreature": dreamcreature,
 }
 LORA_DIR, LORA_FILE, LORA_META = "lora", "adapters.safetensors", "lora.json"
 
