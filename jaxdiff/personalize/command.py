@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
         help="teach a model a new token from a folder of images (textual inversion, DreamBooth-LoRA, Custom Diffusion)",
         description="Teach a new token from a folder of same-size images (IMAGE.txt beside an image is its caption, "
         "naming the token): --config configs/personalize/METHOD.py[:VARIANT] (textual_inversion, dreambooth_lora, "
-        "custom_diffusion, prospect; "
+        "custom_diffusion, prospect, attencraft; "
         "variants shapes, runlocal) then --config.KEY=VALUE overrides. Writes OUT/model (load_pipeline(OUT/model); "
         "`jaxdiff generate --model OUT/model 'a red <v>'`), OUT/learned_embeds.safetensors, OUT/lora "
         "(DreamBooth-LoRA), "
@@ -20,7 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--config", required=True, help="configs/personalize/<method>.py, optionally :VARIANT")
     p.add_argument("--images", required=True, help="folder of instance images (png/jpg), all of one size")
     p.add_argument(
-        "--token", required=True, help="the new placeholder token, e.g. '<v>' (must not be in the vocabulary)"
+        "--token",
+        required=True,
+        help="the new placeholder token, e.g. '<v>' (must not be in the vocabulary); attencraft takes two: '<a>,<b>'",
     )
     p.add_argument("--out", required=True, help="output folder (resumed if it holds a run of the same config)")
     p.add_argument("--model", default=None, help="'shapes' (default) or a diffusers / jaxdiff pipeline folder")

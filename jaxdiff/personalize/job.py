@@ -34,6 +34,9 @@ class Plan:
     loss: Callable  # loss(params {"personal": ...}, frozen, batch, rng) -> (loss, aux)
     batch_fn: Callable[[int], dict]
     frozen: dict
+    # More runner networks updated before "personal" in every step: {name: (step.Network, step.Phase, initial
+    # params)} (AttenCraft's mask refresh); their final params land in Job.trained_extra.
+    extra: dict = dataclasses.field(default_factory=dict)
 
 
 class Job:
@@ -43,12 +46,16 @@ class Job:
         from jaxdiff.sampling.pipeline import load_pipeline
 
         self.config, self.out, self.progress = config, Path(out), progress
-        self.token = str(config.token)
+        # "<a>,<b>": several placeholders (methods that learn several, e.g. attencraft); self.token is the first
+        self.tokens = [t.strip() for t in str(config.token).split(",")]
+        if len(self.tokens) > 1 and not config.get("multi_token", False):
+            raise UserError(f"--token {config.token!r}: the {config.method} method learns one token; give one")
+        self.token = self.tokens[0]
         data.image_files(config.images)  # no images: fail before loading anything
         self.pipe = load_pipeline(config.model)
         if self.pipe.is_sdxl:
             raise UserError("jaxdiff personalize supports SD 1.x/2.x pipelines (one text encoder); this one is SDXL")
-        self.tokenizer, self.new_ids = tokens.add_tokens(self.pipe.tokenizers[0], [self.token])
+        self.tokenizer, self.new_ids = tokens.add_tokens(self.pipe.tokenizers[0], self.tokens)
         self.text_encoder = self.pipe.text_encoders[0]
         self.unet = self.pipe.unet
         vocab = int(tokens.table_of(self.text_encoder.params).shape[0])
@@ -150,10 +157,11 @@ class Job:
         lr = optim.schedule(t.learning_rate, t.steps, kind=t.lr_schedule, warmup_steps=t.warmup_steps)
         tx = optim.optimizer(t.optimizer, lr, weight_decay=float(t.weight_decay))
         net = step_lib.Network("personal", tx, lr, trainable=plan.trainable, clip_norm=float(t.max_grad_norm))
+        extra = plan.extra
         state, info = finetune.run(
-            [net],
-            [step_lib.Phase("personal", "personal", plan.loss)],
-            {"personal": plan.params},
+            [net] + [n for n, _, _ in extra.values()],
+            [p for _, p, _ in extra.values()] + [step_lib.Phase("personal", "personal", plan.loss)],
+            {"personal": plan.params, **{name: p for name, (_, _, p) in extra.items()}},
             plan.frozen,
             plan.batch_fn,
             t,
@@ -167,6 +175,7 @@ class Job:
             config=json.loads(self.config.to_json_best_effort()),
             frozen_sharding=self.frozen_shardings(plan.frozen),
         )
+        self.trained_extra = {name: jax.device_get(state.params[name]) for name in extra}
         return jax.device_get(state.params["personal"]), info
 
     def alphas_cumprod(self) -> np.ndarray:

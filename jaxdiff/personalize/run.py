@@ -31,6 +31,7 @@ import numpy as np
 from jaxdiff import fileio
 from jaxdiff.errors import UserError
 from jaxdiff.personalize import (
+    attencraft,
     custom_diffusion,
     dreambooth,
     dreambooth_lora,
@@ -47,6 +48,7 @@ METHODS = {
     "dreambooth": dreambooth,
     "custom_diffusion": custom_diffusion,
     "prospect": prospect,
+    "attencraft": attencraft,
     "dreamcreature": dreamcreature,
 }
 LORA_DIR, LORA_FILE, LORA_META = "lora", "adapters.safetensors", "lora.json"
@@ -173,21 +175,21 @@ def personalize(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: boo
     seconds = time.perf_counter() - t0
     result = method.outputs(job, trained)
     save_model(job, result["rows"], jax.device_get(result["unet"]), out / "model")
-    tokens.save_embeds(out / tokens.EMBEDS_FILE, [job.token], result["rows"])
+    tokens.save_embeds(out / tokens.EMBEDS_FILE, job.tokens, result["rows"])
     if hasattr(method, "save_extra"):  # e.g. ProSpect's stage vectors
         method.save_extra(job, result, out)
     if "lora" in result:
         _save_lora(out / LORA_DIR, jax.device_get(result["lora"]), result["lora_scale"], config)
 
     personal = load_pipeline(out / "model")
-    prompts = [p.format(job.token) for p in config.sample.prompts]
+    prompts = [p.format(*job.tokens) for p in config.sample.prompts]
     sampled = method.samples(job, personal, prompts, result) if hasattr(method, "samples") else None
     sampled = _samples(job, personal, prompts) if sampled is None else sampled
     rows = [("instance\nimages", job.images[:8])] + [(p, im) for p, im in sampled]
     save_png(out / "samples.png", labeled_rows(rows))
     report = {
         "method": config.method,
-        "token": job.token,
+        "token": ",".join(job.tokens),
         "token_id": job.new_ids[0],
         "model": str(config.model),
         "images": len(job.images),
@@ -195,7 +197,7 @@ def personalize(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: boo
         "trainable_params": int(result["trained_params"]),
         "steps": info["steps"],
         "resumed_from": info["resumed_from"],
-        "loss_last": info["last"].get("loss"),
+        "loss_last": info["last"].get("loss", info["last"].get("loss_personal")),
         "seconds": seconds,
         "compile_s": info["compile_s"],
         "load": f"load_pipeline({str(out / 'model')!r})",
