@@ -151,6 +151,9 @@ def main(argv=None) -> int:
     results["png"] = args.png
     results["run"] = json.loads((runs / args.method / "report.json").read_text())
     results["eval_seconds"] = time.perf_counter() - t0
+    from personalization_table import stamp  # source hashes: the table's current/stale column
+
+    results.update(stamp("anchor_lora" if args.method == "dreambooth_lora" else "anchor_full"))
     save_png(ROOT / args.png, labeled_rows(grid, label_width=200))
     (runs / f"eval_{args.method}.json").write_text(json.dumps(results, indent=2) + "\n")
     (ROOT / args.doc).write_text(markdown(runs, *[ROOT / x for x in args.doc_runs]))

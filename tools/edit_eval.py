@@ -274,7 +274,11 @@ def write(args, results, grid, guidance, seconds, atomic_write_text, labeled_row
     lines += [f"![{columns}]({out.name}.png)", ""]
     lines += NOTES
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"results": results, "seconds": seconds}) + "\n")
+    from personalization_table import stamp  # source hashes: the table's current/stale column
+
+    atomic_write_text(
+        out.with_suffix(".json"), json.dumps({"results": results, "seconds": seconds, **stamp("editing")}) + "\n"
+    )
     save_png(out.with_suffix(".png"), labeled_rows(grid, label_width=260))
     print("\n".join(lines))
 

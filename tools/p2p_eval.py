@@ -145,7 +145,10 @@ def main(argv=None) -> int:
         f"![source | edited prompt, plain | edited prompt, prompt-to-prompt]({out.name}.png)",
     ]
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"results": results, "seconds": seconds}, indent=2) + "\n")
+    from personalization_table import stamp  # source hashes: the table's current/stale column
+
+    record = {"results": results, "seconds": seconds, **stamp("p2p")}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     save_png(out.with_suffix(".png"), labeled_rows(grid))
     print("\n".join(lines))
     return 0

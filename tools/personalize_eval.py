@@ -159,6 +159,9 @@ def main(argv=None) -> int:
     results["runs"] = {m: json.loads((runs / m / "report.json").read_text()) for m in names}
     results["extra_configs"] = {m: _overrides(runs / m) for m in args.extra}
     results["eval_seconds"] = time.perf_counter() - t0
+    from personalization_table import stamp  # source hashes: the table's current/stale column
+
+    results.update(stamp("personalize"))
     save_png(ROOT / args.png, labeled_rows(grid, label_width=230))
     (runs / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     (ROOT / args.doc).write_text(markdown(results, args))

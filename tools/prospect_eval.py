@@ -492,6 +492,10 @@ def main(argv=None) -> int:
         out["seconds"] = time.time() - t0
         part = f"t2i0_{a.template}" if part == "t2i0" else part
         out["command"] = "python tools/prospect_eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        if part != "sweep":  # source hashes for tools/personalization_table.py's current/stale column
+            from personalization_table import stamp
+
+            out.update(stamp("t2i_zero" if part.startswith("t2i0") else "prospect"))
         _json(part).parent.mkdir(parents=True, exist_ok=True)
         _json(part).write_text(json.dumps(out, indent=2) + "\n")
         print(part, json.dumps(out["results"]), flush=True)

@@ -245,6 +245,9 @@ def main(argv=None) -> int:
     if mimic is not None:
         results["mimicry"] = {"rates": mimic["rates"], "example": mimic["example"], "shape": MIMIC_SHAPE}
     results["eval_seconds"] = time.perf_counter() - t_start
+    from personalization_table import stamp  # source hashes: the table's current/stale column
+
+    results.update(stamp("protection"))
     atomic_write_text(runs / "eval.json", json.dumps(results, indent=2) + "\n")
     grid(protected, attacks, clean, ROOT / args.png, methods)
     atomic_write_text(ROOT / args.doc, markdown(results, args))
