@@ -163,6 +163,19 @@ def protection(res: dict, strength: str = "0.05", eps: int = 16) -> list[Row]:
     return rows
 
 
+def dreamcreature(res: dict) -> list[Row]:
+    rows = []
+    for split, name in (("unseen", "held-out part combinations"), ("seen", "seen combinations")):
+        if split in res:
+            rows.append(Row("DreamCreature", f"{name}: every part right (probe)", res[split]["probe:all"]))
+            rows.append(Row("DreamCreature", f"{name}: every part right (pixel judge)", res[split]["pixel:all"]))
+    for part, m in res.get("unseen", {}).get("cosim", {}).items():
+        rows.append(Row("DreamCreature", f"CoSim-like, {part} part (probe cosine)", m["samples"]))
+    for part, m in res.get("attention_iou", {}).get("trained", {}).items():
+        rows.append(Row("DreamCreature", f"attention IoU, {part}", m))
+    return rows
+
+
 def generic(res: dict, limit: int = 12) -> list[Row]:
     """Every {k, n} rate and {mean, n} figure in the JSON, its key path as the label (first `limit`)."""
     rows: list[Row] = []
@@ -236,7 +249,8 @@ REGISTRY: list[Entry] = [
     ),
     Entry(
         "dreamcreature", "DreamCreature", "docs/dreamcreature.json", "python tools/dreamcreature_eval.py all",
-        (*TRAIN, *JUDGE, "tools/dreamcreature_eval.py"), generic, "docs/dreamcreature.png",
+        (*TRAIN, *JUDGE, "jaxdiff/metrics/probe.py", "tools/dreamcreature_eval.py"), dreamcreature,
+        "docs/dreamcreature.png",
     ),
 ]  # fmt: skip
 
@@ -353,7 +367,8 @@ def table(root: Path = ROOT, registry: list[Entry] | None = None, manifest: dict
         for i, r in enumerate(rows):
             figure, n, interval = cells(r.stat)
             tail = f"`{e.result}` | {rev} | {cmd}" if i == 0 else " | |"
-            lines.append(f"| {r.method} | {r.measured} | {figure} | {n} | {interval} | {tail} |")
+            method = f"{e.label}: {r.method}" if e.extract is generic else r.method
+            lines.append(f"| {method} | {r.measured} | {figure} | {n} | {interval} | {tail} |")
     return lines, missing
 
 
