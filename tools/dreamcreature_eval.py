@@ -225,8 +225,6 @@ def mean_ci(x: np.ndarray) -> dict:
 
 
 def measure(args) -> dict:
-    import jax
-
     from jaxdiff.erase.evaluate import noise, rate
     from jaxdiff.images import labeled_rows, save_png
     from jaxdiff.metrics.probe import load_probe
@@ -250,6 +248,7 @@ def measure(args) -> dict:
     steps, guidance = int(d.get("steps", 25)), float(d.get("guidance", 2.0))
     result = {"steps": steps, "guidance": guidance, "per_combo": args.per_combo, "combinations": len(held)}
     grid = []
+    base = load_pipeline("shapes")
     for split, pairs in (("unseen", held), ("seen", seen)):
         specs = [(a, b, (i * args.per_combo + j) % 3) for i, (a, b) in enumerate(pairs) for j in range(args.per_combo)]
         prompts = ["a " + dc.format_codes(sp, k) for sp in specs]
@@ -270,20 +269,27 @@ def measure(args) -> dict:
             from jaxdiff.data import shapes as S
 
             rng = np.random.default_rng([args.seed, 31])
-            for i in range(6):
+            for i in np.linspace(0, len(pairs) - 1, 6).astype(int):
                 a, b = pairs[i]
                 sp = specs[i * args.per_combo]
                 real = S.render(dc.shapes_scene(a, b, rng, S.BACKGROUNDS[sp[2]]))[None].astype(np.float32) / 255.0
-                label = (
-                    f"{prompts[i * args.per_combo]}\n{' '.join(code_names(a)[::-1])} |\n{' '.join(code_names(b)[::-1])}"
-                )
+                label = f"a 0:{a} 1:{b} 2:*\n{' '.join(code_names(a)[::-1])} |\n{' '.join(code_names(b)[::-1])}"
                 ims = images[i * args.per_combo : (i + 1) * args.per_combo]
                 grid.append((label, np.concatenate([real, ims])))
+            # reference: the base model given the combination in words (a training template; no background asked)
+            words = [
+                "a {1} {0} on the left and a {3} {2} on the right".format(*code_names(a), *code_names(b))
+                for a, b, _ in specs
+            ]
+            text_images = base(words, latents=z, steps=steps, guidance=guidance)
+            jt = judged(text_images, specs, probe)
+            result[split]["text_prompt0"] = words[0]
+            for judge in ("probe", "pixel"):
+                result[split] |= {f"text:{judge}:{key}": rate(jt[judge][key]) for key in ("all", "left", "right")}
         print(split, {key: v for key, v in result[split].items() if key.endswith(":all")}, flush=True)
     save_png(DOC.with_suffix(".png"), labeled_rows(grid, label_width=170))
     # attention IoU on real renders of the unseen combinations: trained vs the untrained mapper (and base UNet)
     specs = [(a, b, (i * 2 + j) % 3) for i, (a, b) in enumerate(held) for j in range(2)]
-    base = load_pipeline("shapes")
     init = dc.init_mapper(len(meta["parts"]), k, int(mapper["table"].shape[1]), int(meta["mapper_layers"]), 0)
     trained = attention_iou(pipe, pipe.unet.params, mapper, meta, specs, args.seed)
     untrained = attention_iou(pipe, base.unet.params, init, meta, specs, args.seed)
@@ -295,7 +301,6 @@ def measure(args) -> dict:
     }
     report = json.loads((run / "report.json").read_text())
     result["train"] = {key: report[key] for key in ("steps", "seconds", "trainable_params", "loss_last", "images")}
-    del jax
     (args.runs / "measure.json").write_text(json.dumps(result, indent=1) + "\n")
     DOC.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -328,6 +333,17 @@ def report(args) -> str:
         "this report). Definitions of the official EMR / CoSim are UNVERIFIED; the shapes analogues of spec §9 are",
         "described in the tool's docstring.",
         "",
+        "## Summary",
+        "",
+        f"On combinations never seen in training, code prompts give both requested objects in "
+        f"{_rate(u['probe:all'])} of samples by the probe ({_rate(u['pixel:all'])} by the pixel judge), against "
+        f"{_rate(s['probe:all'])} on seen combinations and {_rate(u['text:probe:all'])} for the base model given "
+        "the same combination in words: the part codes compose about as well as the words they replace (the intervals "
+        "overlap). With the background code too: "
+        f"{_rate(u['probe:all+background'])} (unseen) vs {_rate(s['probe:all+background'])} (seen). The part "
+        "tokens' normalised cross-attention lands on their slots (IoU table below) where the untrained mapper's "
+        "does not.",
+        "",
         "## EMR-like: every requested part read right",
         "",
         "| judge | measure | unseen combinations | seen combinations (control) |",
@@ -342,8 +358,13 @@ def report(args) -> str:
         ):
             lines.append(f"| {judge} | {what} | {_rate(u[f'{judge}:{key}'])} | {_rate(s[f'{judge}:{key}'])} |")
     lines.append(f"| border colour | background | {_rate(u['background'])} | {_rate(s['background'])} |")
+    for judge in ("probe", "pixel"):
+        for key, what in (("all", "both objects"), ("left", "left object"), ("right", "right object")):
+            lines.append(f"| {judge} | reference, base model + words: {what} | {_rate(u[f'text:{judge}:{key}'])} | |")
     lines += [
         "",
+        "Reference rows: the base shapes model (no training) given the unseen combination in words, e.g.",
+        f"`{u['text_prompt0']}` (a training template; same noise, no background asked).",
         "Rates with 95 % Wilson intervals; images are not independent across the 3 seeds of one combination, so the",
         "intervals are optimistic.",
         "",
@@ -384,7 +405,8 @@ def report(args) -> str:
         "![unseen combinations](dreamcreature.png)",
         "",
         "`dreamcreature.png`: six unseen combinations: a real render of the combination (first column), then the",
-        f"{r['per_combo']} samples of its code prompt. Numbers: `dreamcreature.json`.",
+        f"{r['per_combo']} samples of its code prompt (one background code per seed: 2:0, 2:1, 2:2 cycle).",
+        "Numbers: `dreamcreature.json`.",
         "",
         "Not done: the unsupervised sub-concepts (k-means of probe features) are not implemented; the codes here are",
         "the renderer's (shape, colour) labels (the official --use_gt_label analogue).",
