@@ -56,6 +56,7 @@ from jaxdiff.personalize.job import Job, Plan
 from jaxdiff.sampling.schedulers import common
 
 MASKS_FILE = "attencraft_masks.npz"
+NUM_TOKENS = 2  # --token "<a>,<b>"
 CLASSES = ("background", "a", "b")  # mask rows: the start token (background), then the two new tokens
 
 
@@ -363,7 +364,12 @@ def plan(job: Job) -> Plan:
             return jnp.zeros_like(old), jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)
 
         delta, accepted, sim = jax.lax.cond(due, compute, skip, None)
-        return {"masks": delta}, 1.0 - accepted, {"accepted": accepted, "ssim_min": sim, "due": due}
+        counts = jnp.stack([due.astype(jnp.float32), accepted])  # running [refreshes tried, accepted]
+        return (
+            {"masks": delta, "refreshes": counts},
+            1.0 - accepted,
+            {"accepted": accepted, "ssim_min": sim, "due": due},
+        )
 
     from jaxdiff.train import step as step_lib
 
@@ -384,7 +390,7 @@ def plan(job: Job) -> Plan:
             out.update(prior_latents=prior_latents[j], prior_ids=prior_ids[j])
         return out
 
-    extra = {"masks": (net, phase, {"masks": jnp.asarray(init_masks)})}
+    extra = {"masks": (net, phase, {"masks": jnp.asarray(init_masks), "refreshes": jnp.zeros((2,), jnp.float32)})}
     return Plan(personal, None, loss, batch_fn, frozen, extra=extra)
 
 
@@ -392,16 +398,23 @@ def outputs(job: Job, trained: dict) -> dict:
     """{"rows": [2, D], "unet": the UNet with the trained projections, "masks": the last accepted [3, Q],
     "trained_params"}."""
     result = custom_diffusion.outputs(job, trained)
-    masks = getattr(job, "trained_extra", {}).get("masks", {}).get("masks")
-    return {**result, "masks": None if masks is None else np.asarray(masks)}
+    extra = getattr(job, "trained_extra", {}).get("masks", {})
+    masks, counts = extra.get("masks"), extra.get("refreshes")
+    return {
+        **result,
+        "masks": None if masks is None else np.asarray(masks),
+        "refreshes": None if counts is None else np.asarray(counts),
+    }
 
 
 def save_extra(job: Job, result: dict, out) -> None:
     """OUT/attencraft_masks.npz: the initial masks (and refined maps) and the last accepted ones, [3, side²] rows
-    (background, <a>, <b>)."""
+    (background, <a>, <b>), and "refreshes" = [refreshes tried, accepted]."""
     path = out / MASKS_FILE
     saved = dict(np.load(path)) if path.is_file() else {}
     if result.get("masks") is not None:
         saved["final"] = result["masks"]
+    if result.get("refreshes") is not None:
+        saved["refreshes"] = result["refreshes"]  # [tried, accepted]
     with fileio.atomic_file(path) as f:
         np.savez(f, **saved)

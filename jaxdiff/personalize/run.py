@@ -76,6 +76,10 @@ def validate(config: mlc.ConfigDict) -> None:
         raise UserError(f"unknown personalization method {config.method!r}; choose from {', '.join(METHODS)}")
     if not str(config.images):
         raise UserError("no image folder: give --images DIR")
+    want, got = getattr(METHODS[config.method], "NUM_TOKENS", 1), len(str(config.token).split(","))
+    if got != want:
+        what = "one token" if want == 1 else f"{want} tokens: give --token '<a>,<b>'"
+        raise UserError(f"--token {config.token!r}: the {config.method} method learns {what}")
     if int(config.train.steps) <= 0 or int(config.train.batch_size) <= 0:
         raise UserError("config.train.steps and config.train.batch_size must be positive")
 

@@ -1,0 +1,302 @@
+#!/usr/bin/env python
+"""AttenCraft measured on `shapes`: one render (a purple cross left, an orange star right), no masks; writes
+docs/attencraft.md, docs/attencraft.json and docs/attencraft.png.
+
+    python tools/attencraft_eval.py                      # train (resumes runs/attencraft), measure, write the docs
+    python tools/attencraft_eval.py --n 64 --train-steps 300
+    python tools/attencraft_eval.py --report             # the markdown from docs/attencraft.json
+
+Training: `jaxdiff personalize --config configs/personalize/attencraft.py:shapes --token "<a>,<b>"` on the render.
+Measures (pixel judge, jaxdiff.metrics.pixel_judge; rates are k/n with 95 % Wilson intervals):
+- mask IoU of the derived masks (initial and last accepted, at the 8x8 attention resolution) vs the renderer's exact
+  masks pooled to 8x8 (a cell belongs to an object when the object covers at least half of it);
+- one-token prompts "a <a>" / "a <b>": exactly one object, and it is the token's object (shape and colour; the token
+  is matched to the object its mask overlaps most); cross-contamination: an object of the image shows the OTHER
+  concept's shape or colour;
+- the two-token prompt "a <a> and a <b>": both objects, each correct (any order);
+- drift: the world's plain one-object captions before vs after (same noise): shape and colour both right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DOCS = ROOT / "docs"
+CONFIG = "configs/personalize/attencraft.py:shapes"
+TOKENS = ("<a>", "<b>")
+OBJECTS = (("cross", "purple", "left"), ("star", "orange", "right"))  # shape, colour, position (large, white bg)
+SIDE = 8
+
+
+def wilson(k: int, n: int) -> str:
+    from jaxdiff.erase.evaluate import wilson as interval
+
+    ci = interval(k, n)
+    return "n/a" if ci is None else f"{k}/{n} = {k / n:.0%} [{ci[0]:.0%}, {ci[1]:.0%}]"
+
+
+def scene():
+    from jaxdiff.data import shapes as S
+
+    objs = tuple(S.ShapeObject(s, c, "large", p) for s, c, p in OBJECTS)
+    return S.Scene(objs, "white")
+
+
+def gt_masks(side: int = SIDE) -> np.ndarray:
+    """[2, side²] binary: cells at least half covered by the cross / the star (renderer coverage, 32 px, pooled)."""
+    from jaxdiff.data import shapes as S
+
+    out = []
+    for obj in scene().objects:
+        cov = S.coverage(obj, 32)
+        k = 32 // side
+        out.append((cov.reshape(side, k, side, k).mean((1, 3)) >= 0.5).reshape(-1))
+    return np.stack(out).astype(np.float32)
+
+
+def iou(a, b) -> float:
+    a, b = np.asarray(a) > 0.5, np.asarray(b) > 0.5
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else float("nan")
+
+
+def train(args) -> dict:
+    from jaxdiff.config import apply_overrides, load_config
+    from jaxdiff.data import shapes as S
+    from jaxdiff.images import save_png
+    from jaxdiff.personalize.run import personalize
+
+    run = Path(args.run)
+    images = run.parent / (run.name + "_images")
+    images.mkdir(parents=True, exist_ok=True)
+    save_png(images / "000.png", S.render(scene(), 32))
+    overrides = [f"--config.train.steps={args.train_steps}", f"--config.sample.num_images={args.grid}"]
+    config = apply_overrides(load_config(CONFIG), overrides)
+    config.images, config.token = str(images.resolve()), ",".join(TOKENS)
+    t0 = time.time()
+    report = personalize(config, run, progress=False)
+    return {**report, "wall_s": time.time() - t0}
+
+
+def _sample(pipe, prompts, seed, steps, guidance, batch):
+    from jaxdiff.erase.evaluate import noise
+
+    side = pipe.default_size // pipe.vae_scale_factor
+    z = noise(len(prompts), (side, side, 4), seed)
+    return np.concatenate(
+        [pipe(prompts[i : i + batch], latents=z[i : i + batch], steps=steps, guidance=guidance)
+         for i in range(0, len(prompts), batch)]
+    )  # fmt: skip
+
+
+def measure(args, train_report: dict) -> dict:
+    from jaxdiff.data import shapes as S
+    from jaxdiff.images import labeled_rows, save_png
+    from jaxdiff.metrics import pixel_judge
+    from jaxdiff.personalize import attencraft
+    from jaxdiff.sampling.pipeline import load_pipeline
+
+    run = Path(args.run)
+    d = json.loads((ROOT / "jaxdiff/assets/shapes/sampling_defaults.json").read_text())
+    steps, guidance = int(d["steps"]), float(d["guidance"])
+    saved = np.load(run / attencraft.MASKS_FILE)
+    gt = gt_masks()
+    masks = {"initial": saved["initial"]}
+    if "final" in saved:
+        masks["final"] = saved["final"]
+    # token i <-> the object its (final, else initial) mask overlaps most
+    ref = masks.get("final", masks["initial"])
+    owner = [int(np.argmax([iou(ref[1 + i], gt[j]) for j in range(2)])) for i in range(2)]
+    ious = {k: {TOKENS[i]: iou(m[1 + i], gt[owner[i]]) for i in range(2)} for k, m in masks.items()}
+    bg_gt = 1.0 - np.clip(gt.sum(0), 0, 1)
+    for k, m in masks.items():
+        ious[k]["background"] = iou(m[0], bg_gt)
+
+    personal = load_pipeline(run / "model")
+    base = load_pipeline("shapes")
+    results, grid = {}, [("training image", np.repeat(S.render(scene(), 32)[None], 4, 0))]
+    up = lambda m: np.repeat(np.kron(m.reshape(SIDE, SIDE), np.ones((4, 4)))[..., None] * 255, 3, -1)  # noqa: E731
+    grid.append(("renderer masks\n(cross, star)", np.stack([up(gt[0]), up(gt[1])]).astype(np.uint8)))
+    for k, m in masks.items():
+        grid.append((f"{k} masks\n(bg, <a>, <b>)", np.stack([up(x) for x in m]).astype(np.uint8)))
+    ids = {"shape": S.ALL_SHAPES, "colour": S.ALL_COLOURS}
+    for i, tok in enumerate(TOKENS):
+        shape, colour, _ = OBJECTS[owner[i]]
+        o_shape, o_colour, _ = OBJECTS[1 - owner[i]]
+        prompt = f"a {tok}"
+        im = _sample(personal, [prompt] * args.n, args.seed + i, steps, guidance, args.batch)
+        v = pixel_judge.judge(im)
+        one = v["num_objects"] == 1
+        right = (v["shape"][:, 0] == ids["shape"].index(shape)) & (v["colour"][:, 0] == ids["colour"].index(colour))
+        other = (v["shape"] == ids["shape"].index(o_shape)) | (v["colour"] == ids["colour"].index(o_colour))
+        results[prompt] = {
+            "n": args.n,
+            "object": f"{colour} {shape}",
+            "one_correct": int((one & right).sum()),
+            "one_object": int(one.sum()),
+            "shape": int((v["shape"][:, 0] == ids["shape"].index(shape)).sum()),
+            "colour": int((v["colour"][:, 0] == ids["colour"].index(colour)).sum()),
+            "contaminated": int(other.any(1).sum()),
+        }
+        grid.append((prompt, im[: args.grid]))
+    prompt = f"a {TOKENS[0]} and a {TOKENS[1]}"
+    im = _sample(personal, [prompt] * args.n, args.seed + 2, steps, guidance, args.batch)
+    v = pixel_judge.judge(im, expected_objects=2)
+    want = {(ids["shape"].index(s), ids["colour"].index(c)) for s, c, _ in OBJECTS}
+    got = [{(int(v["shape"][j, k]), int(v["colour"][j, k])) for k in range(2)} for j in range(args.n)]
+    both = np.asarray([g == want for g in got]) & (v["num_objects"] == 2)
+    results[prompt] = {"n": args.n, "both_correct": int(both.sum()), "two_objects": int((v["num_objects"] == 2).sum())}
+    grid.append((prompt, im[: args.grid]))
+
+    rng = np.random.default_rng([args.seed, 3])
+    scenes = [S.sample_scene(rng, num_objects=1) for _ in range(args.n_drift)]
+    captions = [S.caption(sc, rng) for sc in scenes]
+    drift = {}
+    for name, pipe in (("base", base), ("attencraft", personal)):
+        im = _sample(pipe, captions, args.seed + 5, steps, guidance, args.batch)
+        v = pixel_judge.judge(im, expected_objects=1)
+        ok = [
+            v["shape"][j, 0] == S.ALL_SHAPES.index(sc.objects[0].shape)
+            and v["colour"][j, 0] == S.ALL_COLOURS.index(sc.objects[0].colour)
+            for j, sc in enumerate(scenes)
+        ]
+        drift[name] = {"n": args.n_drift, "correct": int(np.sum(ok)), "valid": int(v["valid"].sum())}
+        grid.append((f"{name}: world\ncaptions", im[: args.grid]))
+    drift["changed_images"] = None
+    save_png(DOCS / "attencraft.png", labeled_rows(grid))
+    meta = {
+        "steps": steps,
+        "guidance": guidance,
+        "owner": {TOKENS[i]: "{1} {0}".format(*OBJECTS[owner[i]]) for i in range(2)},
+        "train": {k: train_report.get(k) for k in ("steps", "seconds", "compile_s", "loss_last", "trainable_params")},
+        "refresh": {"tried_accepted": saved["refreshes"].astype(int).tolist() if "refreshes" in saved else None},
+        "first_caption": captions[0],
+    }
+    return {"iou": ious, "results": results, "drift": drift, "meta": meta}
+
+
+def report(data: dict, command: str) -> str:
+    m = data["meta"]
+    lines = [
+        "# AttenCraft on `shapes`",
+        "",
+        f"Regenerate: `{command}` (training resumes from `runs/attencraft`; about 10 min of CPU). Model: the "
+        f"embedded v2 `shapes` model; DDIM {m['steps']} steps, guidance {m['guidance']}; judged by the pixel judge "
+        "(`jaxdiff/metrics/pixel_judge.py`); rates are k/n with 95 % Wilson intervals.",
+        "",
+        "One training render, a large purple cross on the left and a large orange star on the right on white, no "
+        "masks; `jaxdiff personalize --config configs/personalize/attencraft.py:shapes --images DIR --token "
+        f"'<a>,<b>'` ({m['train']['steps']} steps, {m['train']['seconds']:.0f} s including "
+        f"{m['train']['compile_s']:.0f} s of compilation, {m['train']['trainable_params']:,} trained parameters: "
+        "the cross-attention K/V kernels and the two token rows).",
+        "",
+        "## Masks (8x8, the UNet's finest attention) vs the renderer's",
+        "",
+        f"Token ↔ object (by mask overlap): {', '.join(f'`{k}` = {v}' for k, v in m['owner'].items())}. Renderer "
+        "masks: 8x8 cells at least half covered by the object (4 cells each for these objects).",
+        "",
+        "| masks | IoU `<a>` | IoU `<b>` | IoU background |",
+        "|---|---:|---:|---:|",
+    ]
+    for k, v in data["iou"].items():
+        lines.append(f"| {k} | {v['<a>']:.2f} | {v['<b>']:.2f} | {v['background']:.2f} |")
+    r = m["refresh"]
+    lines += [
+        "",
+        f"Mask refreshes (every 20 steps, kept at SSIM ≥ 0.8 of both concept masks): [tried, accepted] = "
+        f"{r['tried_accepted']}.",
+        "",
+        "## Samples",
+        "",
+        "| prompt | token's object | n | exactly one object, the right one | one object | right shape (slot 0) | "
+        "right colour (slot 0) | cross-contamination |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p, v in data["results"].items():
+        if "one_correct" not in v:
+            continue
+        n = v["n"]
+        lines.append(
+            f"| `{p}` | {v['object']} | {n} | {wilson(v['one_correct'], n)} | {wilson(v['one_object'], n)} | "
+            f"{wilson(v['shape'], n)} | {wilson(v['colour'], n)} | {wilson(v['contaminated'], n)} |"
+        )
+    for p, v in data["results"].items():
+        if "both_correct" in v:
+            lines += [
+                "",
+                f"`{p}`: both objects right (any order) {wilson(v['both_correct'], v['n'])}; two objects "
+                f"{wilson(v['two_objects'], v['n'])}.",
+            ]
+    dr = data["drift"]
+    lines += [
+        "",
+        f"Drift, the world's one-object captions (e.g. `{m['first_caption']}`), same noise, shape and colour both "
+        f"right: base {wilson(dr['base']['correct'], dr['base']['n'])}, after AttenCraft "
+        f"{wilson(dr['attencraft']['correct'], dr['attencraft']['n'])}.",
+        "",
+        "Cross-contamination: any object in the image has the other concept's shape or colour. Exactly one object, "
+        "the right one: the judge finds one object and it has the token's shape and colour.",
+        "",
+        "![training image, renderer masks, derived masks, samples](attencraft.png)",
+        "",
+        NOTES,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = """## Notes
+
+- **The official segmentation finds no concept classes on this model.** At initialisation the two fresh tokens'
+  cross-attention maps (8x8, and at 4x4) are equal to about 0.01 after normalisation: both light up both objects,
+  whatever the init words ("shape", "object", "square"/"triangle", "purple"/"orange") and with or without "on the
+  left / on the right" in the prompt. So no pixel beats the other concept map by 0.1 and the official code would
+  abort ("tokens must be distinct"). The background-vs-objects split, on the other hand, is clean. The `:shapes`
+  preset therefore sets `split = "x_kmeans"` (not in the paper): the joint concept region is split in two by 2-means
+  of x, left to `<a>`. The figures above measure AttenCraft with that fallback; `split = "none"` reproduces the
+  official abort.
+- Every other piece is the official one: masks from one noisy forward pass (t < 300), A⁴ affinity, threshold 0.1,
+  1/3 prompt subsets, masked ε-MSE + prior + JS attention loss, refresh every 20 steps kept only at SSIM ≥ 0.8
+  (window 7 on an 8x8 mask keeps a 2x2 centre: SSIM of 8x8 binary masks is coarse).
+- UNVERIFIED readings are listed in `jaxdiff/personalize/attencraft.py`'s docstring.
+"""
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=str(ROOT / "runs" / "attencraft"), help="the personalize output folder")
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--n", type=int, default=64, help="samples per one-token / two-token prompt")
+    p.add_argument("--n-drift", type=int, default=64, help="world captions for the drift check")
+    p.add_argument("--grid", type=int, default=8)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", action="store_true", help="only rewrite docs/attencraft.md from docs/attencraft.json")
+    args = p.parse_args(argv)
+    from jaxdiff.fileio import atomic_write_text
+
+    command = "python tools/attencraft_eval.py" + (f" --n {args.n}" if args.n != 64 else "")
+    path = DOCS / "attencraft.json"
+    if args.report:
+        data = json.loads(path.read_text())
+    else:
+        train_report = train(args)
+        data = measure(args, train_report)
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    text = report(data, command)
+    atomic_write_text(DOCS / "attencraft.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
