@@ -11,7 +11,8 @@ def add_parser(sub) -> None:
         help="teach a model a new token from a folder of images (textual inversion, DreamBooth-LoRA, Custom Diffusion)",
         description="Teach a new token from a folder of same-size images (IMAGE.txt beside an image is its caption, "
         "naming the token): --config configs/personalize/METHOD.py[:VARIANT] (textual_inversion, dreambooth_lora, "
-        "custom_diffusion, prospect, attencraft; "
+        "custom_diffusion, prospect, attencraft, dreamcreature: DIR/parts.json + parts_masks.npz give each image's "
+        "part codes and masks, written for shapes by tools/dreamcreature_eval.py data; "
         "variants shapes, runlocal) then --config.KEY=VALUE overrides. Writes OUT/model (load_pipeline(OUT/model); "
         "`jaxdiff generate --model OUT/model 'a red <v>'`), OUT/learned_embeds.safetensors, OUT/lora "
         "(DreamBooth-LoRA), "
