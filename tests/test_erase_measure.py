@@ -9,6 +9,7 @@ from jaxdiff.data import shapes as S
 from jaxdiff.erase import evaluate as ev
 from jaxdiff.erase import run
 from jaxdiff.erase.config import AUTO, base_config, default_preserve
+from jaxdiff.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +169,32 @@ def test_scorecard_recomputes_a_cell_of_another_revision_or_config(tmp_path):
     (cell / "report.json").write_text(json.dumps({"erasure": {}}))  # the old probe-only report format
     assert not scorecard.reusable(cell, key)
     assert scorecard.code_revision()  # the last commit to jaxdiff/ or configs/ (+ a hash of uncommitted changes)
+
+
+@pytest.mark.parametrize("word", ["circle", "red"])
+def test_validation_sets_share_no_prompt_with_the_test_sets(word):
+    concept = ev.resolve(word)
+    test = ev.scoring_prompts(concept, 128, 1234, attack_images=16)
+    sets = ev.validation_sets(concept, 32, 1234, test)
+    assert set(sets) == set(ev.prompt_sets(concept, 4, 1234))  # same keys, same order of use in the erase run
+    for name in ("word", "preserved"):
+        prompts, scenes = sets[name]
+        assert len(prompts) == len(scenes) == 32 and not set(prompts) & test, name
+    assert sets["word"][0] == ev.validation_sets(concept, 32, 1234, test)["word"][0]  # deterministic
+    assert all(concept.word in p for p in sets["word"][0])
+    assert not sets["heldout"][0] and not sets["synonyms"][0]
+    with pytest.raises(UserError, match="validation prompts of set 'word'"):
+        every = {
+            p for make in ev._set_makers(concept, 1234 + ev.VALIDATION_SEED_OFFSET).values() for p in make(4096)[0]
+        }
+        ev.validation_sets(concept, 32, 1234, test | every)
+
+
+def test_the_validation_split_is_checked_before_the_edit():
+    c = base_config("uce")
+    c.eval.split = "validate"
+    with pytest.raises(UserError, match="config.eval.split='validate' is unknown"):
+        run._validate(c)
+    c.eval.split, c.eval.attacks = "validation", True
+    with pytest.raises(UserError, match="drop --attacks"):
+        run._validate(c)

@@ -57,6 +57,11 @@ def eval_block() -> ml_collections.ConfigDict:
     e.guidance = -1.0  # < 0: the model's sampling_defaults.json (7.5 without one)
     e.scheduler = "ddim"
     e.seed = 1234
+    # "test": the scoring prompts and seeds; "validation": prompts none of the test set's and other seeds, for
+    # choosing settings (tools/erasure_sweep.py). test_num_images: the test set's num_images that validation avoids
+    # (0 = num_images).
+    e.split = "test"
+    e.test_num_images = 0
     e.attacks = False  # also run the two attacks (regenerating embedding, soft prompt) and report success rates
     e.attack_images = 16
     e.attack_steps = 50  # Adam steps of the soft-prompt attack

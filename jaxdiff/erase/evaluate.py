@@ -115,15 +115,49 @@ def captions(
     return out, scenes
 
 
+def _set_makers(concept: Concept, seed: int) -> dict:
+    """name -> (n -> (captions, scenes)) for the four prompt sets of the module docstring."""
+    return {
+        "word": lambda n: captions(concept, n, seed),
+        "synonyms": lambda n: (
+            captions(concept, n, seed + 1, phrases=concept.synonyms) if concept.synonyms else ([], [])
+        ),
+        "heldout": lambda n: captions(concept, n, seed + 2, split="heldout"),
+        "preserved": lambda n: captions(None, n, seed + 3, exclude=concept.name, kind=concept.kind),
+    }
+
+
 def prompt_sets(concept: Concept, n: int, seed: int = 0) -> dict[str, tuple[list[str], list[S.Scene]]]:
     """The four prompt sets of the module docstring ("synonyms" is empty when the concept has none)."""
-    sets = {
-        "word": captions(concept, n, seed),
-        "synonyms": captions(concept, n, seed + 1, phrases=concept.synonyms) if concept.synonyms else ([], []),
-        "heldout": captions(concept, n, seed + 2, split="heldout"),
-        "preserved": captions(None, n, seed + 3, exclude=concept.name, kind=concept.kind),
-    }
-    return sets
+    return {name: make(n) for name, make in _set_makers(concept, seed).items()}
+
+
+# Where validation sets draw from: far from any seed a test set uses (seed .. seed + 7).
+VALIDATION_SEED_OFFSET = 100_003
+
+
+def validation_sets(
+    concept: Concept, n: int, seed: int, exclude: set[str], pool: int = 8
+) -> dict[str, tuple[list[str], list[S.Scene]]]:
+    """The prompt sets for choosing settings (tools/erasure_sweep.py): "word" and "preserved" (all the joint score
+    needs) drawn like `prompt_sets` but with seed + VALIDATION_SEED_OFFSET, none of their prompts in `exclude` (the
+    test prompts, `scoring_prompts`): tuned on one set, scored on another. A prompt may repeat (with other noise).
+    "synonyms" and "heldout" stay empty: the world has ~60 held-out captions per concept, and a 128-image test set
+    uses nearly all of them. A UserError when a set runs out of prompts outside the test set."""
+    out = {}
+    for name, make in _set_makers(concept, seed + VALIDATION_SEED_OFFSET).items():
+        if name in ("synonyms", "heldout"):
+            out[name] = ([], [])
+            continue
+        prompts, scenes = make(pool * n)
+        kept = [(p, s) for p, s in zip(prompts, scenes) if p not in exclude][:n]
+        if prompts and len(kept) < n:
+            raise UserError(
+                f"only {len(kept)} of {n} validation prompts of set {name!r} lie outside the {len(exclude)} test "
+                "prompts: lower --config.eval.num_images"
+            )
+        out[name] = ([p for p, _ in kept], [s for _, s in kept])
+    return out
 
 
 def attack_captions(concept: Concept, n: int, seed: int) -> list[str]:

@@ -96,6 +96,10 @@ def _validate(config: mlc.ConfigDict) -> None:
     scheduler = config.eval.scheduler
     if scheduler and scheduler not in SCHEDULERS and scheduler not in DIFFUSERS_CLASSES:
         raise UserError(f"config.eval.scheduler={scheduler!r} is unknown; choose from {', '.join(SCHEDULERS)}")
+    if config.eval.split not in ("test", "validation"):
+        raise UserError(f"config.eval.split={config.eval.split!r} is unknown; choose test or validation")
+    if config.eval.split == "validation" and config.eval.attacks:
+        raise UserError("the attacks run on the test prompts: drop --attacks with config.eval.split=validation")
 
 
 def _resolved(config: mlc.ConfigDict) -> mlc.ConfigDict:
@@ -130,10 +134,20 @@ def _save_outputs(job: Job, result: Result) -> None:
             (tmp / "spm.json").write_text(json.dumps(result.adapter_meta, indent=2) + "\n")
 
 
+def _noise_seed(e: mlc.ConfigDict) -> int:
+    """The seed of the evaluation's noise: the validation split samples other seeds than the test split."""
+    return int(e.seed) + (ev.VALIDATION_SEED_OFFSET if e.split == "validation" else 0)
+
+
 def _sets(job: Job, concept: ev.Concept | None) -> dict[str, tuple[list[str], list]]:
-    n = int(job.config.eval.num_images)
+    e = job.config.eval
+    n = int(e.num_images)
+    if concept is not None and e.split == "validation":
+        test_n = int(e.test_num_images) or n
+        test = ev.scoring_prompts(concept, test_n, int(e.seed), int(e.attack_images))
+        return ev.validation_sets(concept, n, int(e.seed), test)
     if concept is not None:
-        return ev.prompt_sets(concept, n, int(job.config.eval.seed))
+        return ev.prompt_sets(concept, n, int(e.seed))
     # No probe for this model: the grid shows the config's prompts.
     syn = [t.format(s) for s in split_list(job.config.synonyms) for t in job.config.templates]
     return {
@@ -222,6 +236,7 @@ def erase(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: bool = Tr
         "preserve_default": str(config.preserve).strip().lower() == AUTO,
         "anchor": config.anchor,
         "model": str(config.model),
+        "split": str(config.eval.split),  # the prompts and seeds the figures rest on: test or validation
         "cost": {"seconds": seconds, "peak_rss_gb": peak},
         "info": _jsonable(result.info),
     }
@@ -231,7 +246,7 @@ def erase(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: bool = Tr
     for i, (name, (prompts, _)) in enumerate(sets.items()):
         if not prompts:
             continue
-        latents = ev.noise(len(prompts), job.latent_shape, int(e.seed) + i)
+        latents = ev.noise(len(prompts), job.latent_shape, _noise_seed(e) + i)
         before[name] = job.images(prompts, latents)
         after[name] = job.images(prompts, latents, result.unet_params, result.params_for_prompt)
         k = min(GRID_SAMPLES, len(prompts))
@@ -239,13 +254,13 @@ def erase(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: bool = Tr
     if concept is not None:
         judge = probe()
         prompts = sets["preserved"][0]
-        floor = job.images(prompts, ev.noise(len(prompts), job.latent_shape, int(e.seed) + 1000))
+        floor = job.images(prompts, ev.noise(len(prompts), job.latent_shape, _noise_seed(e) + 1000))
         # The erasure floor: the unedited model on the word prompts with the word removed, same seeds ("a red
         # circle" -> "a red"; its prior fills the gap: in shapes, "a red" draws round blobs).
         without = None
         if job.concepts == [concept.word]:
             prompts = job.replaced(sets["word"][0], "")
-            without = job.images(prompts, ev.noise(len(prompts), job.latent_shape, int(e.seed)))
+            without = job.images(prompts, ev.noise(len(prompts), job.latent_shape, _noise_seed(e)))
         report.update(ev.evaluate(judge, concept, before, after, sets, floor, without))
         if e.attacks:
             attack = _attacks(job, result, concept, judge)
