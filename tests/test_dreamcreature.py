@@ -13,6 +13,7 @@ from jaxdiff import cli, lora
 from jaxdiff.convert.safetensors_io import load_safetensors
 from jaxdiff.errors import UserError
 from jaxdiff.personalize import dreamcreature as dc
+from jaxdiff.personalize import dreamcreature_data as dd
 from jaxdiff.personalize import tokens
 from jaxdiff.sampling.pipeline import load_pipeline
 
@@ -89,10 +90,24 @@ def test_part_tokens_read_the_mapper_output_of_their_code():
     np.testing.assert_allclose(got, tokens.encode(te, te.params, rows, x), atol=1e-5, rtol=0)
 
 
+def test_kmeans_recovers_separated_clusters_and_maps_labels_to_them():
+    rng = np.random.default_rng(0)
+    centres = np.asarray([[0, 0], [10, 0], [0, 10]], np.float64)
+    truth = np.repeat(np.arange(3), 20)
+    x = centres[truth] + rng.normal(0, 0.5, (60, 2))
+    found, _ = dd.kmeans(x, 3, seed=1)
+    assert len(set(zip(truth, found))) == 3  # a one-to-one relabelling
+    parts = {"parts": ["a"], "num_codes": 3, "labels": {}, "codes": {}}
+    for i, (t, f) in enumerate(zip(truth, found)):
+        parts["labels"][f"{i}"], parts["codes"][f"{i}"] = f"0:{t}", f"0:{f}"
+    (to_code,) = dd.cluster_of_label(parts)
+    np.testing.assert_array_equal(to_code[truth], found)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     images = tmp_path_factory.mktemp("parts")
-    meta = dc.write_part_renders(images, 6, dc.held_out_pairs(0.3))
+    meta = dd.write_part_renders(images, 6, dd.held_out_pairs(0.3))
     assert len(meta["held_out"]) == 43  # 30 % of the 144 (left, right) combinations
     for code in meta["codes"].values():
         left, right, _ = dc.parse_codes(code, 3, 12)

@@ -7,7 +7,8 @@ combinations never appear in training. Writes docs/dreamcreature.md (+ docs/drea
   python tools/dreamcreature_eval.py data           # RUNS/data: renders + parts.json + parts_masks.npz
   python tools/dreamcreature_eval.py train          # jaxdiff personalize ...dreamcreature.py:shapes (resumable)
   python tools/dreamcreature_eval.py measure        # sample the held-out and seen combinations, judge, attention IoU
-  python tools/dreamcreature_eval.py report         # the markdown from RUNS/measure.json
+  python tools/dreamcreature_eval.py report         # the markdown from RUNS/measure.json (+ measure_kmeans.json)
+  python tools/dreamcreature_eval.py all --codes kmeans   # the same with unsupervised codes (RUNS/*_kmeans)
 
 Measures (definitions of the official EMR / CoSim are UNVERIFIED; these are shapes analogues, spec §9):
 - EMR-like: prompts "a 0:l 1:r 2:b" for unseen (l, r) combinations (and, as a control, seen ones), sampled from
@@ -52,20 +53,29 @@ def wilson(k: int, n: int) -> str:
     return "n/a" if ci is None else f"{k / n:.0%} [{ci[0]:.0%}, {ci[1]:.0%}] (n={n})"
 
 
+def paths(args) -> dict:
+    """The data folder, run folder and measure file of the chosen codes (supervised, or kmeans with a suffix)."""
+    x = "" if args.codes == "supervised" else f"_{args.codes}"
+    return {"data": args.runs / f"data{x}", "run": args.runs / f"run{x}", "measure": args.runs / f"measure{x}.json"}
+
+
 def data(args) -> None:
     from jaxdiff.personalize import dreamcreature as dc
+    from jaxdiff.personalize import dreamcreature_data as dd
 
-    folder = args.runs / "data"
+    folder = paths(args)["data"]
     if (folder / dc.PARTS_FILE).is_file():
         print(f"{folder}: already there")
         return
-    meta = dc.write_part_renders(folder, args.images, dc.held_out_pairs(0.3, args.seed), seed=args.seed)
+    held = dd.held_out_pairs(0.3, args.seed)
+    meta = dd.write_part_renders(folder, args.images, held, seed=args.seed, codes=args.codes)
     print(f"wrote {len(meta['codes'])} renders, {len(meta['held_out'])} held-out combinations to {folder}")
 
 
 def train(args) -> None:
-    cmd = [sys.executable, "-m", "jaxdiff", "personalize", "--config", CONFIG, "--images", str(args.runs / "data")]
-    cmd += ["--token", TOKEN, "--out", str(args.runs / "run"), "--no-progress"]
+    where = paths(args)
+    cmd = [sys.executable, "-m", "jaxdiff", "personalize", "--config", CONFIG, "--images", str(where["data"])]
+    cmd += ["--token", TOKEN, "--out", str(where["run"]), "--no-progress"]
     cmd += [f"--config.{kv}" for kv in args.set]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -78,27 +88,13 @@ def code_names(code: int) -> tuple[str, str]:
     return S.SHAPES[code // len(S.COLOURS)], S.COLOURS[code % len(S.COLOURS)]
 
 
-def border_colour(images: np.ndarray) -> np.ndarray:
-    """Median colour [N, 3] of each image's one-pixel border (the background)."""
-    border = np.concatenate([images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]], axis=1)
-    return np.median(border, axis=1)
-
-
 def background_ids(images: np.ndarray) -> np.ndarray:
     """The nearest shapes background (index into BACKGROUNDS) of each image's border colour."""
     from jaxdiff.data import shapes as S
+    from jaxdiff.personalize.dreamcreature_data import border_colour
 
     palette = np.asarray([S.RGB[b] for b in S.BACKGROUNDS], np.float32) / 255.0
     return np.argmin(np.linalg.norm(border_colour(images)[:, None] - palette[None], axis=-1), axis=1)
-
-
-def one_half(images: np.ndarray, side: str) -> np.ndarray:
-    """Images with the other half (columns) painted with each image's border colour: one part left."""
-    out = np.array(images, np.float32, copy=True)
-    w = out.shape[2] // 2
-    cols = slice(w, None) if side == "left" else slice(0, w)
-    out[:, :, cols] = border_colour(images)[:, None, None, :]
-    return out
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -143,15 +139,15 @@ def cosims(images: np.ndarray, specs, probe, seed: int) -> dict:
     """Per part (left, right): cosine of the one-half probe features to the asked part's prototype, for the samples,
     real renders of the asked combination (ceiling) and real renders with another code in that part (floor)."""
     from jaxdiff.data import shapes as S
-    from jaxdiff.personalize import dreamcreature as dc
+    from jaxdiff.personalize import dreamcreature_data as dd
 
     rng = np.random.default_rng([seed, 23])
     real, other, other_codes = [], [], []
     for left, right, bg in specs:
-        real.append(S.render(dc.shapes_scene(left, right, rng, S.BACKGROUNDS[bg])))
+        real.append(S.render(dd.shapes_scene(left, right, rng, S.BACKGROUNDS[bg])))
         swap = [int((c + rng.integers(1, 12)) % 12) for c in (left, right)]
         other_codes.append(swap)
-        other.append(S.render(dc.shapes_scene(swap[0], swap[1], rng, S.BACKGROUNDS[bg])))
+        other.append(S.render(dd.shapes_scene(swap[0], swap[1], rng, S.BACKGROUNDS[bg])))
     real, other = np.stack(real).astype(np.float32) / 255.0, np.stack(other).astype(np.float32) / 255.0
     keys = {(sp[m], side, sp[2]) for sp in specs for m, side in enumerate(("left", "right"))}
     proto = prototypes(probe, keys, seed)
@@ -160,12 +156,12 @@ def cosims(images: np.ndarray, specs, probe, seed: int) -> dict:
         target = np.stack([proto[(sp[m], side, sp[2])] for sp in specs])
         row = {}
         for name, ims in (("samples", images), ("real (ceiling)", real), ("real, other code (floor)", other)):
-            row[name] = cosine(probe(one_half(ims, side))[1], target)
+            row[name] = cosine(probe(dd.one_half(ims, side))[1], target)
         out[side] = row
     return out
 
 
-def attention_iou(pipe, unet_params, mapper, meta, specs, seed: int) -> dict:
+def attention_iou(pipe, unet_params, mapper, meta, specs, prompts, seed: int) -> dict:
     """Per part: IoU [N x len(TIMESTEPS)] of each part token's argmax region of the normalised 8x8 cross-attention
     (real renders of the combinations, noised at TIMESTEPS) vs the argmax of the renderer's pooled masks; NaN where
     both are empty."""
@@ -175,18 +171,18 @@ def attention_iou(pipe, unet_params, mapper, meta, specs, seed: int) -> dict:
     from jaxdiff.data import shapes as S
     from jaxdiff.models import attention_control as ac
     from jaxdiff.personalize import dreamcreature as dc
+    from jaxdiff.personalize import dreamcreature_data as dd
     from jaxdiff.sampling import text
     from jaxdiff.sampling.schedulers import common
 
     rng = np.random.default_rng([seed, 29])
-    scenes = [dc.shapes_scene(left, right, rng, S.BACKGROUNDS[bg]) for left, right, bg in specs]
+    scenes = [dd.shapes_scene(left, right, rng, S.BACKGROUNDS[bg]) for left, right, bg in specs]
     images = np.stack([S.render(sc) for sc in scenes]).astype(np.float32) / 255.0
     side = 8
-    masks = dc.pool_masks(np.stack([dc.scene_masks(sc) for sc in scenes]), side, "mean")  # [N, 64, 3]
+    masks = dc.pool_masks(np.stack([dd.scene_masks(sc) for sc in scenes]), side, "mean")  # [N, 64, 3]
     truth = masks.argmax(-1)
     vae = pipe.vae
     z = vae.encode(vae.params, jnp.asarray(images) * 2 - 1)[0] * vae.config.get("scaling_factor", 0.18215)
-    prompts = ["a " + dc.format_codes(sp, int(meta["num_codes"])) for sp in specs]
     ctx = dc.conditioning(pipe, mapper, meta, prompts)
     texts, _ = dc.prompt_codes(prompts, meta)
     ids = jnp.asarray(text.tokenize(pipe.tokenizers[0], texts))
@@ -217,6 +213,21 @@ def attention_iou(pipe, unet_params, mapper, meta, specs, seed: int) -> dict:
     return out
 
 
+def purity(parts: dict) -> dict:
+    """Per object part: the share of training images whose k-means cluster's majority label is their own label."""
+    from jaxdiff.personalize import dreamcreature as dc
+
+    m, k = len(parts["parts"]), int(parts["num_codes"])
+    files = sorted(parts["codes"])
+    found = np.stack([dc.parse_codes(parts["codes"][f], m, k) for f in files])
+    truth = np.stack([dc.parse_codes(parts["labels"][f], m, k) for f in files])
+    out = {}
+    for p, name in enumerate(parts["parts"]):
+        ok = sum(np.bincount(truth[found[:, p] == j, p]).max() for j in np.unique(found[:, p]))
+        out[name] = {"purity": ok / len(files), "clusters": int(len(np.unique(found[:, p])))}
+    return out
+
+
 def mean_ci(x: np.ndarray) -> dict:
     x = np.asarray(x, np.float64).ravel()
     x = x[~np.isnan(x)]
@@ -229,15 +240,19 @@ def measure(args) -> dict:
     from jaxdiff.images import labeled_rows, save_png
     from jaxdiff.metrics.probe import load_probe
     from jaxdiff.personalize import dreamcreature as dc
+    from jaxdiff.personalize import dreamcreature_data as dd
     from jaxdiff.sampling.pipeline import load_pipeline
 
-    run = args.runs / "run"
+    where = paths(args)
+    run = where["run"]
     pipe, mapper, meta = dc.load(run)
     probe = load_probe()
-    parts = json.loads((args.runs / "data" / dc.PARTS_FILE).read_text())
+    parts = json.loads((where["data"] / dc.PARTS_FILE).read_text())
+    to_code = dd.cluster_of_label(parts)  # label code -> prompt code per part (identity when supervised)
     held = [tuple(p) for p in parts["held_out"]]
     k = int(meta["num_codes"])
-    seen_all = sorted({(a, b) for a in range(k) for b in range(k)} - set(held))
+    labels = len(dd.shapes_meta()["code_names"][0])
+    seen_all = sorted({(a, b) for a in range(labels) for b in range(labels)} - set(held))
     pick = np.random.default_rng([args.seed, 7]).choice(len(seen_all), len(held), replace=False)
     seen = [seen_all[i] for i in sorted(pick)]
     d = (
@@ -249,9 +264,16 @@ def measure(args) -> dict:
     result = {"steps": steps, "guidance": guidance, "per_combo": args.per_combo, "combinations": len(held)}
     grid = []
     base = load_pipeline("shapes")
+    result["code_source"] = parts.get("code_source", "supervised")
+    if "labels" in parts:
+        result["purity"] = purity(parts)
+
+    def prompt_of(sp):
+        return "a " + dc.format_codes([int(to_code[m][c]) for m, c in enumerate(sp)], k)
+
     for split, pairs in (("unseen", held), ("seen", seen)):
         specs = [(a, b, (i * args.per_combo + j) % 3) for i, (a, b) in enumerate(pairs) for j in range(args.per_combo)]
-        prompts = ["a " + dc.format_codes(sp, k) for sp in specs]
+        prompts = [prompt_of(sp) for sp in specs]
         z = noise(len(specs), (8, 8, 4), args.seed + (0 if split == "unseen" else 1))
         t0 = time.time()
         images = dc.sample(pipe, mapper, meta, prompts, latents=z, steps=steps, guidance=guidance)
@@ -265,14 +287,14 @@ def measure(args) -> dict:
             "background": rate(j["background"]),
             "cosim": {part: {name: mean_ci(v) for name, v in row.items()} for part, row in c.items()},
         }
-        if split == "unseen":
+        if split == "unseen" and args.codes == "supervised":
             from jaxdiff.data import shapes as S
 
             rng = np.random.default_rng([args.seed, 31])
             for i in np.linspace(0, len(pairs) - 1, 6).astype(int):
                 a, b = pairs[i]
                 sp = specs[i * args.per_combo]
-                real = S.render(dc.shapes_scene(a, b, rng, S.BACKGROUNDS[sp[2]]))[None].astype(np.float32) / 255.0
+                real = S.render(dd.shapes_scene(a, b, rng, S.BACKGROUNDS[sp[2]]))[None].astype(np.float32) / 255.0
                 label = f"a 0:{a} 1:{b} 2:*\n{' '.join(code_names(a)[::-1])} |\n{' '.join(code_names(b)[::-1])}"
                 ims = images[i * args.per_combo : (i + 1) * args.per_combo]
                 grid.append((label, np.concatenate([real, ims])))
@@ -287,12 +309,14 @@ def measure(args) -> dict:
             for judge in ("probe", "pixel"):
                 result[split] |= {f"text:{judge}:{key}": rate(jt[judge][key]) for key in ("all", "left", "right")}
         print(split, {key: v for key, v in result[split].items() if key.endswith(":all")}, flush=True)
-    save_png(DOC.with_suffix(".png"), labeled_rows(grid, label_width=170))
+    if grid:
+        save_png(DOC.with_suffix(".png"), labeled_rows(grid, label_width=170))
     # attention IoU on real renders of the unseen combinations: trained vs the untrained mapper (and base UNet)
     specs = [(a, b, (i * 2 + j) % 3) for i, (a, b) in enumerate(held) for j in range(2)]
     init = dc.init_mapper(len(meta["parts"]), k, int(mapper["table"].shape[1]), int(meta["mapper_layers"]), 0)
-    trained = attention_iou(pipe, pipe.unet.params, mapper, meta, specs, args.seed)
-    untrained = attention_iou(pipe, base.unet.params, init, meta, specs, args.seed)
+    prompts = [prompt_of(sp) for sp in specs]
+    trained = attention_iou(pipe, pipe.unet.params, mapper, meta, specs, prompts, args.seed)
+    untrained = attention_iou(pipe, base.unet.params, init, meta, specs, prompts, args.seed)
     result["attention_iou"] = {
         "n_images": len(specs),
         "timesteps": list(TIMESTEPS),
@@ -301,8 +325,9 @@ def measure(args) -> dict:
     }
     report = json.loads((run / "report.json").read_text())
     result["train"] = {key: report[key] for key in ("steps", "seconds", "trainable_params", "loss_last", "images")}
-    (args.runs / "measure.json").write_text(json.dumps(result, indent=1) + "\n")
-    DOC.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    where["measure"].write_text(json.dumps(result, indent=1) + "\n")
+    doc = DOC.with_name(DOC.name + where["measure"].stem.removeprefix("measure")).with_suffix(".json")
+    doc.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -317,7 +342,7 @@ def _mean(r: dict) -> str:
 def report(args) -> str:
     r = json.loads((args.runs / "measure.json").read_text())
     t, u, s = r["train"], r["unseen"], r["seen"]
-    cmd = "nice -n 10 python tools/dreamcreature_eval.py all"
+    cmd = "`nice -n 10 python tools/dreamcreature_eval.py all`, then `... all --codes kmeans`"
     lines = [
         "# DreamCreature on the shapes world",
         "",
@@ -329,9 +354,9 @@ def report(args) -> str:
         f'{t["loss_last"]:.4f}). Sampling: prompts `{u["prompt0"]}` ("a" + codes), DDIM {r["steps"]} steps, CFG',
         f"{r['guidance']}, {r['per_combo']} fixed seeds per combination (a background per seed).",
         "",
-        f"Reproduce: `{cmd}` (data, training in runs/dreamcreature_eval/run, resumable by rerunning; then measure and",
-        "this report). Definitions of the official EMR / CoSim are UNVERIFIED; the shapes analogues of spec §9 are",
-        "described in the tool's docstring.",
+        f"Reproduce: {cmd} (data, training in runs/dreamcreature_eval/run, resumable by rerunning; then measure and",
+        "this report; about 10 min each on a shared 2-core CPU). Definitions of the official EMR / CoSim are",
+        "UNVERIFIED; the shapes analogues of spec §9 are described in the tool's docstring.",
         "",
         "## Summary",
         "",
@@ -400,6 +425,35 @@ def report(args) -> str:
     ]
     for part in a["trained"]:
         lines.append(f"| {part} | {_mean(a['trained'][part])} | {_mean(a['untrained'][part])} |")
+    km_path = args.runs / "measure_kmeans.json"
+    if km_path.is_file():
+        km = json.loads(km_path.read_text())
+        ku, ks, ka = km["unseen"], km["seen"], km["attention_iou"]["trained"]
+        pur = ", ".join(f"{name} {v['purity']:.0%} ({v['clusters']} clusters)" for name, v in km["purity"].items())
+        lines += [
+            "",
+            "## Unsupervised codes: k-means of probe features",
+            "",
+            "The same renders and held-out combinations, codes from k-means instead of labels "
+            "(`--codes kmeans`: per object side, 36 clusters of the shapes probe's features of the image with only "
+            "that half kept; the background, 3 clusters of the border colour; the official pipeline over-clusters "
+            "DINO features into K = 256). Cluster purity on the training renders: "
+            f"{pur}. At 12 clusters the probe features split by size and background first (purity 56-59 %), hence "
+            "the over-clustering. A requested (shape, colour) is prompted with the cluster that holds most of its "
+            f"training images. Training as above ({km['train']['steps']} steps, {km['train']['seconds']:.0f} s).",
+            "",
+            "| judge | measure | unseen combinations | seen combinations (control) |",
+            "|---|---|---|---|",
+        ]
+        for judge in ("probe", "pixel"):
+            for key, what in (("all", "both objects"), ("all+background", "both objects + background")):
+                lines.append(f"| {judge} | {what} | {_rate(ku[f'{judge}:{key}'])} | {_rate(ks[f'{judge}:{key}'])} |")
+        lines += [
+            "",
+            "Attention IoU (unseen combinations, as above): "
+            + ", ".join(f"{part} {_mean(v)}" for part, v in ka.items())
+            + ".",
+        ]
     lines += [
         "",
         "![unseen combinations](dreamcreature.png)",
@@ -408,8 +462,8 @@ def report(args) -> str:
         f"{r['per_combo']} samples of its code prompt (one background code per seed: 2:0, 2:1, 2:2 cycle).",
         "Numbers: `dreamcreature.json`.",
         "",
-        "Not done: the unsupervised sub-concepts (k-means of probe features) are not implemented; the codes here are",
-        "the renderer's (shape, colour) labels (the official --use_gt_label analogue).",
+        "Codes above: the renderer's (shape, colour) labels (the official --use_gt_label analogue)"
+        + ("; k-means codes in their own section." if km_path.is_file() else "; k-means codes: `--codes kmeans`."),
     ]
     text = "\n".join(lines) + "\n"
     DOC.with_suffix(".md").write_text(text)
@@ -423,6 +477,12 @@ if __name__ == "__main__":
     p.add_argument("--runs", type=Path, default=RUNS, help="folder of the data, the run and measure.json")
     p.add_argument("--images", type=int, default=600, help="training renders")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--codes",
+        choices=("supervised", "kmeans"),
+        default="supervised",
+        help="sub-concept codes: the renderer's (shape, colour) labels, or k-means of probe features (RUNS/*_kmeans)",
+    )
     p.add_argument("--per-combo", type=int, default=3, help="samples per held-out / seen combination")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE: a --config override of the training run")
     a = p.parse_args()

@@ -20,11 +20,13 @@ Official quirks kept as options / choices made here (../shared/specs/personaliza
 - The mapper's sum of code row and part vector, and PyTorch-default initialisation (rows N(0, 1), Linear
   U(±1/√D)): UNVERIFIED readings of the official mapper.py. `drop_tokens` (off in the paper scripts) is not kept.
 - Sub-concept codes come from the data (`parts.json`): on shapes, the supervised (shape, colour) pair of each
-  object (the official --use_gt_label analogue); the unsupervised k-means of probe features is NOT implemented.
+  object (the official --use_gt_label analogue), or unsupervised: k-means of the shapes probe's features of each
+  object (the official k-means of DINO features; `dreamcreature_data.kmeans`).
 
 Data: `--images DIR` holds the renders plus `DIR/parts.json` ({"parts": names, "num_codes": K, "code_names",
 "codes": {file name: "0:5 1:7 2:1"}}) and `DIR/parts_masks.npz` ("files" [N], "masks" [N, M, H, W] in [0, 1]);
-`write_part_renders` writes both for the shapes world (parts: left object, right object, background).
+`dreamcreature_data.write_part_renders` writes both for the shapes world (parts: left object, right object,
+background; codes: the (shape, colour) labels, or k-means of probe features).
 Outputs beside the runner's: OUT/dreamcreature_mapper.safetensors (the mapper), OUT/dreamcreature.json (parts,
 codes, token ids); OUT/model's tokenizer knows the part tokens. Sample "a 0:5 1:7 2:1" with
 `load(OUT)` then `sample(pipe, mapper, meta, prompts, ...)` (per-prompt embeddings through `pipe(prompt_embeds=...)`).
@@ -206,83 +208,6 @@ def load_parts(folder: str | os.PathLike, files: Sequence[Path]) -> tuple[dict, 
     if masks.shape[1] != num_parts:
         raise UserError(f"{folder / MASKS_FILE}: {masks.shape[1]} masks per image for {num_parts} parts")
     return meta, codes, masks
-
-
-def shapes_code(shape: str, colour: str) -> int:
-    """The shapes world's sub-concept code of an object: shape index x 4 + colour index (12 codes)."""
-    from jaxdiff.data import shapes as S
-
-    return S.SHAPES.index(shape) * len(S.COLOURS) + S.COLOURS.index(colour)
-
-
-def shapes_meta() -> dict:
-    from jaxdiff.data import shapes as S
-
-    objects = [f"{c} {s}" for s in S.SHAPES for c in S.COLOURS]
-    k = len(objects)
-    return {
-        "parts": ["left object", "right object", "background"],
-        "num_codes": k,
-        "code_names": [objects, objects, [f"{b} background" for b in S.BACKGROUNDS]],
-    }
-
-
-def held_out_pairs(frac: float = 0.3, seed: int = 0) -> list[tuple[int, int]]:
-    """The (left code, right code) combinations held out of training: round(frac · 144) of them, fixed by seed."""
-    k = shapes_meta()["num_codes"]
-    pairs = [(a, b) for a in range(k) for b in range(k)]
-    order = np.random.default_rng([seed, 41]).permutation(len(pairs))
-    return sorted(pairs[i] for i in order[: round(frac * len(pairs))])
-
-
-def shapes_scene(left: int, right: int, rng: np.random.Generator, background: str | None = None):
-    """A two-object scene with the objects of codes left / right (random sizes, jitter and background)."""
-    from jaxdiff.data import shapes as S
-
-    objs = []
-    for code, pos in ((left, "left"), (right, "right")):
-        shape, colour = S.SHAPES[code // len(S.COLOURS)], S.COLOURS[code % len(S.COLOURS)]
-        dx, dy = rng.uniform(-0.03, 0.03, 2)
-        objs.append(S.ShapeObject(shape, colour, str(rng.choice(S.SIZES)), pos, float(dx), float(dy)))
-    bg = str(rng.choice(S.BACKGROUNDS)) if background is None else background
-    return S.Scene(tuple(objs), bg)
-
-
-def scene_masks(scene, size: int = 32) -> np.ndarray:
-    """[3, size, size] float32: left object, right object and background coverage (summing to 1)."""
-    from jaxdiff.data import shapes as S
-
-    left, right = (S.coverage(o, size) for o in scene.objects)
-    right = np.minimum(right, 1.0 - left)
-    return np.stack([left, right, np.clip(1.0 - left - right, 0.0, 1.0)]).astype(np.float32)
-
-
-def write_part_renders(folder: str | os.PathLike, n: int, held_out: Sequence[tuple[int, int]], seed: int = 0) -> dict:
-    """n two-object shapes renders (PNG) of (left, right) combinations not in `held_out`, with parts.json (codes
-    "0:left 1:right 2:background") and parts_masks.npz (exact renderer masks); returns the parts.json dict."""
-    from jaxdiff.data import shapes as S
-    from jaxdiff.images import save_png
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = shapes_meta()
-    k = meta["num_codes"]
-    banned = {tuple(p) for p in held_out}
-    allowed = [(a, b) for a in range(k) for b in range(k) if (a, b) not in banned]
-    rng = np.random.default_rng([seed, 43])
-    codes, names, masks = {}, [], []
-    for i in range(n):
-        left, right = allowed[int(rng.integers(len(allowed)))]
-        scene = shapes_scene(left, right, rng)
-        name = f"{i:04d}.png"
-        save_png(folder / name, S.render(scene))
-        codes[name] = format_codes([left, right, S.BACKGROUNDS.index(scene.background)], k)
-        names.append(name)
-        masks.append(scene_masks(scene))
-    meta.update(codes=codes, held_out=[list(p) for p in sorted(banned)])
-    (folder / PARTS_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    np.savez_compressed(folder / MASKS_FILE, files=np.asarray(names), masks=np.stack(masks).astype(np.float16))
-    return meta
 
 
 # -- the method ----------------------------------------------------------------------------------------------------
