@@ -83,3 +83,62 @@ def labeled_rows(
     width = max(b.shape[1] for b in blocks)
     blocks = [np.pad(b, ((0, 0), (0, width - b.shape[1]), (0, 0)), constant_values=255) for b in blocks]
     return np.concatenate(blocks, axis=0)
+
+
+PALETTE = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+)
+
+
+def scatter_plot(points, x_label: str, y_label: str, title: str = "", size: tuple[int, int] = (720, 480)) -> np.ndarray:
+    """A scatter plot as a uint8 image: points (x, y, group, ringed), one colour per group (legend on the right),
+    ringed points circled; both axes span [0, max(1, largest value)]."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    left, right, top, bottom = 60, 170, 30, 50
+    im = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(im)
+    x_max = max([1.0, *(float(p[0]) for p in points)])
+    y_max = max([1.0, *(float(p[1]) for p in points)])
+    x_min = min([0.0, *(float(p[0]) for p in points)])
+    y_min = min([0.0, *(float(p[1]) for p in points)])
+
+    def at(x, y):
+        px = left + (x - x_min) / (x_max - x_min) * (width - left - right)
+        py = height - bottom - (y - y_min) / (y_max - y_min) * (height - top - bottom)
+        return px, py
+
+    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
+    for i in range(5):
+        fx, fy = x_min + (x_max - x_min) * i / 4, y_min + (y_max - y_min) * i / 4
+        px, _ = at(fx, y_min)
+        _, py = at(x_min, fy)
+        draw.line([px, height - bottom, px, height - bottom + 4], fill=(0, 0, 0))
+        draw.text((px - 10, height - bottom + 6), f"{fx:.2f}", fill=(0, 0, 0))
+        draw.line([left - 4, py, left, py], fill=(0, 0, 0))
+        draw.text((8, py - 6), f"{fy:.2f}", fill=(0, 0, 0))
+    draw.text(((left + width - right) // 2 - 40, height - 22), x_label, fill=(0, 0, 0))
+    draw.text((8, 8), y_label + (f"    {title}" if title else ""), fill=(0, 0, 0))
+    groups = list(dict.fromkeys(p[2] for p in points))
+    for x, y, group, ringed in points:
+        colour = PALETTE[groups.index(group) % len(PALETTE)]
+        px, py = at(float(x), float(y))
+        draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        if ringed:
+            draw.ellipse([px - 7, py - 7, px + 7, py + 7], outline=(0, 0, 0), width=2)
+    for i, group in enumerate(groups):
+        y = top + 14 * i
+        draw.ellipse([width - right + 12, y + 3, width - right + 18, y + 9], fill=PALETTE[i % len(PALETTE)])
+        draw.text((width - right + 24, y), str(group), fill=(0, 0, 0))
+    draw.text((width - right + 12, top + 14 * len(groups) + 6), "ringed: selected", fill=(0, 0, 0))
+    return np.asarray(im)

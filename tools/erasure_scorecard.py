@@ -76,9 +76,22 @@ def cell_args(method: str, target: str) -> list[str]:
     return args
 
 
-def run_cell(method: str, target: str, workdir: Path, timeout: int, extra: list[str], revision: str = "") -> dict:
-    out = workdir / f"{method}-{target}"
-    args = [f"configs/erase/{method}.py:shapes", *cell_args(method, target), "--attacks", *extra]
+def run_cell(
+    method: str,
+    target: str,
+    workdir: Path,
+    timeout: int,
+    extra: list[str],
+    revision: str = "",
+    *,
+    name: str = "",
+    attacks: bool = True,
+) -> dict:
+    """One `jaxdiff erase` run in <workdir>/<name or method-target>, reused when its key matches; a failed run is
+    {"failed": its last error line}."""
+    out = workdir / (name or f"{method}-{target}")
+    attack = ["--attacks"] if attacks else []
+    args = [f"configs/erase/{method}.py:shapes", *cell_args(method, target), *attack, *extra]
     key = cell_key(args, revision or code_revision())
     if reusable(out, key):
         return json.loads((out / "report.json").read_text())
@@ -94,7 +107,7 @@ def run_cell(method: str, target: str, workdir: Path, timeout: int, extra: list[
         *cell_args(method, target),
         "--out",
         str(out),
-        "--attacks",
+        *attack,
         "--no-progress",
         *extra,
     ]
@@ -300,6 +313,12 @@ def main(argv=None) -> int:
     p.add_argument("--num-images", type=int, default=128, help="images per prompt set (config.eval.num_images)")
     p.add_argument("--out", default="docs/erasure_scorecard.md")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    p.add_argument(
+        "--settings",
+        default="",
+        help="the JSON tools/erasure_sweep.py writes (docs/erasure_sweep.json): each method runs at the setting it "
+        "selected on validation prompts",
+    )
     p.add_argument("extra", nargs="*", help="--config.KEY=VALUE overrides passed to every cell (after --)")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -311,10 +330,18 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     extra = [f"--config.eval.num_images={args.num_images}", *args.extra]
     revision = code_revision()
+    selected = {}
+    if args.settings:
+        try:
+            selected = {m: r["overrides"] for m, r in json.loads(Path(args.settings).read_text())["selected"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            p.error(f"--settings {args.settings}: not a sweep's JSON ({e})")
+        print("selected settings: " + "; ".join(f"{m} {' '.join(o) or '(preset)'}" for m, o in selected.items()))
     results = {}
     for target in targets:
         for method in methods:
-            results[(method, target)] = run_cell(method, target, workdir, args.timeout, extra, revision)
+            chosen = selected.get(method, [])
+            results[(method, target)] = run_cell(method, target, workdir, args.timeout, [*chosen, *extra], revision)
     command = "python tools/erasure_scorecard.py" + (
         "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
     )

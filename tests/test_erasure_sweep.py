@@ -1,0 +1,106 @@
+"""tools/erasure_sweep.py: grid points, selection on validation figures, the Pareto front and the files it writes."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxdiff.erase import registry
+from jaxdiff.images import scatter_plot
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = _tool("erasure_sweep")
+
+
+def _report(erasure, preservation, split="validation"):
+    joint = None if None in (erasure, preservation) else 2 * erasure * preservation / (erasure + preservation)
+    return {
+        "split": split,
+        "scores": {"normalised_erasure_shown": erasure, "preservation": preservation, "joint": joint},
+        "erasure": {"word": {"erased": {"after": {"rate": 0.5, "n": 32}}}},
+        "preservation": {"n": 32},
+        "warnings": [],
+    }
+
+
+def test_every_grid_names_a_known_method_and_its_points_are_distinct():
+    assert set(sweep.GRIDS) <= set(registry.methods())
+    for method in sweep.GRIDS:
+        points = sweep.grid_points(method)
+        names = [sweep.point_name(p) for p in points]
+        assert len(set(names)) == len(points) == int(np.prod([len(v) for v in sweep.GRIDS[method].values()]))
+        assert all(o.startswith("--config.") and "=" in o for o in sweep.overrides(points[0]))
+
+
+def test_selection_takes_the_best_mean_joint_and_skips_a_point_that_failed_anywhere():
+    cells = {
+        "a": {"circle": sweep.figures(_report(0.9, 0.9)), "red": sweep.figures(_report(0.5, 0.9))},  # joint ~0.77
+        "b": {"circle": sweep.figures(_report(0.8, 0.8)), "red": sweep.figures(_report(0.8, 0.8))},  # joint 0.8
+        "c": {"circle": sweep.figures(_report(1.0, 1.0)), "red": sweep.figures({"failed": "boom"})},
+        "d": {"circle": sweep.figures(_report(0.2, 1.0)), "red": sweep.figures(_report(0.2, 1.0))},
+        "e": {"circle": sweep.figures(_report(None, 1.0)), "red": sweep.figures(_report(0.9, 1.0))},
+    }
+    summary = sweep.summarise(cells)
+    assert summary["c"]["joint"] is None and summary["c"]["failed"] == ["red"]
+    assert summary["e"]["joint"] is None  # a target left unscored
+    assert summary["b"]["joint"] == pytest.approx(0.8)
+    assert sweep.select(summary) == "b"
+    assert sweep.pareto_front(summary) == {"a", "b", "d"}  # (0.7, 0.9), (0.8, 0.8), (0.2, 1.0): none dominated
+    assert sweep.select({"x": {**summary["c"]}}) is None
+
+
+def test_the_sweep_writes_its_table_selection_and_plot_from_cached_cells(tmp_path, monkeypatch):
+    """main() on cells that are already on disk: no erase run, the files it writes, the overrides it selects."""
+    scorecard = _tool("erasure_scorecard")
+    calls = []
+
+    def fake_run_cell(method, target, workdir, timeout, extra, revision="", *, name="", attacks=True):
+        calls.append((method, target, name, tuple(extra), attacks))
+        lam = float(next(e for e in extra if e.startswith("--config.uce.lam=")).split("=")[1])
+        return _report(min(1.0, 2 * lam), 1.0 - lam / 4)
+
+    monkeypatch.setattr(scorecard, "run_cell", fake_run_cell)
+    monkeypatch.setattr(scorecard, "code_revision", lambda: "rev")
+    monkeypatch.setattr(sweep, "_scorecard", lambda: scorecard)
+    out = tmp_path / "sweep.md"
+    argv = ["--methods", "uce", "--targets", "circle,red", "--workdir", str(tmp_path / "w"), "--out", str(out)]
+    assert sweep.main(argv) == 0
+    assert len(calls) == 2 * len(sweep.grid_points("uce"))
+    assert all("--config.eval.split=validation" in c[3] and c[4] is False for c in calls)
+    record = json.loads(out.with_suffix(".json").read_text())
+    chosen = record["selected"]["uce"]
+    assert chosen["setting"].startswith("uce.lam=0.5")  # min(1, 2λ) vs 1 − λ/4: λ = 0.5 has the best joint score
+    assert "--config.uce.lam=0.5" in chosen["overrides"]
+    text = out.read_text()
+    assert "**uce.lam=0.5" in text and "validation" in text
+    assert out.with_suffix(".png").stat().st_size > 1000
+    selected = {m: r["overrides"] for m, r in record["selected"].items()}
+    assert selected["uce"] == chosen["overrides"]  # what erasure_scorecard.py --settings reads
+
+
+def test_scatter_plot_draws_each_group_and_the_ring():
+    points = [(0.2, 0.9, "a", False), (0.8, 0.5, "b", True)]
+    image = scatter_plot(points, "x", "y", "t")
+    assert image.dtype == np.uint8 and image.shape == (480, 720, 3)
+    assert (image != 255).any(axis=-1).sum() > 500
+    plain = scatter_plot([(0.2, 0.9, "a", False), (0.8, 0.5, "b", False)], "x", "y", "t")
+    assert (plain != image).any()  # the ring is drawn
+
+
+def test_list_and_bad_methods(capsys):
+    assert sweep.main(["--list", "--methods", "uce,spm"]) == 0
+    assert "uce: 9 points" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sweep.main(["--methods", "nope"])
+    assert "no grid for ['nope']" in capsys.readouterr().err

@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+"""Sweep each erasure method's main knobs on the `shapes` model, choose its setting on validation prompts, and
+draw the whole grid as an erasure-vs-preservation (Pareto) plot.
+
+Every grid point is one `jaxdiff erase --config configs/erase/<method>.py:shapes ... --config.eval.split=validation`
+run per target: its figures rest on prompts that none of the scorecard's test prompts are, and on other noise seeds
+(jaxdiff/erase/evaluate.py `validation_sets`), so a setting chosen here is not chosen on the test set. A point's
+score is its joint score (harmonic mean of normalised erasure and preservation) averaged over the targets; a point
+that failed or left a target unscored is not selectable. Cells are keyed and reused like the scorecard's (code
+revision + command): an interrupted sweep resumes, a stale cell is recomputed.
+
+  python tools/erasure_sweep.py --methods uce,mace --targets circle,red       # -> docs/erasure_sweep.{md,json,png}
+  python tools/erasure_sweep.py --list                                        # the grids
+  python tools/erasure_scorecard.py --settings docs/erasure_sweep.json        # score each method at its choice
+
+The `:shapes` presets in configs/erase/ are where a selected setting is made the default (by hand, with the sweep's
+figures in the commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from jaxdiff import fileio  # noqa: E402
+from jaxdiff.erase import registry  # noqa: E402
+
+# The knobs swept per method (a cartesian product; the :shapes preset's own value is among them where it has one).
+GRIDS: dict[str, dict[str, tuple]] = {
+    "uce": {"uce.lam": (0.1, 0.5, 2.0), "uce.preserve_scale": (-1.0, 1.0, 4.0)},
+    "rece": {"uce.lam": (0.1, 0.5, 2.0), "rece.epochs": (1, 2)},
+    "mace": {"mace.lam": (0.0, 0.1, 1.0), "mace.preserve_scale": (7e-7, 1e-4)},
+    "trce": {"trce.lam": (0.01, 0.1), "train.learning_rate": (1e-6, 1e-5, 1e-4)},
+    "esd": {"train.learning_rate": (1e-4, 3e-4, 1e-3), "train.steps": (150, 300)},
+    "ablation": {"train.learning_rate": (1e-4, 5e-4, 2e-3), "train.steps": (150, 300)},
+    "all_but_one": {"train.learning_rate": (1e-4, 5e-4, 2e-3), "train.steps": (200, 400)},
+    "doco": {"train.learning_rate": (1e-4, 5e-4), "train.steps": (300, 600)},
+    "spm": {"spm.la_strength": (0.0, 100.0, 1000.0), "train.learning_rate": (1e-3, 2e-3, 5e-3)},
+}
+TARGETS = ("circle", "red")
+
+
+def _scorecard():
+    spec = importlib.util.spec_from_file_location("erasure_scorecard", ROOT / "tools" / "erasure_scorecard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def grid_points(method: str) -> list[dict]:
+    """Every combination of the method's knobs, as {"config.key": value}."""
+    grid = GRIDS[method]
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def point_name(point: dict) -> str:
+    """A folder-safe name of a grid point: "uce.lam=0.5,uce.preserve_scale=-1"."""
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
+
+
+def overrides(point: dict) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in point.items()]
+
+
+def figures(report: dict) -> dict:
+    """A cell's selection figures: normalised erasure (clipped to [0, 1]), preservation and joint score (None where
+    the run failed or did not score), with the n they rest on."""
+    if "failed" in report:
+        return {"failed": report["failed"]}
+    scores = report.get("scores", {})
+    word = (report.get("erasure") or {}).get("word") or {}
+    return {
+        "erasure": scores.get("normalised_erasure_shown"),
+        "preservation": scores.get("preservation"),
+        "joint": scores.get("joint"),
+        "n_word": (word.get("erased", {}).get("after") or {}).get("n"),
+        "n_preserved": report.get("preservation", {}).get("n"),
+        "split": report.get("split"),
+        "warnings": report.get("warnings", []),
+    }
+
+
+def mean_or_none(values: list) -> float | None:
+    return None if not values or any(v is None for v in values) else float(sum(values) / len(values))
+
+
+def summarise(cells: dict[str, dict[str, dict]]) -> dict:
+    """{point name: {target: figures}} -> {point name: means over targets}; None where any target lacks one."""
+    out = {}
+    for name, by_target in cells.items():
+        ok = all("failed" not in f for f in by_target.values())
+        out[name] = {
+            key: mean_or_none([f.get(key) for f in by_target.values()]) if ok else None
+            for key in ("erasure", "preservation", "joint")
+        }
+        out[name]["failed"] = sorted(t for t, f in by_target.items() if "failed" in f)
+    return out
+
+
+def select(summary: dict) -> str | None:
+    """The point with the highest mean joint score (ties: the better preservation); None when none scored."""
+    scored = [(s["joint"], s["preservation"] or 0.0, name) for name, s in summary.items() if s["joint"] is not None]
+    return max(scored)[2] if scored else None
+
+
+def pareto_front(summary: dict) -> set[str]:
+    """Points no other point beats on both erasure and preservation."""
+    pts = {
+        n: (s["erasure"], s["preservation"])
+        for n, s in summary.items()
+        if None not in (s["erasure"], s["preservation"])
+    }
+    return {
+        n
+        for n, (e, p) in pts.items()
+        if not any(e2 >= e and p2 >= p and (e2, p2) != (e, p) for m, (e2, p2) in pts.items() if m != n)
+    }
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def markdown(results: dict, command: str, targets: list[str], n: int) -> str:
+    lines = [
+        "# Erasure settings chosen on validation prompts",
+        "",
+        f"Written by `{command}`. Each method's knobs are swept on `shapes`; every cell is a `jaxdiff erase` run "
+        f"judged on **validation** prompts (none of them a test prompt of the scorecard, other noise seeds), "
+        f"{n} images per prompt set, targets {', '.join(targets)}. Erasure: normalised erasure (0 = the unedited "
+        "model, 1 = the word removed), clipped to [0, 1]; preservation: the worst ratio after/before of the "
+        "preserved attributes (both judges); joint: their harmonic mean. Figures are means over the targets. "
+        "**bold**: the selected setting (highest mean joint score); *P*: on the Pareto front. Score the selected "
+        "settings on the test prompts with `python tools/erasure_scorecard.py --settings docs/erasure_sweep.json`.",
+        "",
+        "![Pareto plot](erasure_sweep.png)",
+        "",
+    ]
+    for method, r in results.items():
+        lines += [
+            f"## {method}",
+            "",
+            "| setting | erasure | preservation | joint | per target (joint) | |",
+            "|---|---|---|---|---|---|",
+        ]
+        front = pareto_front(r["summary"])
+        for name, s in r["summary"].items():
+            per = "; ".join(
+                f"{t}: " + (f"failed ({f['failed']})" if "failed" in f else _fmt(f.get("joint")))
+                for t, f in r["cells"][name].items()
+            )
+            label = name or "(preset)"
+            label = f"**{label}**" if name == r["selected"] else label
+            lines.append(
+                f"| {label} | {_fmt(s['erasure'])} | {_fmt(s['preservation'])} | {_fmt(s['joint'])} | {per} | "
+                f"{'P' if name in front else ''} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Erasure (x) vs preservation (y) of every scored point, one colour per method, the selected ones ringed."""
+    from jaxdiff.images import save_png, scatter_plot
+
+    points = [
+        (s["erasure"], s["preservation"], method, name == r["selected"])
+        for method, r in results.items()
+        for name, s in r["summary"].items()
+        if None not in (s["erasure"], s["preservation"])
+    ]
+    save_png(path, scatter_plot(points, "normalised erasure", "preservation", "erasure vs preservation (validation)"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--methods", default=",".join(GRIDS), help=f"comma-separated, from {', '.join(GRIDS)}")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated shapes concepts")
+    p.add_argument("--num-images", type=int, default=32, help="validation images per prompt set")
+    p.add_argument("--test-num-images", type=int, default=128, help="the scorecard's images per set (avoided)")
+    p.add_argument("--workdir", default="runs/erasure_sweep", help="one folder per cell, reused when still valid")
+    p.add_argument("--out", default="docs/erasure_sweep.md", help="also writes .json (the selection) and .png")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    p.add_argument("--list", action="store_true", help="print the grids and exit")
+    args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(GRIDS))
+    if unknown:
+        p.error(f"no grid for {unknown}; choose from {', '.join(GRIDS)}")
+    missing = sorted(set(methods) - set(registry.methods()))
+    if missing:
+        p.error(f"grids of methods the registry does not know: {missing}")
+    if args.list:
+        for m in methods:
+            print(f"{m}: {len(grid_points(m))} points: " + " x ".join(f"{k} {list(v)}" for k, v in GRIDS[m].items()))
+        return 0
+    targets = [t for t in args.targets.split(",") if t]
+    scorecard = _scorecard()
+    revision = scorecard.code_revision()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    common = [
+        "--config.eval.split=validation",
+        f"--config.eval.num_images={args.num_images}",
+        f"--config.eval.test_num_images={args.test_num_images}",
+    ]
+    results = {}
+    for method in methods:
+        cells: dict[str, dict[str, dict]] = {}
+        points = {point_name(point): point for point in grid_points(method)}
+        for name, point in points.items():
+            cells[name] = {}
+            for target in targets:
+                report = scorecard.run_cell(
+                    method,
+                    target,
+                    workdir,
+                    args.timeout,
+                    [*overrides(point), *common],
+                    revision,
+                    name=f"{method}-{target}-{name}",
+                    attacks=False,
+                )
+                cells[name][target] = figures(report)
+        summary = summarise(cells)
+        chosen = select(summary)
+        results[method] = {
+            "cells": cells,
+            "summary": summary,
+            "selected": chosen,
+            "overrides": overrides(points[chosen]) if chosen else [],
+        }
+        s = summary.get(chosen) if chosen else None
+        print(
+            f"{method}: selected {chosen or 'nothing (no point scored)'}"
+            + (
+                f" (joint {_fmt(s['joint'])}, erasure {_fmt(s['erasure'])}, preservation {_fmt(s['preservation'])})"
+                if s
+                else ""
+            ),
+            flush=True,
+        )
+    command = "python tools/erasure_sweep.py" + (
+        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fileio.atomic_write_text(out, markdown(results, command, targets, args.num_images) + "\n")
+    record = {
+        "command": command,
+        "revision": revision,
+        "split": "validation",
+        "num_images": args.num_images,
+        "targets": targets,
+        "selected": {
+            m: {"setting": r["selected"], "overrides": r["overrides"]} for m, r in results.items() if r["selected"]
+        },
+        "results": results,
+    }
+    fileio.atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out}, {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
