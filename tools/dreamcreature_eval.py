@@ -438,7 +438,8 @@ def report(args) -> str:
             "(`--codes kmeans`: per object side, 36 clusters of the shapes probe's features of the image with only "
             "that half kept; the background, 3 clusters of the border colour; the official pipeline over-clusters "
             "DINO features into K = 256). Cluster purity on the training renders: "
-            f"{pur}. At 12 clusters the probe features split by size and background first (purity 56-59 %), hence "
+            f"{pur}. At 12 clusters the probe features split by size and background first (purity 56-59 % in a one-off "
+            "check, not rerun by this tool), hence "
             "the over-clustering. A requested (shape, colour) is prompted with the cluster that holds most of its "
             f"training images. Training as above ({km['train']['steps']} steps, {km['train']['seconds']:.0f} s).",
             "",
