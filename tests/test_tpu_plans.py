@@ -1,0 +1,98 @@
+"""tools/tpu_plans.py: cells keyed by the sources, the best fitting plan per group, stale and pending cells named."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+plans = _tool("tpu_plans")
+
+
+def _result(cell, images_per_s, fits=True):
+    return {
+        "key": "K",
+        "task": cell.task,
+        "mesh": {"data": 1, "fsdp": 16},
+        "devices": 16,
+        "batch": cell.batch,
+        "peak_bytes": 7 * 2**30,
+        "hbm_capacity_bytes": 16 * 2**30,
+        "fits": fits,
+        "roofline_step_s": cell.batch / images_per_s,
+        "images_per_s": images_per_s,
+        "mfu": 0.3,
+        "compile_s": 600.0,
+    }
+
+
+def test_every_cell_is_a_valid_aot_compile_command_and_names_are_unique():
+    aot = _tool("aot_compile")
+    names = [c.name for c in plans.GRID]
+    assert len(set(names)) == len(names)
+    for cell in plans.GRID:
+        args = aot.parse_args(cell.flags())
+        assert (args.model, args.topology, args.batch, args.res, args.task) == (
+            cell.model,
+            cell.topology,
+            cell.batch,
+            cell.res,
+            cell.task,
+        )
+        assert aot.parse_mesh(args.mesh)  # a mesh the tool accepts
+
+
+def test_the_table_takes_the_fastest_fitting_plan_and_lists_stale_and_missing_cells(tmp_path):
+    a, b, c, d = [cell for cell in plans.GRID if cell.group == plans.GRID[0].group][:2] + list(plans.GRID[2:4])
+    (tmp_path / f"{a.name}.json").write_text(json.dumps(_result(a, 400.0)))
+    (tmp_path / f"{b.name}.json").write_text(json.dumps(_result(b, 900.0, fits=False)))  # faster, does not fit
+    (tmp_path / f"{c.name}.json").write_text(json.dumps({**_result(c, 100.0), "key": "OLD"}))
+    (tmp_path / f"{d.name}.json").write_text(json.dumps({"failed": "out of host memory", "key": "K"}))
+    assert plans.state(a, tmp_path, "K")[0] == "done" and plans.state(c, tmp_path, "K")[0] == "stale"
+    assert plans.state(d, tmp_path, "K")[0] == "failed" and plans.state(plans.GRID[5], tmp_path, "K")[0] == "missing"
+    text = plans.markdown([a, b, c, d, plans.GRID[5]], tmp_path, "K")
+    rows = [line for line in text.splitlines() if line.startswith(f"| **best** {a.model}")]
+    assert len(rows) == 1 and "| 400.0 |" in rows[0]  # the fitting one, not the faster one that does not fit
+    assert "**does not fit**" in text
+    assert f"- stale: `{c.command()}`" in text and f"- failed: out of host memory: `{d.command()}`" in text
+    assert f"- missing: `{plans.GRID[5].command()}`" in text and "(3 of 5 cells)" in text
+
+
+def test_the_source_key_follows_the_files(tmp_path):
+    for entry in plans.SOURCES:
+        path = tmp_path / entry
+        (path / "x.py" if not entry.endswith(".py") else path).parent.mkdir(parents=True, exist_ok=True)
+        (path / "x.py" if not entry.endswith(".py") else path).write_text("a = 1\n")
+    key = plans.source_key(tmp_path)
+    assert key == plans.source_key(tmp_path)
+    (tmp_path / "jaxdiff" / "models" / "x.py").write_text("a = 2\n")
+    assert plans.source_key(tmp_path) != key
+
+
+def test_a_failing_compile_is_recorded_with_its_error(tmp_path):
+    cell = plans.Cell("tiny", 64, "v9z:1x1", "train", "fsdp=1", 2)
+    record = plans.compute(cell, tmp_path, "K", timeout=300)
+    assert "failed" in record and record["key"] == "K" and record["cell"]["topology"] == "v9z:1x1"
+    assert plans.state(cell, tmp_path, "K") == ("failed", json.loads((tmp_path / f"{cell.name}.json").read_text()))
+    assert not list(tmp_path.glob("*.partial.json"))
+
+
+def test_bad_flags_are_one_line(capsys):
+    with pytest.raises(SystemExit):
+        plans.main(["--run", "some"])
+    assert "--run 'some'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plans.main(["--only", "sd99"])
+    assert "matches no cell" in capsys.readouterr().err

@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""The TPU plans table (docs/tpu_plans.md): for each model, resolution and TPU topology, the candidate plans (mesh,
+global batch, remat) compiled ahead of time on this host by tools/aot_compile.py, and the best one that fits.
+
+Each candidate is one `python tools/aot_compile.py ... --json CELL` run in its own process (XLA:TPU compiles of
+SD-sized steps take 10-25 min and several GB here), written to <workdir>/<cell>.json with the key it was computed
+under: a hash of the source files the compiled program depends on (the models, trainer, sampler, sharding and the
+tool). A cell of another key is stale: it is shown as such, never used for a plan, and recomputed by --run. The
+table is rewritten from the current cells every time, with the command of each cell still to compute, so work can
+be spread over several sittings:
+
+  python tools/tpu_plans.py --list                 # every cell and its state
+  python tools/tpu_plans.py --run 2                # compute the next 2 missing or stale cells, rewrite the table
+  python tools/tpu_plans.py --run all --only sd15  # every sd15 cell
+  python tools/tpu_plans.py                        # only rewrite docs/tpu_plans.md from the cells
+
+Best plan: among a group's candidates that fit the chip's HBM (XLA's peak per device), the highest predicted
+images/s (roofline step time; see tools/aot_compile.py for what it counts and misses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from jaxdiff import fileio  # noqa: E402
+
+# What a compiled program depends on: a change to any of these files makes every cell stale.
+SOURCES = (
+    "jaxdiff/models",
+    "jaxdiff/train",
+    "jaxdiff/sampling",
+    "jaxdiff/sharding.py",
+    "jaxdiff/platforms.py",
+    "jaxdiff/distill",
+    "configs/train",
+    "tools/aot_compile.py",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One candidate plan: the tool's flags."""
+
+    model: str
+    res: int
+    topology: str
+    task: str
+    mesh: str
+    batch: int
+    remat: str = "none"
+
+    @property
+    def group(self) -> tuple:
+        return (self.task, self.model, self.res, self.topology)
+
+    @property
+    def name(self) -> str:
+        parts = (self.task, self.model, self.res, self.topology, self.mesh, f"b{self.batch}", self.remat)
+        return "-".join(str(x) for x in parts).replace(":", "_").replace(",", "_").replace("=", "")
+
+    def flags(self) -> list[str]:
+        out = ["--topology", self.topology, "--model", self.model, "--task", self.task, "--mesh", self.mesh]
+        out += ["--batch", str(self.batch), "--res", str(self.res), "--dtype", "bf16"]
+        return out + (["--remat", self.remat] if self.task == "train" else [])
+
+    def command(self) -> str:
+        return "python tools/aot_compile.py " + " ".join(self.flags())
+
+
+def _train(model, res, topology, chips, batch) -> list[Cell]:
+    fsdp = f"fsdp={chips}"
+    return [
+        Cell(model, res, topology, "train", fsdp, batch),
+        Cell(model, res, topology, "train", fsdp, 2 * batch, "blocks"),
+    ]
+
+
+# The candidates per (task, model, res, topology): fsdp over every chip (the step's parameters, optimiser state and
+# EMA are sharded; the batch too) at a global batch without remat, and at twice that batch with block remat;
+# sampling data-parallel.
+GRID: tuple[Cell, ...] = (
+    *_train("sd15", 512, "v5e:4x4", 16, 64),
+    *_train("sd21", 512, "v5e:4x4", 16, 64),
+    *_train("sdxl", 512, "v5e:4x4", 16, 16),
+    *_train("sd15", 512, "v5p:4x4x4", 64, 256),
+    *_train("sd21", 512, "v5p:4x4x4", 64, 256),
+    *_train("sdxl", 512, "v5p:4x4x4", 64, 128),
+    *_train("sdxl", 1024, "v5p:4x4x4", 64, 64),
+    *_train("sd15", 512, "v6e:16x16", 256, 1024),
+    *_train("sdxl", 1024, "v6e:16x16", 256, 256),
+    Cell("sd15", 512, "v5e:4x4", "sample", "data=16", 16),
+    Cell("sdxl", 1024, "v5e:4x4", "sample", "data=16", 16),
+    Cell("sdxl", 1024, "v5p:4x4x4", "sample", "data=64", 64),
+)
+
+
+def source_key(root: Path = ROOT) -> str:
+    """A hash of the contents of every file under SOURCES (committed or not)."""
+    h = hashlib.sha256()
+    for entry in SOURCES:
+        path = root / entry
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            if f.is_file():
+                h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def state(cell: Cell, workdir: Path, key: str) -> tuple[str, dict | None]:
+    """("done", result) | ("stale", result) | ("failed", record) | ("missing", None)."""
+    path = workdir / f"{cell.name}.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "missing", None
+    if record.get("key") != key:
+        return "stale", record
+    return ("failed" if "failed" in record else "done"), record
+
+
+def compute(cell: Cell, workdir: Path, key: str, timeout: int) -> dict:
+    """Run the tool for one cell in a subprocess; write its record (the result, or why it failed) atomically."""
+    out = workdir / f"{cell.name}.json"
+    tmp = workdir / f"{cell.name}.partial.json"
+    cmd = [
+        "nice",
+        "-n",
+        "10",
+        sys.executable,
+        str(ROOT / "tools" / "aot_compile.py"),
+        *cell.flags(),
+        "--json",
+        str(tmp),
+    ]
+    print("$ " + cell.command(), flush=True)
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0:
+            record = json.loads(tmp.read_text())
+            print(proc.stdout.strip(), flush=True)
+        else:
+            lines = [x for x in (proc.stderr or proc.stdout).strip().splitlines() if x.strip()]
+            record = {"failed": lines[-1] if lines else f"exit status {proc.returncode}"}
+    except subprocess.TimeoutExpired:
+        record = {"failed": f"compile ran past {timeout} s"}
+    record.update(key=key, cell=dataclasses.asdict(cell), wall_s=round(time.time() - start, 1))
+    fileio.atomic_write_text(out, json.dumps(record, indent=1, default=str) + "\n")
+    tmp.unlink(missing_ok=True)
+    if "failed" in record:
+        print(f"  failed: {record['failed']}", flush=True)
+    return record
+
+
+def best(results: list[dict]) -> dict | None:
+    """The fitting result with the most images/s."""
+    fitting = [r for r in results if r.get("fits") and r.get("images_per_s")]
+    return max(fitting, key=lambda r: r["images_per_s"]) if fitting else None
+
+
+def _gib(x) -> str:
+    return f"{x / 2**30:.2f}"
+
+
+def _row(cell: Cell, r: dict, mark: str = "") -> str:
+    mesh = ",".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "1"
+    step = f"{1e3 * r['roofline_step_s']:.0f} ms" if r["task"] == "train" else f"{r['roofline_step_s']:.2f} s/batch"
+    mfu = f"≤ {100 * r['mfu']:.0f} %" if r.get("mfu") is not None and r["task"] == "train" else "–"
+    remat = cell.remat if cell.task == "train" else "–"
+    fits = "fits" if r["fits"] else "**does not fit**"
+    return (
+        f"| {mark}{cell.model} {cell.res}² | {cell.topology} ({r['devices']}) | {mesh} | {remat} | {r['batch']} "
+        f"| {_gib(r['peak_bytes'])} / {_gib(r['hbm_capacity_bytes'])} {fits} | {step} | {r['images_per_s']:.1f} "
+        f"| {mfu} | {r.get('compile_s', 0):.0f} s |"
+    )
+
+
+def markdown(grid, workdir: Path, key: str) -> str:
+    states = {cell: state(cell, workdir, key) for cell in grid}
+    lines = [
+        "# TPU plans: Stable Diffusion training and sampling, compiled for TPU topologies on a CPU host",
+        "",
+        "Written by `python tools/tpu_plans.py` from the cells it compiled with `tools/aot_compile.py` (XLA:TPU "
+        "from libtpu, abstract parameters, no chips). Per chip: XLA's peak HBM (arguments + outputs − donated "
+        "aliases + temporaries + code) against the chip's capacity; the roofline step time (the larger of compute "
+        "at the chip's bf16 peak and XLA's HBM traffic at its bandwidth), the images/s it implies and the model "
+        "FLOPs utilisation at that time (an upper bound: real steps run slower than the roofline). Training: the "
+        "trainer's step (AdamW, EMA, bf16 compute, float32 parameters), splash attention; sampling: 50 DDIM steps "
+        "with classifier-free guidance plus the VAE decode. **Bold**: the best plan of its group (most images/s "
+        f"among those that fit). Source key `{key}` (a hash of the files the programs depend on); cells of other "
+        "keys are stale and left out.",
+        "",
+    ]
+    for task, title in (("train", "Training"), ("sample", "Sampling")):
+        cells = [c for c in grid if c.task == task]
+        if not cells:
+            continue
+        lines += [
+            f"## {title}",
+            "",
+            "| model | topology (chips) | mesh | remat | global batch | peak GiB / chip | step | images/s | MFU "
+            "| compile |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        groups = dict.fromkeys(c.group for c in cells)
+        for group in groups:
+            done = [(c, states[c][1]) for c in cells if c.group == group and states[c][0] == "done"]
+            top = best([r for _, r in done])
+            for c, r in done:
+                lines.append(_row(c, r, "**best** " if r is top else ""))
+        lines.append("")
+    pending = [(c, s) for c, (s, _) in states.items() if s != "done"]
+    if pending:
+        lines += [f"## Not computed yet ({len(pending)} of {len(grid)} cells)", ""]
+        for c, s in pending:
+            why = s if s != "failed" else f"failed: {states[c][1]['failed']}"
+            lines.append(f"- {why}: `{c.command()}`")
+        lines += ["", "Compute them with `python tools/tpu_plans.py --run all` (or `--run N` for the next N).", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--run", default="0", help="compute this many missing/stale/failed cells first, or 'all'")
+    p.add_argument("--only", default="", help="comma-separated models or topologies to restrict to, e.g. sd15,v5e:4x4")
+    p.add_argument("--workdir", default="runs/tpu_plans", help="one JSON per cell")
+    p.add_argument("--out", default="docs/tpu_plans.md")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
+    p.add_argument("--list", action="store_true", help="print every cell and its state, then exit")
+    args = p.parse_args(argv)
+    if args.run != "all" and not args.run.isdigit():
+        p.error(f"--run {args.run!r}: a number of cells or 'all'")
+    only = {x for x in args.only.split(",") if x}
+    grid = [c for c in GRID if not only or c.model in only or c.topology in only]
+    if not grid:
+        p.error(f"--only {args.only!r} matches no cell (models: sd15, sd21, sdxl; topologies: v5e:4x4, ...)")
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    key = source_key()
+    if args.list:
+        for c in grid:
+            print(f"{state(c, workdir, key)[0]:8s} {c.command()}")
+        return 0
+    todo = [c for c in grid if state(c, workdir, key)[0] != "done"]
+    todo = todo if args.run == "all" else todo[: int(args.run)]
+    for i, c in enumerate(todo):
+        print(f"[{i + 1}/{len(todo)}]", end=" ", flush=True)
+        compute(c, workdir, key, args.timeout)
+        if source_key() != key:
+            print("the sources changed during the compile: stopping (the cell is stale already)", flush=True)
+            break
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fileio.atomic_write_text(out, markdown(grid, workdir, key) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
