@@ -14,9 +14,10 @@ across part tokens per pixel (a_m / Σ_m' a_m'), then binary cross-entropy again
 resolution (mean over present parts and pixels).
 
 Official quirks kept as options / choices made here (../shared/specs/personalization.md §4, §10):
-- `attention_side`: the official 16×16 at a 64×64 latent; here the shapes UNet's finest, 8 (a 4 or 2 is an option).
-- `mask_pool`: "mean" (default: the fraction of each attention pixel the part covers, a soft BCE target) or
-  "nearest" (the official nearest resize, then binary).
+- `attention_side`: 16 (the official 16×16 at a 64×64 latent); the `:shapes` preset uses the shapes UNet's finest,
+  8 (its 8×8 latent has cross-attention at 8, 4 and 2).
+- `mask_pool`: "nearest" (the official nearest resize, then binary) or "mean" (the `:shapes` preset: the fraction
+  of each attention pixel the part covers, a soft BCE target; at 8×8 a nearest sample misses small objects' edges).
 - The mapper's sum of code row and part vector, and PyTorch-default initialisation (rows N(0, 1), Linear
   U(±1/√D)): UNVERIFIED readings of the official mapper.py. `drop_tokens` (off in the paper scripts) is not kept.
 - Sub-concept codes come from the data (`parts.json`): on shapes, the supervised (shape, colour) pair of each
