@@ -34,12 +34,20 @@ if str(ROOT) not in sys.path:
 DOCS = ROOT / "docs"
 CONFIG = "configs/personalize/attencraft.py:shapes"
 TOKENS = ("<a>", "<b>")
-OBJECTS = (("cross", "purple", "left"), ("star", "orange", "right"))  # shape, colour, position (large, white bg)
+# shape, colour, position (large, white background): the spec's held-out pair, and a control pair of the world's own
+# vocabulary (the frozen VAE cannot draw purple and rarely a star: docs/personalization.md, docs/anchor_dreambooth.md)
+PAIRS = {
+    "heldout": (("cross", "purple", "left"), ("star", "orange", "right")),
+    "train": (("circle", "red", "left"), ("square", "blue", "right")),
+}
+OBJECTS = PAIRS["heldout"]
 SIDE = 8
 
 
-def wilson(k: int, n: int) -> str:
+def wilson(k, n: int) -> str:
     from jaxdiff.erase.evaluate import wilson as interval
+
+    k = k["k"] if isinstance(k, dict) else k
 
     ci = interval(k, n)
     return "n/a" if ci is None else f"{k}/{n} = {k / n:.0%} [{ci[0]:.0%}, {ci[1]:.0%}]"
@@ -124,9 +132,24 @@ def measure(args, train_report: dict) -> dict:
 
     personal = load_pipeline(run / "model")
     base = load_pipeline("shapes")
-    results, grid = {}, [("training image", np.repeat(S.render(scene(), 32)[None], 4, 0))]
+    image = S.render(scene(), 32)
+    results, grid = {}, [("training image", np.repeat(image[None], 4, 0))]
+    # ceiling: the frozen VAE's round trip of the training image, judged (2 objects expected)
+    vae = base.vae
+    scale = vae.config.get("scaling_factor", 0.18215)
+    x = np.asarray(image, np.float32)[None] / 255.0 * 2 - 1
+    z = vae.encode(vae.params, x)[0] * scale
+    trip = (np.clip(np.asarray(vae.decode(vae.params, z / scale)), -1, 1) + 1) / 2
+    v = pixel_judge.judge(trip, expected_objects=2)
+    ceiling = {
+        "objects": int(v["num_objects"][0]),
+        "read": [f"{S.ALL_COLOURS[c]} {S.ALL_SHAPES[h]}" for h, c in zip(v["shape"][0], v["colour"][0]) if h >= 0],
+    }
+    grid.append(("VAE round trip\n(the ceiling)", (trip * 255).astype(np.uint8)))
     up = lambda m: np.repeat(np.kron(m.reshape(SIDE, SIDE), np.ones((4, 4)))[..., None] * 255, 3, -1)  # noqa: E731
-    grid.append(("renderer masks\n(cross, star)", np.stack([up(gt[0]), up(gt[1])]).astype(np.uint8)))
+    grid.append(
+        (f"renderer masks\n({OBJECTS[0][0]}, {OBJECTS[1][0]})", np.stack([up(gt[0]), up(gt[1])]).astype(np.uint8))
+    )
     for k, m in masks.items():
         grid.append((f"{k} masks\n(bg, <a>, <b>)", np.stack([up(x) for x in m]).astype(np.uint8)))
     ids = {"shape": S.ALL_SHAPES, "colour": S.ALL_COLOURS}
@@ -138,7 +161,8 @@ def measure(args, train_report: dict) -> dict:
         v = pixel_judge.judge(im)
         one = v["num_objects"] == 1
         right = (v["shape"][:, 0] == ids["shape"].index(shape)) & (v["colour"][:, 0] == ids["colour"].index(colour))
-        other = (v["shape"] == ids["shape"].index(o_shape)) | (v["colour"] == ids["colour"].index(o_colour))
+        other = ((v["shape"] == ids["shape"].index(o_shape)) | (v["colour"] == ids["colour"].index(o_colour))).any(1)
+        second = v["num_objects"] >= 2
         results[prompt] = {
             "n": args.n,
             "object": f"{colour} {shape}",
@@ -146,7 +170,9 @@ def measure(args, train_report: dict) -> dict:
             "one_object": int(one.sum()),
             "shape": int((v["shape"][:, 0] == ids["shape"].index(shape)).sum()),
             "colour": int((v["colour"][:, 0] == ids["colour"].index(colour)).sum()),
-            "contaminated": int(other.any(1).sum()),
+            "other_attribute": int(other.sum()),
+            "second_object": int(second.sum()),
+            "contaminated": int((other | second).sum()),
         }
         grid.append((prompt, im[: args.grid]))
     prompt = f"a {TOKENS[0]} and a {TOKENS[1]}"
@@ -173,7 +199,7 @@ def measure(args, train_report: dict) -> dict:
         drift[name] = {"n": args.n_drift, "correct": int(np.sum(ok)), "valid": int(v["valid"].sum())}
         grid.append((f"{name}: world\ncaptions", im[: args.grid]))
     drift["changed_images"] = None
-    save_png(DOCS / "attencraft.png", labeled_rows(grid))
+    save_png(DOCS / f"{args.name}.png", labeled_rows(grid))
     meta = {
         "steps": steps,
         "guidance": guidance,
@@ -181,55 +207,93 @@ def measure(args, train_report: dict) -> dict:
         "train": {k: train_report.get(k) for k in ("steps", "seconds", "compile_s", "loss_last", "trainable_params")},
         "refresh": {"tried_accepted": saved["refreshes"].astype(int).tolist() if "refreshes" in saved else None},
         "first_caption": captions[0],
+        "train_log": train_log(run),
+        "pair": [list(o) for o in OBJECTS],
+        "vae_round_trip": ceiling,
+        "run": str(run),
     }
     return {"iou": ious, "results": results, "drift": drift, "meta": meta}
 
 
-def report(data: dict, command: str) -> str:
+def train_log(run: Path) -> dict | None:
+    """{"steps", "seconds"}: the logged span of the run's training (OUT/train/metrics.jsonl; compilation and the
+    first log interval excluded), or None without a log."""
+    path = Path(run) / "train" / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    rows = [r for r in rows if "time" in r and "step" in r]
+    if len(rows) < 2:
+        return None
+    return {"steps": rows[-1]["step"], "seconds": rows[-1]["time"] - rows[0]["time"], "from_step": rows[0]["step"]}
+
+
+def rates(data: dict) -> dict:
+    """Counts k of a result with n become {"k", "n", "ci"} (the form tools/personalization_table.py reads)."""
+    from jaxdiff.erase.evaluate import wilson as interval
+
+    def conv(d):
+        if not isinstance(d, dict) or "k" in d:  # not a result, or already converted
+            return d
+        n = d.get("n")
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, int) and not isinstance(v, bool) and k != "n" and isinstance(n, int):
+                out[k] = {"k": v, "n": n, "ci": interval(v, n)}
+            else:
+                out[k] = conv(v)
+        return out
+
+    return conv(data)
+
+
+TITLES = {
+    "heldout": "The spec's protocol: a purple cross (left) and an orange star (right)",
+    "train": "Control: a red circle (left) and a blue square (right), the world's own vocabulary",
+}
+
+
+def section(name: str, data: dict) -> list[str]:
     m = data["meta"]
+    (s1, c1, _), (s2, c2, _) = m["pair"]
+    pair = next(k for k, v in PAIRS.items() if [list(o) for o in v] == m["pair"])
+    steps = m["train"]["steps"]
+    ceiling = m["vae_round_trip"]
+    log = m.get("train_log")
+    timing = f"; steps {log['from_step']}-{log['steps']} took {log['seconds']:.0f} s of wall-clock" if log else ""
     lines = [
-        "# AttenCraft on `shapes`",
+        f"## {TITLES[pair]}" + ("" if steps == 300 else f"; {steps} steps"),
         "",
-        f"Regenerate: `{command}` (training resumes from `runs/attencraft`; about 10 min of CPU). Model: the "
-        f"embedded v2 `shapes` model; DDIM {m['steps']} steps, guidance {m['guidance']}; judged by the pixel judge "
-        "(`jaxdiff/metrics/pixel_judge.py`); rates are k/n with 95 % Wilson intervals.",
+        f"Regenerate: `{data.get('command', 'python tools/attencraft_eval.py')}` (resumes `{Path(m['run']).name}` "
+        "under runs/). One training render, a large "
+        f"{c1} {s1} on the left and a large {c2} {s2} on the right on white, no masks; `jaxdiff personalize --config "
+        f"configs/personalize/attencraft.py:shapes --images DIR --token '<a>,<b>'` ({m['train']['steps']} steps of "
+        f"4 instance + 4 prior examples{timing}, "
+        f"{m['train']['trainable_params']:,} trained parameters: the cross-attention K/V kernels and the two token "
+        f"rows). Ceiling: the frozen VAE's round trip of the training image is read by the judge as "
+        f"{ceiling['objects']} object(s): {', '.join(ceiling['read']) or 'none'}.",
         "",
-        "One training render, a large purple cross on the left and a large orange star on the right on white, no "
-        "masks; `jaxdiff personalize --config configs/personalize/attencraft.py:shapes --images DIR --token "
-        f"'<a>,<b>'` ({m['train']['steps']} steps, {m['train']['seconds']:.0f} s including "
-        f"{m['train']['compile_s']:.0f} s of compilation, {m['train']['trainable_params']:,} trained parameters: "
-        "the cross-attention K/V kernels and the two token rows).",
-        "",
-        "## Masks (8x8, the UNet's finest attention) vs the renderer's",
-        "",
-        f"Token ↔ object (by mask overlap): {', '.join(f'`{k}` = {v}' for k, v in m['owner'].items())}. Renderer "
-        "masks: 8x8 cells at least half covered by the object (4 cells each for these objects).",
+        f"**Masks** (8x8, the UNet's finest attention). Token ↔ object by mask overlap: "
+        f"{', '.join(f'`{k}` = {v}' for k, v in m['owner'].items())}. Renderer masks: the 8x8 cells at least half "
+        "covered by the object. Mask refreshes (every 20 steps, kept at SSIM ≥ 0.8 of both concept masks): "
+        f"[tried, accepted] = {m['refresh'].get('tried_accepted')}.",
         "",
         "| masks | IoU `<a>` | IoU `<b>` | IoU background |",
         "|---|---:|---:|---:|",
     ]
     for k, v in data["iou"].items():
         lines.append(f"| {k} | {v['<a>']:.2f} | {v['<b>']:.2f} | {v['background']:.2f} |")
-    r = m["refresh"]
     lines += [
         "",
-        f"Mask refreshes (every 20 steps, kept at SSIM ≥ 0.8 of both concept masks): [tried, accepted] = "
-        f"{r['tried_accepted']}.",
-        "",
-        "## Samples",
-        "",
-        "| prompt | token's object | n | exactly one object, the right one | one object | right shape (slot 0) | "
-        "right colour (slot 0) | cross-contamination |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| prompt | token's object | exactly one object, the right one | one object | right shape | right colour "
+        "| cross-contamination | (other's shape/colour) | (a second object) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p, v in data["results"].items():
         if "one_correct" not in v:
             continue
         n = v["n"]
-        lines.append(
-            f"| `{p}` | {v['object']} | {n} | {wilson(v['one_correct'], n)} | {wilson(v['one_object'], n)} | "
-            f"{wilson(v['shape'], n)} | {wilson(v['colour'], n)} | {wilson(v['contaminated'], n)} |"
-        )
+        cells = [wilson(v[k], n) for k in ("one_correct", "one_object", "shape", "colour", "contaminated")]
+        cells += [wilson(v[k], n) if k in v else "n/a" for k in ("other_attribute", "second_object")]
+        lines.append(f"| `{p}` | {v['object']} | " + " | ".join(cells) + " |")
     for p, v in data["results"].items():
         if "both_correct" in v:
             lines += [
@@ -244,14 +308,35 @@ def report(data: dict, command: str) -> str:
         f"right: base {wilson(dr['base']['correct'], dr['base']['n'])}, after AttenCraft "
         f"{wilson(dr['attencraft']['correct'], dr['attencraft']['n'])}.",
         "",
-        "Cross-contamination: any object in the image has the other concept's shape or colour. Exactly one object, "
-        "the right one: the judge finds one object and it has the token's shape and colour.",
+        f"![training image, VAE round trip, renderer masks, derived masks, samples]({name}.png)",
         "",
-        "![training image, renderer masks, derived masks, samples](attencraft.png)",
-        "",
-        NOTES,
     ]
+    return lines
+
+
+def report(parts: dict) -> str:
+    any_part = next(iter(parts.values()), None)
+    lines = ["# AttenCraft on `shapes`", ""]
+    if any_part:
+        m = any_part["meta"]
+        lines += [
+            f"Model: the embedded v2 `shapes` model; DDIM {m['steps']} steps, guidance {m['guidance']}; n = 64 "
+            "images per prompt from fixed seeds; judged by the pixel judge (`jaxdiff/metrics/pixel_judge.py`); rates "
+            "are k/n with 95 % Wilson intervals. Regenerate everything: `python tools/attencraft_eval.py && python "
+            "tools/attencraft_eval.py --pair train` (about 7 min of CPU each).",
+            "",
+            "Columns: *exactly one object, the right one*: the judge finds one object with the token's shape and "
+            "colour; *cross-contamination*: the image shows the other concept: an object with its shape or colour, "
+            "or a second object.",
+            "",
+        ]
+    for name, part in parts.items():
+        lines += section(name, part)
+    lines += [READING, NOTES]
     return "\n".join(lines) + "\n"
+
+
+READING = ""
 
 
 NOTES = """## Notes
@@ -272,27 +357,51 @@ NOTES = """## Notes
 
 
 def main(argv=None) -> int:
+    global OBJECTS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default=str(ROOT / "runs" / "attencraft"), help="the personalize output folder")
+    p.add_argument(
+        "--pair",
+        choices=sorted(PAIRS),
+        default="heldout",
+        help="heldout: the spec's purple cross + "
+        "orange star (docs/attencraft.json); train: a red circle + blue square (docs/attencraft_train.json)",
+    )
+    p.add_argument("--run", default=None, help="the personalize output folder (default runs/attencraft[_train])")
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--n", type=int, default=64, help="samples per one-token / two-token prompt")
     p.add_argument("--n-drift", type=int, default=64, help="world captions for the drift check")
     p.add_argument("--grid", type=int, default=8)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--report", action="store_true", help="only rewrite docs/attencraft.md from docs/attencraft.json")
+    p.add_argument("--report", action="store_true", help="only rewrite docs/attencraft.md from the JSON files")
     args = p.parse_args(argv)
     from jaxdiff.fileio import atomic_write_text
 
-    command = "python tools/attencraft_eval.py" + (f" --n {args.n}" if args.n != 64 else "")
-    path = DOCS / "attencraft.json"
-    if args.report:
-        data = json.loads(path.read_text())
-    else:
+    OBJECTS = PAIRS[args.pair]
+    args.name = ("attencraft" if args.pair == "heldout" else f"attencraft_{args.pair}") + (
+        "" if args.train_steps == 300 else f"_{args.train_steps}"
+    )
+    args.run = args.run or str(ROOT / "runs" / args.name)
+    if not args.report:
         train_report = train(args)
-        data = measure(args, train_report)
-        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-    text = report(data, command)
+        data = rates(measure(args, train_report))
+        from personalization_table import stamp
+
+        data.update(stamp("attencraft"))
+        data["command"] = "python tools/attencraft_eval.py" + " ".join(
+            f" --{k} {v}"
+            for k, v in (("pair", args.pair), ("n", args.n), ("train-steps", args.train_steps))
+            if v != {"pair": "heldout", "n": 64, "train-steps": 300}[k]
+        )
+        atomic_write_text(DOCS / f"{args.name}.json", json.dumps(data, indent=2) + "\n")
+    parts = {}
+    for f in sorted(DOCS.glob("attencraft*.json"), key=lambda f: (len(f.stem), f.stem)):
+        part = rates(json.loads(f.read_text()))
+        if "train_log" not in part["meta"] and (log := train_log(Path(part["meta"]["run"]))):
+            part["meta"]["train_log"] = log  # results written before the key existed
+            atomic_write_text(f, json.dumps(part, indent=2) + "\n")
+        parts[f.stem] = part
+    text = report(parts)
     atomic_write_text(DOCS / "attencraft.md", text)
     print(text)
     return 0
