@@ -10,7 +10,19 @@ DEVICES = 8
 _flags = [
     f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
 ]
-os.environ["XLA_FLAGS"] = " ".join([*_flags, f"--xla_force_host_platform_device_count={DEVICES}"])
+# The tests' programs are tiny, so XLA's compile time dominates the suite: compiling them without the CPU backend's
+# expensive optimisations halves its CPU time (measured on the cache-schedule and erase-command files: 417 s -> 208 s
+# of CPU, every test still passing). JAXDIFF_TEST_XLA_OPT=1 keeps XLA's default optimisation instead.
+_fast_compile = (
+    []
+    if os.environ.get("JAXDIFF_TEST_XLA_OPT") == "1"
+    else [
+        "--xla_backend_optimization_level=0",
+        "--xla_llvm_disable_expensive_passes=true",
+    ]
+)
+_flags = [f for f in _flags if f.split("=")[0] not in {g.split("=")[0] for g in _fast_compile}]
+os.environ["XLA_FLAGS"] = " ".join([*_flags, *_fast_compile, f"--xla_force_host_platform_device_count={DEVICES}"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
