@@ -68,13 +68,8 @@ def labeled_rows(
     for label, images in rows:
         images = np.asarray([to_uint8(im) for im in images]) if len(images) else np.zeros((0, 1, 1, 3), np.uint8)
         h = max(min_cell, images.shape[1]) if len(images) else min_cell
-        if len(images):
+        if len(images):  # a short row: make_grid leaves its missing cells white, the strip as wide as a full one
             strip = make_grid(images, columns=columns, min_cell=min_cell, pad=pad)
-            if len(images) < columns:  # pad a short row with white cells
-                cell = strip.shape[1] // max(len(images), 1)
-                strip = np.pad(
-                    strip, ((0, 0), (0, max(0, columns * cell - strip.shape[1])), (0, 0)), constant_values=255
-                )
         else:
             strip = np.full((h + 2 * pad, columns * (h + pad) + pad, 3), 255, np.uint8)
         text = Image.new("RGB", (label_width, strip.shape[0]), (255, 255, 255))

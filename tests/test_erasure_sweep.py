@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from jaxdiff.erase import registry
-from jaxdiff.images import scatter_plot
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,15 +86,6 @@ def test_the_sweep_writes_its_table_selection_and_plot_from_cached_cells(tmp_pat
     assert out.with_suffix(".png").stat().st_size > 1000
     selected = {m: r["overrides"] for m, r in record["selected"].items()}
     assert selected["uce"] == chosen["overrides"]  # what erasure_scorecard.py --settings reads
-
-
-def test_scatter_plot_draws_each_group_and_the_ring():
-    points = [(0.2, 0.9, "a", False), (0.8, 0.5, "b", True)]
-    image = scatter_plot(points, "x", "y", "t")
-    assert image.dtype == np.uint8 and image.shape == (480, 720, 3)
-    assert (image != 255).any(axis=-1).sum() > 500
-    plain = scatter_plot([(0.2, 0.9, "a", False), (0.8, 0.5, "b", False)], "x", "y", "t")
-    assert (plain != image).any()  # the ring is drawn
 
 
 def test_list_and_bad_methods(capsys):
