@@ -60,9 +60,12 @@ def test_the_table_takes_the_fastest_fitting_plan_and_lists_stale_and_missing_ce
     (tmp_path / f"{b.name}.json").write_text(json.dumps(_result(b, 900.0, fits=False)))  # faster, does not fit
     (tmp_path / f"{c.name}.json").write_text(json.dumps({**_result(c, 100.0), "key": "OLD"}))
     (tmp_path / f"{d.name}.json").write_text(json.dumps({"failed": "out of host memory", "key": "K"}))
-    assert plans.state(a, tmp_path, "K")[0] == "done" and plans.state(c, tmp_path, "K")[0] == "stale"
-    assert plans.state(d, tmp_path, "K")[0] == "failed" and plans.state(plans.GRID[5], tmp_path, "K")[0] == "missing"
-    text = plans.markdown([a, b, c, d, plans.GRID[5]], tmp_path, "K")
+    keys = dict.fromkeys(plans.SOURCES, "K")
+    assert plans.state(a, tmp_path, keys)[0] == "done" and plans.state(c, tmp_path, keys)[0] == "stale"
+    assert plans.state(d, tmp_path, keys)[0] == "failed"
+    assert plans.state(plans.GRID[5], tmp_path, keys)[0] == "missing"
+    assert plans.state(a, tmp_path, {**keys, "train": "NEW"})[0] == "stale"
+    text = plans.markdown([a, b, c, d, plans.GRID[5]], tmp_path, keys)
     rows = [line for line in text.splitlines() if line.startswith(f"| **best** {a.model}")]
     assert len(rows) == 1 and "| 400.0 |" in rows[0]  # the fitting one, not the faster one that does not fit
     assert "**does not fit**" in text
@@ -70,22 +73,27 @@ def test_the_table_takes_the_fastest_fitting_plan_and_lists_stale_and_missing_ce
     assert f"- missing: `{plans.GRID[5].command()}`" in text and "(3 of 5 cells)" in text
 
 
-def test_the_source_key_follows_the_files(tmp_path):
-    for entry in plans.SOURCES:
-        path = tmp_path / entry
-        (path / "x.py" if not entry.endswith(".py") else path).parent.mkdir(parents=True, exist_ok=True)
-        (path / "x.py" if not entry.endswith(".py") else path).write_text("a = 1\n")
-    key = plans.source_key(tmp_path)
-    assert key == plans.source_key(tmp_path)
-    (tmp_path / "jaxdiff" / "models" / "x.py").write_text("a = 2\n")
-    assert plans.source_key(tmp_path) != key
+def test_each_tasks_key_follows_its_own_files(tmp_path):
+    for entry in {e for entries in plans.SOURCES.values() for e in entries}:
+        file = tmp_path / entry if entry.endswith(".py") else tmp_path / entry / "x.py"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text("a = 1\n")
+    keys = plans.source_keys(tmp_path)
+    assert keys == plans.source_keys(tmp_path)
+    (tmp_path / "jaxdiff" / "models" / "x.py").write_text("a = 2\n")  # every task's programs build the UNet
+    changed = plans.source_keys(tmp_path)
+    assert all(changed[t] != keys[t] for t in plans.SOURCES)
+    (tmp_path / "jaxdiff" / "sampling" / "x.py").write_text("a = 2\n")  # not in the train step
+    after = plans.source_keys(tmp_path)
+    assert after["train"] == changed["train"] and after["sample"] != changed["sample"]
 
 
 def test_a_failing_compile_is_recorded_with_its_error(tmp_path):
     cell = plans.Cell("tiny", 64, "v9z:1x1", "train", "fsdp=1", 2)
     record = plans.compute(cell, tmp_path, "K", timeout=300)
     assert "failed" in record and record["key"] == "K" and record["cell"]["topology"] == "v9z:1x1"
-    assert plans.state(cell, tmp_path, "K") == ("failed", json.loads((tmp_path / f"{cell.name}.json").read_text()))
+    keys = dict.fromkeys(plans.SOURCES, "K")
+    assert plans.state(cell, tmp_path, keys) == ("failed", json.loads((tmp_path / f"{cell.name}.json").read_text()))
     assert not list(tmp_path.glob("*.partial.json"))
 
 

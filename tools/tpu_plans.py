@@ -34,17 +34,22 @@ sys.path.insert(0, str(ROOT))
 
 from jaxdiff import fileio  # noqa: E402
 
-# What a compiled program depends on: a change to any of these files makes every cell stale.
-SOURCES = (
-    "jaxdiff/models",
-    "jaxdiff/train",
-    "jaxdiff/sampling",
-    "jaxdiff/sharding.py",
-    "jaxdiff/platforms.py",
-    "jaxdiff/distill",
-    "configs/train",
-    "tools/aot_compile.py",
-)
+# What each task's compiled program depends on: a change to any of these files makes that task's cells stale.
+_COMMON = ("jaxdiff/models", "jaxdiff/sharding.py", "jaxdiff/platforms.py", "tools/aot_compile.py")
+SOURCES = {
+    "train": (*_COMMON, "jaxdiff/train", "jaxdiff/selectors.py", "configs/train"),
+    "sample": (*_COMMON, "jaxdiff/sampling"),
+    "distill": (
+        *_COMMON,
+        "jaxdiff/train",
+        "jaxdiff/selectors.py",
+        "jaxdiff/lora.py",
+        "jaxdiff/sampling",
+        "jaxdiff/distill",
+        "configs/train",
+        "configs/distill",
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,20 +63,22 @@ class Cell:
     mesh: str
     batch: int
     remat: str = "none"
+    method: str = ""  # distill: the distillation method (tools/aot_compile.py --method)
 
     @property
     def group(self) -> tuple:
-        return (self.task, self.model, self.res, self.topology)
+        return (self.task, self.method, self.model, self.res, self.topology)
 
     @property
     def name(self) -> str:
-        parts = (self.task, self.model, self.res, self.topology, self.mesh, f"b{self.batch}", self.remat)
+        parts = (self.task + self.method, self.model, self.res, self.topology, self.mesh, f"b{self.batch}", self.remat)
         return "-".join(str(x) for x in parts).replace(":", "_").replace(",", "_").replace("=", "")
 
     def flags(self) -> list[str]:
         out = ["--topology", self.topology, "--model", self.model, "--task", self.task, "--mesh", self.mesh]
         out += ["--batch", str(self.batch), "--res", str(self.res), "--dtype", "bf16"]
-        return out + (["--remat", self.remat] if self.task == "train" else [])
+        out += ["--remat", self.remat] if self.task in ("train", "distill") else []
+        return out + (["--method", self.method] if self.method else [])
 
     def command(self) -> str:
         return "python tools/aot_compile.py " + " ".join(self.flags())
@@ -101,13 +108,19 @@ GRID: tuple[Cell, ...] = (
     Cell("sd15", 512, "v5e:4x4", "sample", "data=16", 16),
     Cell("sdxl", 1024, "v5e:4x4", "sample", "data=16", 16),
     Cell("sdxl", 1024, "v5p:4x4x4", "sample", "data=64", 64),
+    # Every distillation method's real step (student, fake score / target networks and the frozen teacher) at the
+    # SD1.5 configuration on 4 chips: that it compiles, and what it needs per chip.
+    *(
+        Cell("sd15", 512, "v5e:2x2", "distill", "fsdp=4", 8, method=m)
+        for m in ("reflow", "instaflow", "sid", "sfd", "dmd2", "lcm", "scm", "rcm")
+    ),
 )
 
 
-def source_key(root: Path = ROOT) -> str:
-    """A hash of the contents of every file under SOURCES (committed or not)."""
+def source_key(task: str, root: Path = ROOT) -> str:
+    """A hash of the contents of every file the task's programs depend on (SOURCES; committed or not)."""
     h = hashlib.sha256()
-    for entry in SOURCES:
+    for entry in SOURCES[task]:
         path = root / entry
         files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
         for f in files:
@@ -116,14 +129,18 @@ def source_key(root: Path = ROOT) -> str:
     return h.hexdigest()[:16]
 
 
-def state(cell: Cell, workdir: Path, key: str) -> tuple[str, dict | None]:
+def source_keys(root: Path = ROOT) -> dict[str, str]:
+    return {task: source_key(task, root) for task in SOURCES}
+
+
+def state(cell: Cell, workdir: Path, keys: dict[str, str]) -> tuple[str, dict | None]:
     """("done", result) | ("stale", result) | ("failed", record) | ("missing", None)."""
     path = workdir / f"{cell.name}.json"
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return "missing", None
-    if record.get("key") != key:
+    if record.get("key") != keys[cell.task]:
         return "stale", record
     return ("failed" if "failed" in record else "done"), record
 
@@ -174,19 +191,21 @@ def _gib(x) -> str:
 
 def _row(cell: Cell, r: dict, mark: str = "") -> str:
     mesh = ",".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "1"
-    step = f"{1e3 * r['roofline_step_s']:.0f} ms" if r["task"] == "train" else f"{r['roofline_step_s']:.2f} s/batch"
-    mfu = f"≤ {100 * r['mfu']:.0f} %" if r.get("mfu") is not None and r["task"] == "train" else "–"
-    remat = cell.remat if cell.task == "train" else "–"
+    trains = r["task"] in ("train", "distill")
+    step = f"{1e3 * r['roofline_step_s']:.0f} ms" if trains else f"{r['roofline_step_s']:.2f} s/batch"
+    mfu = f"≤ {100 * r['mfu']:.0f} %" if r.get("mfu") is not None and trains else "–"
+    remat = cell.remat if trains else "–"
+    what = f"{cell.method + ' ' if cell.method else ''}{cell.model} {cell.res}²"
     fits = "fits" if r["fits"] else "**does not fit**"
     return (
-        f"| {mark}{cell.model} {cell.res}² | {cell.topology} ({r['devices']}) | {mesh} | {remat} | {r['batch']} "
+        f"| {mark}{what} | {cell.topology} ({r['devices']}) | {mesh} | {remat} | {r['batch']} "
         f"| {_gib(r['peak_bytes'])} / {_gib(r['hbm_capacity_bytes'])} {fits} | {step} | {r['images_per_s']:.1f} "
         f"| {mfu} | {r.get('compile_s', 0):.0f} s |"
     )
 
 
-def markdown(grid, workdir: Path, key: str) -> str:
-    states = {cell: state(cell, workdir, key) for cell in grid}
+def markdown(grid, workdir: Path, keys: dict[str, str]) -> str:
+    states = {cell: state(cell, workdir, keys) for cell in grid}
     lines = [
         "# TPU plans: Stable Diffusion training and sampling, compiled for TPU topologies on a CPU host",
         "",
@@ -197,11 +216,12 @@ def markdown(grid, workdir: Path, key: str) -> str:
         "FLOPs utilisation at that time (an upper bound: real steps run slower than the roofline). Training: the "
         "trainer's step (AdamW, EMA, bf16 compute, float32 parameters), splash attention; sampling: 50 DDIM steps "
         "with classifier-free guidance plus the VAE decode. **Bold**: the best plan of its group (most images/s "
-        f"among those that fit). Source key `{key}` (a hash of the files the programs depend on); cells of other "
-        "keys are stale and left out.",
+        "among those that fit). Source keys "
+        + ", ".join(f"{t} `{k}`" for t, k in keys.items())
+        + " (hashes of the files each task's programs depend on); cells of other keys are stale and left out.",
         "",
     ]
-    for task, title in (("train", "Training"), ("sample", "Sampling")):
+    for task, title in (("train", "Training"), ("sample", "Sampling"), ("distill", "Distillation steps (issue 13)")):
         cells = [c for c in grid if c.task == task]
         if not cells:
             continue
@@ -246,22 +266,22 @@ def main(argv=None) -> int:
         p.error(f"--only {args.only!r} matches no cell (models: sd15, sd21, sdxl; topologies: v5e:4x4, ...)")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    key = source_key()
+    keys = source_keys()
     if args.list:
         for c in grid:
-            print(f"{state(c, workdir, key)[0]:8s} {c.command()}")
+            print(f"{state(c, workdir, keys)[0]:8s} {c.command()}")
         return 0
-    todo = [c for c in grid if state(c, workdir, key)[0] != "done"]
+    todo = [c for c in grid if state(c, workdir, keys)[0] != "done"]
     todo = todo if args.run == "all" else todo[: int(args.run)]
     for i, c in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}]", end=" ", flush=True)
-        compute(c, workdir, key, args.timeout)
-        if source_key() != key:
-            print("the sources changed during the compile: stopping (the cell is stale already)", flush=True)
+        compute(c, workdir, keys[c.task], args.timeout)
+        if source_keys() != keys:
+            print("the sources changed during the compile: stopping (the changed task's cells are stale)", flush=True)
             break
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fileio.atomic_write_text(out, markdown(grid, workdir, key) + "\n")
+    fileio.atomic_write_text(out, markdown(grid, workdir, keys) + "\n")
     print(f"wrote {out}")
     return 0
 
