@@ -22,12 +22,13 @@ def _tool(name):
 sweep = _tool("erasure_sweep")
 
 
-def _report(erasure, preservation, split="validation"):
+def _report(erasure, preservation, split="validation", floor_gap=0.5, erased_rate=0.5):
     joint = None if None in (erasure, preservation) else 2 * erasure * preservation / (erasure + preservation)
+    scores = {"normalised_erasure_shown": erasure, "preservation": preservation, "joint": joint, "floor_gap": floor_gap}
     return {
         "split": split,
-        "scores": {"normalised_erasure_shown": erasure, "preservation": preservation, "joint": joint},
-        "erasure": {"word": {"erased": {"after": {"rate": 0.5, "n": 32}}}},
+        "scores": scores,
+        "erasure": {"word": {"erased": {"after": {"rate": erased_rate, "n": 32}}}},
         "preservation": {"n": 32},
         "warnings": [],
     }
@@ -59,12 +60,22 @@ def test_selection_takes_the_best_mean_joint_and_skips_a_point_that_failed_anywh
     assert sweep.select({"x": {**summary["c"]}}) is None
 
 
+def test_an_unreliable_floor_scores_the_valid_erased_rate_instead():
+    reliable = sweep.figures(_report(1.0, 0.8))
+    assert reliable["erasure"] == 1.0 and reliable["erasure_basis"] == "normalised"
+    assert reliable["joint"] == pytest.approx(2 * 0.8 / 1.8)
+    # the floor erases 3 points more than the unedited model: a 6-point change reads as "normalised 2.0" (shown 1.0)
+    unreliable = sweep.figures(_report(1.0, 0.8, floor_gap=0.03, erased_rate=0.06))
+    assert unreliable["erasure"] == 0.06 and unreliable["erasure_basis"].startswith("valid erased rate")
+    assert unreliable["joint"] == pytest.approx(2 * 0.06 * 0.8 / 0.86)
+
+
 def test_the_sweep_writes_its_table_selection_and_plot_from_cached_cells(tmp_path, monkeypatch):
     """main() on cells that are already on disk: no erase run, the files it writes, the overrides it selects."""
     scorecard = _tool("erasure_scorecard")
     calls = []
 
-    def fake_run_cell(method, target, workdir, timeout, extra, revision="", *, name="", attacks=True):
+    def fake_run_cell(method, target, workdir, timeout, extra, revision="", *, name="", attacks=True, reuse_only=False):
         calls.append((method, target, name, tuple(extra), attacks))
         lam = float(next(e for e in extra if e.startswith("--config.uce.lam=")).split("=")[1])
         return _report(min(1.0, 2 * lam), 1.0 - lam / 4)
@@ -94,3 +105,9 @@ def test_list_and_bad_methods(capsys):
     with pytest.raises(SystemExit):
         sweep.main(["--methods", "nope"])
     assert "no grid for ['nope']" in capsys.readouterr().err
+
+
+def test_reuse_only_never_runs_a_cell(tmp_path):
+    scorecard = _tool("erasure_scorecard")
+    report = scorecard.run_cell("uce", "circle", tmp_path, 10, [], "abc123", name="x", reuse_only=True)
+    assert report == {"failed": "no finished cell of revision abc123"} and not (tmp_path / "x").exists()

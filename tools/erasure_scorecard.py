@@ -86,15 +86,18 @@ def run_cell(
     *,
     name: str = "",
     attacks: bool = True,
+    reuse_only: bool = False,
 ) -> dict:
     """One `jaxdiff erase` run in <workdir>/<name or method-target>, reused when its key matches; a failed run is
-    {"failed": its last error line}."""
+    {"failed": its last error line}. reuse_only: never run; a cell without a finished run of this key is failed."""
     out = workdir / (name or f"{method}-{target}")
     attack = ["--attacks"] if attacks else []
     args = [f"configs/erase/{method}.py:shapes", *cell_args(method, target), *attack, *extra]
     key = cell_key(args, revision or code_revision())
     if reusable(out, key):
         return json.loads((out / "report.json").read_text())
+    if reuse_only:
+        return {"failed": f"no finished cell of revision {key['revision'][:12]}"}
     if out.exists():  # stale: another code revision or command, or an older report format; never reused
         shutil.rmtree(out)
     cmd = [

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from jaxdiff import fileio  # noqa: E402
+from jaxdiff.erase import evaluate as ev  # noqa: E402
 from jaxdiff.erase import registry  # noqa: E402
 
 # The knobs swept per method (a cartesian product; the :shapes preset's own value is among them where it has one).
@@ -70,17 +71,24 @@ def overrides(point: dict) -> list[str]:
 
 
 def figures(report: dict) -> dict:
-    """A cell's selection figures: normalised erasure (clipped to [0, 1]), preservation and joint score (None where
-    the run failed or did not score), with the n they rest on."""
+    """A cell's selection figures: erasure, preservation and their joint score (None where the run failed or did
+    not score), with the n they rest on. Erasure is the normalised erasure clipped to [0, 1]; where the word-removed
+    floor is too close to the unedited rate for that to mean anything (`evaluate.FLOOR_GAP_MIN`: on shapes, prompts
+    without "circle" still draw round blobs), it is the valid erased rate itself, and `erasure_basis` says so."""
     if "failed" in report:
         return {"failed": report["failed"]}
     scores = report.get("scores", {})
     word = (report.get("erasure") or {}).get("word") or {}
+    after = word.get("erased", {}).get("after") or {}
+    erasure, basis = scores.get("normalised_erasure_shown"), "normalised"
+    if scores.get("floor_gap") is not None and scores["floor_gap"] < ev.FLOOR_GAP_MIN:
+        erasure, basis = after.get("rate"), "valid erased rate (floor too close to the unedited rate)"
     return {
-        "erasure": scores.get("normalised_erasure_shown"),
+        "erasure": erasure,
+        "erasure_basis": basis,
         "preservation": scores.get("preservation"),
-        "joint": scores.get("joint"),
-        "n_word": (word.get("erased", {}).get("after") or {}).get("n"),
+        "joint": ev.harmonic_mean(erasure, scores.get("preservation")),
+        "n_word": after.get("n"),
         "n_preserved": report.get("preservation", {}).get("n"),
         "split": report.get("split"),
         "warnings": report.get("warnings", []),
@@ -135,7 +143,8 @@ def markdown(results: dict, command: str, targets: list[str], n: int) -> str:
         f"Written by `{command}`. Each method's knobs are swept on `shapes`; every cell is a `jaxdiff erase` run "
         f"judged on **validation** prompts (none of them a test prompt of the scorecard, other noise seeds), "
         f"{n} images per prompt set, targets {', '.join(targets)}. Erasure: normalised erasure (0 = the unedited "
-        "model, 1 = the word removed), clipped to [0, 1]; preservation: the worst ratio after/before of the "
+        "model, 1 = the word removed), clipped to [0, 1], or the valid erased rate where the word-removed floor is "
+        "within 10 points of the unedited rate (marked †); preservation: the worst ratio after/before of the "
         "preserved attributes (both judges); joint: their harmonic mean. Figures are means over the targets. "
         "**bold**: the selected setting (highest mean joint score); *P*: on the Pareto front. Score the selected "
         "settings on the test prompts with `python tools/erasure_scorecard.py --settings docs/erasure_sweep.json`.",
@@ -153,7 +162,9 @@ def markdown(results: dict, command: str, targets: list[str], n: int) -> str:
         front = pareto_front(r["summary"])
         for name, s in r["summary"].items():
             per = "; ".join(
-                f"{t}: " + (f"failed ({f['failed']})" if "failed" in f else _fmt(f.get("joint")))
+                f"{t}: "
+                + (f"failed ({f['failed']})" if "failed" in f else _fmt(f.get("joint")))
+                + ("†" if f.get("erasure_basis", "normalised") != "normalised" else "")
                 for t, f in r["cells"][name].items()
             )
             label = name or "(preset)"
@@ -189,6 +200,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/erasure_sweep.md", help="also writes .json (the selection) and .png")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     p.add_argument("--list", action="store_true", help="print the grids and exit")
+    p.add_argument(
+        "--revision",
+        help="tabulate the cells computed at this code revision (their scorecard_key.json) and run nothing: a sweep "
+        "finished before later commits, without mixing in cells of newer code",
+    )
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(GRIDS))
@@ -203,7 +219,7 @@ def main(argv=None) -> int:
         return 0
     targets = [t for t in args.targets.split(",") if t]
     scorecard = _scorecard()
-    revision = scorecard.code_revision()
+    revision = args.revision or scorecard.code_revision()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     common = [
@@ -227,6 +243,7 @@ def main(argv=None) -> int:
                     revision,
                     name=f"{method}-{target}-{name}",
                     attacks=False,
+                    reuse_only=bool(args.revision),
                 )
                 cells[name][target] = figures(report)
         summary = summarise(cells)
