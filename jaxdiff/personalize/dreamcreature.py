@@ -376,17 +376,5 @@ def sample(pipe, mapper: dict, meta: dict, prompts: Sequence[str], **kw) -> np.n
 
 def samples(job: Job, pipe, prompts: list[str], result: dict) -> list[tuple[str, np.ndarray]]:
     """samples.png rows: each config.sample prompt (code strings, e.g. "a 0:5 1:7 2:1") through the mapper."""
-    from jaxdiff.erase.evaluate import noise
-
-    sc, d = job.config.sample, job.sampling_defaults()
-    n = int(sc.num_images)
-    if n <= 0:
-        return []
-    guidance = float(sc.guidance) if float(sc.guidance) >= 0 else float(d["guidance"])
     meta = sidecar(job)
-    rows = []
-    for i, prompt in enumerate(prompts):
-        z = noise(n, job.latent_shape, int(sc.seed) + i)
-        images = sample(pipe, result["mapper"], meta, [prompt] * n, latents=z, steps=int(d["steps"]), guidance=guidance)
-        rows.append((prompt, images))
-    return rows
+    return job.sample_rows(prompts, lambda prompt, n, **kw: sample(pipe, result["mapper"], meta, [prompt] * n, **kw))

@@ -187,3 +187,27 @@ class Job:
         from jaxdiff.generate import model_defaults
 
         return {"steps": 25, "guidance": 7.5, "scheduler": "ddim", **model_defaults(self.pipe.path)}
+
+    def sample_rows(self, prompts: list[str], draw: Callable) -> list[tuple[str, np.ndarray]]:
+        """samples.png rows: (prompt, draw(prompt, n, latents=, steps=, guidance=)) per prompt, with config.sample's
+        n, seed (one per prompt) and guidance (< 0: the model's default) and the model's default steps."""
+        from jaxdiff.erase.evaluate import noise
+
+        s, d = self.config.sample, self.sampling_defaults()
+        n = int(s.num_images)
+        if n <= 0:
+            return []
+        guidance = float(s.guidance) if float(s.guidance) >= 0 else float(d["guidance"])
+        return [
+            (
+                prompt,
+                draw(
+                    prompt,
+                    n,
+                    latents=noise(n, self.latent_shape, int(s.seed) + i),
+                    steps=int(d["steps"]),
+                    guidance=guidance,
+                ),
+            )
+            for i, prompt in enumerate(prompts)
+        ]

@@ -188,17 +188,9 @@ def stage_conditioning(pipe, prompts_by_stage: Sequence[Sequence[str]], stages=N
 
 def samples(job: Job, pipe, prompts: list[str], result: dict) -> list[tuple[str, np.ndarray]]:
     """samples.png rows: each prompt with the token reading its stage vector in every stage."""
-    from jaxdiff.erase.evaluate import noise
-
-    s, d = job.config.sample, job.sampling_defaults()
-    n = int(s.num_images)
-    if n <= 0:
-        return []
-    guidance = float(s.guidance) if float(s.guidance) >= 0 else float(d["guidance"])
     stages = result["stages"]
-    rows = []
-    for i, prompt in enumerate(prompts):
-        cond = stage_conditioning(pipe, [[prompt] * n] * len(stages), stages, job.token)
-        z = noise(n, job.latent_shape, int(s.seed) + i)
-        rows.append((prompt, pipe(prompt_embeds=cond, latents=z, steps=int(d["steps"]), guidance=guidance)))
-    return rows
+
+    def draw(prompt, n, **kw):
+        return pipe(prompt_embeds=stage_conditioning(pipe, [[prompt] * n] * len(stages), stages, job.token), **kw)
+
+    return job.sample_rows(prompts, draw)

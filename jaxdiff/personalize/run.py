@@ -147,18 +147,7 @@ def apply(pipe, path: str | os.PathLike, multiplier: float = 1.0):
 
 
 def _samples(job: Job, pipe, prompts: list[str]) -> list[tuple[str, np.ndarray]]:
-    from jaxdiff.erase.evaluate import noise
-
-    s, d = job.config.sample, job.sampling_defaults()
-    n = int(s.num_images)
-    if n <= 0:
-        return []
-    guidance = float(s.guidance) if float(s.guidance) >= 0 else float(d["guidance"])
-    rows = []
-    for i, prompt in enumerate(prompts):
-        z = noise(n, job.latent_shape, int(s.seed) + i)
-        rows.append((prompt, pipe([prompt] * n, latents=z, steps=int(d["steps"]), guidance=guidance)))
-    return rows
+    return job.sample_rows(prompts, lambda prompt, n, **kw: pipe([prompt] * n, **kw))
 
 
 def personalize(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: bool = True) -> dict:
