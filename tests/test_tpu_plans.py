@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -104,3 +105,31 @@ def test_bad_flags_are_one_line(capsys):
     with pytest.raises(SystemExit):
         plans.main(["--only", "sd99"])
     assert "matches no cell" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed: no TPU topology to lower for"
+)
+def test_a_stale_cell_whose_program_is_unchanged_is_current_again_and_a_changed_one_is_not(tmp_path):
+    cell = plans.Cell("tiny", 64, "v5e:2x2", "train", "fsdp=4", 8)
+    lowered = tmp_path / "lowered.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "aot_compile.py"),
+        *cell.flags(),
+        "--lower-only",
+        "--json",
+        str(lowered),
+    ]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    digest = json.loads(lowered.read_text())["program_sha256"]
+    keys = {**dict.fromkeys(plans.SOURCES, "K"), "train": "NEW"}
+    path = tmp_path / f"{cell.name}.json"
+    path.write_text(json.dumps({**_result(cell, 100.0), "key": "OLD", "program_sha256": digest}))
+    assert plans.state(cell, tmp_path, keys)[0] == "stale"
+    assert plans.revalidate(cell, tmp_path, "NEW", timeout=300)
+    state, record = plans.state(cell, tmp_path, keys)
+    assert state == "done" and record["computed_under_key"] == "OLD" and record["images_per_s"] == 100.0
+    path.write_text(json.dumps({**_result(cell, 100.0), "key": "OLD", "program_sha256": "0" * 16}))
+    assert not plans.revalidate(cell, tmp_path, "NEW", timeout=300)
+    assert plans.state(cell, tmp_path, keys)[0] == "stale"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -567,11 +568,16 @@ def sample_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
     return Program(fn, call_args, args.steps * unet_flops + decode_flops, num_params, dict(m.shape), notes)
 
 
-def compile_program(program: Program) -> dict:
-    """Lower and compile; XLA's memory and cost analyses per device and the wall time of each stage."""
+def compile_program(program: Program, lower_only: bool = False) -> dict:
+    """Lower and compile; XLA's memory and cost analyses per device and the wall time of each stage, and a hash of
+    the lowered program (StableHLO text without source locations: equal hashes, equal programs). lower_only: stop
+    after lowering (the hash and lower_s only)."""
     t0 = time.perf_counter()
     lowered = program.traced.lower() if program.traced is not None else program.fn.lower(*program.args)
     t1 = time.perf_counter() + program.trace_s
+    digest = hashlib.sha256(lowered.as_text().encode()).hexdigest()[:16]
+    if lower_only:
+        return {"lower_s": t1 - t0, "program_sha256": digest}
     print(f"lowered in {t1 - t0:.1f} s; compiling with XLA:TPU ...", file=sys.stderr, flush=True)
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -581,6 +587,7 @@ def compile_program(program: Program) -> dict:
         cost = cost[0] if cost else {}
     cost = cost or {}
     out = {
+        "program_sha256": digest,
         "lower_s": t1 - t0,
         "compile_s": t2 - t1,
         "flops_per_device": float(cost.get("flops", 0.0)),
@@ -700,7 +707,9 @@ def run(args) -> dict:
         raise SystemExit(f"--task distill needs --method ({', '.join(DISTILL_METHODS)})")
     build = {"train": train_program, "sample": sample_program, "distill": distill_program}[args.task]
     program = build(spec, devices, mesh, args)
-    result = compile_program(program)
+    result = compile_program(program, lower_only=args.lower_only)
+    if args.lower_only:
+        return result
     return analyse(args, spec, kind, chip, devices, per_chip, program, result)
 
 
@@ -735,13 +744,21 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50, help="sample: denoising steps")
     p.add_argument("--scheduler", default="ddim", help="sample: scheduler")
     p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument(
+        "--lower-only",
+        action="store_true",
+        help="stop after lowering: print the program's hash (tools/tpu_plans.py --revalidate compares it)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    print(report(result), flush=True)
+    if args.lower_only:
+        print(f"program sha256 {result['program_sha256']} (lowered in {result['lower_s']:.1f} s)", flush=True)
+    else:
+        print(report(result), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
     return 0

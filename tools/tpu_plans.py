@@ -5,13 +5,15 @@ global batch, remat) compiled ahead of time on this host by tools/aot_compile.py
 Each candidate is one `python tools/aot_compile.py ... --json CELL` run in its own process (XLA:TPU compiles of
 SD-sized steps take 10-25 min and several GB here), written to <workdir>/<cell>.json with the key it was computed
 under: a hash of the source files the compiled program depends on (the models, trainer, sampler, sharding and the
-tool). A cell of another key is stale: it is shown as such, never used for a plan, and recomputed by --run. The
+tool). A cell of another key is stale: it is shown as such, never used for a plan, and recomputed by --run, unless
+--revalidate finds its program unchanged (the hash of the lowered StableHLO, which aot_compile records). The
 table is rewritten from the current cells every time, with the command of each cell still to compute, so work can
 be spread over several sittings:
 
   python tools/tpu_plans.py --list                 # every cell and its state
   python tools/tpu_plans.py --run 2                # compute the next 2 missing or stale cells, rewrite the table
   python tools/tpu_plans.py --run all --only sd15  # every sd15 cell
+  python tools/tpu_plans.py --revalidate           # re-key stale cells whose program is unchanged (no compile)
   python tools/tpu_plans.py                        # only rewrite docs/tpu_plans.md from the cells
 
 Best plan: among a group's candidates that fit the chip's HBM (XLA's peak per device), the highest predicted
@@ -179,6 +181,33 @@ def compute(cell: Cell, workdir: Path, key: str, timeout: int) -> dict:
     return record
 
 
+def revalidate(cell: Cell, workdir: Path, key: str, timeout: int) -> bool:
+    """A stale cell whose program has not changed is current again: lower the cell's program under today's sources
+    (seconds to a minute, no compile) and compare its hash with the one the cell was compiled from. True when it
+    matched and the cell was re-keyed (the record keeps the key it was computed under)."""
+    path = workdir / f"{cell.name}.json"
+    record = json.loads(path.read_text())
+    if "program_sha256" not in record:
+        print(f"  {cell.name}: no program hash recorded (computed by an older tool): recompute it", flush=True)
+        return False
+    tmp = workdir / f"{cell.name}.lowered.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "aot_compile.py"), *cell.flags(), "--lower-only", "--json", str(tmp)]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        digest = json.loads(tmp.read_text())["program_sha256"] if proc.returncode == 0 else None
+    except (subprocess.TimeoutExpired, OSError, ValueError):
+        digest = None
+    tmp.unlink(missing_ok=True)
+    if digest != record["program_sha256"]:
+        print(f"  {cell.name}: the program changed ({record['program_sha256']} -> {digest}): recompute it", flush=True)
+        return False
+    record.setdefault("computed_under_key", record["key"])
+    record["key"] = key
+    fileio.atomic_write_text(path, json.dumps(record, indent=1, default=str) + "\n")
+    print(f"  {cell.name}: same program ({digest}): current again", flush=True)
+    return True
+
+
 def best(results: list[dict]) -> dict | None:
     """The fitting result with the most images/s."""
     fitting = [r for r in results if r.get("fits") and r.get("images_per_s")]
@@ -257,6 +286,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/tpu_plans.md")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
     p.add_argument("--list", action="store_true", help="print every cell and its state, then exit")
+    p.add_argument(
+        "--revalidate",
+        action="store_true",
+        help="first re-key each stale cell whose lowered program is unchanged (a lowering each, no compile)",
+    )
     args = p.parse_args(argv)
     if args.run != "all" and not args.run.isdigit():
         p.error(f"--run {args.run!r}: a number of cells or 'all'")
@@ -271,6 +305,10 @@ def main(argv=None) -> int:
         for c in grid:
             print(f"{state(c, workdir, keys)[0]:8s} {c.command()}")
         return 0
+    if args.revalidate:
+        for c in grid:
+            if state(c, workdir, keys)[0] == "stale":
+                revalidate(c, workdir, keys[c.task], args.timeout)
     todo = [c for c in grid if state(c, workdir, keys)[0] != "done"]
     todo = todo if args.run == "all" else todo[: int(args.run)]
     for i, c in enumerate(todo):
