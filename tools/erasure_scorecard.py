@@ -5,9 +5,9 @@ figure means: valid-only erasure, invalid share, normalised erasure, preservatio
 
 Each (method, target) cell is one `jaxdiff erase --config configs/erase/<method>.py:shapes ... --attacks` run in
 its own process (so its peak memory is its own), written to <workdir>/<method>-<target>/. A cell is keyed by the
-code revision (git HEAD plus a hash of uncommitted changes under jaxdiff/ and configs/) and a hash of its command:
-a finished cell with the same key is reused (an interrupted scorecard resumes), any other is deleted and
-recomputed. A cell that fails is reported as failed, with the error.
+code revision (the last commit to what erasure depends on, plus a hash of uncommitted changes there: SOURCES) and a
+hash of its command: a finished cell with the same key is reused (an interrupted scorecard resumes), any other is
+deleted and recomputed. A cell that fails is reported as failed, with the error.
 
   python tools/erasure_scorecard.py                                 # all methods x circle, red, box -> docs/
   python tools/erasure_scorecard.py --methods uce,esd --targets circle --out /tmp/scorecard.md
@@ -35,16 +35,27 @@ TARGETS = ("circle", "red", "box")
 KEY = "scorecard_key.json"
 
 
+# What an erase run's figures depend on: the library but its personalization, protection and ControlNet commands
+# (nothing of erasure imports them), and the erase configs.
+SOURCES = (
+    "jaxdiff",
+    ":(exclude)jaxdiff/personalize",
+    ":(exclude)jaxdiff/protect",
+    ":(exclude)jaxdiff/control",
+    "configs/erase",
+)
+
+
 def code_revision() -> str:
-    """The last commit that changed jaxdiff/ or configs/, plus a hash of their uncommitted changes when there are
-    any (a commit to tools/ or docs/ leaves cells valid)."""
+    """The last commit that changed SOURCES, plus a hash of their uncommitted changes when there are any (a commit
+    to tools/, docs/ or another command's code leaves cells valid)."""
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
 
-    head = git("log", "-1", "--format=%H", "--", "jaxdiff", "configs").strip() or "unknown"  # last code commit
-    diff = git("diff", "HEAD", "--", "jaxdiff", "configs")
-    untracked = git("ls-files", "--others", "--exclude-standard", "--", "jaxdiff", "configs").split()
+    head = git("log", "-1", "--format=%H", "--", *SOURCES).strip() or "unknown"  # last code commit
+    diff = git("diff", "HEAD", "--", *SOURCES)
+    untracked = git("ls-files", "--others", "--exclude-standard", "--", *SOURCES).split()
     for f in sorted(untracked):
         diff += f + (ROOT / f).read_text(errors="replace") if (ROOT / f).is_file() else ""
     return head + ("+" + hashlib.sha256(diff.encode()).hexdigest()[:12] if diff else "")

@@ -187,7 +187,15 @@ def plot(results: dict, path: Path) -> None:
         for name, s in r["summary"].items()
         if None not in (s["erasure"], s["preservation"])
     ]
-    save_png(path, scatter_plot(points, "normalised erasure", "preservation", "erasure vs preservation (validation)"))
+    save_png(
+        path,
+        scatter_plot(
+            points,
+            "erasure (normalised; the valid rate where marked †)",
+            "preservation",
+            "erasure vs preservation (validation)",
+        ),
+    )
 
 
 def main(argv=None) -> int:
