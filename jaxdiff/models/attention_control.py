@@ -104,13 +104,25 @@ def token_maps(maps: dict, side: int, token: int, cross_only: bool = True) -> ja
 class Controlled:
     """A denoiser model(x, t, cond) whose attention is edited at every call of the sampling loop by
     `edit(probs, layer, step, num_steps)`: `step` (traced) is the plan step whose timestep is t (the first, where a
-    scheduler repeats one), `num_steps` the plan's length. Prompt-to-prompt-style control inside the compiled loop."""
+    scheduler repeats one), `num_steps` the plan's length. Prompt-to-prompt-style control inside the compiled loop.
 
-    def __init__(self, model, edit: Callable, timesteps, select: Callable | None = None):
-        self.model, self.edit, self.timesteps, self.select = model, edit, timesteps, select
+    `edit` may be None (no edit). `record` (Layer -> bool): after each call, `self.captured` holds {layer name:
+    probabilities [B, H, queries, keys]} of those layers, before the edit (prompt-to-prompt's attention store). It
+    is trace-time state: read it in the same traced step that made the call (a step callback of the loop)."""
+
+    def __init__(self, model, edit: Callable | None, timesteps, select: Callable | None = None, record=None):
+        self.model, self.edit, self.timesteps, self.select, self.record = model, edit, timesteps, select, record
+        self.captured = {}
 
     def __call__(self, x, t, cond):
         step = jnp.argmax(self.timesteps == t[0])
         n = self.timesteps.shape[0]
-        with control(edit=lambda probs, layer: self.edit(probs, layer, step, n), select=self.select):
+        self.captured = {}
+
+        def hook(probs, layer):
+            if self.record is not None and self.record(layer):
+                self.captured[layer.name] = probs
+            return probs if self.edit is None else self.edit(probs, layer, step, n)
+
+        with control(edit=hook, select=self.select):
             return self.model(x, t, cond)

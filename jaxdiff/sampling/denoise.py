@@ -43,6 +43,8 @@ def denoise(
     on_step: Callable | None = None,
     cache=None,
     after_step: Callable | None = None,
+    step_callback: Callable | None = None,
+    callback_state=None,
 ):
     """Steps `start`..`end` (default: to the end) of `plan` from the latent `x` (at plan.timesteps[start]); call it
     inside the caller's jit: the loop is one `lax.fori_loop` (`lax.scan` when recording), with no host round-trip
@@ -59,7 +61,11 @@ def denoise(
     `start`/`end` may be traced without `record` (the loop becomes a while loop).
 
     `cache`: a `jaxdiff.sampling.cache.CacheSchedule` (Faster Diffusion, DeepCache, T-GATE); `model` must then be a
-    `cache.CachedUNet` and the run whole (start 0, no record)."""
+    `cache.CachedUNet` and the run whole (start 0, no record).
+
+    `step_callback(step, latents, state) -> (latents, state)`: a pure per-step hook traced into the loop after each
+    step (after `after_step`); its state, a pytree starting as `callback_state`, is carried by the loop, and denoise
+    then returns (latent, final state). Not with `record` or `cache`."""
     end = plan.timesteps.shape[0] if end is None else end
     use_cfg = uncond is not None and not _guidance_is_one(guidance)
     if cache is not None:
@@ -67,8 +73,8 @@ def denoise(
 
         if record or not (isinstance(start, int) and start == 0) or end != plan.timesteps.shape[0]:
             raise ValueError("a cache schedule runs the whole plan: no start/end/record")
-        if after_step is not None:
-            raise ValueError("a cache schedule takes no after_step hook")
+        if after_step is not None or step_callback is not None:
+            raise ValueError("a cache schedule takes no after_step hook or step_callback")
         return cache_lib.run(cache, model, sched, plan, x, cond, uncond, guidance, use_cfg, key, on_step)
     # Concatenated once, outside the loop: each step makes one model call on [cond; uncond] rows.
     context = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), cond, uncond) if use_cfg else cond
@@ -95,11 +101,16 @@ def denoise(
     if not record:
 
         def body(i, state):
-            x, carry, key = state
+            x, carry, key, hook_state = state
             x, carry, key, _ = step(i, x, carry, key)
-            return x, carry, key
+            if step_callback is not None:
+                x, hook_state = step_callback(i, x, hook_state)
+            return x, carry, key, hook_state
 
-        return jax.lax.fori_loop(start, end, body, (x, carry, key))[0]
+        x, _, _, hook_state = jax.lax.fori_loop(start, end, body, (x, carry, key, callback_state))
+        return x if step_callback is None else (x, hook_state)
+    if step_callback is not None:
+        raise ValueError("a step_callback cannot be combined with record")
 
     if not (isinstance(start, (int, np.integer)) and isinstance(end, (int, np.integer))):
         raise TypeError(f"recording needs static start and end (Python ints), got {start!r} and {end!r}")
@@ -133,3 +144,26 @@ class Staged:
         k = stage_index(t, context.shape[1], self.num_train)
         context = context[jnp.arange(context.shape[0]), k]
         return self.model(x, t, (context,) + tuple(cond[1:]) if isinstance(cond, tuple) else context)
+
+
+class StepCallback:
+    """A per-step latent hook for `pipe(prompts, step_callback=...)` (prompt-to-prompt's `step_callback`): pure,
+    hashable (one compiled program per callback object; a frozen dataclass) and traced into the pipeline's one
+    compiled loop, arrays only. Subclass it and override what you need; the defaults change nothing.
+
+    - `capture(layer) -> bool`: the attentions (`attention_control.Layer`) whose probabilities the callback sees
+      (computed explicitly; without an `attention_edit` the other layers keep the fast path).
+    - `init(latents) -> state`: the callback's state (a pytree of arrays) before the first step.
+    - `__call__(latents, step, num_steps, captures, state) -> (latents, state)`: after each step, the latents
+      [B, h, w, C] after the step, the plan step (traced), the plan's length, and {layer name: probabilities
+      [B, heads, queries, keys]} of this step's UNet call for the prompts' (conditional) rows, before any
+      attention edit."""
+
+    def capture(self, layer) -> bool:
+        return False
+
+    def init(self, latents):
+        return ()
+
+    def __call__(self, latents, step, num_steps, captures, state):
+        return latents, state

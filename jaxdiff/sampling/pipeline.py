@@ -194,6 +194,8 @@ class Pipeline:
         negative_aesthetic_score: float = 2.5,
         attention_edit=None,
         text_correction=None,
+        step_callback=None,
+        return_callback_state: bool = False,
         _compile_only: bool = False,
     ) -> np.ndarray | None:
         """Images [B, H, W, 3] float in [0, 1]. `latents`: NHWC unit Gaussian noise (scaled by the scheduler's
@@ -232,7 +234,14 @@ class Pipeline:
         Per-stage conditioning (ProSpect): `prompt_embeds` of shape [K, B, L, D] holds K stages; the UNet call at
         timestep t sees stage floor(t·K / num_train_timesteps) (`denoise.stage_index`; 0 = the end of generation),
         the negative rows the same at every stage. `text_correction`: a hashable correction of the prompts' rows
-        of the text conditioning inside a step window, e.g. `jaxdiff.sampling.t2i_zero.CbS`."""
+        of the text conditioning inside a step window, e.g. `jaxdiff.sampling.t2i_zero.CbS`.
+
+        `step_callback`: a `jaxdiff.sampling.denoise.StepCallback` (hashable, pure) run after every step inside the
+        compiled loop on the latents, the step and the captured attention of that step's UNet call, with its own
+        carried state, e.g. prompt-to-prompt's LocalBlend:
+        `pipe([src, tgt], attention_edit=PromptToPrompt(2), step_callback=LocalBlend(tokens), latents=same_noise)`.
+        With `return_callback_state`, returns (images, the callback's final state as numpy arrays). Not with a
+        cache or ControlNets."""
         from jaxdiff.sampling import cache as cache_lib
         from jaxdiff.sampling import make_scheduler
 
@@ -357,11 +366,25 @@ class Pipeline:
         kind = None if req is None else req.kind
         if attention_edit is not None and cache is not None:
             raise UserError("an attention edit needs every UNet call computed: it cannot be combined with a cache")
+        if step_callback is not None and (cache is not None or control is not None):
+            raise UserError("a step_callback cannot be combined with a cache or ControlNets")
+        if return_callback_state and step_callback is None:
+            raise UserError("return_callback_state needs a step_callback")
         if context.ndim == 4 and (cache is not None or control is not None or text_correction is not None):
             raise UserError("per-stage prompt_embeds cannot be combined with a cache, ControlNets or text_correction")
         control_key = control and (len(control.images), control.guess_mode)
         fn = self._sampler(
-            name, use_cfg, progress, schedule, kind, control_key, end, output, attention_edit, text_correction
+            name,
+            use_cfg,
+            progress,
+            schedule,
+            kind,
+            control_key,
+            end,
+            output,
+            attention_edit,
+            text_correction,
+            step_callback,
         )
         conditioning = None
         if req is not None:
@@ -411,12 +434,15 @@ class Pipeline:
             calls = (end or sched.num_model_calls(plan)) - (0 if req is None else req.start)
             self._bar[0] = tqdm(total=calls, desc="denoising", unit="step")
         try:
-            images = np.asarray((executable or fn)(*args))
+            result = (executable or fn)(*args)
         finally:
             if self._bar[0] is not None:
                 self._bar[0].close()
                 self._bar[0] = None
-        return images
+        if step_callback is None:
+            return np.asarray(result)
+        images, state = np.asarray(result[0]), jax.tree_util.tree_map(np.asarray, result[1])
+        return (images, state) if return_callback_state else images
 
     def compile_buckets(self, sizes, batch: int = 1, progress_bar: bool = False, **sampling) -> list[dict]:
         """Compile the sampling program for each (height, width) in `sizes` up front, for `batch` prompts and the
@@ -468,6 +494,7 @@ class Pipeline:
         output: str = "images",
         attention_edit=None,
         text_correction=None,
+        step_callback=None,
     ):
         """One jitted program per (scheduler, guidance on/off, progress, cache schedule, image kind, (number of
         ControlNets, guess mode)); XLA caches one executable per shape (strength, start step, control scales and
@@ -477,6 +504,7 @@ class Pipeline:
         key += (("end", end, output),) if end is not None or output != "images" else ()
         key += (("attention_edit", attention_edit),) if attention_edit is not None else ()
         key += (("text_correction", text_correction),) if text_correction is not None else ()
+        key += (("step_callback", step_callback),) if step_callback is not None else ()
         if key not in self._compiled:
             from jaxdiff.sampling import make_scheduler
 
@@ -484,7 +512,7 @@ class Pipeline:
             guess = bool(control and control[1])
             sample = functools.partial(
                 self._sample, sched, use_cfg, progress, schedule, kind, guess, end, output, attention_edit,
-                text_correction,
+                text_correction, step_callback=step_callback,
             )  # fmt: skip
             self._compiled[key] = jax.jit(sample)
         return self._compiled[key]
@@ -515,6 +543,7 @@ class Pipeline:
         key,
         conditioning=None,
         control=None,
+        step_callback=None,
     ):
         from jaxdiff.sampling.cache import CachedUNet
 
@@ -543,10 +572,22 @@ class Pipeline:
             from jaxdiff.sampling.t2i_zero import TextCorrected
 
             model = TextCorrected(model, text_correction, plan.timesteps, n)
-        if attention_edit is not None:
+        callback, callback_state = None, None
+        if attention_edit is not None or step_callback is not None:
             from jaxdiff.models.attention_control import Controlled
 
-            model = Controlled(model, attention_edit, plan.timesteps)
+            # Without an edit only the callback's captured layers run explicitly (the others keep the fast path).
+            record = None if step_callback is None else step_callback.capture
+            select = None if attention_edit is not None else record
+            model = Controlled(model, attention_edit, plan.timesteps, select=select, record=record)
+        if step_callback is not None:
+            controlled, num_steps = model, plan.timesteps.shape[0]
+
+            def callback(i, x, state):  # the prompts' rows (first) of the attention of this step's UNet call
+                captures = {name: probs[:n] for name, probs in controlled.captured.items()}
+                return step_callback(x, i, num_steps, captures, state)
+
+            callback_state = step_callback.init(x)
         x = denoise.denoise(
             model,
             sched,
@@ -561,8 +602,13 @@ class Pipeline:
             on_step=self._tick if progress else None,
             cache=schedule,
             after_step=after_step,
+            step_callback=callback,
+            callback_state=callback_state,
         )
-        return x if output == "latents" else self.decode_latents(vae_params, x)
+        if step_callback is not None:
+            x, callback_state = x
+        out = x if output == "latents" else self.decode_latents(vae_params, x)
+        return out if step_callback is None else (out, callback_state)
 
     def _image_conditioned(
         self, sched, plan, model, vae_params, noise, key, image, latents, mask, start, pure_noise, add_noise

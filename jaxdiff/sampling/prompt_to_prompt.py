@@ -4,13 +4,13 @@ attention by the source prompt's, as an attention edit inside the compiled sampl
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.errors import UserError
+from jaxdiff.sampling.denoise import StepCallback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +60,10 @@ class PromptToPrompt:
 
 
 @dataclasses.dataclass(frozen=True)
-class LocalBlend:
-    """Prompt-to-prompt's LocalBlend (the official `step_callback`): after each step from `start` (a fraction of the
+class LocalBlend(StepCallback):
+    """Prompt-to-prompt's LocalBlend (the official `step_callback`), a `StepCallback` for
+    `pipe([source, target, ...], attention_edit=PromptToPrompt(n), step_callback=LocalBlend(tokens))` (all rows
+    from the same noise), run inside the pipeline's compiled loop: after each step from `start` (a fraction of the
     steps; `start_blend` 0.2 in the official controller) on, x_target <- x_source + mask * (x_target - x_source),
     applied as a select so that a mask of ones keeps x_target and a mask of zeros gives x_source, bitwise.
 
@@ -87,6 +89,23 @@ class LocalBlend:
             raise UserError(f"LocalBlend start must be a fraction of the steps in [0, 1], got {self.start}")
         if self.pool < 1 or self.pool % 2 == 0 or self.side < 1:
             raise UserError(f"LocalBlend pool must be odd and positive and side positive, got {self.pool}, {self.side}")
+
+    def capture(self, layer) -> bool:
+        return layer.cross and layer.side == self.side
+
+    def init(self, latents):
+        """(accumulated maps [B, side, side], last mask bool [B, h, w, 1])."""
+        if latents.shape[0] != len(self.tokens):
+            raise UserError(f"LocalBlend has tokens for {len(self.tokens)} prompts, the batch has {latents.shape[0]}")
+        return jnp.zeros((latents.shape[0], self.side, self.side)), jnp.ones(latents.shape[:3] + (1,), bool)
+
+    def __call__(self, latents, step, num_steps, captures, state):
+        acc, _ = state
+        maps = self.maps(captures)
+        acc = acc + maps if self.accumulate else maps
+        mask = self.mask(acc, latents.shape[1], latents.shape[2])
+        blended = jnp.where(mask, latents, latents[:1])
+        return jnp.where(step >= self.start_step(num_steps), blended, latents), (acc, mask)
 
     def start_step(self, num_steps: int) -> int:
         """The first plan step after which the latents are blended (the official `counter > start_blend`)."""
@@ -155,80 +174,26 @@ def sample(
     latents=None,
     output: str = "images",
 ):
-    """Prompt-to-prompt with LocalBlend as one compiled program (SD 1.x/2.x pipelines, e.g. `shapes`): the prompts
-    [source, targets...] from the same noise `latents` ([1 or B, h, w, C] unit Gaussian; default from `seed`), the
-    attention edit `edit` at every UNet call and the blend after every step. Returns (images [B, H, W, 3] in [0, 1]
+    """Prompt-to-prompt with LocalBlend (SD 1.x/2.x pipelines, e.g. `shapes`): the prompts [source, targets...] from
+    the same noise `latents` ([1 or B, h, w, C] unit Gaussian; default from `seed`), the attention edit `edit` at
+    every UNet call and the blend after every step, all in the pipeline's one compiled loop:
+    `pipe(prompts, attention_edit=edit, step_callback=blend, latents=...)`. Returns (images [B, H, W, 3] in [0, 1]
     or, with output="latents", the final latents [B, h, w, C], and the last blend mask bool [B, h, w] (all True
-    without `blend`)). Without `blend` this is `pipe(prompts, attention_edit=edit)`."""
-    from jaxdiff.sampling import make_scheduler
-
+    without `blend`))."""
     if pipe.is_sdxl:
         raise UserError("prompt_to_prompt.sample supports SD 1.x/2.x pipelines")
     if output not in ("images", "latents"):
         raise UserError(f"output must be 'images' or 'latents', got {output!r}")
     if blend is not None and len(blend.tokens) != len(prompts):
         raise UserError(f"LocalBlend has tokens for {len(blend.tokens)} prompts, {len(prompts)} were given")
-    name = scheduler or pipe.default_scheduler()
-    sched = make_scheduler(name, pipe.scheduler_config)
-    plan = sched.plan(steps)
-    use_cfg = guidance > 1.0
     batch = len(prompts)
-    context, _ = pipe.encode_prompts(list(prompts) + ([""] * batch if use_cfg else []))
     side = pipe.default_size // pipe.vae_scale_factor
     shape = (batch, side, side, pipe.vae.config.get("latent_channels", 4))
     if latents is None:
         latents = jax.random.normal(jax.random.PRNGKey(seed), shape[1:], jnp.float32)[None]
     latents = jnp.broadcast_to(jnp.asarray(latents, jnp.float32), shape)
-    key = ("prompt_to_prompt.sample", name, use_cfg, edit, blend, output)
-    if key not in pipe._compiled:
-        pipe._compiled[key] = jax.jit(functools.partial(_program, pipe, sched, use_cfg, edit, blend, output))
-    out, mask = pipe._compiled[key](
-        pipe.unet.params, pipe.vae.params, plan, context, latents, jnp.float32(guidance), jax.random.PRNGKey(seed + 1)
-    )
-    return np.asarray(out), np.asarray(mask)
-
-
-def _program(pipe, sched, use_cfg, edit, blend, output, unet_params, vae_params, plan, context, latents, guidance, key):
-    """The sampling loop of `sample`, traced once per (scheduler, guidance on/off, edit, blend, output)."""
-    from jaxdiff.models import attention_control as ac
-    from jaxdiff.sampling.cache import CachedUNet
-
-    model = CachedUNet(pipe.unet.module, unet_params)
-    n, num_steps = latents.shape[0], plan.timesteps.shape[0]
-    select = None if edit is not None or blend is None else (lambda layer: layer.cross and layer.side == blend.side)
-
-    def call(x, t, i):
-        captured = {}
-
-        def hook(probs, layer):
-            if blend is not None and layer.cross and layer.side == blend.side:
-                captured[layer.name] = probs[:n]  # before the edit, as the official attention store
-            return probs if edit is None else edit(probs, layer, i, num_steps)
-
-        with ac.control(edit=hook, select=select):
-            out = model(x, t, (context, None))
-        return out, captured
-
-    def body(i, state):
-        x, carry, key, acc, mask = state
-        key, step_key = jax.random.split(key)
-        x_in = sched.scale_model_input(plan, x, i)
-        model_in = jnp.concatenate([x_in, x_in]) if use_cfg else x_in
-        out, captured = call(model_in, jnp.broadcast_to(plan.timesteps[i], (model_in.shape[0],)), i)
-        if use_cfg:
-            out_cond, out_uncond = jnp.split(out, 2)
-            out = out_uncond + guidance * (out_cond - out_uncond)
-        x_next, carry = sched.step(plan, out, i, x, carry, step_key)
-        if blend is not None:
-            maps = blend.maps(captured)
-            acc = acc + maps if blend.accumulate else maps
-            mask = blend.mask(acc, x.shape[1], x.shape[2])
-            blended = jnp.where(mask, x_next, x_next[:1])
-            x_next = jnp.where(i >= blend.start_step(num_steps), blended, x_next)
-        return x_next, carry, key, acc, mask
-
-    x = latents * plan.init_noise_sigma
-    size = blend.side if blend is not None else 1
-    state = (x, sched.init_carry(plan, x), key, jnp.zeros((n, size, size)), jnp.ones(x.shape[:3] + (1,), bool))
-    x, _, _, _, mask = jax.lax.fori_loop(0, num_steps, body, state)
-    return (x if output == "latents" else pipe.decode_latents(vae_params, x)), mask[..., 0]
+    kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, latents=latents, output=output)
+    if blend is None:
+        return pipe(list(prompts), attention_edit=edit, **kw), np.ones(shape[:3], bool)
+    out, (_, mask) = pipe(list(prompts), attention_edit=edit, step_callback=blend, return_callback_state=True, **kw)
+    return out, mask[..., 0]
