@@ -1,6 +1,8 @@
 """Feature caches (Faster Diffusion, DeepCache, T-GATE): the UNet split is exact, degenerate schedules are plain
 sampling, each schedule's per-step reuse pattern and recorded UNet call trace match the official code's."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,15 +21,21 @@ SCHED = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, 
 CONFIGS = {"sd1": TINY_CONFIGS["sd1"], "sdxl": TINY_CONFIGS["sdxl"]}
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
-def unet(request):
-    model = create(UNET, CONFIGS[request.param], abstract=False, seed=3)
+@functools.cache
+def _random_unet(name):
+    """(name, model, params): the tiny config's UNet with random weights everywhere (diffusers' zero-initialised
+    conv_out would hide differences); built once per module run for every test that needs it."""
+    model = create(UNET, CONFIGS[name], abstract=False, seed=3)
     rng = np.random.default_rng(0)
-    # Random weights everywhere (diffusers' zero-initialised conv_out would hide differences).
     params = jax.tree_util.tree_map(
         lambda p: jnp.asarray(rng.standard_normal(p.shape).astype(np.float32) * 0.2), model.params
     )
-    return request.param, model, params
+    return name, model, params
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def unet(request):
+    return _random_unet(request.param)
 
 
 def _inputs(name, batch=2, size=8):
@@ -254,12 +262,7 @@ def _sample(name, model, params, scheduler, steps, spec, guidance=4.0, recording
 
 @pytest.fixture(scope="module")
 def sd1():
-    model = create(UNET, CONFIGS["sd1"], abstract=False, seed=3)
-    rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(
-        lambda p: jnp.asarray(rng.standard_normal(p.shape).astype(np.float32) * 0.2), model.params
-    )
-    return "sd1", model, params
+    return _random_unet("sd1")
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm++2m", "euler"])
