@@ -9,7 +9,9 @@ the side) and its pixels outside the object.
 
 Reports, per swap kind (colour, shape), with 95 % Wilson intervals: the target attribute right (edit success), the
 kept attribute and side equal to the source image's (preservation), and the mean absolute pixel change from the
-source image; for plain sampling of the edited prompt and for prompt-to-prompt.
+source image (mean ± 1.96 SE over the pairs); for plain sampling of the edited prompt and for prompt-to-prompt; and
+prompt-to-prompt's pixel change relative to plain sampling's, paired by prompt pair and noise (95 % interval of the
+mean paired difference, mean ± 1.96 SE, divided by plain's mean).
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ def wilson(k: int, n: int, z: float = 1.96) -> str:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return f"{p:.1%} [{max(0, centre - half):.0%}, {min(1, centre + half):.0%}]"
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error of the mean."""
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
 def pairs(n: int, kind: str, seed: int):
@@ -109,12 +117,25 @@ def main(argv=None) -> int:
                 "edit_right": sum(r["edit_right"] for r in v),
                 "kept_as_source": sum(r["kept_as_source"] for r in v),
                 "pixel_change": float(np.mean([r["pixel_change"] for r in v])),
+                "pixel_change_values": [r["pixel_change"] for r in v],
                 "n": len(v),
             }
             for name, v in rows.items()
         }
         print(kind, json.dumps(results[kind]), flush=True)
     seconds = time.time() - t0
+    paired = {}  # prompt-to-prompt's pixel change minus plain sampling's, pair by pair (same prompts, same noise)
+    for kind, r in results.items():
+        diff = np.subtract(r["p2p"]["pixel_change_values"], r["plain"]["pixel_change_values"])
+        mean, se = mean_se(diff)
+        base = r["plain"]["pixel_change"]
+        paired[kind] = {
+            "mean_difference": mean,
+            "ci95": [mean - 1.96 * se, mean + 1.96 * se],
+            "relative": mean / base,
+            "relative_ci95": [(mean - 1.96 * se) / base, (mean + 1.96 * se) / base],
+            "n": len(diff),
+        }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python tools/p2p_eval.py" + (f" --n {args.n}" if args.n != 48 else "")
@@ -127,27 +148,37 @@ def main(argv=None) -> int:
         f"95 % Wilson intervals. {seconds:.0f} s.",
         "",
         "| swap | sampling of the edited prompt | swapped attribute right | rest kept as in the source image "
-        "| mean pixel change from the source |",
+        "| mean pixel change from the source (± 1.96 SE) |",
         "|---|---|---:|---:|---:|",
     ]
     for kind, r in results.items():
         for name, label in (("plain", "plain (same noise)"), ("p2p", "prompt-to-prompt")):
             x = r[name]
+            mean, se = mean_se(x["pixel_change_values"])
             lines.append(
                 f"| {kind} | {label} | {wilson(x['edit_right'], x['n'])} | {wilson(x['kept_as_source'], x['n'])} | "
-                f"{x['pixel_change']:.4f} |"
+                f"{mean:.4f} ± {1.96 * se:.4f} |"
             )
     lines += [
         "",
         "'Rest kept': the probe reads the same other attribute (shape for a colour swap, colour for a shape swap) "
         "and the same side in the edited image as in the source image.",
         "",
+        "Prompt-to-prompt's pixel change relative to plain sampling's, paired by prompt pair and noise (95 % interval "
+        "of the mean paired difference, over plain's mean):",
+        "",
+    ]
+    for kind, d in paired.items():
+        lo, hi = d["relative_ci95"]
+        lines.append(f"- {kind} swap: {d['relative']:+.1%} [{lo:+.1%}, {hi:+.1%}] (n = {d['n']})")
+    lines += [
+        "",
         f"![source | edited prompt, plain | edited prompt, prompt-to-prompt]({out.name}.png)",
     ]
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     from personalization_table import stamp  # source hashes: the table's current/stale column
 
-    record = {"results": results, "seconds": seconds, **stamp("p2p")}
+    record = {"results": results, "paired_pixel_change": paired, "seconds": seconds, **stamp("p2p")}
     atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     save_png(out.with_suffix(".png"), labeled_rows(grid))
     print("\n".join(lines))
