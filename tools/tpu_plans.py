@@ -282,7 +282,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--run", default="0", help="compute this many missing/stale/failed cells first, or 'all'")
     p.add_argument("--only", default="", help="comma-separated models or topologies to restrict to, e.g. sd15,v5e:4x4")
-    p.add_argument("--workdir", default="runs/tpu_plans", help="one JSON per cell")
+    p.add_argument(
+        "--workdir", default="docs/tpu_plans_cells", help="one JSON per cell (kept in git: the table's data)"
+    )
     p.add_argument("--out", default="docs/tpu_plans.md")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
     p.add_argument("--list", action="store_true", help="print every cell and its state, then exit")
