@@ -45,12 +45,10 @@ SIDE = 8
 
 
 def wilson(k, n: int) -> str:
-    from jaxdiff.erase.evaluate import wilson as interval
+    from jaxdiff.erase.evaluate import wilson_text
 
     k = k["k"] if isinstance(k, dict) else k
-
-    ci = interval(k, n)
-    return "n/a" if ci is None else f"{k}/{n} = {k / n:.0%} [{ci[0]:.0%}, {ci[1]:.0%}]"
+    return "n/a" if n == 0 else f"{k}/{n} = {wilson_text(k, n)}"
 
 
 def scene():

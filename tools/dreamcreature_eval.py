@@ -47,10 +47,9 @@ TIMESTEPS = (250, 500, 750)
 
 
 def wilson(k: int, n: int) -> str:
-    from jaxdiff.erase.evaluate import wilson as interval
+    from jaxdiff.erase.evaluate import wilson_text
 
-    ci = interval(k, n)
-    return "n/a" if ci is None else f"{k / n:.0%} [{ci[0]:.0%}, {ci[1]:.0%}] (n={n})"
+    return "n/a" if n == 0 else f"{wilson_text(k, n)} (n={n})"
 
 
 def paths(args) -> dict:

@@ -47,11 +47,10 @@ TEMPLATES = {
 
 
 def wilson(k: int, n: int) -> str:
-    """k/n with its 95 % Wilson interval (`jaxdiff.erase.evaluate.wilson`), as "97% [92%, 99%]"."""
-    from jaxdiff.erase.evaluate import wilson as interval
+    """k/n with its 95 % Wilson interval, as "97% [92%, 99%]"."""
+    from jaxdiff.erase.evaluate import wilson_text
 
-    ci = interval(k, n)
-    return "n/a" if ci is None else f"{k / n:.0%} [{ci[0]:.0%}, {ci[1]:.0%}]"
+    return wilson_text(k, n)
 
 
 def _setup(model: str):

@@ -233,6 +233,12 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
     return (float(max(centre - half, 0.0)), float(min(centre + half, 1.0)))
 
 
+def wilson_text(k: int, n: int) -> str:
+    """k/n with its 95 % Wilson interval, as "97% [92%, 99%]" ("n/a" when n = 0): the eval tools' table cells."""
+    ci = wilson(k, n)
+    return "n/a" if ci is None else f"{k / n:.0%} [{ci[0]:.0%}, {ci[1]:.0%}]"
+
+
 def rate(mask) -> dict:
     """{"rate", "k", "n", "ci": 95 % Wilson interval} of a boolean mask [N]."""
     mask = np.asarray(mask, bool)
