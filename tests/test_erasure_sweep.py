@@ -78,7 +78,7 @@ def test_the_sweep_writes_its_table_selection_and_plot_from_cached_cells(tmp_pat
     def fake_run_cell(method, target, workdir, timeout, extra, revision="", *, name="", attacks=True, reuse_only=False):
         calls.append((method, target, name, tuple(extra), attacks))
         lam = float(next(e for e in extra if e.startswith("--config.uce.lam=")).split("=")[1])
-        return _report(min(1.0, 2 * lam), 1.0 - lam / 4)
+        return _report(min(1.0, 2 * lam), max(0.05, 1.0 - lam / 10))
 
     monkeypatch.setattr(scorecard, "run_cell", fake_run_cell)
     monkeypatch.setattr(scorecard, "code_revision", lambda: "rev")
@@ -90,7 +90,7 @@ def test_the_sweep_writes_its_table_selection_and_plot_from_cached_cells(tmp_pat
     assert all("--config.eval.split=validation" in c[3] and c[4] is False for c in calls)
     record = json.loads(out.with_suffix(".json").read_text())
     chosen = record["selected"]["uce"]
-    assert chosen["setting"].startswith("uce.lam=0.5")  # min(1, 2λ) vs 1 − λ/4: λ = 0.5 has the best joint score
+    assert chosen["setting"].startswith("uce.lam=0.5")  # min(1, 2λ) vs 1 − λ/10: λ = 0.5 has the best joint score
     assert "--config.uce.lam=0.5" in chosen["overrides"]
     text = out.read_text()
     assert "**uce.lam=0.5" in text and "validation" in text
@@ -101,7 +101,7 @@ def test_the_sweep_writes_its_table_selection_and_plot_from_cached_cells(tmp_pat
 
 def test_list_and_bad_methods(capsys):
     assert sweep.main(["--list", "--methods", "uce,spm"]) == 0
-    assert "uce: 9 points" in capsys.readouterr().out
+    assert "uce: 12 points" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         sweep.main(["--methods", "nope"])
     assert "no grid for ['nope']" in capsys.readouterr().err
@@ -111,3 +111,17 @@ def test_reuse_only_never_runs_a_cell(tmp_path):
     scorecard = _tool("erasure_scorecard")
     report = scorecard.run_cell("uce", "circle", tmp_path, 10, [], "abc123", name="x", reuse_only=True)
     assert report == {"failed": "no finished cell of revision abc123"} and not (tmp_path / "x").exists()
+
+
+def test_other_anchor_resolves_per_target_and_replaces_a_methods_own_anchor():
+    scorecard = _tool("erasure_scorecard")
+    point = {"uce.lam": 2.0, "anchor": "@other"}
+    assert sweep.point_name(point) == "uce.lam=2,anchor=@other"
+    assert sweep.point_name({"uce.lam": 2.0, "anchor": ""}) == "uce.lam=2"  # the preset's own anchor: no override
+    assert sweep.overrides({"uce.lam": 2.0, "anchor": ""}) == ["--config.uce.lam=2.0"]
+    extra = sweep.overrides(point)
+    assert scorecard.resolve_extra(extra, "circle") == ["--config.uce.lam=2.0", "--config.anchor=square"]
+    assert scorecard.resolve_extra(extra, "red")[-1] == "--config.anchor=green"
+    # a method that brings its own anchor (Concept Ablation) takes the override instead of adding a second one
+    args = scorecard.cell_args("ablation", "circle", ["--config.anchor=triangle"])
+    assert not any(a.startswith("--config.anchor=") for a in args)

@@ -33,6 +33,9 @@ from jaxdiff.erase import registry
 ROOT = Path(__file__).resolve().parent.parent  # the cells' configs/erase/<method>.py are relative to it
 TARGETS = ("circle", "red", "box")
 KEY = "scorecard_key.json"
+# An anchor override that names no concept but "the first other concept of the target's kind" (circle -> square,
+# red -> green), so that one swept setting applies to every target.
+OTHER_ANCHOR = "@other"
 
 
 # What an erase run's figures depend on: the library but its personalization, protection and ControlNet commands
@@ -75,16 +78,25 @@ def reusable(out: Path, key: dict) -> bool:
         return False
 
 
-def cell_args(method: str, target: str) -> list[str]:
+def cell_args(method: str, target: str, extra: list[str] = ()) -> list[str]:
+    """The target's concept, preserved concepts and (for methods that need one, unless `extra` sets it) anchor."""
     from jaxdiff.erase import evaluate as ev
 
     concept = ev.resolve(target)
     others = list(concept.others)
     args = [f"--config.concept={target}", f"--config.preserve={';'.join(others)}"]
     anchor = registry.get(method).anchor
-    if anchor is not None:
+    if anchor is not None and not any(x.startswith("--config.anchor=") for x in extra):
         args.append(f"--config.anchor={others[0] if anchor == 'other_concept' else concept.kind}")
     return args
+
+
+def resolve_extra(extra: list[str], target: str) -> list[str]:
+    """`extra` with `--config.anchor=@other` replaced by the target's first other concept of its kind."""
+    from jaxdiff.erase import evaluate as ev
+
+    other = f"--config.anchor={list(ev.resolve(target).others)[0]}"
+    return [other if x == f"--config.anchor={OTHER_ANCHOR}" else x for x in extra]
 
 
 def run_cell(
@@ -103,7 +115,8 @@ def run_cell(
     {"failed": its last error line}. reuse_only: never run; a cell without a finished run of this key is failed."""
     out = workdir / (name or f"{method}-{target}")
     attack = ["--attacks"] if attacks else []
-    args = [f"configs/erase/{method}.py:shapes", *cell_args(method, target), *attack, *extra]
+    extra = resolve_extra(extra, target)
+    args = [f"configs/erase/{method}.py:shapes", *cell_args(method, target, extra), *attack, *extra]
     key = cell_key(args, revision or code_revision())
     if reusable(out, key):
         return json.loads((out / "report.json").read_text())
@@ -118,7 +131,7 @@ def run_cell(
         "erase",
         "--config",
         f"configs/erase/{method}.py:shapes",
-        *cell_args(method, target),
+        *cell_args(method, target, extra),
         "--out",
         str(out),
         *attack,

@@ -34,10 +34,15 @@ from jaxdiff.erase import evaluate as ev  # noqa: E402
 from jaxdiff.erase import registry  # noqa: E402
 
 # The knobs swept per method (a cartesian product; the :shapes preset's own value is among them where it has one).
+# "anchor": "" is the method's own (the empty prompt for the closed forms), "@other" the first other concept of the
+# target's kind (circle -> square, red -> green; erasure_scorecard.OTHER_ANCHOR): on shapes a prompt without its
+# shape word still draws a circle, so an edit towards "" cannot remove circles; a guide concept can.
+# The first sweep (revision c4c6d0d, n = 32) put UCE's best λ at its grid's edge (2) and found RECE's epochs 1 and
+# 2 equal, λ 0.1 and preserve scale -1 worst: the grids below move on from it.
 GRIDS: dict[str, dict[str, tuple]] = {
-    "uce": {"uce.lam": (0.1, 0.5, 2.0), "uce.preserve_scale": (-1.0, 1.0, 4.0)},
-    "rece": {"uce.lam": (0.1, 0.5, 2.0), "rece.epochs": (1, 2)},
-    "mace": {"mace.lam": (0.0, 0.1, 1.0), "mace.preserve_scale": (7e-7, 1e-4)},
+    "uce": {"uce.lam": (0.5, 2.0, 8.0), "uce.preserve_scale": (1.0, 4.0), "anchor": ("", "@other")},
+    "rece": {"uce.lam": (2.0, 8.0), "anchor": ("", "@other")},
+    "mace": {"mace.lam": (0.1, 1.0), "anchor": ("", "@other")},
     "trce": {"trce.lam": (0.01, 0.1), "train.learning_rate": (1e-6, 1e-5, 1e-4)},
     "esd": {"train.learning_rate": (1e-4, 3e-4, 1e-3), "train.steps": (150, 300)},
     "ablation": {"train.learning_rate": (1e-4, 5e-4, 2e-3), "train.steps": (150, 300)},
@@ -62,12 +67,13 @@ def grid_points(method: str) -> list[dict]:
 
 
 def point_name(point: dict) -> str:
-    """A folder-safe name of a grid point: "uce.lam=0.5,uce.preserve_scale=-1"."""
-    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
+    """A folder-safe name of a grid point: "uce.lam=0.5,uce.preserve_scale=-1,anchor=@other" (a knob at "", the
+    preset's own value, is left out of the name and the overrides)."""
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items() if v != "")
 
 
 def overrides(point: dict) -> list[str]:
-    return [f"--config.{k}={v}" for k, v in point.items()]
+    return [f"--config.{k}={v}" for k, v in point.items() if v != ""]
 
 
 def figures(report: dict) -> dict:
