@@ -130,6 +130,14 @@ def test_a_clean_erasure_scores_one_and_keeps_the_probe_only_figure(probe):
     assert r["warnings"] == []
     chance = r["preservation"]["chance"]
     assert chance == {"shape": pytest.approx(1 / 3), "colour": pytest.approx(1 / 4)}
+    assert "anchor" not in w  # no anchor given
+
+    # The same edit read as a mapping onto an anchor: squares appear instead every time, triangles never.
+    for anchor, seen in (("square", 1.0), ("triangle", 0.0)):
+        a = ev.evaluate(probe, concept, before, after, sets, without_word=floor, anchor=anchor)["erasure"]["word"]
+        assert a["anchor"]["name"] == anchor and a["anchor"]["before"]["rate"] == 0.0
+        assert a["anchor"]["after"]["rate"] == seen
+    assert "anchor" not in ev.evaluate(probe, concept, before, after, sets, anchor="shape")["erasure"]["word"]
 
 
 def test_preserve_defaults_to_the_models_world():

@@ -204,7 +204,8 @@ def row(method: str, target: str, r: dict) -> str:
         method,
         target,
         str(w["n"]),
-        _ci(w["erased"]["after"]),
+        _ci(w["erased"]["after"])
+        + (f" ({w['anchor']['name']} instead: {_pct(w['anchor']['after']['rate'])})" if w.get("anchor") else ""),
         f"{after('synonyms')} / {after('heldout')}",
         _ci(w["invalid"]["after"]),
         _ci(w["probe_only"]["after"]),

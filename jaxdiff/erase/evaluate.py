@@ -294,16 +294,32 @@ def _counts(reasons: np.ndarray) -> dict[str, int]:
     return {str(k): int(c) for k, c in sorted(zip(keys, counts), key=lambda kc: -kc[1])}
 
 
-def erasure_figures(before: dict, after: dict, concept: Concept, scenes) -> dict:
-    """One erased prompt set's figures, unedited vs edited (verdicts from `judge_images`)."""
+def anchor_seen(verdicts: dict, concept: Concept, scenes: Sequence[S.Scene], anchor: str) -> np.ndarray:
+    """Per image [N]: a valid image (as in `erased_verdicts`) in which both judges name `anchor` (a concept of the
+    erased one's kind) where the prompt named the erased concept: the anchor appears instead."""
+    v = erased_verdicts(verdicts, concept, scenes)
+    probe = names(verdicts, "probe", concept.kind) == anchor
+    return v["valid"] & probe & (names(verdicts, "pixel", concept.kind) == anchor)
+
+
+def erasure_figures(before: dict, after: dict, concept: Concept, scenes, anchor: str = "") -> dict:
+    """One erased prompt set's figures, unedited vs edited (verdicts from `judge_images`); with `anchor` (a concept
+    of the same kind that the method maps the erased one to) also how often the anchor appears instead."""
     vb, va = erased_verdicts(before, concept, scenes), erased_verdicts(after, concept, scenes)
-    return {
+    out = {
         "n": len(scenes),
         "erased": {"before": rate(vb["erased"]), "after": rate(va["erased"])},
         "invalid": {"before": rate(~vb["valid"]), "after": rate(~va["valid"])},
         "probe_only": {"before": rate(vb["probe_sees"]), "after": rate(va["probe_sees"])},
         "reasons": {"before": _counts(vb["reason"]), "after": _counts(va["reason"])},
     }
+    if anchor in KINDS[concept.kind] and anchor != concept.name:
+        out["anchor"] = {
+            "name": anchor,
+            "before": rate(anchor_seen(before, concept, scenes, anchor)),
+            "after": rate(anchor_seen(after, concept, scenes, anchor)),
+        }
+    return out
 
 
 def normalised_erasure(unedited: float, edited: float, floor: float) -> float | None:
@@ -388,11 +404,14 @@ def evaluate(
     sets: dict,
     floor_images: np.ndarray | None = None,
     without_word: np.ndarray | None = None,
+    anchor: str = "",
 ) -> dict:
     """Figures from images of the unedited (`before`) and edited (`after`) model, keyed like `sets`.
 
     floor_images: the unedited model on the preserved prompts with other seeds (sampling-noise references);
-    without_word: the unedited model on the word prompts with the word removed (same seeds), the erasure floor.
+    without_word: the unedited model on the word prompts with the word removed (same seeds), the erasure floor;
+    anchor: the concept the method maps the erased one to, when it is one of the same kind ("square" for circle):
+    each erased prompt set then also says how often that concept appears instead.
     """
     out = {"resolved": concept.name, "word": concept.word, "kind": concept.kind, "erasure": {}, "preservation": {}}
     judged = {}
@@ -403,7 +422,7 @@ def evaluate(
             continue
         judged[name] = (judge_images(probe, before[name]), judge_images(probe, after[name]))
         if name != "preserved":
-            out["erasure"][name] = erasure_figures(*judged[name], concept, scenes)
+            out["erasure"][name] = erasure_figures(*judged[name], concept, scenes, anchor.strip())
     scores = {}
     if "word" in judged and without_word is not None:
         scenes = sets["word"][1]

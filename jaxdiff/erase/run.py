@@ -261,7 +261,7 @@ def erase(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: bool = Tr
         if job.concepts == [concept.word]:
             prompts = job.replaced(sets["word"][0], "")
             without = job.images(prompts, ev.noise(len(prompts), job.latent_shape, _noise_seed(e)))
-        report.update(ev.evaluate(judge, concept, before, after, sets, floor, without))
+        report.update(ev.evaluate(judge, concept, before, after, sets, floor, without, anchor=job.anchor))
         if e.attacks:
             attack = _attacks(job, result, concept, judge)
             rows.append(("soft-prompt\nattack", attack.pop("_images")[:GRID_SAMPLES]))
