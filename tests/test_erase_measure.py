@@ -206,3 +206,14 @@ def test_the_validation_split_is_checked_before_the_edit():
     c.eval.split, c.eval.attacks = "validation", True
     with pytest.raises(UserError, match="drop --attacks"):
         run._validate(c)
+
+
+def test_the_other_anchor_names_the_next_concept_of_the_erased_ones_kind():
+    from jaxdiff.erase.config import OTHER_ANCHOR, resolve_anchor
+
+    assert resolve_anchor(OTHER_ANCHOR, ["circle"], True) == "square"
+    assert resolve_anchor(OTHER_ANCHOR, ["box"], True) == "circle"  # box is the square
+    assert resolve_anchor(OTHER_ANCHOR, ["red"], True) == "green"
+    assert resolve_anchor("triangle", ["circle"], True) == "triangle" and resolve_anchor("", ["dog"], False) == ""
+    with pytest.raises(UserError, match="needs the shapes model"):
+        resolve_anchor(OTHER_ANCHOR, ["dog"], False)

@@ -29,13 +29,11 @@ import time
 from pathlib import Path
 
 from jaxdiff.erase import registry
+from jaxdiff.erase.config import OTHER_ANCHOR, resolve_anchor
 
 ROOT = Path(__file__).resolve().parent.parent  # the cells' configs/erase/<method>.py are relative to it
 TARGETS = ("circle", "red", "box")
 KEY = "scorecard_key.json"
-# An anchor override that names no concept but "the first other concept of the target's kind" (circle -> square,
-# red -> green), so that one swept setting applies to every target.
-OTHER_ANCHOR = "@other"
 
 
 # What an erase run's figures depend on: the library but its personalization, protection and ControlNet commands
@@ -92,10 +90,9 @@ def cell_args(method: str, target: str, extra: list[str] = ()) -> list[str]:
 
 
 def resolve_extra(extra: list[str], target: str) -> list[str]:
-    """`extra` with `--config.anchor=@other` replaced by the target's first other concept of its kind."""
-    from jaxdiff.erase import evaluate as ev
-
-    other = f"--config.anchor={list(ev.resolve(target).others)[0]}"
+    """`extra` with `--config.anchor=@other` replaced by the concept it names for `target` (the first other concept
+    of its kind), so that a cell's command, and its key, say which anchor it ran with."""
+    other = f"--config.anchor={resolve_anchor(OTHER_ANCHOR, [target], True)}"
     return [other if x == f"--config.anchor={OTHER_ANCHOR}" else x for x in extra]
 
 

@@ -35,7 +35,7 @@ from jaxdiff.erase import registry  # noqa: E402
 
 # The knobs swept per method (a cartesian product; the :shapes preset's own value is among them where it has one).
 # "anchor": "" is the method's own (the empty prompt for the closed forms), "@other" the first other concept of the
-# target's kind (circle -> square, red -> green; erasure_scorecard.OTHER_ANCHOR): on shapes a prompt without its
+# target's kind (circle -> square, red -> green; jaxdiff.erase.config.OTHER_ANCHOR): on shapes a prompt without its
 # shape word still draws a circle, so an edit towards "" cannot remove circles; a guide concept can.
 # The first sweep (revision c4c6d0d, n = 32) put UCE's best λ at its grid's edge (2) and found RECE's epochs 1 and
 # 2 equal, λ 0.1 and preserve scale -1 worst: the grids below move on from it.

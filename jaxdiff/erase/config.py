@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxdiff.errors import UserError
+
 AUTO = "auto"
+OTHER_ANCHOR = "@other"  # config.anchor: the first other concept of the erased one's kind (shapes world)
 # What `preserve=auto` keeps on a model other than `shapes` (Stable Diffusion and the like): common concepts.
 COMMON_CONCEPTS = (
     "a person",
@@ -29,7 +32,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
     concept: the erased concept (several separated by ";"); synonyms: other names of it (used by evaluation and,
     where a method supports it, prompt expansion); preserve: concepts to keep (";"-separated; "auto" = the model's
     world, see `default_preserve`; "" = none); anchor: the concept the erased one is mapped to or replaced by
-    ("" = the unconditional/empty prompt).
+    ("" = the unconditional/empty prompt; "@other" = on shapes, the first other concept of its kind).
     """
     c = ml_collections.ConfigDict()
     c.method = method
@@ -93,6 +96,24 @@ def train_block(
 def split_list(value: str) -> list[str]:
     """ "a; b ;c" -> ["a", "b", "c"] (empty string -> [])."""
     return [x.strip() for x in value.split(";") if x.strip()] if value else []
+
+
+def resolve_anchor(anchor: str, concepts: list[str], is_shapes: bool) -> str:
+    """The anchor a run maps the erased concept to: `anchor` as given, or for OTHER_ANCHOR ("@other") the first
+    other concept of the erased one's kind in the shapes world (circle -> square, red -> green), so that one preset
+    serves every target. On shapes an edit towards "" cannot remove a circle (prompts without a shape word draw
+    circles); UCE guided to "@other" erases 88-91 % of circles validly (docs/erasure_sweep.md)."""
+    anchor = str(anchor)
+    if anchor.strip() != OTHER_ANCHOR:
+        return anchor
+    if not is_shapes:
+        raise UserError(
+            f"config.anchor={OTHER_ANCHOR} (another concept of the erased one's kind) needs the shapes model; "
+            "name the anchor concept instead, e.g. --config.anchor=dog"
+        )
+    from jaxdiff.erase import evaluate as ev
+
+    return ev.resolve(concepts[0]).others[0]
 
 
 def default_preserve(concepts: list[str], is_shapes: bool) -> list[str]:

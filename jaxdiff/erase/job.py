@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxdiff.erase import common
 from jaxdiff.erase import evaluate as ev
-from jaxdiff.erase.config import split_list
+from jaxdiff.erase.config import resolve_anchor, split_list
 from jaxdiff.errors import UserError
 
 
@@ -49,8 +49,8 @@ class Job:
         if not self.concepts:
             raise UserError("config.concept is empty: name the concept to erase, e.g. --config.concept=circle")
         self.preserve = split_list(config.preserve)
-        self.anchor = config.anchor
         self.is_shapes = str(config.model) == "shapes" or Path(str(config.model)).resolve() == BUILTIN["shapes"]
+        self.anchor = resolve_anchor(config.anchor, self.concepts, self.is_shapes)
         # The shapes concepts this run resolves (the evaluated one; all of them when world captions are added),
         # checked before the model loads so a typo costs nothing.
         self.concept = ev.resolve(self.concepts[0]) if self.is_shapes else None

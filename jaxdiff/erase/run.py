@@ -234,7 +234,7 @@ def erase(config: mlc.ConfigDict, out: str | os.PathLike, *, progress: bool = Tr
         "concept": config.concept,
         "preserve": job.config.preserve,
         "preserve_default": str(config.preserve).strip().lower() == AUTO,
-        "anchor": config.anchor,
+        "anchor": job.anchor,  # as resolved ("@other" -> the concept it names)
         "model": str(config.model),
         "split": str(config.eval.split),  # the prompts and seeds the figures rest on: test or validation
         "cost": {"seconds": seconds, "peak_rss_gb": peak},
