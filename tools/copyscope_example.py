@@ -38,6 +38,10 @@ def make_edit(name: str, concept: str, workdir: Path) -> Path:
     config = load_config(str(ROOT / "configs" / "erase" / "uce.py") + ":shapes")
     config.concept = concept
     config.preserve = ";".join(ev.resolve(concept).others)
+    # The edits docs/copyscope_example.md was measured with: towards "" at λ 0.5 (the :shapes preset before it was
+    # guided to another concept of the kind); kept so that its figures reproduce.
+    config.anchor = ""
+    config.uce.update(lam=0.5, preserve_scale=1.0)
     config.eval.num_images = 8  # the erase report is a side product here
     report = erase(config, out, progress=False, overwrite=True)
     print(f"{name}: UCE erased {concept!r} in {report['cost']['seconds']:.1f} s -> {out}", file=sys.stderr)

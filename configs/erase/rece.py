@@ -5,7 +5,7 @@
 # hard objects); ":nudity" = reg 0.1, 3 epochs. ":runlocal": 2 epochs on the tiny model.
 """RECE; see jaxdiff/erase/rece.py."""
 
-from jaxdiff.erase.config import base_config
+from jaxdiff.erase.config import OTHER_ANCHOR, base_config
 from jaxdiff.errors import UserError
 
 
@@ -39,6 +39,10 @@ def get_config(arg: str = ""):
             c.num_prompts = 8
             c.uce.update(edit_tokens="last_word_to_end", preserve_tokens="nonpad")
             c.rece.update(epochs=2, num_validation_prompts=16)
+            # Chosen on validation prompts (tools/erasure_sweep.py): the UCE start at λ 2, guided to the next
+            # concept of the erased one's kind (towards " " it erased no circle validly).
+            c.anchor = OTHER_ANCHOR
+            c.uce.update(lam=2.0)
         elif variant == "runlocal":
             c.rece.update(epochs=2, num_validation_prompts=2)
         else:
