@@ -294,7 +294,13 @@ LEGEND = """\
 """
 
 
-def markdown(results: dict, command: str, seconds: list[float]) -> str:
+def shapes_guidance() -> str:
+    """The guidance the cells sample with: the shapes model's default (config.eval.guidance < 0)."""
+    path = ROOT / "jaxdiff" / "assets" / "shapes" / "sampling_defaults.json"
+    return f"{json.loads(path.read_text())['guidance']:g}" if path.is_file() else "7.5"
+
+
+def markdown(results: dict, command: str, seconds: list[float], revision: str = "") -> str:
     any_ok = next((r for r in results.values() if "failed" not in r), None)
     n = any_ok["erasure"]["word"]["n"] if any_ok else "?"
     atk = any_ok.get("robustness", {}) if any_ok else {}
@@ -305,8 +311,9 @@ def markdown(results: dict, command: str, seconds: list[float]) -> str:
         f"Regenerate with `{command}`"
         + (f" ({sum(seconds) / 60:.0f} min for {len(seconds)} cells on this 2-core CPU)" if seconds else "")
         + ". Each row is one `jaxdiff erase` run (configs/erase/<method>.py:shapes); every figure is read by the "
-        f"shapes probe and the pixel judge from generated images ({n} per prompt set, 25 DDIM steps, guidance 5, the "
-        "same seeds before and after the edit).",
+        f"shapes probe and the pixel judge from generated images ({n} per prompt set, 25 DDIM steps, guidance "
+        f"{shapes_guidance()} (the model's default), the same seeds before and after the edit)"
+        + (f"; every cell measured at code revision `{revision[:12]}`." if revision else "."),
         "",
         LEGEND,
         "- **Robustness** (lower is better, probe-only): % of attack images in which the probe sees the target: "
@@ -322,6 +329,14 @@ def markdown(results: dict, command: str, seconds: list[float]) -> str:
     ]
     lines += baseline_rows(results)
     lines += [row(m, t, r) for (m, t), r in results.items()]
+    measured = {m for m, _ in results}
+    missing = [m for m in registry.methods() if m not in measured]
+    if missing:
+        lines += [
+            "",
+            f"Not in this table: {', '.join(missing)} (`python tools/erasure_scorecard.py --methods "
+            f"{','.join(missing)}`; their `:shapes` presets are not yet chosen on validation prompts).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -370,7 +385,7 @@ def main(argv=None) -> int:
     command = "python tools/erasure_scorecard.py" + (
         "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
     )
-    text = markdown(results, command, cell_seconds(workdir, results))
+    text = markdown(results, command, cell_seconds(workdir, results), revision)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fileio.atomic_write_text(out, text)
