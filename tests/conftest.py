@@ -49,3 +49,50 @@ def eight_devices():
         f"(XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')!r})"
     )
     return devices[:DEVICES]
+
+
+# The slowest files first (per-file seconds from the CI rehearsal's --durations, largest first), then the rest by
+# their number of tests: run with `--dist loadfile --no-loadscope-reorder` (tools/test.sh), the two workers start on
+# the long files and fill the end with short ones, instead of xdist's default order (most tests first), which left
+# the single-test multi-host and resume files for last and one worker idle for minutes.
+SLOW_FIRST = (
+    "test_train_resume.py",
+    "test_train_multihost.py",
+    "test_train_sharded.py",
+    "test_erase_command.py",
+    "test_runner_faults.py",
+    "test_distill_dmd2.py",
+    "test_distill_sid.py",
+    "test_aot_tpu.py",
+    "test_distill_scm.py",
+    "test_cache_schedules.py",
+    "test_bench_gpu.py",
+    "test_dreambooth_full.py",
+    "test_distill_lcm.py",
+    "test_train_pipeline_data.py",
+    "test_attencraft.py",
+    "test_distill_command.py",
+    "test_evaluate_command.py",
+    "test_shapes_models.py",
+    "test_train_step.py",
+    "test_attention_control.py",
+    "test_prospect.py",
+    "test_dreamcreature.py",
+    "test_personalize_command.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Order the collected tests file by file: SLOW_FIRST, then the other files by their number of tests (the order
+    within a file is kept)."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.path.name] = counts.get(item.path.name, 0) + 1
+
+    def rank(name: str) -> tuple[int, int, str]:
+        if name in SLOW_FIRST:
+            return (SLOW_FIRST.index(name), 0, name)
+        return (len(SLOW_FIRST), -counts[name], name)
+
+    order = {name: rank(name) for name in counts}
+    items.sort(key=lambda item: order[item.path.name])  # stable: a file's own order stays
