@@ -133,3 +133,15 @@ def test_a_stale_cell_whose_program_is_unchanged_is_current_again_and_a_changed_
     path.write_text(json.dumps({**_result(cell, 100.0), "key": "OLD", "program_sha256": "0" * 16}))
     assert not plans.revalidate(cell, tmp_path, "NEW", timeout=300)
     assert plans.state(cell, tmp_path, keys)[0] == "stale"
+
+
+def test_a_program_too_big_for_the_chip_is_a_result_not_retried(tmp_path):
+    cell = next(c for c in plans.GRID if c.task == "distill")
+    oom = "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, temporaries (21.85G) > 15.75G."
+    (tmp_path / f"{cell.name}.json").write_text(json.dumps({"failed": oom, "key": "K"}))
+    keys = dict.fromkeys(plans.SOURCES, "K")
+    assert plans.state(cell, tmp_path, keys)[0] == "too_big"
+    assert plans.state(cell, tmp_path, {**keys, "distill": "NEW"})[0] == "stale"  # new code: measured again
+    text = plans.markdown([cell], tmp_path, keys)
+    assert "## Does not fit" in text and "Ran out of memory on HBM" in text and "Not computed yet" not in text
+    assert plans.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "t.md"), "--only", "v5e:2x2", "--list"]) == 0

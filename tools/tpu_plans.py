@@ -142,7 +142,9 @@ def source_keys(root: Path = ROOT) -> dict[str, str]:
 
 
 def state(cell: Cell, workdir: Path, keys: dict[str, str]) -> tuple[str, dict | None]:
-    """("done", result) | ("stale", result) | ("failed", record) | ("missing", None)."""
+    """("done", result) | ("too_big", record) | ("stale", result) | ("failed", record) | ("missing", None).
+
+    too_big: XLA refused the program for the chip's HBM (RESOURCE_EXHAUSTED), a result of this key, not retried."""
     path = workdir / f"{cell.name}.json"
     try:
         record = json.loads(path.read_text())
@@ -150,7 +152,9 @@ def state(cell: Cell, workdir: Path, keys: dict[str, str]) -> tuple[str, dict | 
         return "missing", None
     if record.get("key") != keys[cell.task]:
         return "stale", record
-    return ("failed" if "failed" in record else "done"), record
+    if "failed" not in record:
+        return "done", record
+    return ("too_big" if "RESOURCE_EXHAUSTED" in record["failed"] else "failed"), record
 
 
 def compute(cell: Cell, workdir: Path, key: str, timeout: int) -> dict:
@@ -274,7 +278,13 @@ def markdown(grid, workdir: Path, keys: dict[str, str]) -> str:
             for c, r in done:
                 lines.append(_row(c, r, "**best** " if r is top else ""))
         lines.append("")
-    pending = [(c, s) for c, (s, _) in states.items() if s != "done"]
+    too_big = [(c, r) for c, (s, r) in states.items() if s == "too_big"]
+    if too_big:
+        lines += ["## Does not fit", ""]
+        for c, r in too_big:
+            lines.append(f"- `{c.command()}`: {r['failed'].split('RESOURCE_EXHAUSTED: ')[-1]}")
+        lines.append("")
+    pending = [(c, s) for c, (s, _) in states.items() if s not in ("done", "too_big")]
     if pending:
         lines += [f"## Not computed yet ({len(pending)} of {len(grid)} cells)", ""]
         for c, s in pending:
@@ -286,7 +296,11 @@ def markdown(grid, workdir: Path, keys: dict[str, str]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--run", default="0", help="compute this many missing/stale/failed cells first, or 'all'")
+    p.add_argument(
+        "--run",
+        default="0",
+        help="compute this many missing/stale/failed cells first (not those that do not fit), or 'all'",
+    )
     p.add_argument("--only", default="", help="comma-separated models or topologies to restrict to, e.g. sd15,v5e:4x4")
     p.add_argument(
         "--workdir", default="docs/tpu_plans_cells", help="one JSON per cell (kept in git: the table's data)"
@@ -317,7 +331,7 @@ def main(argv=None) -> int:
         for c in grid:
             if state(c, workdir, keys)[0] == "stale":
                 revalidate(c, workdir, keys[c.task], args.timeout)
-    todo = [c for c in grid if state(c, workdir, keys)[0] != "done"]
+    todo = [c for c in grid if state(c, workdir, keys)[0] not in ("done", "too_big")]
     todo = todo if args.run == "all" else todo[: int(args.run)]
     for i, c in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}]", end=" ", flush=True)
