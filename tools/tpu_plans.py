@@ -178,6 +178,8 @@ def compute(cell: Cell, workdir: Path, key: str, timeout: int) -> dict:
         if proc.returncode == 0:
             record = json.loads(tmp.read_text())
             print(proc.stdout.strip(), flush=True)
+        elif proc.returncode < 0:  # a signal: the host's OOM killer, or a user; nothing about the program
+            record = {"failed": f"the compile was killed by signal {-proc.returncode} (host out of memory?)"}
         else:
             lines = [x for x in (proc.stderr or proc.stdout).strip().splitlines() if x.strip()]
             record = {"failed": lines[-1] if lines else f"exit status {proc.returncode}"}
