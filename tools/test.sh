@@ -13,4 +13,4 @@ timeout 900 .venv/bin/python -m pip install -q -c constraints.txt -e ".[tpu-aot]
   echo "tools/test.sh: libtpu could not be installed; tests/test_aot_tpu.py will be skipped" >&2
 # Two workers (one per core; a test file stays on one worker so its module fixtures are built once) and the
 # slowest tests listed at the end, to keep the suite inside its time budget.
-exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30 tests "$@"
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=30 tests "$@"
