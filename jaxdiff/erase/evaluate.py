@@ -294,12 +294,10 @@ def _counts(reasons: np.ndarray) -> dict[str, int]:
     return {str(k): int(c) for k, c in sorted(zip(keys, counts), key=lambda kc: -kc[1])}
 
 
-def anchor_seen(verdicts: dict, concept: Concept, scenes: Sequence[S.Scene], anchor: str) -> np.ndarray:
-    """Per image [N]: a valid image (as in `erased_verdicts`) in which both judges name `anchor` (a concept of the
+def anchor_seen(verdicts: dict, valid: np.ndarray, kind: str, anchor: str) -> np.ndarray:
+    """Per image [N]: a valid image (`erased_verdicts`' mask) in which both judges name `anchor` (a concept of the
     erased one's kind) where the prompt named the erased concept: the anchor appears instead."""
-    v = erased_verdicts(verdicts, concept, scenes)
-    probe = names(verdicts, "probe", concept.kind) == anchor
-    return v["valid"] & probe & (names(verdicts, "pixel", concept.kind) == anchor)
+    return valid & (names(verdicts, "probe", kind) == anchor) & (names(verdicts, "pixel", kind) == anchor)
 
 
 def erasure_figures(before: dict, after: dict, concept: Concept, scenes, anchor: str = "") -> dict:
@@ -316,8 +314,8 @@ def erasure_figures(before: dict, after: dict, concept: Concept, scenes, anchor:
     if anchor in KINDS[concept.kind] and anchor != concept.name:
         out["anchor"] = {
             "name": anchor,
-            "before": rate(anchor_seen(before, concept, scenes, anchor)),
-            "after": rate(anchor_seen(after, concept, scenes, anchor)),
+            "before": rate(anchor_seen(before, vb["valid"], concept.kind, anchor)),
+            "after": rate(anchor_seen(after, va["valid"], concept.kind, anchor)),
         }
     return out
 
