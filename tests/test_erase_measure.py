@@ -179,6 +179,36 @@ def test_scorecard_recomputes_a_cell_of_another_revision_or_config(tmp_path):
     assert scorecard.code_revision()  # the last commit to jaxdiff/ or configs/ (+ a hash of uncommitted changes)
 
 
+def test_scorecard_goal_needs_erasure_and_both_preserved_attributes_within_five_points():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "erasure_scorecard.py"
+    spec = importlib.util.spec_from_file_location("erasure_scorecard", path)
+    scorecard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scorecard)
+
+    def cell(norm, shape_after, colour_after, joint=0.9):
+        kept = lambda after: {"both": {"before": {"rate": 0.98}, "after": {"rate": after}}}  # noqa: E731
+        return {
+            "scores": {"normalised_erasure": norm, "joint": joint},
+            "preservation": {"preserved": {"shape": kept(shape_after), "colour": kept(colour_after)}},
+        }
+
+    assert scorecard.meets_goal(cell(0.8, 0.93, 0.98))  # exactly 5 points lower still counts
+    assert not scorecard.meets_goal(cell(0.79, 0.98, 0.98))
+    assert not scorecard.meets_goal(cell(1.2, 0.98, 0.92))  # the colour fell 6 points
+    assert scorecard.meets_goal({"failed": "boom"}) is None and scorecard.meets_goal(cell(None, 1, 1)) is None
+    results = {("esd", "circle"): cell(2, 0.97, 0.97), ("esd", "box"): cell(0.9, 0.95, 0.96)}
+    results[("esd", "red")] = cell(0.1, 0.97, 0.97)
+    assert "- esd: **met** — on circle, box (2 of 3)" in scorecard.goal_lines(results)
+    results[("esd", "box")] = {"failed": "x"}
+    assert "- esd: not met — on circle (1 of 3; 1 unscored)" in scorecard.goal_lines(results)
+    runs = [cell(1, 1, 1, joint=j) for j in (0.8, 0.6, 0.7)] + [{"failed": "x"}]
+    assert scorecard.seeds_cell(runs) == "0.70 [0.60–0.80] (3 seeds, 1 failed)"
+    assert scorecard.seeds_cell(runs[:1]) == "–"
+
+
 @pytest.mark.parametrize("word", ["circle", "red"])
 def test_validation_sets_share_no_prompt_with_the_test_sets(word):
     concept = ev.resolve(word)

@@ -11,6 +11,12 @@ deleted and recomputed. A cell that fails is reported as failed, with the error.
 
   python tools/erasure_scorecard.py                                 # all methods x circle, red, box -> docs/
   python tools/erasure_scorecard.py --methods uce,esd --targets circle --out /tmp/scorecard.md
+  python tools/erasure_scorecard.py --methods esd --train-seeds 3    # + cells at --config.seed=1, 2
+
+Training seeds: a method that trains (every kind but "closed_form") can be run at several `config.seed` values (the
+evaluation's prompts and noise seeds are unchanged); the table then gives the joint score's mean and range over
+them beside the seed-0 row, so a lucky seed is visible. The "goal" section checks issue 12's bar per method on the
+seed-0 rows: normalised erasure >= 0.8 with both preserved accuracies within 5 points of the unedited model.
 
 Targets: a shape (circle), a colour (red), and a concept named with a synonym (box = the square). Each target's
 preserved concepts are the other concepts of its kind; the anchor of methods that need one is another concept of
@@ -182,6 +188,7 @@ COLUMNS = (
     "paired L2 [95% CI]",
     "preservation (norm.)",
     "joint",
+    "joint over training seeds: mean [min–max]",
     "regen. embedding attack",
     "soft-prompt attack",
     "edit s",
@@ -189,7 +196,55 @@ COLUMNS = (
 )
 
 
-def row(method: str, target: str, r: dict) -> str:
+def seeds_cell(runs: list[dict]) -> str:
+    """The joint score over a cell's training seeds: "0.81 [0.75–0.88] (3 seeds)"; "–" for one run, and the
+    failures counted."""
+    if len(runs) < 2:
+        return "–"
+    joints = [r.get("scores", {}).get("joint") for r in runs if "failed" not in r]
+    joints = [j for j in joints if j is not None]
+    failed = len(runs) - len(joints)
+    text = f"{sum(joints) / len(joints):.2f} [{min(joints):.2f}–{max(joints):.2f}]" if joints else "–"
+    return text + f" ({len(joints)} seeds" + (f", {failed} failed)" if failed else ")")
+
+
+GOAL_ERASURE, GOAL_POINTS = 0.8, 0.05
+
+
+def meets_goal(r: dict) -> bool | None:
+    """Issue 12's bar on one cell: normalised erasure >= 0.8 and the preserved shape and colour accuracies (both
+    judges) within 5 points of the unedited model's; None where the cell failed or lacks a figure."""
+    if "failed" in r:
+        return None
+    norm = r.get("scores", {}).get("normalised_erasure")
+    preserved = r["preservation"]["preserved"]
+    pairs = [(preserved[k]["both"]["before"]["rate"], preserved[k]["both"]["after"]["rate"]) for k in preserved]
+    if norm is None or any(None in p for p in pairs):
+        return None
+    return norm >= GOAL_ERASURE and all(after >= before - GOAL_POINTS for before, after in pairs)
+
+
+def goal_lines(results: dict) -> list[str]:
+    """Per method: the targets where it meets issue 12's bar, out of those it ran."""
+    lines = [
+        "",
+        f"**Goal** (issue 12: normalised erasure ≥ {GOAL_ERASURE} with preserved shape and colour, both judges, "
+        f"within {100 * GOAL_POINTS:.0f} points of the unedited model, on two of the three targets):",
+        "",
+    ]
+    for method in dict.fromkeys(m for m, _ in results):
+        verdicts = {t: meets_goal(r) for (m, t), r in results.items() if m == method}
+        met = [t for t, v in verdicts.items() if v]
+        status = "**met**" if len(met) >= 2 else "not met"
+        lines.append(
+            f"- {method}: {status} — on {', '.join(met) or 'no target'} ({len(met)} of {len(verdicts)}"
+            + (f"; {sum(v is None for v in verdicts.values())} unscored" if None in verdicts.values() else "")
+            + ")"
+        )
+    return lines
+
+
+def row(method: str, target: str, r: dict, seeds: list[dict] | None = None) -> str:
     if "failed" in r:
         return f"| {method} | {target} | failed: {r['failed'][:120]} |" + " |" * (len(COLUMNS) - 3)
     e, p, rob, cost, sc = r["erasure"], r["preservation"], r.get("robustness", {}), r["cost"], r.get("scores", {})
@@ -213,6 +268,7 @@ def row(method: str, target: str, r: dict) -> str:
         f"{d['mean']:.1f} [{d['ci'][0]:.1f}–{d['ci'][1]:.1f}]",
         _num(sc.get("preservation")),
         _num(sc.get("joint")),
+        seeds_cell(seeds or [r]),
         _pct(rob.get("regenerating_embedding", {}).get("success")),
         _pct(rob.get("soft_prompt", {}).get("success")),
         f"{cost['seconds']:.0f}",
@@ -300,7 +356,7 @@ def shapes_guidance() -> str:
     return f"{json.loads(path.read_text())['guidance']:g}" if path.is_file() else "7.5"
 
 
-def markdown(results: dict, command: str, seconds: list[float], revision: str = "") -> str:
+def markdown(results: dict, command: str, seconds: list[float], revision: str = "", seeds: dict | None = None) -> str:
     any_ok = next((r for r in results.values() if "failed" not in r), None)
     n = any_ok["erasure"]["word"]["n"] if any_ok else "?"
     atk = any_ok.get("robustness", {}) if any_ok else {}
@@ -328,7 +384,8 @@ def markdown(results: dict, command: str, seconds: list[float], revision: str = 
         "|---|---|" + "---:|" * (len(COLUMNS) - 3) + "---|",
     ]
     lines += baseline_rows(results)
-    lines += [row(m, t, r) for (m, t), r in results.items()]
+    lines += [row(m, t, r, (seeds or {}).get((m, t))) for (m, t), r in results.items()]
+    lines += goal_lines(results)
     measured = {m for m, _ in results}
     missing = [m for m in registry.methods() if m not in measured]
     if missing:
@@ -359,12 +416,20 @@ def main(argv=None) -> int:
         help="the JSON tools/erasure_sweep.py writes (docs/erasure_sweep.json): each method runs at the setting it "
         "selected on validation prompts",
     )
+    p.add_argument(
+        "--train-seeds",
+        type=int,
+        default=1,
+        help="training seeds per cell of a method that trains (config.seed 0..N-1; closed forms run once)",
+    )
     p.add_argument("extra", nargs="*", help="--config.KEY=VALUE overrides passed to every cell (after --)")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(known))
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(known)}")
+    if args.train_seeds < 1:
+        p.error(f"--train-seeds {args.train_seeds}: at least 1")
     targets = [t for t in args.targets.split(",") if t]
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -382,15 +447,41 @@ def main(argv=None) -> int:
         for method in methods:
             chosen = selected.get(method, [])
             results[(method, target)] = run_cell(method, target, workdir, args.timeout, [*chosen, *extra], revision)
+    seeds = {}
+    for target in targets:
+        for method in methods:
+            if args.train_seeds < 2 or registry.get(method).kind == "closed_form":
+                continue
+            seeds[(method, target)] = [results[(method, target)]] + [
+                run_cell(
+                    method,
+                    target,
+                    workdir,
+                    args.timeout,
+                    [*chosen, *extra, f"--config.seed={k}"],
+                    revision,
+                    name=f"{method}-{target}-seed{k}",
+                )
+                for k in range(1, args.train_seeds)
+                for chosen in [selected.get(method, [])]
+            ]
     command = "python tools/erasure_scorecard.py" + (
         "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
     )
-    text = markdown(results, command, cell_seconds(workdir, results), revision)
+    text = markdown(results, command, cell_seconds(workdir, results), revision, seeds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fileio.atomic_write_text(out, text)
     (out.with_suffix(".json")).write_text(
-        json.dumps({f"{m}-{t}": r for (m, t), r in results.items()}, indent=2, default=str) + "\n"
+        json.dumps(
+            {
+                **{f"{m}-{t}": r for (m, t), r in results.items()},
+                **{f"{m}-{t}-seed{k}": r for (m, t), runs in seeds.items() for k, r in enumerate(runs) if k},
+            },
+            indent=2,
+            default=str,
+        )
+        + "\n"
     )
     print(text)
     print(f"wrote {out} and {out.with_suffix('.json')}")
