@@ -357,6 +357,7 @@ BAD_CONFIGS = [
     ("uce.py:bogus", "", "unknown uce config variant 'bogus'"),  # raised by the config file itself
     ("esd.py:runlocal", "--config.esd.sampler=bogus", "sampler must be one of"),  # raised by the method itself
     ("uce.py:runlocal", "--config.uce.technique=bogus", "unknown UCE technique 'bogus'"),
+    ("spm.py:runlocal", "--config.train.retain_weight=1", "retain_weight applies to the methods that fine-tune"),
 ]
 
 

@@ -93,3 +93,45 @@ def check_objective(tiny, name):
 @pytest.mark.parametrize("name", ["esd", "spm", "all_but_one"])
 def test_objective_gives_a_finite_scalar_and_finite_gradients(tiny, name):
     check_objective(tiny, name)
+
+
+class _RetainJob:
+    """What `finetune.with_retention` reads of a Job: the train block, the original UNet, its scheduler and data."""
+
+    def __init__(self, model, params, weight):
+        from jaxdiff.erase.config import base_config, train_block
+
+        self.config = base_config("esd")
+        self.config.train = train_block(steps=1, learning_rate=1e-3, batch_size=2)
+        self.config.train.retain_weight = weight
+        self.model, self.original = model, params
+        self.pipe = type("Pipe", (), {"scheduler_config": None})()
+
+    def retain_data(self, n):
+        z = jnp.asarray(np.random.default_rng(21).standard_normal((n, *LATENT)).astype(np.float32))
+        return z, jnp.concatenate([_ctx(22 + i, 1) for i in range(n)])
+
+
+def test_retain_loss_is_zero_at_the_original_and_pulls_moved_leaves_back(tiny):
+    from jaxdiff.erase import finetune
+
+    model, params = tiny
+    trainable, _ = selectors.split(params, "esd-x")
+    base_loss = lambda p, frozen, batch, rng: (jnp.float32(0.0), {})  # noqa: E731
+    job = _RetainJob(model, params, weight=2.0)
+    loss, batches, frozen = finetune.with_retention(job, base_loss, lambda i: {}, params, {"base": params})
+    assert list(frozen) == ["base"]  # the original is not put on the devices twice
+    batch, rng = batches(0), jax.random.PRNGKey(0)
+    assert batch["retain_latents"].shape == (2, *LATENT) and batch["retain"].shape[0] == 2
+    value, aux = loss(trainable, frozen, batch, rng)
+    assert float(value) == 0.0 and float(aux["retain"]) == 0.0  # θ = θ*: nothing to retain
+    moved = jax.tree_util.tree_map(lambda x: x + 0.05, trainable)
+    value, aux = loss(moved, frozen, batch, rng)
+    assert float(value) == pytest.approx(2.0 * float(aux["retain"]), rel=1e-6) and float(aux["retain"]) > 0
+    grads = jax.grad(lambda p: loss(p, frozen, batch, rng)[0])(moved)
+    _assert_finite_grads(grads)
+    # Weight 0 is the method as published: the loss and batches come back untouched.
+    plain = _RetainJob(model, params, weight=0.0)
+    assert finetune.with_retention(plain, base_loss, batches, params, {"base": params})[:2] == (base_loss, batches)
+    with pytest.raises(Exception, match="must be >= 0"):
+        finetune.with_retention(_RetainJob(model, params, -1.0), base_loss, batches, params, {"base": params})

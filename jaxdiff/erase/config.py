@@ -90,6 +90,11 @@ def train_block(
         steps, learning_rate, batch_size, optimizer=optimizer, weight_decay=weight_decay, max_grad_norm=max_grad_norm
     )
     t.selector = selector
+    # Not in any paper: > 0 adds w · ‖ε_θ(x_t, c_p) − ε_θ*(x_t, c_p)‖² on the preserved concepts' captions (x_t: the
+    # original model's samples of them, noised at t ~ U[0, T)), a retain loss for the methods that fine-tune the
+    # UNet's leaves (esd, ablation, all_but_one, trce); 0 keeps each method as published.
+    t.retain_weight = 0.0
+    t.retain_images = 64
     return t
 
 

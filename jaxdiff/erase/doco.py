@@ -311,6 +311,7 @@ def run(job: Job) -> Result:
         ),
     ]
     params = {"unet": trainable, "disc": disc}
+    finetune.refuse_retention(job)
     state, info = finetune.train_networks(job, networks, d.phases(), params, {"base": job.original}, batch_fn)
     info = {**info, "learning_rate": lr, "warm_up": int(o.warm_up), **accuracy_report(job.train_dir(), int(o.warm_up))}
     return Result(common.combine(state.params["unet"], job.original), info)

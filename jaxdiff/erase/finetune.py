@@ -15,12 +15,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff import sharding
+from jaxdiff.errors import UserError
 from jaxdiff.train import optim, runner
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import step as step_lib
@@ -207,9 +209,75 @@ def train_networks(job: Job, networks, phases, params: dict, frozen: dict, batch
     )
 
 
-def train_unet(job: Job, loss, trainable, frozen, batch_fn: BatchFn, tx=None) -> tuple[Any, dict]:
+def refuse_retention(job: Job) -> None:
+    """A clear error when `train.retain_weight` is set for a method that does not fine-tune UNet leaves."""
+    if float(job.config.train.get("retain_weight", 0.0)) != 0.0:
+        raise UserError(
+            f"config.train.retain_weight applies to the methods that fine-tune the UNet's leaves (esd, ablation, "
+            f"all_but_one, trce), not to {job.config.method}; drop it"
+        )
+
+
+def _key_of(frozen: dict, tree, name: str) -> tuple[dict, str]:
+    """The key under which `frozen` already holds `tree` (no second copy on the devices), else `name` added."""
+    for k, v in frozen.items():
+        if v is tree:
+            return frozen, k
+    return {**frozen, name: tree}, name
+
+
+def with_retention(job: Job, loss, batch_fn: BatchFn, base, frozen: dict) -> tuple[Any, BatchFn, dict]:
+    """`loss` + w · ‖ε_θ(x_t, c_p) − sg ε_θ*(x_t, c_p)‖² (w = `train.retain_weight`, θ* the original UNet, c_p the
+    preserved concepts' captions, x_t their original samples noised at t ~ U[0, T)), with the batches and frozen
+    entries it reads; unchanged when w is 0. Trainable leaves combine with `base`, as in `train_selected`."""
+    from jaxdiff import selectors
+    from jaxdiff.erase import common
+    from jaxdiff.sampling.schedulers.common import add_noise
+
+    t = job.config.train
+    weight = float(t.get("retain_weight", 0.0))
+    if weight == 0.0:
+        return loss, batch_fn, frozen
+    if weight < 0 or int(t.get("retain_images", 64)) < 1:
+        raise UserError(
+            f"config.train.retain_weight={weight}, retain_images={t.get('retain_images')}: the weight must be >= 0 "
+            "and at least one retain image is needed"
+        )
+    z, contexts = job.retain_data(int(t.retain_images))
+    sched = common.ddim(job.pipe.scheduler_config or None)
+    acp, T = jnp.asarray(sched.alphas_cumprod), sched.num_train_timesteps
+    model = job.model
+    frozen, base_key = _key_of(frozen, base, "retain_base")
+    frozen, ref_key = _key_of(frozen, job.original, "retain_ref")
+
+    def retained(trainable, frozen, batch, rng):
+        value, aux = loss(trainable, frozen, batch, rng)
+        k_noise, k_t = jax.random.split(jax.random.fold_in(rng, 7919))
+        z0 = batch["retain_latents"].astype(jnp.float32)
+        noise = jax.random.normal(k_noise, z0.shape, jnp.float32)
+        steps = jax.random.randint(k_t, (z0.shape[0],), 0, T)
+        x = add_noise(acp, z0, noise, steps)
+        pred = common.eps(model, selectors.combine(trainable, frozen[base_key]), x, steps, batch["retain"])
+        ref = jax.lax.stop_gradient(common.eps(model, frozen[ref_key], x, steps, batch["retain"]))
+        kept = common.mse(pred, ref)
+        return value + weight * kept, {**aux, "retain": kept}
+
+    b, n = int(t.batch_size), z.shape[0]
+
+    def batches(i):
+        idx = pick(i, n, b, job.config.seed + 3)
+        return {**batch_fn(i), "retain_latents": z[idx], "retain": contexts[idx]}
+
+    return retained, batches, frozen
+
+
+def train_unet(
+    job: Job, loss, trainable, frozen, batch_fn: BatchFn, tx=None, *, retention: bool = False
+) -> tuple[Any, dict]:
     """Train `trainable` (the "unet" network: selected UNet leaves or adapters) on `loss` with the runner; returns
-    (trained, info)."""
+    (trained, info). `retention`: the loss already holds the retain term (else `train.retain_weight` is refused)."""
+    if not retention:
+        refuse_retention(job)
     networks = [unet_network(job.config.train, tx)]
     state, info = train_networks(job, networks, single_loss(loss), {"unet": trainable}, frozen, batch_fn)
     return state.params["unet"], info
@@ -223,5 +291,6 @@ def train_selected(job: Job, loss, batch_fn: BatchFn, base=None, frozen=None, tx
     base = job.original if base is None else base
     trainable, _ = common.split(base, job.config.train.selector)
     frozen = {"base": job.original} if frozen is None else frozen
-    trained, info = train_unet(job, loss, trainable, frozen, batch_fn, tx)
+    loss, batch_fn, frozen = with_retention(job, loss, batch_fn, base, frozen)
+    trained, info = train_unet(job, loss, trainable, frozen, batch_fn, tx, retention=True)
     return common.combine(trained, base), info

@@ -204,6 +204,19 @@ class Job:
         anchor = self.context(anchors)
         return z, target, anchor
 
+    def retain_data(self, n: int) -> tuple[jax.Array, jax.Array]:
+        """The retain loss's data (`train.retain_weight`): `n` images of the preserved concepts' full captions made
+        by the original model, as scaled latents, with their contexts."""
+        captions = self.prompts_for(self.preserve, cut=False)
+        if not captions:
+            raise UserError(
+                f"config.train.retain_weight={self.config.train.retain_weight} needs preserved concepts: set "
+                "--config.preserve=... (on shapes 'auto' takes the other concepts of the erased one's kind)"
+            )
+        prompts = [captions[i % len(captions)] for i in range(n)]
+        latents = ev.noise(n, self.latent_shape, self.config.seed + 37)
+        return self.latents_of(self.images(prompts, latents)), self.context(prompts)
+
     def latents_of(self, images) -> jax.Array:
         """Scaled VAE latents (posterior mean) of images [N, H, W, 3] in [0, 1]."""
         vae = self.pipe.vae
