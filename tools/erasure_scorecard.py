@@ -413,8 +413,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--settings",
         default="",
-        help="the JSON tools/erasure_sweep.py writes (docs/erasure_sweep.json): each method runs at the setting it "
-        "selected on validation prompts",
+        help="the JSON tools/erasure_sweep.py writes (docs/erasure_sweep.json; several, comma-separated): each "
+        "method runs at the setting it selected on validation prompts",
     )
     p.add_argument(
         "--train-seeds",
@@ -436,11 +436,16 @@ def main(argv=None) -> int:
     extra = [f"--config.eval.num_images={args.num_images}", *args.extra]
     revision = code_revision()
     selected = {}
-    if args.settings:
+    for path in filter(None, args.settings.split(",")):
         try:
-            selected = {m: r["overrides"] for m, r in json.loads(Path(args.settings).read_text())["selected"].items()}
+            chosen = {m: r["overrides"] for m, r in json.loads(Path(path).read_text())["selected"].items()}
         except (OSError, ValueError, KeyError, TypeError) as e:
-            p.error(f"--settings {args.settings}: not a sweep's JSON ({e})")
+            p.error(f"--settings {path}: not a sweep's JSON ({e})")
+        clash = sorted(set(chosen) & set(selected))
+        if clash:
+            p.error(f"--settings: {clash} selected in more than one file")
+        selected.update(chosen)
+    if selected:
         print("selected settings: " + "; ".join(f"{m} {' '.join(o) or '(preset)'}" for m, o in selected.items()))
     results = {}
     for target in targets:
