@@ -176,7 +176,13 @@ def test_scorecard_recomputes_a_cell_of_another_revision_or_config(tmp_path):
     assert not scorecard.reusable(cell, {**key, "revision": "other"})
     (cell / "report.json").write_text(json.dumps({"erasure": {}}))  # the old probe-only report format
     assert not scorecard.reusable(cell, key)
-    assert scorecard.code_revision()  # the last commit to jaxdiff/ or configs/ (+ a hash of uncommitted changes)
+    assert scorecard.code_revision()  # the last commit to jaxdiff/ (+ a hash of uncommitted changes)
+    preset = tmp_path / "method.py"  # a method's config file is keyed by its content, not by the commit
+    preset.write_text("x = 1\n")
+    first = scorecard.cell_key([f"{preset}:shapes", "--config.concept=circle"], "abc")
+    assert first == scorecard.cell_key([f"{preset}:shapes", "--config.concept=circle"], "abc")
+    preset.write_text("x = 2\n")
+    assert first != scorecard.cell_key([f"{preset}:shapes", "--config.concept=circle"], "abc")
 
 
 def test_scorecard_goal_needs_erasure_and_both_preserved_attributes_within_five_points():

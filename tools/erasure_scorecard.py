@@ -5,8 +5,8 @@ figure means: valid-only erasure, invalid share, normalised erasure, preservatio
 
 Each (method, target) cell is one `jaxdiff erase --config configs/erase/<method>.py:shapes ... --attacks` run in
 its own process (so its peak memory is its own), written to <workdir>/<method>-<target>/. A cell is keyed by the
-code revision (the last commit to what erasure depends on, plus a hash of uncommitted changes there: SOURCES) and a
-hash of its command: a finished cell with the same key is reused (an interrupted scorecard resumes), any other is
+code revision (the last commit to what erasure depends on, plus a hash of uncommitted changes there: SOURCES), a
+hash of its command and a hash of its method's config file: a finished cell with the same key is reused (an interrupted scorecard resumes), any other is
 deleted and recomputed. A cell that fails is reported as failed, with the error.
 
   python tools/erasure_scorecard.py                                 # all methods x circle, red, box -> docs/
@@ -49,8 +49,9 @@ SOURCES = (
     ":(exclude)jaxdiff/personalize",
     ":(exclude)jaxdiff/protect",
     ":(exclude)jaxdiff/control",
-    "configs/erase",
 )
+# A method's config file (configs/erase/<method>.py) is keyed by its content in each of that method's cells, so
+# that choosing one method's preset leaves the other methods' cells valid.
 
 
 def code_revision() -> str:
@@ -69,8 +70,15 @@ def code_revision() -> str:
 
 
 def cell_key(cmd_args: list[str], revision: str) -> dict:
-    """What a cell's result depends on: the code revision and the cell's command (config file and overrides)."""
-    return {"revision": revision, "config": hashlib.sha256("\0".join(cmd_args).encode()).hexdigest()[:16]}
+    """What a cell's result depends on: the code revision, the cell's command (config file and overrides) and the
+    content of the config file it names ("configs/erase/uce.py:shapes" -> that file)."""
+    path = ROOT / cmd_args[0].split(":")[0] if cmd_args else None
+    content = path.read_bytes() if path is not None and path.is_file() else b""
+    return {
+        "revision": revision,
+        "config": hashlib.sha256("\0".join(cmd_args).encode()).hexdigest()[:16],
+        "config_file": hashlib.sha256(content).hexdigest()[:16],
+    }
 
 
 def reusable(out: Path, key: dict) -> bool:
