@@ -6,8 +6,9 @@ figure means: valid-only erasure, invalid share, normalised erasure, preservatio
 Each (method, target) cell is one `jaxdiff erase --config configs/erase/<method>.py:shapes ... --attacks` run in
 its own process (so its peak memory is its own), written to <workdir>/<method>-<target>/. A cell is keyed by the
 code revision (the last commit to what erasure depends on, plus a hash of uncommitted changes there: SOURCES), a
-hash of its command and a hash of its method's config file: a finished cell with the same key is reused (an interrupted scorecard resumes), any other is
-deleted and recomputed. A cell that fails is reported as failed, with the error.
+hash of its command and a hash of its method's config file: a finished cell with the same key is reused (an
+interrupted scorecard resumes), any other is deleted and recomputed. A cell that fails is reported as failed,
+with the error.
 
   python tools/erasure_scorecard.py                                 # all methods x circle, red, box -> docs/
   python tools/erasure_scorecard.py --methods uce,esd --targets circle --out /tmp/scorecard.md
