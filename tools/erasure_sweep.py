@@ -146,7 +146,7 @@ def _fmt(x) -> str:
     return "–" if x is None else f"{x:.2f}"
 
 
-def markdown(results: dict, command: str, targets: list[str], n: int) -> str:
+def markdown(results: dict, command: str, targets: list[str], n: int, out: Path = Path("docs/erasure_sweep.md")) -> str:
     lines = [
         "# Erasure settings chosen on validation prompts",
         "",
@@ -157,9 +157,9 @@ def markdown(results: dict, command: str, targets: list[str], n: int) -> str:
         "within 10 points of the unedited rate (marked †); preservation: the worst ratio after/before of the "
         "preserved attributes (both judges); joint: their harmonic mean. Figures are means over the targets. "
         "**bold**: the selected setting (highest mean joint score); *P*: on the Pareto front. Score the selected "
-        "settings on the test prompts with `python tools/erasure_scorecard.py --settings docs/erasure_sweep.json`.",
+        f"settings on the test prompts with `python tools/erasure_scorecard.py --settings {out.with_suffix('.json')}`.",
         "",
-        "![Pareto plot](erasure_sweep.png)",
+        f"![Pareto plot]({out.with_suffix('.png').name})",
         "",
     ]
     for method, r in results.items():
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fileio.atomic_write_text(out, markdown(results, command, targets, args.num_images) + "\n")
+    fileio.atomic_write_text(out, markdown(results, command, targets, args.num_images, out) + "\n")
     record = {
         "command": command,
         "revision": revision,
