@@ -205,6 +205,12 @@ def test_scorecard_goal_needs_erasure_and_both_preserved_attributes_within_five_
     assert not scorecard.meets_goal(cell(0.79, 0.98, 0.98))
     assert not scorecard.meets_goal(cell(1.2, 0.98, 0.92))  # the colour fell 6 points
     assert scorecard.meets_goal({"failed": "boom"}) is None and scorecard.meets_goal(cell(None, 1, 1)) is None
+    close_floor = cell(2.0, 0.98, 0.98)  # circle: the floor 3 points above the unedited rate, 6 % erased
+    close_floor["scores"]["floor_gap"] = 0.03
+    close_floor["erasure"] = {"word": {"erased": {"after": {"rate": 0.06}}}}
+    assert not scorecard.meets_goal(close_floor)
+    close_floor["erasure"]["word"]["erased"]["after"]["rate"] = 0.85
+    assert scorecard.meets_goal(close_floor)
     results = {("esd", "circle"): cell(2, 0.97, 0.97), ("esd", "box"): cell(0.9, 0.95, 0.96)}
     results[("esd", "red")] = cell(0.1, 0.97, 0.97)
     assert "- esd: **met** — on circle, box (2 of 3)" in scorecard.goal_lines(results)

@@ -221,11 +221,19 @@ GOAL_ERASURE, GOAL_POINTS = 0.8, 0.05
 
 
 def meets_goal(r: dict) -> bool | None:
-    """Issue 12's bar on one cell: normalised erasure >= 0.8 and the preserved shape and colour accuracies (both
-    judges) within 5 points of the unedited model's; None where the cell failed or lacks a figure."""
+    """Issue 12's bar on one cell: normalised erasure >= 0.8 (the valid erased rate where the word-removed floor is
+    unreliable) and the preserved shape and colour accuracies (both judges) within 5 points of the unedited model's;
+    None where the cell failed or lacks a figure."""
     if "failed" in r:
         return None
-    norm = r.get("scores", {}).get("normalised_erasure")
+    from jaxdiff.erase import evaluate as ev
+
+    scores = r.get("scores", {})
+    norm = scores.get("normalised_erasure")
+    if scores.get("floor_gap") is not None and scores["floor_gap"] < ev.FLOOR_GAP_MIN:
+        # The floor is within 10 points of the unedited rate (circle on shapes): a normalised erasure of 1 may
+        # rest on 3 % of images, so the valid erased rate itself must reach the bar (as the sweep's figures do).
+        norm = r["erasure"]["word"]["erased"]["after"]["rate"]
     preserved = r["preservation"]["preserved"]
     pairs = [(preserved[k]["both"]["before"]["rate"], preserved[k]["both"]["after"]["rate"]) for k in preserved]
     if norm is None or any(None in p for p in pairs):
@@ -237,8 +245,9 @@ def goal_lines(results: dict) -> list[str]:
     """Per method: the targets where it meets issue 12's bar, out of those it ran."""
     lines = [
         "",
-        f"**Goal** (issue 12: normalised erasure ≥ {GOAL_ERASURE} with preserved shape and colour, both judges, "
-        f"within {100 * GOAL_POINTS:.0f} points of the unedited model, on two of the three targets):",
+        f"**Goal** (issue 12: normalised erasure ≥ {GOAL_ERASURE} — the valid erased rate where the floor is within "
+        f"10 points of the unedited rate — with preserved shape and colour, both judges, within "
+        f"{100 * GOAL_POINTS:.0f} points of the unedited model, on two of the three targets):",
         "",
     ]
     for method in dict.fromkeys(m for m, _ in results):
