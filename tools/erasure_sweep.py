@@ -47,7 +47,7 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "uce": {"uce.lam": (0.5, 2.0, 8.0), "uce.preserve_scale": (1.0, 4.0), "anchor": ("", "@other")},
     "rece": {"uce.lam": (2.0, 8.0), "anchor": ("", "@other")},
     "mace": {"mace.lam": (0.1, 1.0), "anchor": ("", "@other")},
-    "trce": {"trce.lam": (0.01, 0.1), "train.learning_rate": (1e-6, 1e-5, 1e-4)},
+    "trce": {"anchor": ("", "@other"), "train.retain_weight": (0.0, 1.0)},
     "esd": {"train.learning_rate": (1e-4, 3e-4), "train.steps": (300,), "train.retain_weight": (0.0, 1.0)},
     "ablation": {"train.learning_rate": (1e-4, 5e-4), "train.steps": (300,), "train.retain_weight": (0.0, 1.0)},
     "all_but_one": {"train.learning_rate": (1e-4, 5e-4), "train.steps": (400,), "train.retain_weight": (0.0, 1.0)},
