@@ -396,7 +396,8 @@ def markdown(results: dict, command: str, seconds: list[float], revision: str = 
         "",
         "Every cell preserves the other concepts of the target's kind (`--config.preserve`); Concept Ablation and "
         "DoCo take the first of them as their anchor (circle -> square, red -> green, box -> circle), TRCE maps onto "
-        "the generic word (shape / colour).",
+        "the generic word (shape / colour) unless its setting names a guide (`--config.anchor=@other`: the next "
+        "concept of the kind, as the closed forms' presets do).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|---|---|" + "---:|" * (len(COLUMNS) - 3) + "---|",
@@ -410,7 +411,7 @@ def markdown(results: dict, command: str, seconds: list[float], revision: str = 
         lines += [
             "",
             f"Not in this table: {', '.join(missing)} (`python tools/erasure_scorecard.py --methods "
-            f"{','.join(missing)}`; their `:shapes` presets are not yet chosen on validation prompts).",
+            f"{','.join(missing)}`).",
         ]
     return "\n".join(lines) + "\n"
 
