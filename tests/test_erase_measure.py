@@ -217,7 +217,9 @@ def test_scorecard_goal_needs_erasure_and_both_preserved_attributes_within_five_
     results[("esd", "box")] = {"failed": "x"}
     assert "- esd: not met — on circle (1 of 3; 1 unscored)" in scorecard.goal_lines(results)
     runs = [cell(1, 1, 1, joint=j) for j in (0.8, 0.6, 0.7)] + [{"failed": "x"}]
-    assert scorecard.seeds_cell(runs) == "0.70 [0.60–0.80] (3 seeds, 1 failed)"
+    for r, rate in zip(runs, (0.82, 0.73, 0.77)):
+        r["erasure"] = {"word": {"erased": {"after": {"rate": rate}}}}
+    assert scorecard.seeds_cell(runs) == "0.70 [0.60–0.80], erased 73–82% (3 seeds, 1 failed)"
     assert scorecard.seeds_cell(runs[:1]) == "–"
 
 

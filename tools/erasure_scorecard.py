@@ -197,7 +197,7 @@ COLUMNS = (
     "paired L2 [95% CI]",
     "preservation (norm.)",
     "joint",
-    "joint over training seeds: mean [min–max]",
+    "joint over training seeds: mean [min–max], valid erased range",
     "regen. embedding attack",
     "soft-prompt attack",
     "edit s",
@@ -206,15 +206,18 @@ COLUMNS = (
 
 
 def seeds_cell(runs: list[dict]) -> str:
-    """The joint score over a cell's training seeds: "0.81 [0.75–0.88] (3 seeds)"; "–" for one run, and the
-    failures counted."""
+    """The joint score and the valid erased rate over a cell's training seeds: "0.81 [0.75–0.88], erased 73–82%
+    (3 seeds)"; "–" for one run, and the failures counted."""
     if len(runs) < 2:
         return "–"
-    joints = [r.get("scores", {}).get("joint") for r in runs if "failed" not in r]
-    joints = [j for j in joints if j is not None]
-    failed = len(runs) - len(joints)
+    ok = [r for r in runs if "failed" not in r and r.get("scores", {}).get("joint") is not None]
+    joints = [r["scores"]["joint"] for r in ok]
+    erased = [r["erasure"]["word"]["erased"]["after"]["rate"] for r in ok if "erasure" in r]
+    failed = len(runs) - len(ok)
     text = f"{sum(joints) / len(joints):.2f} [{min(joints):.2f}–{max(joints):.2f}]" if joints else "–"
-    return text + f" ({len(joints)} seeds" + (f", {failed} failed)" if failed else ")")
+    if erased:
+        text += f", erased {100 * min(erased):.0f}–{100 * max(erased):.0f}%"
+    return text + f" ({len(ok)} seeds" + (f", {failed} failed)" if failed else ")")
 
 
 GOAL_ERASURE, GOAL_POINTS = 0.8, 0.05
