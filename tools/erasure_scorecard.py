@@ -386,7 +386,12 @@ def markdown(results: dict, command: str, seconds: list[float], revision: str = 
         "# Erasure scorecard on the `shapes` model",
         "",
         f"Regenerate with `{command}`"
-        + (f" ({sum(seconds) / 60:.0f} min for {len(seconds)} cells on this 2-core CPU)" if seconds else "")
+        + (
+            f" ({sum(seconds) / 60:.0f} min: the sum of its {len(seconds)} cells' wall-clock times on this 2-core "
+            "CPU, where cells ran side by side the sum overstates)"
+            if seconds
+            else ""
+        )
         + ". Each row is one `jaxdiff erase` run (configs/erase/<method>.py:shapes); every figure is read by the "
         f"shapes probe and the pixel judge from generated images ({n} per prompt set, 25 DDIM steps, guidance "
         f"{shapes_guidance()} (the model's default), the same seeds before and after the edit)"
