@@ -484,6 +484,7 @@ def main(argv=None) -> int:
         for method in methods:
             if args.train_seeds < 2 or registry.get(method).kind == "closed_form":
                 continue
+            chosen = selected.get(method, [])
             seeds[(method, target)] = [results[(method, target)]] + [
                 run_cell(
                     method,
@@ -495,7 +496,6 @@ def main(argv=None) -> int:
                     name=f"{method}-{target}-seed{k}",
                 )
                 for k in range(1, args.train_seeds)
-                for chosen in [selected.get(method, [])]
             ]
     command = "python tools/erasure_scorecard.py" + (
         "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
