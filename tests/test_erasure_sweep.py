@@ -125,3 +125,22 @@ def test_other_anchor_resolves_per_target_and_replaces_a_methods_own_anchor():
     # a method that brings its own anchor (Concept Ablation) takes the override instead of adding a second one
     args = scorecard.cell_args("ablation", "circle", ["--config.anchor=triangle"])
     assert not any(a.startswith("--config.anchor=") for a in args)
+
+
+def test_a_grid_from_the_command_line_replaces_the_methods_grid(capsys):
+    grid = sweep.parse_grid("train.steps=300,600; train.retain_weight=1.0,3.0;anchor=@other")
+    assert grid == {"train.steps": (300, 600), "train.retain_weight": (1.0, 3.0), "anchor": ("@other",)}
+    points = sweep.grid_points("ablation", grid)
+    assert len(points) == 4
+    # floats keep their dot in the overrides, as the presets' own cells were keyed
+    assert sweep.overrides(points[0]) == [
+        "--config.train.steps=300",
+        "--config.train.retain_weight=1.0",
+        "--config.anchor=@other",
+    ]
+    assert sweep.main(["--list", "--methods", "ablation", "--grid", "train.steps=300,600"]) == 0
+    assert "ablation: 2 points: train.steps [300, 600]" in capsys.readouterr().out
+    for bad in ("train.steps", "=1", "train.steps=", ";"):
+        with pytest.raises(SystemExit):
+            sweep.main(["--list", "--methods", "ablation", "--grid", bad])
+        assert "--grid" in capsys.readouterr().err

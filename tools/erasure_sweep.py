@@ -64,9 +64,33 @@ def _scorecard():
     return module
 
 
-def grid_points(method: str) -> list[dict]:
-    """Every combination of the method's knobs, as {"config.key": value}."""
-    grid = GRIDS[method]
+def parse_value(text: str):
+    """A grid value from the command line: an int ("300"), a float ("5e-4", "1.0": written as the presets write
+    them, so that a cell keyed by its overrides is the same cell) or else the text itself ("@other")."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_grid(text: str) -> dict[str, tuple]:
+    """ "train.steps=300,600;train.retain_weight=1.0,3.0" -> {"train.steps": (300, 600), ...}."""
+    grid = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, sep, values = part.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise ValueError(f"--grid part {part!r} is not KEY=V1,V2 (parts separated by ';')")
+        grid[key.strip()] = tuple(parse_value(v.strip()) for v in values.split(","))
+    if not grid:
+        raise ValueError("--grid is empty")
+    return grid
+
+
+def grid_points(method: str, grid: dict[str, tuple] | None = None) -> list[dict]:
+    """Every combination of the method's knobs (or of `grid`'s), as {"config.key": value}."""
+    grid = grid or GRIDS[method]
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
@@ -219,6 +243,11 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     p.add_argument("--list", action="store_true", help="print the grids and exit")
     p.add_argument(
+        "--grid",
+        help="replace each method's grid: 'KEY=V1,V2;KEY=V1' over config keys, e.g. "
+        "'train.steps=300,600;train.retain_weight=1.0,3.0' (floats written with a dot or an exponent)",
+    )
+    p.add_argument(
         "--revision",
         help="tabulate the cells computed at this code revision (their scorecard_key.json) and run nothing: a sweep "
         "finished before later commits, without mixing in cells of newer code",
@@ -231,9 +260,14 @@ def main(argv=None) -> int:
     missing = sorted(set(methods) - set(registry.methods()))
     if missing:
         p.error(f"grids of methods the registry does not know: {missing}")
+    try:
+        custom = parse_grid(args.grid) if args.grid is not None else None
+    except ValueError as e:
+        p.error(str(e))
     if args.list:
         for m in methods:
-            print(f"{m}: {len(grid_points(m))} points: " + " x ".join(f"{k} {list(v)}" for k, v in GRIDS[m].items()))
+            grid = custom or GRIDS[m]
+            print(f"{m}: {len(grid_points(m, grid))} points: " + " x ".join(f"{k} {list(v)}" for k, v in grid.items()))
         return 0
     targets = [t for t in args.targets.split(",") if t]
     scorecard = _scorecard()
@@ -248,7 +282,7 @@ def main(argv=None) -> int:
     results = {}
     for method in methods:
         cells: dict[str, dict[str, dict]] = {}
-        points = {point_name(point): point for point in grid_points(method)}
+        points = {point_name(point): point for point in grid_points(method, custom)}
         for name, point in points.items():
             cells[name] = {}
             for target in targets:
