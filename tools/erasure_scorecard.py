@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -498,7 +499,7 @@ def main(argv=None) -> int:
                 for k in range(1, args.train_seeds)
             ]
     command = "python tools/erasure_scorecard.py" + (
-        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
+        "" if argv is None and len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:] if argv is None else argv)
     )
     text = markdown(results, command, cell_seconds(workdir, results), revision, seeds)
     out = Path(args.out)

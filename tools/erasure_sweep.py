@@ -23,6 +23,7 @@ import argparse
 import importlib.util
 import itertools
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -316,9 +317,9 @@ def main(argv=None) -> int:
             ),
             flush=True,
         )
-    command = "python tools/erasure_sweep.py" + (
-        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
-    )
+    given = sys.argv[1:] if argv is None else argv
+    command = "python tools/erasure_sweep.py" + (" " + shlex.join(given) if given else "")  # quoted: --grid has ';'
+
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fileio.atomic_write_text(out, markdown(results, command, targets, args.num_images, out) + "\n")
