@@ -94,6 +94,7 @@ def test_the_sweep_writes_its_table_selection_and_plot_from_cached_cells(tmp_pat
     assert "--config.uce.lam=0.5" in chosen["overrides"]
     text = out.read_text()
     assert "**uce.lam=0.5" in text and "validation" in text
+    assert "Noise: at n = 32" in text and "Wilson interval" in text  # the sweep says how far apart is noise
     assert out.with_suffix(".png").stat().st_size > 1000
     selected = {m: r["overrides"] for m, r in record["selected"].items()}
     assert selected["uce"] == chosen["overrides"]  # what erasure_scorecard.py --settings reads

@@ -171,6 +171,18 @@ def _fmt(x) -> str:
     return "–" if x is None else f"{x:.2f}"
 
 
+def noise_note(n: int) -> str:
+    """How far apart two settings must be to differ at n images per prompt set: the 95 % Wilson interval of a rate
+    of 90 % (about where the selected settings sit)."""
+    k = round(0.9 * n)
+    lo, hi = ev.wilson(k, n)
+    return (
+        f"Noise: at n = {n} a measured rate of {k}/{n} = {k / n:.0%} has the 95 % Wilson interval {lo:.0%}–{hi:.0%}; "
+        "settings a few hundredths apart in joint score are not told apart by this sweep (the selection then "
+        "follows the point estimate; the scorecard's test run, at its larger n, is the figure to quote)."
+    )
+
+
 def markdown(results: dict, command: str, targets: list[str], n: int, out: Path = Path("docs/erasure_sweep.md")) -> str:
     lines = [
         "# Erasure settings chosen on validation prompts",
@@ -183,6 +195,8 @@ def markdown(results: dict, command: str, targets: list[str], n: int, out: Path 
         "preserved attributes (both judges); joint: their harmonic mean. Figures are means over the targets. "
         "**bold**: the selected setting (highest mean joint score); *P*: on the Pareto front. Score the selected "
         f"settings on the test prompts with `python tools/erasure_scorecard.py --settings {out.with_suffix('.json')}`.",
+        "",
+        noise_note(n),
         "",
         f"![Pareto plot]({out.with_suffix('.png').name})",
         "",
