@@ -53,7 +53,9 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "ablation": {"train.learning_rate": (1e-4, 5e-4), "train.steps": (300,), "train.retain_weight": (0.0, 1.0)},
     "all_but_one": {"train.learning_rate": (1e-4, 5e-4), "train.steps": (400,), "train.retain_weight": (0.0, 1.0)},
     "doco": {"train.learning_rate": (1e-4, 5e-4), "train.steps": (600,)},
-    "spm": {"spm.la_strength": (0.0, 100.0, 1000.0), "train.learning_rate": (1e-3, 2e-3, 5e-3)},
+    # SPM's erase target is relative to its surrogate c_sur ("" by default), as ESD's is to the empty prompt, which on
+    # shapes draws circles: the grid crosses it with a guide concept, and latent anchoring on (λ_LA 1000) and off.
+    "spm": {"anchor": ("@other", ""), "spm.la_strength": (1000.0, 0.0)},
 }
 TARGETS = ("circle", "red")
 
