@@ -216,6 +216,10 @@ def test_scorecard_goal_needs_erasure_and_both_preserved_attributes_within_five_
     assert "- esd: **met** — on circle, box (2 of 3)" in scorecard.goal_lines(results)
     results[("esd", "box")] = {"failed": "x"}
     assert "- esd: not met — on circle (1 of 3; 1 unscored)" in scorecard.goal_lines(results)
+    seeds = {("esd", "circle"): [results[("esd", "circle")], cell(0.7, 1, 1), {"failed": "x"}]}
+    seeds[("esd", "red")] = [results[("esd", "red")], cell(0.9, 1, 1), cell(0.85, 0.97, 0.98)]
+    lines = scorecard.goal_lines(results, seeds)
+    assert "- esd: not met — on circle (1 of 3; 1 unscored); over training seeds: circle 1/3, red 2/3" in lines
     runs = [cell(1, 1, 1, joint=j) for j in (0.8, 0.6, 0.7)] + [{"failed": "x"}]
     for r, rate in zip(runs, (0.82, 0.73, 0.77)):
         r["erasure"] = {"word": {"erased": {"after": {"rate": rate}}}}

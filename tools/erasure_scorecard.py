@@ -245,8 +245,9 @@ def meets_goal(r: dict) -> bool | None:
     return norm >= GOAL_ERASURE and all(after >= before - GOAL_POINTS for before, after in pairs)
 
 
-def goal_lines(results: dict) -> list[str]:
-    """Per method: the targets where it meets issue 12's bar, out of those it ran."""
+def goal_lines(results: dict, seeds: dict | None = None) -> list[str]:
+    """Per method: the targets where it meets issue 12's bar, out of those it ran; with training seeds, also on how
+    many seeds of each target it does (`seeds`: {(method, target): [reports, seed 0 first]})."""
     lines = [
         "",
         f"**Goal** (issue 12: normalised erasure ≥ {GOAL_ERASURE} — the valid erased rate where the floor is within "
@@ -262,8 +263,19 @@ def goal_lines(results: dict) -> list[str]:
             f"- {method}: {status} — on {', '.join(met) or 'no target'} ({len(met)} of {len(verdicts)}"
             + (f"; {sum(v is None for v in verdicts.values())} unscored" if None in verdicts.values() else "")
             + ")"
+            + seed_counts(method, seeds or {})
         )
     return lines
+
+
+def seed_counts(method: str, seeds: dict) -> str:
+    """ "; over training seeds: circle 1/3, box 3/3" — on how many of its seeds' cells the bar is met, per target."""
+    parts = [
+        f"{t} {sum(bool(meets_goal(r)) for r in runs)}/{len(runs)}"
+        for (m, t), runs in seeds.items()
+        if m == method and len(runs) > 1
+    ]
+    return "; over training seeds: " + ", ".join(parts) if parts else ""
 
 
 def row(method: str, target: str, r: dict, seeds: list[dict] | None = None) -> str:
@@ -413,7 +425,7 @@ def markdown(results: dict, command: str, seconds: list[float], revision: str = 
     ]
     lines += baseline_rows(results)
     lines += [row(m, t, r, (seeds or {}).get((m, t))) for (m, t), r in results.items()]
-    lines += goal_lines(results)
+    lines += goal_lines(results, seeds)
     measured = {m for m, _ in results}
     missing = [m for m in registry.methods() if m not in measured]
     if missing:
