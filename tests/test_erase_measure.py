@@ -265,3 +265,19 @@ def test_the_other_anchor_names_the_next_concept_of_the_erased_ones_kind():
     assert resolve_anchor("triangle", ["circle"], True) == "triangle" and resolve_anchor("", ["dog"], False) == ""
     with pytest.raises(UserError, match="needs the shapes model"):
         resolve_anchor(OTHER_ANCHOR, ["dog"], False)
+
+
+def test_scorecard_time_figure_counts_the_training_seed_cells(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "erasure_scorecard.py"
+    spec = importlib.util.spec_from_file_location("erasure_scorecard", path)
+    scorecard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scorecard)
+    for name, seconds in (("trce-circle", 60), ("trce-circle-seed1", 70), ("trce-circle-seed2", 80), ("uce-red", 5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "scorecard_seconds.txt").write_text(str(seconds))
+    results = {("trce", "circle"): {}, ("uce", "red"): {}}
+    assert sorted(scorecard.cell_seconds(tmp_path, results)) == [5.0, 60.0]
+    assert sorted(scorecard.cell_seconds(tmp_path, results, train_seeds=3)) == [5.0, 60.0, 70.0, 80.0]

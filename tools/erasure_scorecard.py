@@ -353,13 +353,15 @@ def baseline_rows(results: dict) -> list[str]:
     return lines
 
 
-def cell_seconds(workdir: Path, results: dict) -> list[float]:
-    """Wall-clock seconds of each finished cell's whole `jaxdiff erase` run (recorded when it ran)."""
+def cell_seconds(workdir: Path, results: dict, train_seeds: int = 1) -> list[float]:
+    """Wall-clock seconds of each finished cell's whole `jaxdiff erase` run (recorded when it ran), the training-seed
+    cells (`METHOD-TARGET-seedK`, K < train_seeds) included."""
     out = []
     for method, target in results:
-        f = workdir / f"{method}-{target}" / "scorecard_seconds.txt"
-        if f.is_file():
-            out.append(float(f.read_text()))
+        names = [f"{method}-{target}"] + [f"{method}-{target}-seed{k}" for k in range(1, train_seeds)]
+        for f in (workdir / name / "scorecard_seconds.txt" for name in names):
+            if f.is_file():
+                out.append(float(f.read_text()))
     return out
 
 
@@ -513,7 +515,7 @@ def main(argv=None) -> int:
     command = "python tools/erasure_scorecard.py" + (
         "" if argv is None and len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:] if argv is None else argv)
     )
-    text = markdown(results, command, cell_seconds(workdir, results), revision, seeds)
+    text = markdown(results, command, cell_seconds(workdir, results, args.train_seeds), revision, seeds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fileio.atomic_write_text(out, text)
