@@ -55,6 +55,8 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "doco": {"train.learning_rate": (1e-4, 5e-4), "train.steps": (600,)},
     # SPM's erase target is relative to its surrogate c_sur ("" by default), as ESD's is to the empty prompt, which on
     # shapes draws circles: the grid crosses it with a guide concept, and latent anchoring on (λ_LA 1000) and off.
+    # docs/erasure_sweep_spm.md ran at commit c22233e's preset (c_sur = ""); the preset now takes @other, so a "" point
+    # (the preset's own value) repeats @other: rerun that doc from that commit, or give the grid an explicit surrogate.
     "spm": {"anchor": ("@other", ""), "spm.la_strength": (1000.0, 0.0)},
 }
 TARGETS = ("circle", "red")
@@ -242,7 +244,7 @@ def plot(results: dict, path: Path) -> None:
         path,
         scatter_plot(
             points,
-            "erasure (normalised; the valid rate where marked †)",
+            "erasure (normalised; the valid erased rate where the floor is unreliable)",
             "preservation",
             "erasure vs preservation (validation)",
         ),
