@@ -1,6 +1,8 @@
 """Erasure measurement: valid-only counting, Wilson intervals, normalised erasure, joint score, warnings."""
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,15 @@ from jaxdiff.erase import evaluate as ev
 from jaxdiff.erase import run
 from jaxdiff.erase.config import AUTO, base_config, default_preserve
 from jaxdiff.errors import UserError
+
+
+def _scorecard():
+    """tools/erasure_scorecard.py as a module (tools/ is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "tools" / "erasure_scorecard.py"
+    spec = importlib.util.spec_from_file_location("erasure_scorecard", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +167,9 @@ def test_preserve_defaults_to_the_models_world():
 
 
 def test_scorecard_recomputes_a_cell_of_another_revision_or_config(tmp_path):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "tools" / "erasure_scorecard.py"
-    spec = importlib.util.spec_from_file_location("erasure_scorecard", path)
-    scorecard = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scorecard)
+    scorecard = _scorecard()
     key = scorecard.cell_key(["configs/erase/uce.py:shapes", "--config.concept=circle"], "abc")
     assert key != scorecard.cell_key(["configs/erase/uce.py:shapes", "--config.concept=red"], "abc")
     assert key != scorecard.cell_key(["configs/erase/uce.py:shapes", "--config.concept=circle"], "abd")
@@ -186,13 +192,8 @@ def test_scorecard_recomputes_a_cell_of_another_revision_or_config(tmp_path):
 
 
 def test_scorecard_goal_needs_erasure_and_both_preserved_attributes_within_five_points():
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "tools" / "erasure_scorecard.py"
-    spec = importlib.util.spec_from_file_location("erasure_scorecard", path)
-    scorecard = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scorecard)
+    scorecard = _scorecard()
 
     def cell(norm, shape_after, colour_after, joint=0.9):
         kept = lambda after: {"both": {"before": {"rate": 0.98}, "after": {"rate": after}}}  # noqa: E731
@@ -268,13 +269,8 @@ def test_the_other_anchor_names_the_next_concept_of_the_erased_ones_kind():
 
 
 def test_scorecard_time_figure_counts_the_training_seed_cells(tmp_path):
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "tools" / "erasure_scorecard.py"
-    spec = importlib.util.spec_from_file_location("erasure_scorecard", path)
-    scorecard = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scorecard)
+    scorecard = _scorecard()
     for name, seconds in (("trce-circle", 60), ("trce-circle-seed1", 70), ("trce-circle-seed2", 80), ("uce-red", 5)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "scorecard_seconds.txt").write_text(str(seconds))

@@ -112,6 +112,17 @@ def resolve_extra(extra: list[str], target: str) -> list[str]:
     return [other if x == f"--config.anchor={OTHER_ANCHOR}" else x for x in extra]
 
 
+def cell_name(method: str, target: str, seed: int = 0) -> str:
+    """A cell's folder: "trce-circle" (training seed 0), "trce-circle-seed2"."""
+    return f"{method}-{target}" + (f"-seed{seed}" if seed else "")
+
+
+def command_line(tool: str, argv: list[str] | None) -> str:
+    """The command a doc says regenerates it: "python tools/<tool> ARGS", shell-quoted (a --grid holds ';')."""
+    given = sys.argv[1:] if argv is None else argv
+    return f"python tools/{tool}" + (" " + shlex.join(given) if given else "")
+
+
 def run_cell(
     method: str,
     target: str,
@@ -126,7 +137,7 @@ def run_cell(
 ) -> dict:
     """One `jaxdiff erase` run in <workdir>/<name or method-target>, reused when its key matches; a failed run is
     {"failed": its last error line}. reuse_only: never run; a cell without a finished run of this key is failed."""
-    out = workdir / (name or f"{method}-{target}")
+    out = workdir / (name or cell_name(method, target))
     attack = ["--attacks"] if attacks else []
     extra = resolve_extra(extra, target)
     args = [f"configs/erase/{method}.py:shapes", *cell_args(method, target, extra), *attack, *extra]
@@ -358,8 +369,7 @@ def cell_seconds(workdir: Path, results: dict, train_seeds: int = 1) -> list[flo
     cells (`METHOD-TARGET-seedK`, K < train_seeds) included."""
     out = []
     for method, target in results:
-        names = [f"{method}-{target}"] + [f"{method}-{target}-seed{k}" for k in range(1, train_seeds)]
-        for f in (workdir / name / "scorecard_seconds.txt" for name in names):
+        for f in (workdir / cell_name(method, target, k) / "scorecard_seconds.txt" for k in range(train_seeds)):
             if f.is_file():
                 out.append(float(f.read_text()))
     return out
@@ -508,13 +518,11 @@ def main(argv=None) -> int:
                     args.timeout,
                     [*chosen, *extra, f"--config.seed={k}"],
                     revision,
-                    name=f"{method}-{target}-seed{k}",
+                    name=cell_name(method, target, k),
                 )
                 for k in range(1, args.train_seeds)
             ]
-    command = "python tools/erasure_scorecard.py" + (
-        "" if argv is None and len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:] if argv is None else argv)
-    )
+    command = command_line("erasure_scorecard.py", argv)
     text = markdown(results, command, cell_seconds(workdir, results, args.train_seeds), revision, seeds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -522,8 +530,8 @@ def main(argv=None) -> int:
     (out.with_suffix(".json")).write_text(
         json.dumps(
             {
-                **{f"{m}-{t}": r for (m, t), r in results.items()},
-                **{f"{m}-{t}-seed{k}": r for (m, t), runs in seeds.items() for k, r in enumerate(runs) if k},
+                **{cell_name(m, t): r for (m, t), r in results.items()},
+                **{cell_name(m, t, k): r for (m, t), runs in seeds.items() for k, r in enumerate(runs) if k},
             },
             indent=2,
             default=str,

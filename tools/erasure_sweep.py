@@ -23,7 +23,6 @@ import argparse
 import importlib.util
 import itertools
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -335,9 +334,7 @@ def main(argv=None) -> int:
             ),
             flush=True,
         )
-    given = sys.argv[1:] if argv is None else argv
-    command = "python tools/erasure_sweep.py" + (" " + shlex.join(given) if given else "")  # quoted: --grid has ';'
-
+    command = scorecard.command_line("erasure_sweep.py", argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fileio.atomic_write_text(out, markdown(results, command, targets, args.num_images, out) + "\n")
