@@ -475,3 +475,37 @@ def test_ablation_masked_reduction_is_the_official_one():
     assert float(ablation.masked_loss(pred, target)) == pytest.approx(3.0)  # C x the elementwise mean
     mask = jnp.zeros((2, 4, 4, 1)).at[:, :2].set(1.0)
     assert float(ablation.masked_loss(pred.at[:, 2:].set(9.0), target, mask)) == pytest.approx(3.0)
+
+
+def test_doco_prior_pool_is_the_anchor_or_the_anchor_and_the_preserved_concepts():
+    """DoCo's L_prior / surgery pool: the anchor images (official), or with prior_concepts="anchor+preserved" also
+    train.retain_images images of the preserved concepts (Job.retain_data); a bad value or no preserved concept is
+    a clear error."""
+    from types import SimpleNamespace
+
+    import ml_collections as mlc
+
+    from jaxdiff.errors import UserError
+
+    z, anchor = jnp.zeros((3, *LATENT)), jnp.zeros((3, L, D))
+    asked = []
+
+    def retain_data(n):
+        asked.append(n)
+        return jnp.ones((n, *LATENT)), jnp.ones((n, L, D))
+
+    config = mlc.ConfigDict({"doco": {"prior_concepts": "anchor"}, "train": {"retain_images": 5}})
+    job = SimpleNamespace(config=config, preserve=["green", "blue"], retain_data=retain_data)
+    pz, pc = doco.prior_data(job, z, anchor)
+    assert pz is z and pc is anchor and not asked
+    config.doco.prior_concepts = "anchor+preserved"
+    pz, pc = doco.prior_data(job, z, anchor)
+    assert asked == [5] and pz.shape == (8, *LATENT) and pc.shape == (8, L, D)
+    np.testing.assert_array_equal(pz[:3], z)
+    np.testing.assert_array_equal(pc[3:], jnp.ones((5, L, D)))
+    job.preserve = []
+    with pytest.raises(UserError, match="needs preserved concepts"):
+        doco.prior_data(job, z, anchor)
+    config.doco.prior_concepts = "preserved"
+    with pytest.raises(UserError, match="anchor, anchor\\+preserved"):
+        doco.prior_data(job, z, anchor)

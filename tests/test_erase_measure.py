@@ -183,6 +183,7 @@ def test_scorecard_recomputes_a_cell_of_another_revision_or_config(tmp_path):
     (cell / "report.json").write_text(json.dumps({"erasure": {}}))  # the old probe-only report format
     assert not scorecard.reusable(cell, key)
     assert scorecard.code_revision()  # the last commit to jaxdiff/ (+ a hash of uncommitted changes)
+    assert scorecard.code_revision("doco")  # the last commit to what DoCo's cells run
     preset = tmp_path / "method.py"  # a method's config file is keyed by its content, not by the commit
     preset.write_text("x = 1\n")
     first = scorecard.cell_key([f"{preset}:shapes", "--config.concept=circle"], "abc")
@@ -277,3 +278,24 @@ def test_scorecard_time_figure_counts_the_training_seed_cells(tmp_path):
     results = {("trce", "circle"): {}, ("uce", "red"): {}}
     assert sorted(scorecard.cell_seconds(tmp_path, results)) == [5.0, 60.0]
     assert sorted(scorecard.cell_seconds(tmp_path, results, train_seeds=3)) == [5.0, 60.0, 70.0, 80.0]
+
+
+def test_a_methods_cells_are_keyed_by_its_own_module_and_those_every_cell_runs():
+    """DoCo's cells are not keyed by Concept Ablation's module (a change there leaves them valid), but by UCE's and
+    RECE's (the attacks of every cell run them) and by everything else erasure imports."""
+    scorecard = _scorecard()
+    assert scorecard.method_sources("") == scorecard.SOURCES
+    doco = scorecard.method_sources("doco")
+    excluded = {s.removeprefix(":(exclude)") for s in doco if s.startswith(":(exclude)jaxdiff/erase/")}
+    from jaxdiff.erase import registry
+
+    assert excluded == {f"jaxdiff/erase/{m}.py" for m in registry.methods()} - {
+        "jaxdiff/erase/doco.py",
+        "jaxdiff/erase/uce.py",
+        "jaxdiff/erase/rece.py",
+    }
+    assert set(scorecard.SOURCES) <= set(doco)
+    assert scorecard.revision_text({"uce": "a" * 40, "rece": "a" * 40}) == f"code revision `{'a' * 12}`"
+    assert scorecard.revision_text({"uce": "a" * 40, "doco": "b" * 40}) == (
+        f"code revisions `{'a' * 12}` (uce), `{'b' * 12}` (doco)"
+    )

@@ -81,7 +81,7 @@ def test_the_sweep_writes_its_table_selection_and_plot_from_cached_cells(tmp_pat
         return _report(min(1.0, 2 * lam), max(0.05, 1.0 - lam / 10))
 
     monkeypatch.setattr(scorecard, "run_cell", fake_run_cell)
-    monkeypatch.setattr(scorecard, "code_revision", lambda: "rev")
+    monkeypatch.setattr(scorecard, "code_revision", lambda method="": "rev")
     monkeypatch.setattr(sweep, "_scorecard", lambda: scorecard)
     out = tmp_path / "sweep.md"
     argv = ["--methods", "uce", "--targets", "circle,red", "--workdir", str(tmp_path / "w"), "--out", str(out)]

@@ -5,9 +5,10 @@ figure means: valid-only erasure, invalid share, normalised erasure, preservatio
 
 Each (method, target) cell is one `jaxdiff erase --config configs/erase/<method>.py:shapes ... --attacks` run in
 its own process (so its peak memory is its own), written to <workdir>/<method>-<target>/. A cell is keyed by the
-code revision (the last commit to what erasure depends on, plus a hash of uncommitted changes there: SOURCES), a
-hash of its command and a hash of its method's config file: a finished cell with the same key is reused (an
-interrupted scorecard resumes), any other is deleted and recomputed. A cell that fails is reported as failed,
+code revision of its method (the last commit to what that method's erasure runs, plus a hash of uncommitted
+changes there: SOURCES without the other methods' modules), a hash of its command and a hash of its method's config
+file: a finished cell with the same key is reused (an interrupted scorecard resumes), any other is deleted and
+recomputed. A cell that fails is reported as failed,
 with the error.
 
   python tools/erasure_scorecard.py                                 # all methods x circle, red, box -> docs/
@@ -53,19 +54,33 @@ SOURCES = (
     ":(exclude)jaxdiff/control",
 )
 # A method's config file (configs/erase/<method>.py) is keyed by its content in each of that method's cells, so
-# that choosing one method's preset leaves the other methods' cells valid.
+# that choosing one method's preset leaves the other methods' cells valid. Likewise a method's own module
+# (jaxdiff/erase/<method>.py) keys only its own cells, except the modules that every cell runs: the attacks use
+# RECE's regenerating embedding (rece.py), which builds on UCE (uce.py).
+RUN_BY_EVERY_CELL = ("uce", "rece")
 
 
-def code_revision() -> str:
-    """The last commit that changed SOURCES, plus a hash of their uncommitted changes when there are any (a commit
-    to tools/, docs/ or another command's code leaves cells valid)."""
+def method_sources(method: str = "") -> tuple[str, ...]:
+    """SOURCES for one method's cells: without the other methods' modules (but RUN_BY_EVERY_CELL); all of them
+    when `method` is empty."""
+    if not method:
+        return SOURCES
+    others = [m for m in registry.methods() if m != method and m not in RUN_BY_EVERY_CELL]
+    return (*SOURCES, *(f":(exclude)jaxdiff/erase/{m}.py" for m in others))
+
+
+def code_revision(method: str = "") -> str:
+    """The last commit that changed what `method`'s cells run (`method_sources`; every method's when empty), plus
+    a hash of their uncommitted changes when there are any (a commit to tools/, docs/, another command's code or
+    another method's module leaves cells valid)."""
+    sources = method_sources(method)
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
 
-    head = git("log", "-1", "--format=%H", "--", *SOURCES).strip() or "unknown"  # last code commit
-    diff = git("diff", "HEAD", "--", *SOURCES)
-    untracked = git("ls-files", "--others", "--exclude-standard", "--", *SOURCES).split()
+    head = git("log", "-1", "--format=%H", "--", *sources).strip() or "unknown"  # last code commit
+    diff = git("diff", "HEAD", "--", *sources)
+    untracked = git("ls-files", "--others", "--exclude-standard", "--", *sources).split()
     for f in sorted(untracked):
         diff += f + (ROOT / f).read_text(errors="replace") if (ROOT / f).is_file() else ""
     return head + ("+" + hashlib.sha256(diff.encode()).hexdigest()[:12] if diff else "")
@@ -141,7 +156,7 @@ def run_cell(
     attack = ["--attacks"] if attacks else []
     extra = resolve_extra(extra, target)
     args = [f"configs/erase/{method}.py:shapes", *cell_args(method, target, extra), *attack, *extra]
-    key = cell_key(args, revision or code_revision())
+    key = cell_key(args, revision or code_revision(method))
     if reusable(out, key):
         return json.loads((out / "report.json").read_text())
     if reuse_only:
@@ -402,7 +417,22 @@ def shapes_guidance() -> str:
     return f"{json.loads(path.read_text())['guidance']:g}" if path.is_file() else "7.5"
 
 
-def markdown(results: dict, command: str, seconds: list[float], revision: str = "", seeds: dict | None = None) -> str:
+def revision_text(revisions: dict[str, str] | str) -> str:
+    """Where the cells were measured: "code revision `abc`" or, where methods differ, "code revisions `abc`
+    (uce, rece), `def` (doco)" (each method's own, `code_revision(method)`)."""
+    if isinstance(revisions, str):
+        revisions = {"": revisions}
+    groups: dict[str, list[str]] = {}
+    for method, rev in revisions.items():
+        groups.setdefault(rev[:12], []).append(method)
+    if len(groups) == 1:
+        return f"code revision `{next(iter(groups))}`"
+    return "code revisions " + ", ".join(f"`{rev}` ({', '.join(ms)})" for rev, ms in groups.items())
+
+
+def markdown(
+    results: dict, command: str, seconds: list[float], revisions: dict | str = "", seeds: dict | None = None
+) -> str:
     any_ok = next((r for r in results.values() if "failed" not in r), None)
     n = any_ok["erasure"]["word"]["n"] if any_ok else "?"
     atk = any_ok.get("robustness", {}) if any_ok else {}
@@ -420,7 +450,7 @@ def markdown(results: dict, command: str, seconds: list[float], revision: str = 
         + ". Each row is one `jaxdiff erase` run (configs/erase/<method>.py:shapes); every figure is read by the "
         f"shapes probe and the pixel judge from generated images ({n} per prompt set, 25 DDIM steps, guidance "
         f"{shapes_guidance()} (the model's default), the same seeds before and after the edit)"
-        + (f"; every cell measured at code revision `{revision[:12]}`." if revision else "."),
+        + (f"; every cell measured at {revision_text(revisions)}." if revisions else "."),
         "",
         LEGEND,
         "- **Robustness** (lower is better, probe-only): % of attack images in which the probe sees the target: "
@@ -486,7 +516,7 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     extra = [f"--config.eval.num_images={args.num_images}", *args.extra]
-    revision = code_revision()
+    revisions = {m: code_revision(m) for m in methods}
     selected = {}
     for path in filter(None, args.settings.split(",")):
         try:
@@ -503,7 +533,9 @@ def main(argv=None) -> int:
     for target in targets:
         for method in methods:
             chosen = selected.get(method, [])
-            results[(method, target)] = run_cell(method, target, workdir, args.timeout, [*chosen, *extra], revision)
+            results[(method, target)] = run_cell(
+                method, target, workdir, args.timeout, [*chosen, *extra], revisions[method]
+            )
     seeds = {}
     for target in targets:
         for method in methods:
@@ -517,13 +549,13 @@ def main(argv=None) -> int:
                     workdir,
                     args.timeout,
                     [*chosen, *extra, f"--config.seed={k}"],
-                    revision,
+                    revisions[method],
                     name=cell_name(method, target, k),
                 )
                 for k in range(1, args.train_seeds)
             ]
     command = command_line("erasure_scorecard.py", argv)
-    text = markdown(results, command, cell_seconds(workdir, results, args.train_seeds), revision, seeds)
+    text = markdown(results, command, cell_seconds(workdir, results, args.train_seeds), revisions, seeds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fileio.atomic_write_text(out, text)

@@ -289,7 +289,7 @@ def main(argv=None) -> int:
         return 0
     targets = [t for t in args.targets.split(",") if t]
     scorecard = _scorecard()
-    revision = args.revision or scorecard.code_revision()
+    revisions = {m: args.revision or scorecard.code_revision(m) for m in methods}
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     common = [
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
                     workdir,
                     args.timeout,
                     [*overrides(point), *common],
-                    revision,
+                    revisions[method],
                     name=f"{method}-{target}-{name}",
                     attacks=False,
                     reuse_only=bool(args.revision),
@@ -340,7 +340,7 @@ def main(argv=None) -> int:
     fileio.atomic_write_text(out, markdown(results, command, targets, args.num_images, out) + "\n")
     record = {
         "command": command,
-        "revision": revision,
+        "revision": revisions[methods[0]] if len(set(revisions.values())) == 1 else revisions,
         "split": "validation",
         "num_images": args.num_images,
         "targets": targets,

@@ -20,6 +20,7 @@ def get_config(arg: str = ""):
         lambda_=1.0,
         gradient_clip=True,  # the concept-preserving gradient surgery
         prior_loss_weight=1.0,
+        prior_concepts="anchor",  # the prior pool: "anchor" (official) or "anchor+preserved" (+ train.retain_images)
         warm_up=1000,  # discriminator-only steps before the UNet's first update (its accuracy is logged)
         disc_grad_includes_adv=True,  # official quirk (False switches it off), see jaxdiff/erase/doco.py
         add_retain_grad=False,  # official: the update is the adjusted adversarial gradient only

@@ -25,7 +25,10 @@ UNet only after `warm_up` steps. Official quirk (default on, `disc_grad_includes
 discriminator's gradient also contains ∇_D L_adv, because `backward(L_adv)` reaches D's parameters and their
 gradients are only zeroed after D's step. D's accuracy on each domain is logged every step
 (`discriminator_accuracy`) and reported at the end of the warm-up and of training (`accuracy_report`): the warm-up
-should end with D separating the domains. BatchNorm runs in training mode (batch statistics) as it always does in
+should end with D separating the domains. Prior pool (`prior_concepts`): the anchor images with their captions (official: the class images), or
+"anchor+preserved": also images of the preserved concepts (`train.retain_images` of them), so that L_prior and
+the surgery's g_r keep the concepts that must stay (jaxdiff's option, for targets whose neighbours drift).
+BatchNorm runs in training mode (batch statistics) as it always does in
 the official training; running averages are not kept.
 """
 
@@ -42,6 +45,7 @@ from jaxdiff import platforms, selectors
 from jaxdiff.erase import common, finetune
 from jaxdiff.erase.job import Job, Result
 from jaxdiff.erase.registry import MethodInfo
+from jaxdiff.errors import UserError
 from jaxdiff.models.layers import conv2d
 from jaxdiff.sampling.schedulers.common import add_noise
 from jaxdiff.train import optim
@@ -290,16 +294,17 @@ def run(job: Job) -> Result:
         platform=platforms.of(job.mesh),
     )
     z, target, anchor = job.anchor_data(int(o.num_anchor_images))
-    b, n = int(t.batch_size), z.shape[0]
+    prior_z, prior_c = prior_data(job, z, anchor)
+    b, n, m = int(t.batch_size), z.shape[0], prior_z.shape[0]
 
     def batch_fn(i):
-        idx, jdx = finetune.pick(i, n, b, job.config.seed), finetune.pick(i, n, b, job.config.seed + 1)
+        idx, jdx = finetune.pick(i, n, b, job.config.seed), finetune.pick(i, m, b, job.config.seed + 1)
         return {
             "latents": z[idx],
             "target": target[idx],
             "anchor": anchor[idx],
-            "prior_latents": z[jdx],
-            "prior": anchor[jdx],
+            "prior_latents": prior_z[jdx],
+            "prior": prior_c[jdx],
         }
 
     trainable, _ = common.split(job.original, t.selector)
@@ -315,6 +320,28 @@ def run(job: Job) -> Result:
     state, info = finetune.train_networks(job, networks, d.phases(), params, {"base": job.original}, batch_fn)
     info = {**info, "learning_rate": lr, "warm_up": int(o.warm_up), **accuracy_report(job.train_dir(), int(o.warm_up))}
     return Result(common.combine(state.params["unet"], job.original), info)
+
+
+PRIOR_CONCEPTS = ("anchor", "anchor+preserved")
+
+
+def prior_data(job: Job, z, anchor) -> tuple[jax.Array, jax.Array]:
+    """The prior-preservation pool (latents, contexts) that L_prior and the surgery's g_r read: the anchor images
+    with their captions (official), and with `doco.prior_concepts="anchor+preserved"` also `train.retain_images`
+    images of the preserved concepts' captions made by the original model (`Job.retain_data`), so that the
+    surgery also keeps the gradient of the concepts that must not move (the other colours when erasing red)."""
+    which = str(job.config.doco.get("prior_concepts", "anchor"))
+    if which not in PRIOR_CONCEPTS:
+        raise UserError(f"config.doco.prior_concepts={which!r}: one of {', '.join(PRIOR_CONCEPTS)}")
+    if which == "anchor":
+        return z, anchor
+    if not job.preserve:
+        raise UserError(
+            "config.doco.prior_concepts='anchor+preserved' needs preserved concepts: set --config.preserve=... (on "
+            "shapes 'auto' takes the other concepts of the erased one's kind)"
+        )
+    zr, cr = job.retain_data(int(job.config.train.get("retain_images", 64)))
+    return jnp.concatenate([z, zr.astype(z.dtype)]), jnp.concatenate([anchor, cr.astype(anchor.dtype)])
 
 
 def accuracy_report(workdir: str, warm_up: int) -> dict:
