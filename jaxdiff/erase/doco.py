@@ -25,11 +25,12 @@ UNet only after `warm_up` steps. Official quirk (default on, `disc_grad_includes
 discriminator's gradient also contains ∇_D L_adv, because `backward(L_adv)` reaches D's parameters and their
 gradients are only zeroed after D's step. D's accuracy on each domain is logged every step
 (`discriminator_accuracy`) and reported at the end of the warm-up and of training (`accuracy_report`): the warm-up
-should end with D separating the domains. Prior pool (`prior_concepts`): the anchor images with their captions (official: the class images), or
+should end with D separating the domains. BatchNorm runs in training mode (batch statistics) as it always does in
+the official training; running averages are not kept.
+
+Prior pool (`prior_concepts`): the anchor images with their captions (official: the class images), or
 "anchor+preserved": also images of the preserved concepts (`train.retain_images` of them), so that L_prior and
 the surgery's g_r keep the concepts that must stay (jaxdiff's option, for targets whose neighbours drift).
-BatchNorm runs in training mode (batch statistics) as it always does in
-the official training; running averages are not kept.
 """
 
 from __future__ import annotations
