@@ -446,7 +446,11 @@ def test_configs_name_real_parameters():
                 "quirk_never_zero_grads",
             },
         ),
-        "doco": ("doco", params(doco.DoCo.__init__), {"disc_lr", "disc_betas", "num_anchor_images", "scale_lr"}),
+        "doco": (
+            "doco",
+            params(doco.DoCo.__init__),
+            {"disc_lr", "disc_betas", "num_anchor_images", "scale_lr", "prior_concepts"},
+        ),
         "all_but_one": ("all_but_one", params(all_but_one.make_loss), set()),
         "ablation": (
             "ablation",
