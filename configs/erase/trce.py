@@ -64,6 +64,9 @@ def get_config(arg: str = ""):
                 epochs=2,
                 data_guidance=5.0,
                 lam=0.01,  # λ = 0 here: condition number ≈ 5e17, refused by erase.ridge; 0.01: ≈ 7.8e3 (circle)
+                # Selected on validation prompts (docs/erasure_sweep_trce_preserve.md, n = 128): ρ = 1 (not 1e-4)
+                # keeps red's other colours at 96-97 % (84-88 %); 10 holds circle erasure to 68 %.
+                preserve_scale=1.0,
             )
             c.train.learning_rate = 1e-5
             # Selected on validation prompts (docs/erasure_sweep_trce.md): guided to the next concept of the kind
