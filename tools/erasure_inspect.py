@@ -18,7 +18,6 @@ import collections
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,6 +32,7 @@ def failures(verdicts: dict, scenes, kinds=("shape", "colour")) -> list[tuple[in
     from jaxdiff.erase import evaluate as ev
 
     valid = verdicts["pixel"]["valid"]
+    named = {(judge, kind): ev.names(verdicts, judge, kind) for judge in ("probe", "pixel") for kind in kinds}
     out = []
     for i in range(len(scenes)):
         if not valid[i]:
@@ -41,9 +41,9 @@ def failures(verdicts: dict, scenes, kinds=("shape", "colour")) -> list[tuple[in
         for kind in kinds:
             truth = getattr(scenes[i].objects[0], kind)
             wrong = [
-                f"{judge}: {kind} {ev.names(verdicts, judge, kind)[i]}"
+                f"{judge}: {kind} {named[judge, kind][i]}"
                 for judge in ("probe", "pixel")
-                if ev.names(verdicts, judge, kind)[i] != truth
+                if named[judge, kind][i] != truth
             ]
             if wrong:
                 out.append((i, "; ".join(wrong)))
@@ -81,27 +81,21 @@ def main(argv=None) -> int:
 
     from jaxdiff.erase import evaluate as ev
     from jaxdiff.erase import run as erase_run
-    from jaxdiff.erase.job import probe
+    from jaxdiff.erase.job import Job, probe
     from jaxdiff.images import labeled_rows, save_png
     from jaxdiff.sampling.pipeline import load_pipeline
 
     config = mlc.ConfigDict(json.loads((run / "config.json").read_text()))
-    concept = ev.resolve(str(config.concept))
-    sets = erase_run._sets(SimpleNamespace(config=config), concept)  # the report's prompt sets, in its order
+    job = Job(erase_run._resolved(config), run, progress=False)  # loads the unedited model; writes nothing
+    concept = job.concept
+    sets = erase_run._sets(job, concept)  # the report's prompt sets, in its order
     prompts, scenes = sets[args.set]
     if not prompts:
         sys.exit(f"erasure_inspect: the run's {args.set!r} set is empty ({config.eval.split} split)")
     index = list(sets).index(args.set)  # `erase` seeds each set's noise by its place among all four
-    base, edited = load_pipeline(str(config.model)), load_pipeline(str(run / "model"))
-    unet = json.loads((base.path / "unet" / "config.json").read_text())
-    latent_shape = (int(unet.get("sample_size", 64)),) * 2 + (int(unet.get("in_channels", 4)),)
-    latents = ev.noise(len(prompts), latent_shape, erase_run._noise_seed(config.eval) + index)
-    guidance = float(config.eval.guidance)
-    if guidance < 0:
-        defaults = base.path / "sampling_defaults.json"
-        guidance = float(json.loads(defaults.read_text()).get("guidance", 7.5)) if defaults.is_file() else 7.5
-    kw = dict(steps=int(config.eval.steps), guidance=guidance, scheduler=config.eval.scheduler or None)
-    images = {"unedited": base(prompts, latents=latents, **kw), "edited": edited(prompts, latents=latents, **kw)}
+    latents = ev.noise(len(prompts), job.latent_shape, erase_run._noise_seed(config.eval) + index)
+    edited = load_pipeline(str(run / "model")).params["unet"]
+    images = {"unedited": job.images(prompts, latents), "edited": job.images(prompts, latents, edited)}
     judged = {name: ev.judge_images(probe(), im) for name, im in images.items()}
 
     kinds = ("shape", "colour") if args.set == "preserved" else (ev.OTHER[concept.kind],)
