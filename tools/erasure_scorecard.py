@@ -417,11 +417,9 @@ def shapes_guidance() -> str:
     return f"{json.loads(path.read_text())['guidance']:g}" if path.is_file() else "7.5"
 
 
-def revision_text(revisions: dict[str, str] | str) -> str:
+def revision_text(revisions: dict[str, str]) -> str:
     """Where the cells were measured: "code revision `abc`" or, where methods differ, "code revisions `abc`
     (uce, rece), `def` (doco)" (each method's own, `code_revision(method)`)."""
-    if isinstance(revisions, str):
-        revisions = {"": revisions}
     groups: dict[str, list[str]] = {}
     for method, rev in revisions.items():
         groups.setdefault(rev[:12], []).append(method)
@@ -431,7 +429,7 @@ def revision_text(revisions: dict[str, str] | str) -> str:
 
 
 def markdown(
-    results: dict, command: str, seconds: list[float], revisions: dict | str = "", seeds: dict | None = None
+    results: dict, command: str, seconds: list[float], revisions: dict | None = None, seeds: dict | None = None
 ) -> str:
     any_ok = next((r for r in results.values() if "failed" not in r), None)
     n = any_ok["erasure"]["word"]["n"] if any_ok else "?"
