@@ -43,6 +43,11 @@ def get_config(arg: str = ""):
             # concept of the erased one's kind (towards " " it erased no circle validly).
             c.anchor = OTHER_ANCHOR
             c.uce.update(lam=2.0)
+            # Selected on validation prompts (docs/erasure_sweep_rece.md, n = 128): RECE's own step anchored as its UCE
+            # start is (λ₂ 8, λ₁ 1; the official 0.1 / 0.1 let the regenerating-embedding edit move W so far that
+            # 20-31 % of images broke): circle 97 % erased validly, box 98 %, other shapes kept at 92-100 %. A larger
+            # regenerating-embedding ridge (reg 0.1) was worse still: a smaller embedding needs a larger edit to map.
+            c.rece.update(lam=8.0, preserve_scale=1.0)
         elif variant == "runlocal":
             c.rece.update(epochs=2, num_validation_prompts=2)
         else:
