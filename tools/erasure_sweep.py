@@ -45,7 +45,9 @@ from jaxdiff.erase import registry  # noqa: E402
 # of boxes: the fine-tuning grids below cross the learning rate with the retain loss off (0, as published) and on.
 GRIDS: dict[str, dict[str, tuple]] = {
     "uce": {"uce.lam": (0.5, 2.0, 8.0), "uce.preserve_scale": (1.0, 4.0), "anchor": ("", "@other")},
-    "rece": {"uce.lam": (2.0, 8.0), "anchor": ("", "@other")},
+    # RECE's start (UCE λ 2 towards @other) came from the first sweep; its own erase step is swept here
+    # (docs/erasure_sweep_rece.md: the official λ₂ 0.1 broke 20-31 % of images, λ₂ 8 with λ₁ 1 none).
+    "rece": {"rece.lam": (0.1, 2.0, 8.0), "rece.preserve_scale": (0.1, 1.0)},
     "mace": {"mace.lam": (0.1, 1.0), "anchor": ("", "@other")},
     "trce": {"anchor": ("", "@other"), "train.retain_weight": (0.0, 1.0)},
     "esd": {"train.learning_rate": (1e-4, 3e-4), "train.steps": (300,), "train.retain_weight": (0.0, 1.0)},
