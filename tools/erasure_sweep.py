@@ -48,7 +48,8 @@ GRIDS: dict[str, dict[str, tuple]] = {
     # RECE's start (UCE λ 2 towards @other) came from the first sweep; its own erase step is swept here
     # (docs/erasure_sweep_rece.md: the official λ₂ 0.1 broke 20-31 % of images, λ₂ 8 with λ₁ 1 none).
     "rece": {"rece.lam": (0.1, 2.0, 8.0), "rece.preserve_scale": (0.1, 1.0)},
-    "mace": {"mace.lam": (0.1, 1.0), "anchor": ("", "@other")},
+    # MACE's preset (docs/erasure_sweep_mace{,_preserve}.md): CFR λ and ρ, and the LoRA's learning rate.
+    "mace": {"mace.lam": (1.0, 8.0), "mace.preserve_scale": (0.001, 1.0), "train.learning_rate": (1e-4, 1e-3)},
     "trce": {"anchor": ("", "@other"), "train.retain_weight": (0.0, 1.0)},
     "esd": {"train.learning_rate": (1e-4, 3e-4), "train.steps": (300,), "train.retain_weight": (0.0, 1.0)},
     "ablation": {"train.learning_rate": (1e-4, 5e-4), "train.steps": (300,), "train.retain_weight": (0.0, 1.0)},

@@ -12,7 +12,7 @@
 # the LoRAs onto the CFR weights (ρ_f 7e-7, once). The `shapes` model trains on renders with their exact masks;
 # other models need `lora.data_dir` (<dir>/<concept>/*.png, masks/<same name>, optional prompts.txt).
 # ":cfr" ("mace-cfr", `--config.stages=cfr`): the closed-form refinement alone, as before. ":shapes": the tiny
-# model's settings (more prompts, λ 0.01 in both solves, ρ_f 0.1, lr 1e-3). ":runlocal": a seconds-long smoke run.
+# model's settings (CFR λ 8 and ρ 1, fusion λ 8 and ρ_f 0.1, LoRA lr 1e-4). ":runlocal": a seconds-long smoke run.
 """MACE; see jaxdiff/erase/mace.py."""
 
 from jaxdiff.erase.config import OTHER_ANCHOR, base_config, train_block
@@ -55,28 +55,17 @@ def get_config(arg: str = ""):
         elif variant == "shapes":
             c.num_prompts = 8
             c.templates = ("{}",)
-            c.mace.preserve_scale = 1e-3
-            # λ = 0 on this ~100-token cache is a near-singular solve (condition number ≈ 9e10, refused by
-            # erase.ridge); λ = 0.01 gives ≈ 2.4e6 (measured: concept circle, anchor square).
-            c.mace.lam = 0.01
-            # Chosen on validation prompts (tools/erasure_sweep.py, docs/erasure_sweep.md): λ 1 in the CFR solve,
-            # guided to the next concept of the erased one's kind; joint 0.54 (erasure 0.83, preservation 0.41)
-            # against 0.29 for the best point towards "". MACE still costs the other concepts most of the lot.
-            c.mace.lam = 1.0
-            c.anchor = OTHER_ANCHOR
-            # The fusion's system on this cache is as ill-conditioned as the CFR's at λ = 0 (κ ≈ 5e10); λ 0.01: 2.4e6.
-            # ρ_f 0.1 instead of 7e-7 (MACE's cache is ~all COCO captions, this one ~100 prompts): measured on circle
-            # → square, erased 59% → 75%, preserved shape/colour 12%/38% → 19%/50% (both judges, n = 32).
-            c.lora.update(fuse_lam=0.01, fuse_preserve_scale=0.1)
-            # lr 1e-3 (SD's 1e-5 leaves the loss at 1.004 of 1.007): the mean attention loss on 32 fixed draws falls
-            # 1.007 → 0.63 in 120 steps, ‖ΔW‖ 14.6 against ‖W_kv‖ 42.8 (lr 1e-2: 0.025, ‖ΔW‖ 67).
-            c.train.update(learning_rate=1e-3, log_every=10)
-            # Re-selected on validation prompts at n = 128 (docs/erasure_sweep_mace.md): λ 8 in the CFR solve (circle's
-            # other shapes kept at 65 % instead of 48 %) and the LoRA at lr 1e-4 (1e-3 broke 7-25 % of images; at 1e-4
-            # the LoRA moves little, so the fusion's λ 0.01 and 8 tie: the sweep's pick, 8, is kept).
-            c.mace.lam = 8.0
-            c.lora.fuse_lam = 8.0
-            c.train.learning_rate = 1e-4
+            c.anchor = OTHER_ANCHOR  # guided to the next concept of the kind (docs/erasure_sweep.md: towards "" worse)
+            # Selected on validation prompts, n = 128 (docs/erasure_sweep_mace.md, docs/erasure_sweep_mace_preserve.md):
+            # - CFR λ 8 (λ = 0 on this ~100-token cache is a near-singular solve, κ ≈ 9e10, refused by erase.ridge;
+            #   λ 1 kept circle's other shapes at 48 %, λ 8 at 65 %) and preservation scale 1 (ρ = 1, squared as the
+            #   official code; 1e-3 → 65 %, 1 → 99 % with circle still 78 % erased validly).
+            # - the LoRA at lr 1e-4 (SD's 1e-5 leaves the attention loss at 1.004 of 1.007; 1e-3 broke 7-25 % of
+            #   images); at 1e-4 it moves little, so the fusion's λ 0.01 and 8 tie (the sweep's pick, 8, is kept).
+            # - fusion ρ_f 0.1 instead of 7e-7 (MACE's cache is ~all COCO captions, this one ~100 prompts).
+            c.mace.update(lam=8.0, preserve_scale=1.0)
+            c.lora.update(fuse_lam=8.0, fuse_preserve_scale=0.1)
+            c.train.update(learning_rate=1e-4, log_every=10)
         else:
             raise UserError(f"unknown mace config variant {variant!r} (cfr, runlocal, shapes)")
     return c
