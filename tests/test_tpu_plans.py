@@ -145,3 +145,20 @@ def test_a_program_too_big_for_the_chip_is_a_result_not_retried(tmp_path):
     text = plans.markdown([cell], tmp_path, keys)
     assert "## Does not fit" in text and "Ran out of memory on HBM" in text and "Not computed yet" not in text
     assert plans.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "t.md"), "--only", "v5e:2x2", "--list"]) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux /proc")
+def test_a_compile_past_the_host_memory_limit_is_killed_and_named():
+    hog = [
+        sys.executable,
+        "-c",
+        "import time; x = bytearray(400 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(60)",
+    ]
+    code, _, _, why = plans.run_guarded(hog, timeout=60, max_rss_gb=0.2)
+    assert code is None and "passed 0.2 GB of host memory" in why
+    code, out, _, why = plans.run_guarded([sys.executable, "-c", "print('ok')"], timeout=60, max_rss_gb=0.2)
+    assert (code, out.strip(), why) == (0, "ok", "")
+    code, _, _, why = plans.run_guarded(
+        [sys.executable, "-c", "import time; time.sleep(60)"], timeout=1, max_rss_gb=None
+    )
+    assert code is None and why == "compile ran past 1 s"

@@ -157,7 +157,57 @@ def state(cell: Cell, workdir: Path, keys: dict[str, str]) -> tuple[str, dict | 
     return ("too_big" if "RESOURCE_EXHAUSTED" in record["failed"] else "failed"), record
 
 
-def compute(cell: Cell, workdir: Path, key: str, timeout: int) -> dict:
+def host_memory_gb() -> float | None:
+    """This host's RAM in GB (Linux /proc/meminfo), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def rss_gb(pid: int) -> float:
+    """A live process's resident memory in GB (Linux /proc; 0 where unreadable)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
+def run_guarded(cmd: list[str], timeout: int, max_rss_gb: float | None) -> tuple[int | None, str, str, str]:
+    """Run cmd, killing it past `timeout` seconds or past `max_rss_gb` of resident memory (an SD-sized compile can
+    take all of a small host's RAM, and the OOM killer then picks any process). Returns (returncode or None when
+    killed here, stdout, stderr, why it was killed or "")."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
+        start, peak, why = time.time(), 0.0, ""
+        while proc.poll() is None:
+            peak = max(peak, rss_gb(proc.pid))
+            if max_rss_gb is not None and peak > max_rss_gb:
+                why = (
+                    f"the compile passed {max_rss_gb:.1f} GB of host memory after {time.time() - start:.0f} s "
+                    "(--max-host-gb; a larger host may compile it)"
+                )
+            elif time.time() - start > timeout:
+                why = f"compile ran past {timeout} s"
+            if why:
+                proc.kill()
+                proc.wait()
+                break
+            time.sleep(0.5)
+        out.seek(0)
+        err.seek(0)
+        return (None if why else proc.returncode), out.read(), err.read(), why
+
+
+def compute(cell: Cell, workdir: Path, key: str, timeout: int, max_rss_gb: float | None = None) -> dict:
     """Run the tool for one cell in a subprocess; write its record (the result, or why it failed) atomically."""
     out = workdir / f"{cell.name}.json"
     tmp = workdir / f"{cell.name}.partial.json"
@@ -173,18 +223,17 @@ def compute(cell: Cell, workdir: Path, key: str, timeout: int) -> dict:
     ]
     print("$ " + cell.command(), flush=True)
     start = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode == 0:
-            record = json.loads(tmp.read_text())
-            print(proc.stdout.strip(), flush=True)
-        elif proc.returncode < 0:  # a signal: the host's OOM killer, or a user; nothing about the program
-            record = {"failed": f"the compile was killed by signal {-proc.returncode} (host out of memory?)"}
-        else:
-            lines = [x for x in (proc.stderr or proc.stdout).strip().splitlines() if x.strip()]
-            record = {"failed": lines[-1] if lines else f"exit status {proc.returncode}"}
-    except subprocess.TimeoutExpired:
-        record = {"failed": f"compile ran past {timeout} s"}
+    returncode, stdout, stderr, why = run_guarded(cmd, timeout, max_rss_gb)
+    if why:
+        record = {"failed": why}
+    elif returncode == 0:
+        record = json.loads(tmp.read_text())
+        print(stdout.strip(), flush=True)
+    elif returncode < 0:  # a signal: the host's OOM killer, or a user; nothing about the program
+        record = {"failed": f"the compile was killed by signal {-returncode} (host out of memory?)"}
+    else:
+        lines = [x for x in (stderr or stdout).strip().splitlines() if x.strip()]
+        record = {"failed": lines[-1] if lines else f"exit status {returncode}"}
     record.update(key=key, cell=dataclasses.asdict(cell), wall_s=round(time.time() - start, 1))
     fileio.atomic_write_text(out, json.dumps(record, indent=1, default=str) + "\n")
     tmp.unlink(missing_ok=True)
@@ -309,6 +358,13 @@ def main(argv=None) -> int:
     )
     p.add_argument("--out", default="docs/tpu_plans.md")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
+    total = host_memory_gb()
+    p.add_argument(
+        "--max-host-gb",
+        type=float,
+        default=round(0.8 * total, 1) if total else None,
+        help="kill a compile whose resident memory passes this (default: 80%% of this host's RAM)",
+    )
     p.add_argument("--list", action="store_true", help="print every cell and its state, then exit")
     p.add_argument(
         "--revalidate",
@@ -337,7 +393,7 @@ def main(argv=None) -> int:
     todo = todo if args.run == "all" else todo[: int(args.run)]
     for i, c in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}]", end=" ", flush=True)
-        compute(c, workdir, keys[c.task], args.timeout)
+        compute(c, workdir, keys[c.task], args.timeout, args.max_host_gb)
         if source_keys() != keys:
             print("the sources changed during the compile: stopping (the changed task's cells are stale)", flush=True)
             break
