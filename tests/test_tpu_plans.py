@@ -147,6 +147,13 @@ def test_a_program_too_big_for_the_chip_is_a_result_not_retried(tmp_path):
     assert plans.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "t.md"), "--only", "v5e:2x2", "--list"]) == 0
 
 
+def test_only_picks_cells_by_distillation_method(tmp_path, capsys):
+    assert plans.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "t.md"), "--only", "lcm", "--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    expected = [c for c in plans.GRID if c.method == "lcm"]
+    assert expected and len(lines) == len(expected) and all("--method lcm" in x for x in lines)
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux /proc")
 def test_a_compile_past_the_host_memory_limit_is_killed_and_named():
     hog = [

@@ -13,6 +13,7 @@ be spread over several sittings:
   python tools/tpu_plans.py --list                 # every cell and its state
   python tools/tpu_plans.py --run 2                # compute the next 2 missing or stale cells, rewrite the table
   python tools/tpu_plans.py --run all --only sd15  # every sd15 cell
+  python tools/tpu_plans.py --run 1 --only lcm     # the LCM distillation step's cells
   python tools/tpu_plans.py --revalidate           # re-key stale cells whose program is unchanged (no compile)
   python tools/tpu_plans.py                        # only rewrite docs/tpu_plans.md from the cells
 
@@ -352,7 +353,11 @@ def main(argv=None) -> int:
         default="0",
         help="compute this many missing/stale/failed cells first (not those that do not fit), or 'all'",
     )
-    p.add_argument("--only", default="", help="comma-separated models or topologies to restrict to, e.g. sd15,v5e:4x4")
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated models, topologies or distillation methods to restrict to, e.g. sd15,v5e:4x4,lcm",
+    )
     p.add_argument(
         "--workdir", default="docs/tpu_plans_cells", help="one JSON per cell (kept in git: the table's data)"
     )
@@ -375,9 +380,12 @@ def main(argv=None) -> int:
     if args.run != "all" and not args.run.isdigit():
         p.error(f"--run {args.run!r}: a number of cells or 'all'")
     only = {x for x in args.only.split(",") if x}
-    grid = [c for c in GRID if not only or c.model in only or c.topology in only]
+    grid = [c for c in GRID if not only or only & {c.model, c.topology, c.method}]
     if not grid:
-        p.error(f"--only {args.only!r} matches no cell (models: sd15, sd21, sdxl; topologies: v5e:4x4, ...)")
+        p.error(
+            f"--only {args.only!r} matches no cell (models: sd15, sd21, sdxl; topologies: v5e:4x4, ...; "
+            "distillation methods: lcm, ...)"
+        )
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     keys = source_keys()
