@@ -407,7 +407,8 @@ def main(argv=None) -> int:
             break
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fileio.atomic_write_text(out, markdown(grid, workdir, keys) + "\n")
+    # The table is always the whole grid: --only restricts what is computed, not what the table shows.
+    fileio.atomic_write_text(out, markdown(GRID, workdir, keys) + "\n")
     print(f"wrote {out}")
     return 0
 
