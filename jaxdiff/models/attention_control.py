@@ -56,6 +56,11 @@ def control(edit: Callable | None = None, capture: bool = False, select: Callabl
         _ACTIVE.reset(token)
 
 
+def controlling() -> bool:
+    """Whether a `control` context is open (attention then runs layer by layer, as named modules)."""
+    return _ACTIVE.get() is not None
+
+
 def active(module, cross: bool, queries: int) -> tuple[Controller, Layer] | None:
     """The controller and layer for an Attention module about to run, or None (the plain fast path)."""
     controller = _ACTIVE.get()

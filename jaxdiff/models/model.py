@@ -55,6 +55,10 @@ class Model:
         """The same model (same params) with its module built for `platform` (None: the host's default backend)."""
         return dataclasses.replace(self, module=self.module.clone(platform=platforms.resolve(platform)))
 
+    def with_module(self, **fields) -> Model:
+        """The same model (same params) with module fields replaced, e.g. `scan_layers=True` on a UNet."""
+        return dataclasses.replace(self, module=self.module.clone(**fields))
+
     def apply(self, params, *args, **kwargs):
         return self.module.apply({"params": params}, *args, **kwargs)
 

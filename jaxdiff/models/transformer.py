@@ -140,6 +140,10 @@ class Transformer2DModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     platform: str | None = None
     attn_cache_mode: tuple | None = None
+    # `layers` > 1 blocks as one lax.scan over their stacked params (one copy of the block in the compiled program).
+    # The params keep their names (transformer_blocks_<i>); initialisation, T-GATE's cache and attention control
+    # (per-layer state) take the unrolled path.
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x, context):
@@ -154,17 +158,49 @@ class Transformer2DModel(nn.Module):
             return Conv(features, 1, padding=0, dtype=self.dtype, platform=self.platform, name=name)
 
         x = proj("proj_in", inner, (EMBED, MLP))(x).reshape(b, h * w, inner)
-        for i in range(self.layers):
-            x = BasicTransformerBlock(
-                self.heads,
-                self.head_dim,
-                self.upcast,
-                self.only_cross_attention,
-                self.attention,
-                self.dtype,
-                self.platform,
-                self.attn_cache_mode,
-                name=f"transformer_blocks_{i}",
-            )(x, context.astype(self.dtype))
+        context = context.astype(self.dtype)
+
+        options = (
+            self.heads,
+            self.head_dim,
+            self.upcast,
+            self.only_cross_attention,
+            self.attention,
+            self.dtype,
+            self.platform,
+            self.attn_cache_mode,
+        )
+        if self._scannable():
+            x = self._scanned_blocks(BasicTransformerBlock(*options, parent=None), x, context)
+        else:
+            for i in range(self.layers):
+                x = BasicTransformerBlock(*options, name=f"transformer_blocks_{i}")(x, context)
         x = proj("proj_out", c, (MLP, EMBED))(x.reshape(b, h, w, inner))
         return x + residual.astype(self.dtype)
+
+    def _scannable(self) -> bool:
+        return (
+            self.scan_layers
+            and self.layers > 1
+            and not self.is_initializing()
+            and self.attn_cache_mode is None
+            and not attention_control.controlling()
+        )
+
+    def _scanned_blocks(self, block: BasicTransformerBlock, x, context):
+        """The blocks as one lax.scan of `block` (unbound) over their params stacked on a leading axis. The matmul
+        weights are cast to the compute dtype before stacking (the Dense layers cast them anyway), the LayerNorms'
+        stay float32 as they compute: the results are those of the unrolled loop."""
+        params = self.variables["params"]
+        layers = [params[f"transformer_blocks_{i}"] for i in range(self.layers)]
+
+        def stack(path, *leaves):
+            in_norm = any(str(getattr(k, "key", "")).startswith("norm") for k in path)
+            return jnp.stack([leaf if in_norm else leaf.astype(self.dtype) for leaf in leaves])
+
+        stacked = jax.tree_util.tree_map_with_path(stack, *layers)
+
+        def body(hidden, layer_params):
+            return block.apply({"params": layer_params}, hidden, context), None
+
+        return jax.lax.scan(body, x, stacked)[0]

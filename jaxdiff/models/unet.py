@@ -136,6 +136,9 @@ class DownPath(nn.Module):
     platform: str | None = None
     # T-GATE: (self-attention, cross-attention) cache modes of every transformer block (transformer.ATTN_CACHE_MODES).
     attn_cache_mode: tuple | None = None
+    # Run each stack of identical transformer blocks (SDXL's 2- and 10-deep) as one lax.scan: one copy of the block
+    # in the compiled program (XLA:TPU compiles every unrolled layer afresh); same params and results.
+    scan_layers: bool = False
 
     def block_options(self, cfg: dict) -> dict:
         """Keyword arguments every UNet block takes."""
@@ -148,6 +151,7 @@ class DownPath(nn.Module):
             dtype=self.dtype,
             platform=self.platform,
             attn_cache_mode=self.attn_cache_mode,
+            scan_layers=self.scan_layers,
         )
 
     def setup_down_path(self, cfg: dict) -> None:

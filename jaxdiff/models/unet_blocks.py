@@ -27,6 +27,7 @@ class _BlockOptions(nn.Module):
     platform: str | None = None  # the platform compiled for (None: the host's default backend)
     # T-GATE: (self-attention mode, cross-attention mode), see transformer.ATTN_CACHE_MODES; None computes both.
     attn_cache_mode: tuple | None = None
+    scan_layers: bool = False  # transformer stacks as one lax.scan (Transformer2DModel.scan_layers)
 
     def resnet(self, i):
         return ResnetBlock2D(
@@ -46,6 +47,7 @@ class _BlockOptions(nn.Module):
             self.dtype,
             self.platform,
             self.attn_cache_mode,
+            self.scan_layers,
             name=f"attentions_{i}",
         )
 

@@ -38,6 +38,9 @@ def default_config() -> mlc.ConfigDict:
     c.model.pretrained = ""  # a diffusers or jaxdiff UNet folder; "" = random init from `seed`
     c.model.compute_dtype = "float32"  # params stay float32 (master weights); activations in this dtype
     c.model.attention = "auto"
+    # Each stack of identical transformer blocks (SDXL's 2- and 10-deep) as one lax.scan: one copy in the compiled
+    # program, a far shorter XLA:TPU compile (tools/aot_compile.py's default); same params and results.
+    c.model.scan_layers = False
     # Frozen encoders for image + caption data (objective.image_key): a diffusers or jaxdiff pipeline folder, or a
     # built-in name ("shapes"), whose vae/, text_encoder/ and tokenizer/ are used unless given one by one below.
     c.model.pipeline = ""

@@ -90,6 +90,8 @@ def setup(config: mlc.ConfigDict, devices=None) -> Setup:
         seed=config.seed,
         platform=platform,
     )
+    if config.model.get("scan_layers", False):
+        model = model.with_module(scan_layers=True)
 
     apply_fn = model.apply
     if config.train.remat == "blocks":
