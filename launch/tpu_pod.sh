@@ -19,6 +19,8 @@
 #   -> 7.15 of 16 GiB per chip (0.82 args, 6.03 temporaries), roofline 155 ms/step (HBM-bound), ~412 img/s;
 # the matching training flags:
 #   --config.mesh.data=1 --config.mesh.fsdp=16 --config.data.global_batch_size=64 --config.model.compute_dtype=bfloat16
+# SDXL: the AOT tool scans its 2- and 10-deep transformer stacks by default; train with the same program:
+#   --config.model.scan_layers=true
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 REPO=${REPO:-'~/jaxdiff'}

@@ -169,3 +169,18 @@ def test_a_compile_past_the_host_memory_limit_is_killed_and_named():
         [sys.executable, "-c", "import time; time.sleep(60)"], timeout=1, max_rss_gb=None
     )
     assert code is None and why == "compile ran past 1 s"
+
+
+def test_a_compile_refused_after_lowering_keeps_its_program_hash_for_revalidation(tmp_path, monkeypatch):
+    cell = next(c for c in plans.GRID if c.task == "distill")
+    stderr = (
+        "lowered in 5.1 s (program sha256 0123456789abcdef); compiling with XLA:TPU ...\n"
+        "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, temporaries (21.85G) > 15.75G.\n"
+    )
+    monkeypatch.setattr(plans, "run_guarded", lambda cmd, timeout, max_rss_gb: (1, "", stderr, ""))
+    record = plans.compute(cell, tmp_path, "K", timeout=60)
+    assert record["program_sha256"] == "0123456789abcdef" and "RESOURCE_EXHAUSTED" in record["failed"]
+    assert plans.state(cell, tmp_path, dict.fromkeys(plans.SOURCES, "K"))[0] == "too_big"
+    # A compile that fails before lowering has no program to compare: no hash.
+    monkeypatch.setattr(plans, "run_guarded", lambda cmd, timeout, max_rss_gb: (1, "", "SystemExit: bad --res\n", ""))
+    assert "program_sha256" not in plans.compute(cell, tmp_path, "K", timeout=60)

@@ -591,7 +591,10 @@ def compile_program(program: Program, lower_only: bool = False) -> dict:
     digest = hashlib.sha256(lowered.as_text().encode()).hexdigest()[:16]
     if lower_only:
         return {"lower_s": t1 - t0, "program_sha256": digest}
-    print(f"lowered in {t1 - t0:.1f} s; compiling with XLA:TPU ...", file=sys.stderr, flush=True)
+    # The hash on stderr too: tools/tpu_plans.py keeps it for a compile that then fails (--revalidate needs it).
+    print(
+        f"lowered in {t1 - t0:.1f} s (program sha256 {digest}); compiling with XLA:TPU ...", file=sys.stderr, flush=True
+    )
     compiled = lowered.compile()
     t2 = time.perf_counter()
     memory = compiled.memory_analysis()

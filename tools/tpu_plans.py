@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -235,6 +236,9 @@ def compute(cell: Cell, workdir: Path, key: str, timeout: int, max_rss_gb: float
     else:
         lines = [x for x in (stderr or stdout).strip().splitlines() if x.strip()]
         record = {"failed": lines[-1] if lines else f"exit status {returncode}"}
+    lowered = re.search(r"program sha256 ([0-9a-f]+)", stderr or "")
+    if "failed" in record and lowered:  # lowered, then refused or killed: the program it was, for --revalidate
+        record["program_sha256"] = lowered.group(1)
     record.update(key=key, cell=dataclasses.asdict(cell), wall_s=round(time.time() - start, 1))
     fileio.atomic_write_text(out, json.dumps(record, indent=1, default=str) + "\n")
     tmp.unlink(missing_ok=True)
