@@ -51,6 +51,16 @@ PAIRS = [  # one store for every method that learns from teacher pairs (the stor
     "--config.pairs.steps=25",
     f"--config.pairs.guidance={GUIDANCE}",
 ]
+# The longer rectified-flow budget: 8x the pairs over 5x the prompts, 4x the steps, an EMA of the student.
+PAIRS_LONG = [
+    "--config.data.num_prompts=2000",
+    "--config.pairs.num_pairs=8192",
+    "--config.pairs.shard_size=256",
+    "--config.pairs.scheduler=ddim",
+    "--config.pairs.steps=25",
+    f"--config.pairs.guidance={GUIDANCE}",
+]
+LONG = ["--config.train.ema_decay=0.999", "--config.train.checkpoint_every=500"]
 SMALL_EVAL = ["--config.eval.num_images=16", "--config.eval.bootstraps=0"]  # the run's own report; this tool judges
 
 
@@ -63,6 +73,7 @@ class Method:
     sampler: str  # "flow": uniform Euler on the velocity student; "pipeline": OUT/model's own scheduler
     teacher_evals_per_sample: int  # teacher UNet evaluations per training sample and step (CFG counts 2)
     after: str = ""  # a run whose OUT/model is the init
+    pairs: str = "pairs"  # the pair store's folder under --runs (one per store key: prompts, shard size)
 
 
 BUDGETS = (
@@ -144,14 +155,35 @@ BUDGETS = (
         2,
     ),
 )
-BY_NAME = {m.name: m for m in BUDGETS}
+LONG_BUDGETS = (
+    Method(
+        "reflow_long",
+        "reflow.py:shapes",
+        ("--config.train.steps=8000", *LONG, *PAIRS_LONG),
+        (1, 2, 4),
+        "flow",
+        0,
+        pairs="pairs_8192",
+    ),
+    Method(
+        "instaflow_long",
+        "instaflow.py:shapes",
+        ("--config.train.steps=4000", *LONG, *PAIRS_LONG),
+        (1,),
+        "flow",
+        0,
+        after="reflow_long",
+        pairs="pairs_8192",
+    ),
+)
+BY_NAME = {m.name: m for m in BUDGETS + LONG_BUDGETS}
 FORGET = "circle"  # SFD's forget concept in configs/distill/sid.py:sfd
 
 
 def train_command(m: Method, runs: Path) -> list[str]:
     flags = list(m.flags) + SMALL_EVAL
     if any(f.startswith("--config.pairs.") for f in flags):
-        flags.append(f"--config.pairs.folder={runs / 'pairs'}")
+        flags.append(f"--config.pairs.folder={runs / m.pairs}")
     if m.after:
         flags.append(f"--config.init={runs / m.after / 'model'}")
     return [sys.executable, "-m", "jaxdiff.cli", "distill", "--config", f"configs/distill/{m.config}", *flags]
@@ -445,8 +477,9 @@ def markdown(table: dict, missing: list[str], runs: Path, command: str) -> str:
         f"{table['diversity_set']['seeds']} seeds of each of {table['diversity_set']['prompts']} prompts, relative to "
         "teacher DDIM 25; ms / image: median wall time of a compiled batch of "
         f"{BATCH} on this machine's CPU, divided by {BATCH}; training: steps × batch, wall minutes of `jaxdiff "
-        "distill` on 2 CPU cores (every attempt), teacher UNet evaluations during training (the shared pair store "
-        "of 1024 DDIM-25 pairs costs 51k more).",
+        "distill` on 2 CPU cores (every attempt, pair making included), teacher UNet evaluations during training "
+        "(a store of N DDIM-25 pairs with CFG costs 50·N more: 1024 pairs shared by the table budgets, 8192 by the "
+        "_long runs).",
         "",
         "Grid: grid.png, teacher DDIM 25 and every one-step student on the first 8 prompts, same noise.",
     ]
@@ -463,7 +496,14 @@ def _revision() -> tuple[str, bool]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="runs/distill_table", help="where the training runs live (resumable)")
-    p.add_argument("--methods", nargs="+", default=[m.name for m in BUDGETS], choices=list(BY_NAME))
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=[m.name for m in BUDGETS],
+        choices=list(BY_NAME),
+        help="default: every method at its table budget; reflow_long and instaflow_long train 4x longer on 8x the "
+        "pairs",
+    )
     p.add_argument("--only-table", action="store_true", help="judge the existing runs; train nothing")
     p.add_argument("--only-train", action="store_true", help="train what is missing; no table")
     p.add_argument("--n", type=int, default=200, help="prompts per row")
