@@ -175,6 +175,16 @@ LONG_BUDGETS = (
         after="reflow_long",
         pairs="pairs_8192",
     ),
+    Method(  # InstaFlow's distillation continued for 4000 more steps from instaflow_long (fresh optimiser state)
+        "instaflow_long_more",
+        "instaflow.py:shapes",
+        ("--config.train.steps=4000", *LONG, *PAIRS_LONG),
+        (1,),
+        "flow",
+        0,
+        after="instaflow_long",
+        pairs="pairs_8192",
+    ),
 )
 BY_NAME = {m.name: m for m in BUDGETS + LONG_BUDGETS}
 FORGET = "circle"  # SFD's forget concept in configs/distill/sid.py:sfd
@@ -502,7 +512,7 @@ def main(argv=None) -> int:
         default=[m.name for m in BUDGETS],
         choices=list(BY_NAME),
         help="default: every method at its table budget; reflow_long and instaflow_long train 4x longer on 8x the "
-        "pairs",
+        "pairs, instaflow_long_more continues instaflow_long",
     )
     p.add_argument("--only-table", action="store_true", help="judge the existing runs; train nothing")
     p.add_argument("--only-train", action="store_true", help="train what is missing; no table")
@@ -528,7 +538,7 @@ def main(argv=None) -> int:
     table = judge(rows, args.n, args.seed, args.bootstraps, pipe)
     table["revision"], table["dirty"] = _revision()
     save_png(out / "grid.png", labeled_rows(table.pop("grid")))
-    command = "python tools/distill_table.py" + ("" if argv is None else " " + " ".join(argv))
+    command = " ".join(["python tools/distill_table.py", *(sys.argv[1:] if argv is None else argv)])
     fileio.atomic_write_text(out / "table.json", json.dumps(table, indent=2, default=float) + "\n")
     fileio.atomic_write_text(out / "table.md", markdown(table, missing, runs, command))
     print((out / "table.md").read_text())
