@@ -438,7 +438,7 @@ def markdown(table: dict, missing: list[str], runs: Path, command: str) -> str:
             f"{t['steps']} steps × {t['batch_size']}, {t['minutes']:.0f} min, "
             f"{t['teacher_evals'] / 1e3:.0f}k teacher evals"
             + (" + pairs" if t["uses_pairs"] else "")
-            + (" (init: reflow)" if "reflow" in str(t["init"]) else "")
+            + (f" (init: {Path(str(t['init'])).parent.name})" if str(t["init"]) != "teacher" else "")
             if t
             else "–"
         )
