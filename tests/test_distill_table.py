@@ -13,7 +13,7 @@ import distill_table as dt  # noqa: E402
 from jaxdiff.config import apply_overrides, load_config  # noqa: E402
 
 
-@pytest.mark.parametrize("method", [m.name for m in dt.BUDGETS])
+@pytest.mark.parametrize("method", [m.name for m in dt.BUDGETS + dt.LONG_BUDGETS])
 def test_budget_flags_apply_to_the_config(method, tmp_path):
     """A misspelt override (a key the config lacks) would fail here rather than after an hour of other training."""
     m = dt.BY_NAME[method]
@@ -23,21 +23,22 @@ def test_budget_flags_apply_to_the_config(method, tmp_path):
     c = apply_overrides(load_config(config_arg), overrides)
     assert int(c.train.steps) == int(next(f for f in m.flags if "train.steps" in f).split("=")[1])
     if "pairs" in c:
-        assert str(c.pairs.folder) == str(tmp_path / "pairs") and float(c.pairs.guidance) == dt.GUIDANCE
+        assert str(c.pairs.folder) == str(tmp_path / m.pairs) and float(c.pairs.guidance) == dt.GUIDANCE
     if m.after:
         assert str(c.init) == str(tmp_path / m.after / "model")
 
 
-def test_every_pair_user_shares_one_store_key(tmp_path):
-    keys = set()
-    for m in dt.BUDGETS:
+def test_the_methods_of_one_pair_store_share_its_key(tmp_path):
+    keys = {}
+    for m in dt.BUDGETS + dt.LONG_BUDGETS:
         cmd = dt.train_command(m, tmp_path)
         c = apply_overrides(load_config(cmd[cmd.index("--config") + 1]), [a for a in cmd if a.startswith("--config.")])
         if "pairs" in c and any(f.startswith("--config.pairs.") for f in m.flags):
             p = c.pairs
-            keys.add((p.scheduler, int(p.steps), float(p.guidance), int(p.seed), int(p.num_pairs), int(p.shard_size)))
-            assert int(c.data.num_prompts) == 400  # the store is tied to its prompts
-    assert len(keys) == 1
+            key = (p.scheduler, int(p.steps), float(p.guidance), p.seed, p.shard_size, c.data.num_prompts)
+            keys.setdefault(m.pairs, set()).add((key, int(p.num_pairs)))
+    assert sorted(keys) == ["pairs", "pairs_8192"]
+    assert all(len(k) == 1 for k in keys.values())  # the store is tied to its prompts, solver and shard size
 
 
 def test_diversity_is_zero_for_repeated_images_and_grows_with_spread():
