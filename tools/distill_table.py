@@ -44,22 +44,22 @@ for p in (str(ROOT), str(ROOT / "tools")):
 import eval_shapes  # noqa: E402
 
 GUIDANCE = 2.0  # the shipped teacher's default (jaxdiff/assets/shapes/sampling_defaults.json)
-PAIRS = [  # one store for every method that learns from teacher pairs (the store's key checks they agree)
-    "--config.pairs.num_pairs=1024",
-    "--config.pairs.shard_size=64",
-    "--config.pairs.scheduler=ddim",
-    "--config.pairs.steps=25",
-    f"--config.pairs.guidance={GUIDANCE}",
-]
+
+
+def _pairs(num_pairs: int, shard_size: int) -> list[str]:
+    """The flags of a DDIM-25 pair store at the teacher's default guidance (the store's key checks its users agree)."""
+    return [
+        f"--config.pairs.num_pairs={num_pairs}",
+        f"--config.pairs.shard_size={shard_size}",
+        "--config.pairs.scheduler=ddim",
+        "--config.pairs.steps=25",
+        f"--config.pairs.guidance={GUIDANCE}",
+    ]
+
+
+PAIRS = _pairs(1024, 64)  # one store for every method of the table budgets that learns from teacher pairs
 # The longer rectified-flow budget: 8x the pairs over 5x the prompts, 4x the steps, an EMA of the student.
-PAIRS_LONG = [
-    "--config.data.num_prompts=2000",
-    "--config.pairs.num_pairs=8192",
-    "--config.pairs.shard_size=256",
-    "--config.pairs.scheduler=ddim",
-    "--config.pairs.steps=25",
-    f"--config.pairs.guidance={GUIDANCE}",
-]
+PAIRS_LONG = ["--config.data.num_prompts=2000", *_pairs(8192, 256)]
 LONG = ["--config.train.ema_decay=0.999", "--config.train.checkpoint_every=500"]
 SMALL_EVAL = ["--config.eval.num_images=16", "--config.eval.bootstraps=0"]  # the run's own report; this tool judges
 

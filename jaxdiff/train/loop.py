@@ -90,7 +90,7 @@ def setup(config: mlc.ConfigDict, devices=None) -> Setup:
         seed=config.seed,
         platform=platform,
     )
-    if config.model.get("scan_layers", False):
+    if config.model.scan_layers:
         model = model.with_module(scan_layers=True)
 
     apply_fn = model.apply
