@@ -3,6 +3,8 @@
 import os
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -26,6 +28,22 @@ def test_budget_flags_apply_to_the_config(method, tmp_path):
         assert str(c.pairs.folder) == str(tmp_path / m.pairs) and float(c.pairs.guidance) == dt.GUIDANCE
     if m.after:
         assert str(c.init) == str(tmp_path / m.after / "model")
+    if m.perceptual_probe:
+        assert str(c.rectified_flow.loss) == "distill_probe"
+        assert str(c.rectified_flow.probe) == str(dt.perceptual_probe_path(tmp_path))
+
+
+def test_the_perceptual_probe_is_trained_apart_from_the_judge(tmp_path):
+    """Its command parses, trains the probe stage from another seed, and ships into the run folder, never into
+    jaxdiff/assets where the judging probe lives."""
+    import train_shapes
+
+    cmd = dt.perceptual_probe_command(tmp_path)
+    assert cmd[1] == "tools/train_shapes.py"
+    args = train_shapes.parser().parse_args(cmd[2:])
+    assert args.stage == "probe" and args.seed != 0
+    assert dt.perceptual_probe_path(tmp_path) == Path(args.assets) / "shapes_probe"
+    assert Path(args.assets).is_relative_to(tmp_path)
 
 
 def test_the_methods_of_one_pair_store_share_its_key(tmp_path):

@@ -61,6 +61,10 @@ PAIRS = _pairs(1024, 64)  # one store for every method of the table budgets that
 # The longer rectified-flow budget: 8x the pairs over 5x the prompts, 4x the steps, an EMA of the student.
 PAIRS_LONG = ["--config.data.num_prompts=2000", *_pairs(8192, 256)]
 LONG = ["--config.train.ema_decay=0.999", "--config.train.checkpoint_every=500"]
+# InstaFlow's perceptual stage on shapes (the paper's LPIPS stage): the features of a second probe, trained like
+# the judge but from another seed on 20k freshly rendered examples, so that the judging probe never enters training.
+PERCEPTUAL_PROBE = "perceptual_probe"
+PERCEPTUAL_PROBE_SEED = 1
 SMALL_EVAL = ["--config.eval.num_images=16", "--config.eval.bootstraps=0"]  # the run's own report; this tool judges
 
 
@@ -74,6 +78,7 @@ class Method:
     teacher_evals_per_sample: int  # teacher UNet evaluations per training sample and step (CFG counts 2)
     after: str = ""  # a run whose OUT/model is the init
     pairs: str = "pairs"  # the pair store's folder under --runs (one per store key: prompts, shard size)
+    perceptual_probe: bool = False  # distills through PERCEPTUAL_PROBE's features (trained first if missing)
 
 
 BUDGETS = (
@@ -175,6 +180,23 @@ LONG_BUDGETS = (
         after="reflow_long",
         pairs="pairs_8192",
     ),
+    Method(  # InstaFlow's second stage from instaflow_long: the perceptual probe's feature distance plus L2
+        "instaflow_long_perceptual",
+        "instaflow.py:shapes,probe",
+        (
+            "--config.train.steps=2000",
+            "--config.rectified_flow.l2_weight=1.0",
+            "--config.rectified_flow.perceptual_weight=1.0",
+            *LONG,
+            *PAIRS_LONG,
+        ),
+        (1,),
+        "flow",
+        0,
+        after="instaflow_long",
+        pairs="pairs_8192",
+        perceptual_probe=True,
+    ),
     Method(  # InstaFlow's distillation continued for 4000 more steps from instaflow_long (fresh optimiser state)
         "instaflow_long_more",
         "instaflow.py:shapes",
@@ -196,7 +218,23 @@ def train_command(m: Method, runs: Path) -> list[str]:
         flags.append(f"--config.pairs.folder={runs / m.pairs}")
     if m.after:
         flags.append(f"--config.init={runs / m.after / 'model'}")
+    if m.perceptual_probe:
+        flags.append(f"--config.rectified_flow.probe={perceptual_probe_path(runs)}")
     return [sys.executable, "-m", "jaxdiff.cli", "distill", "--config", f"configs/distill/{m.config}", *flags]
+
+
+def perceptual_probe_path(runs: Path) -> Path:
+    return runs / PERCEPTUAL_PROBE / "assets" / "shapes_probe"
+
+
+def perceptual_probe_command(runs: Path) -> list[str]:
+    """tools/train_shapes.py's probe stage (the judge's recipe) from PERCEPTUAL_PROBE_SEED, on rendered examples."""
+    work = runs / PERCEPTUAL_PROBE
+    return [
+        *(sys.executable, "tools/train_shapes.py", "--stage", "probe", "--workdir", str(work)),
+        *("--assets", str(work / "assets"), "--seed", str(PERCEPTUAL_PROBE_SEED)),
+        *("--generate-data", "--num-examples", "20000"),
+    ]
 
 
 def train(methods: list[Method], runs: Path) -> None:
@@ -205,6 +243,14 @@ def train(methods: list[Method], runs: Path) -> None:
         if (out / "report.json").exists():
             print(f"[{m.name}] trained ({out}/report.json)", flush=True)
             continue
+        if m.perceptual_probe and not (runs / PERCEPTUAL_PROBE / "probe" / "done.json").exists():
+            cmd = perceptual_probe_command(runs)
+            print(f"[{PERCEPTUAL_PROBE}] {' '.join(cmd[1:])}", flush=True)
+            t = time.time()
+            rc = _run_forwarding_sigterm(cmd)
+            _add_seconds(runs, m.name, time.time() - t)
+            if rc != 0:
+                raise SystemExit(f"[{PERCEPTUAL_PROBE}] tools/train_shapes.py exited {rc}; rerun this command to resume")
         cmd = train_command(m, runs) + ["--out", str(out)]
         print(f"[{m.name}] {' '.join(cmd[2:])}", flush=True)
         t = time.time()
@@ -512,7 +558,8 @@ def main(argv=None) -> int:
         default=[m.name for m in BUDGETS],
         choices=list(BY_NAME),
         help="default: every method at its table budget; reflow_long and instaflow_long train 4x longer on 8x the "
-        "pairs, instaflow_long_more continues instaflow_long",
+        "pairs, instaflow_long_more continues instaflow_long, instaflow_long_perceptual adds InstaFlow's perceptual "
+        "stage to it (a second probe's features; it is trained first)",
     )
     p.add_argument("--only-table", action="store_true", help="judge the existing runs; train nothing")
     p.add_argument("--only-train", action="store_true", help="train what is missing; no table")

@@ -180,8 +180,11 @@ def _text(value) -> str:
 
 def _load_split(split: str, n: int | None, generate: bool) -> dict:
     if generate:
-        from jaxdiff.data.shapes_tfds import make_example
+        from jaxdiff.data.shapes_tfds import ShapesConfig, make_example
 
+        # The split's size in the TFDS builder, or the first --num-examples of it.
+        size = getattr(ShapesConfig(name="default"), f"num_{split}")
+        n = size if n is None else min(n, size)
         items = (make_example(split, i, 32) for i in range(n))
     else:
         from jaxdiff.data.shapes_tfds import load_shapes
