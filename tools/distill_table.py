@@ -250,7 +250,7 @@ def train(methods: list[Method], runs: Path) -> None:
             rc = _run_forwarding_sigterm(cmd)
             _add_seconds(runs, m.name, time.time() - t)
             if rc != 0:
-                raise SystemExit(f"[{PERCEPTUAL_PROBE}] tools/train_shapes.py exited {rc}; rerun this command to resume")
+                raise SystemExit(f"[{PERCEPTUAL_PROBE}] train_shapes.py exited {rc}; rerun this command to resume")
         cmd = train_command(m, runs) + ["--out", str(out)]
         print(f"[{m.name}] {' '.join(cmd[2:])}", flush=True)
         t = time.time()
