@@ -236,7 +236,7 @@ def test_two_processes_give_the_statistics_of_one(tmp_path):
 
     out = tmp_path / "stats.npz"
     env = tw.env(devices=2, CPU_DEVICES=2, PYTHON=sys.executable)
-    env.pop("XLA_FLAGS")
+    env["XLA_FLAGS"] = tw.xla_flags_without_device_count()  # local.sh sets the device count per process
     worker = os.path.join(tw.ROOT, "tests", "fid_worker.py")
     result = subprocess.run(
         ["bash", os.path.join(tw.ROOT, "launch", "local.sh"), "2", "--exec", sys.executable, worker, str(out)],
@@ -244,7 +244,7 @@ def test_two_processes_give_the_statistics_of_one(tmp_path):
         cwd=tw.ROOT,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     multi = np.load(out)

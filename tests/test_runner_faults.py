@@ -25,7 +25,7 @@ def _run(workdir, *args, fault=None):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         cwd=ROOT,
     )
 
@@ -127,7 +127,7 @@ def test_erase_killed_mid_fine_tuning_resumes_to_the_uninterrupted_model(tmp_pat
         if fault:
             env["JAXDIFF_FAULT"] = fault
         cmd = [sys.executable, "-m", "jaxdiff", *argv, "--out", str(out)]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
 
     reference = erase(tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]

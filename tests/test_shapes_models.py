@@ -165,7 +165,7 @@ def test_train_shapes_stage_killed_mid_way_resumes_to_the_uninterrupted_result(t
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
     }
     cmd = [sys.executable, str(ROOT / "tools" / "train_shapes.py"), *_smoke_flags(killed, "probe", 5)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert not (killed / "probe" / "done.json").exists()
 

@@ -91,7 +91,7 @@ def test_each_tasks_key_follows_its_own_files(tmp_path):
 
 def test_a_failing_compile_is_recorded_with_its_error(tmp_path):
     cell = plans.Cell("tiny", 64, "v9z:1x1", "train", "fsdp=1", 2)
-    record = plans.compute(cell, tmp_path, "K", timeout=300)
+    record = plans.compute(cell, tmp_path, "K", timeout=900)
     assert "failed" in record and record["key"] == "K" and record["cell"]["topology"] == "v9z:1x1"
     keys = dict.fromkeys(plans.SOURCES, "K")
     assert plans.state(cell, tmp_path, keys) == ("failed", json.loads((tmp_path / f"{cell.name}.json").read_text()))
@@ -127,11 +127,11 @@ def test_a_stale_cell_whose_program_is_unchanged_is_current_again_and_a_changed_
     path = tmp_path / f"{cell.name}.json"
     path.write_text(json.dumps({**_result(cell, 100.0), "key": "OLD", "program_sha256": digest}))
     assert plans.state(cell, tmp_path, keys)[0] == "stale"
-    assert plans.revalidate(cell, tmp_path, "NEW", timeout=300)
+    assert plans.revalidate(cell, tmp_path, "NEW", timeout=900)
     state, record = plans.state(cell, tmp_path, keys)
     assert state == "done" and record["computed_under_key"] == "OLD" and record["images_per_s"] == 100.0
     path.write_text(json.dumps({**_result(cell, 100.0), "key": "OLD", "program_sha256": "0" * 16}))
-    assert not plans.revalidate(cell, tmp_path, "NEW", timeout=300)
+    assert not plans.revalidate(cell, tmp_path, "NEW", timeout=900)
     assert plans.state(cell, tmp_path, keys)[0] == "stale"
 
 

@@ -21,9 +21,9 @@ OVERRIDES = (
 )
 
 
-def _local_sh(*args, timeout=400):
+def _local_sh(*args, timeout=900):
     env = tw.env(devices=2, CPU_DEVICES=2, PYTHON=sys.executable)
-    env.pop("XLA_FLAGS")  # local.sh sets the device count per process
+    env["XLA_FLAGS"] = tw.xla_flags_without_device_count()  # local.sh sets the device count per process
     result = subprocess.run(
         ["bash", os.path.join(tw.ROOT, "launch", "local.sh"), "2", *args],
         env=env,
@@ -53,7 +53,7 @@ def test_two_processes_of_two_devices_match_one_process_of_four(tmp_path):
         text=True,
     )
     run = _local_sh("--config", tw.TINY, "--workdir", str(multi), "--config.log.progress=false", *OVERRIDES)
-    out, _ = reference.communicate(timeout=400)
+    out, _ = reference.communicate(timeout=900)
     assert reference.returncode == 0, out
     assert "2 process(es)" in run.stdout and "mesh {'data': 4" in run.stdout
     assert tw.committed_steps(multi) == [3] == tw.committed_steps(single)

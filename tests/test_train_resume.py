@@ -34,7 +34,7 @@ def test_kill_9_mid_run_then_resume_gives_bitwise_identical_final_state(tmp_path
         text=True,
     )
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + 900  # a loaded CI host can take minutes to start and compile
         while not tw.committed_steps(interrupted) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stderr.read()}"
@@ -81,13 +81,16 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
         text=True,
     )
     try:
-        deadline = time.time() + 180
+        # Generous: a loaded CI host once took 134 s to compile this step, and a 180 s wait sent the signal at step 1.
+        deadline = time.time() + 900
         metrics = workdir / "metrics.jsonl"
         # the first logged step (log.every_steps=5) means the loop is running
         while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before the signal:\n{proc.communicate()[0]}"
+        assert metrics.exists() and metrics.stat().st_size, "no step logged in 900 s: the signal would not land mid-run"
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -56,10 +56,17 @@ def nan_source(data_config):
     return source
 
 
+def xla_flags_without_device_count() -> str:
+    """This process's XLA flags (conftest's fast-compile ones) less the device count, which each subprocess sets."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    return " ".join(f for f in flags if not f.startswith("--xla_force_host_platform_device_count"))
+
+
 def env(devices: int = 1, **extra) -> dict:
+    """A subprocess's environment: `devices` CPU devices and the same compile flags and cache as the tests."""
     e = dict(os.environ)
     e.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=f"{xla_flags_without_device_count()} --xla_force_host_platform_device_count={devices}".strip(),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
         JAX_COMPILATION_CACHE_DIR=os.environ.get("JAXDIFF_TEST_CACHE", os.path.join(ROOT, ".jax_cache")),
@@ -84,7 +91,7 @@ def train_command(workdir, *overrides: str) -> list[str]:
     ]
 
 
-def run_train(workdir, *overrides: str, devices: int = 1, timeout: float = 240, **extra) -> subprocess.CompletedProcess:
+def run_train(workdir, *overrides: str, devices: int = 1, timeout: float = 900, **extra) -> subprocess.CompletedProcess:
     result = subprocess.run(
         train_command(workdir, *overrides),
         env=env(devices, **extra),
