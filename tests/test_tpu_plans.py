@@ -154,6 +154,22 @@ def test_only_picks_cells_by_distillation_method(tmp_path, capsys):
     assert expected and len(lines) == len(expected) and all("--method lcm" in x for x in lines)
 
 
+def test_only_combines_kinds_and_takes_alternatives_within_one(tmp_path, capsys):
+    def listed(only):
+        assert plans.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "t.md"), "--only", only, "--list"]) == 0
+        return capsys.readouterr().out.strip().splitlines()
+
+    sd15_sampling = [c for c in plans.GRID if c.model == "sd15" and c.task == "sample"]
+    lines = listed("sd15,sample")
+    assert sd15_sampling and len(lines) == len(sd15_sampling)
+    assert all("--model sd15" in x and "--task sample" in x for x in lines)
+    train = [c for c in plans.GRID if c.model in ("sd15", "sd21") and c.task == "train"]
+    lines = listed("sd15,sd21,train")
+    assert len(lines) == len(train) and all("--task train" in x and "--model sdxl" not in x for x in lines)
+    with pytest.raises(SystemExit):  # one unknown value is an error, not a silently wider or empty selection
+        plans.main(["--only", "sd15,sampel"])
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux /proc")
 def test_a_compile_past_the_host_memory_limit_is_killed_and_named():
     hog = [

@@ -14,6 +14,7 @@ be spread over several sittings:
   python tools/tpu_plans.py --run 2                # compute the next 2 missing or stale cells, rewrite the table
   python tools/tpu_plans.py --run all --only sd15  # every sd15 cell
   python tools/tpu_plans.py --run 1 --only lcm     # the LCM distillation step's cells
+  python tools/tpu_plans.py --run 1 --only sd15,sample  # the SD1.5 sampling cell
   python tools/tpu_plans.py --revalidate           # re-key stale cells whose program is unchanged (no compile)
   python tools/tpu_plans.py                        # only rewrite docs/tpu_plans.md from the cells
 
@@ -54,6 +55,17 @@ SOURCES = {
         "configs/distill",
     ),
 }
+
+
+def select(grid: list, only: str) -> list:
+    """The cells `--only` names: values of one kind (model, topology, task, method) are alternatives; kinds combine."""
+    values = {x for x in only.split(",") if x}
+    kinds = [lambda c: c.model, lambda c: c.topology, lambda c: c.task, lambda c: c.method]
+    wanted = [{v for v in values if any(k(c) == v for c in grid)} for k in kinds]
+    unknown = values - set().union(*wanted)
+    if unknown:
+        return []
+    return [c for c in grid if all(not w or k(c) in w for k, w in zip(kinds, wanted))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,7 +372,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--only",
         default="",
-        help="comma-separated models, topologies or distillation methods to restrict to, e.g. sd15,v5e:4x4,lcm",
+        help="comma-separated models, topologies, tasks or distillation methods to restrict to; values of one kind "
+        "are alternatives, kinds combine: sd15,sd21,sample = the sd15 or sd21 sampling cells",
     )
     p.add_argument(
         "--workdir", default="docs/tpu_plans_cells", help="one JSON per cell (kept in git: the table's data)"
@@ -383,12 +396,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.run != "all" and not args.run.isdigit():
         p.error(f"--run {args.run!r}: a number of cells or 'all'")
-    only = {x for x in args.only.split(",") if x}
-    grid = [c for c in GRID if not only or only & {c.model, c.topology, c.method}]
+    grid = select(GRID, args.only)
     if not grid:
         p.error(
             f"--only {args.only!r} matches no cell (models: sd15, sd21, sdxl; topologies: v5e:4x4, ...; "
-            "distillation methods: lcm, ...)"
+            "tasks: train, sample, distill; distillation methods: lcm, ...)"
         )
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
