@@ -440,6 +440,29 @@ def test_registry_finds_the_nine_methods_in_display_order():
         registry.get("bogus")
 
 
+def test_the_retention_flag_is_declared_by_exactly_the_methods_that_add_the_retain_term():
+    import inspect
+
+    from jaxdiff.config import load_config
+    from jaxdiff.erase import run as erase_run
+    from jaxdiff.errors import UserError
+
+    found = registry.methods()
+    calls = {n for n, i in found.items() if "train_selected(" in inspect.getsource(i.module)}
+    assert {n for n, i in found.items() if i.retention} == calls == {"trce", "esd", "all_but_one", "ablation"}
+    for name, info in found.items():  # refused up front (before the model loads) exactly where it would be ignored
+        config = load_config(f"configs/erase/{name}.py:runlocal")
+        if "train" not in config:  # closed-form: --config.train.retain_weight is an unknown key there
+            assert not info.retention
+            continue
+        config.anchor, config.train.retain_weight = "square", 1.0
+        if info.retention:
+            erase_run._validate(config)
+        else:
+            with pytest.raises(UserError, match=f"retain_weight applies .* not to {name}; drop it"):
+                erase_run._validate(config)
+
+
 NEW_METHOD = """\"\"\"A method added by dropping its module into the package.\"\"\"
 
 from jaxdiff.erase.registry import MethodInfo

@@ -31,7 +31,9 @@ from jaxdiff.errors import UserError
 from jaxdiff.sampling.schedulers.common import add_noise
 
 # Trained on images of the anchor (square for circle), which the scorecard picks among the target's kind.
-METHOD = MethodInfo(kind="finetune", order=80, selector="cross-attn-kv", needs_anchor=True, anchor="other_concept")
+METHOD = MethodInfo(
+    kind="finetune", order=80, selector="cross-attn-kv", needs_anchor=True, anchor="other_concept", retention=True
+)
 
 LOSS_TYPES = ("model-based", "noise-based")
 

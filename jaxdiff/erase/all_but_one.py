@@ -28,7 +28,7 @@ from jaxdiff.erase.job import Job, Result
 from jaxdiff.erase.registry import MethodInfo
 from jaxdiff.errors import UserError
 
-METHOD = MethodInfo(kind="finetune", order=70, selector="xattn")
+METHOD = MethodInfo(kind="finetune", order=70, selector="xattn", retention=True)
 
 
 def make_loss(

@@ -37,7 +37,7 @@ from jaxdiff.erase.job import Job, Result
 from jaxdiff.erase.registry import MethodInfo
 from jaxdiff.errors import UserError
 
-METHOD = MethodInfo(kind="finetune", order=50, selector="esd-x")
+METHOD = MethodInfo(kind="finetune", order=50, selector="esd-x", retention=True)
 
 SAMPLERS = ("trainee", "frozen")
 TIMESTEP_MODES = ("compvis", "diffusers")

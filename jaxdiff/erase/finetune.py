@@ -209,13 +209,21 @@ def train_networks(job: Job, networks, phases, params: dict, frozen: dict, batch
     )
 
 
+def retention_refused(method: str) -> UserError:
+    """The error for `train.retain_weight` set on a method without the retain term (MethodInfo.retention)."""
+    from jaxdiff.erase import registry
+
+    with_it = ", ".join(name for name, info in registry.methods().items() if info.retention)
+    return UserError(
+        f"config.train.retain_weight applies to the methods that fine-tune the UNet's leaves ({with_it}), "
+        f"not to {method}; drop it"
+    )
+
+
 def refuse_retention(job: Job) -> None:
     """A clear error when `train.retain_weight` is set for a method that does not fine-tune UNet leaves."""
     if float(job.config.train.get("retain_weight", 0.0)) != 0.0:
-        raise UserError(
-            f"config.train.retain_weight applies to the methods that fine-tune the UNet's leaves (esd, ablation, "
-            f"all_but_one, trce), not to {job.config.method}; drop it"
-        )
+        raise retention_refused(job.config.method)
 
 
 def _key_of(frozen: dict, tree, name: str) -> tuple[dict, str]:

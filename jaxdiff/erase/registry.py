@@ -26,6 +26,9 @@ class MethodInfo:
     order: int  # position in listings (the scorecard's rows); ties go by name
     selector: str | None = None  # the default trainable selector (config.train.selector) of a fine-tuning method
     needs_anchor: bool = False  # `jaxdiff erase` refuses an empty --config.anchor: the method trains on its images
+    # The method fine-tunes UNet leaves through `finetune.train_selected`, which adds `config.train.retain_weight`'s
+    # term; `jaxdiff erase` refuses a nonzero retain_weight for the others before loading anything.
+    retention: bool = False
     # The anchor the scorecard passes: "other_concept" (the first other concept of the target's kind), "kind" (the
     # generic word: shape / colour) or None (no --config.anchor).
     anchor: str | None = None

@@ -91,8 +91,13 @@ def _validate(config: mlc.ConfigDict) -> None:
     from jaxdiff.sampling.schedulers import DIFFUSERS_CLASSES, SCHEDULERS
 
     # registry.get: an unknown method is a UserError naming the known ones.
-    if registry.get(config.method).needs_anchor and not str(config.anchor).strip():
+    method = registry.get(config.method)
+    if method.needs_anchor and not str(config.anchor).strip():
         raise UserError(f"{config.method} needs an anchor concept (--config.anchor=...), e.g. square for circle")
+    if not method.retention and float(config.get("train", {}).get("retain_weight", 0.0) or 0.0) != 0.0:
+        from jaxdiff.erase.finetune import retention_refused
+
+        raise retention_refused(config.method)
     scheduler = config.eval.scheduler
     if scheduler and scheduler not in SCHEDULERS and scheduler not in DIFFUSERS_CLASSES:
         raise UserError(f"config.eval.scheduler={scheduler!r} is unknown; choose from {', '.join(SCHEDULERS)}")

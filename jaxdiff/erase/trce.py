@@ -44,7 +44,7 @@ from jaxdiff.erase.registry import MethodInfo
 from jaxdiff.errors import UserError
 
 # The scorecard maps the concept onto its kind's generic word (circle -> shape): TRCE's "safe" prompts name it.
-METHOD = MethodInfo(kind="closed_form+finetune", order=40, selector="trce", anchor="kind")
+METHOD = MethodInfo(kind="closed_form+finetune", order=40, selector="trce", anchor="kind", retention=True)
 # The config settings that regularise stage 1, named when it is refused as ill-conditioned (ridge.edit).
 SETTINGS = (
     "--config.trce.lam (λ) or --config.trce.preserve_scale (ρ = preserve_scale² / cache_divisor), or add "
