@@ -92,3 +92,41 @@ def test_rcm_command_writes_a_two_step_student(tiny_teacher, tmp_path):  # noqa:
     assert [r["sampler"] for r in report["rows"]] == ["teacher DDIM 1", "scm student 2"]
     sched = json.loads((out / "model" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "LCMScheduler" and sched["original_inference_steps"] == 2
+
+
+def test_the_tangents_jvp_goes_through_a_kernel_attention_with_the_forward_mode_model():
+    """Splash (and cuDNN) attention are custom-VJP kernels: `jax.jvp` through them fails when lowered (as sCM's
+    SD1.5 step for TPU did). `Model.for_forward_mode` swaps in XLA's attention; its jvp equals plain attention's."""
+    from jaxdiff.models import attention
+    from jaxdiff.models.model import create
+    from jaxdiff.models.registry import architecture_for
+
+    assert [attention.forward_mode_safe(i, "tpu") for i in ("auto", "splash", "cudnn", "einsum")] == [
+        "xla",
+        "xla",
+        "xla",
+        "einsum",
+    ]
+    assert attention.forward_mode_safe("auto", "cpu") == "auto"  # CPU's auto picks chunked / einsum: plain JAX
+    config = dict(
+        _class_name="UNet2DConditionModel", sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=1, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )  # fmt: skip
+    # 16x16 latents: 256 queries, a length the splash kernel takes (interpret mode on this CPU).
+    kernel = create(architecture_for(config), config, abstract=False, attention="splash", platform="cpu")
+    plain = kernel.with_module(attention="einsum")
+    x, ctx = jnp.asarray(_rand(2, (2, 16, 16, 4))), jnp.asarray(_rand(3, (2, 4, 32)))
+    t, dx, dt = jnp.asarray([300.0, 700.0]), jnp.asarray(_rand(4, (2, 16, 16, 4))), jnp.asarray([1.0, -2.0])
+
+    def jvp(model):
+        f = lambda x, t: model.apply(kernel.params, x, t, ctx)  # noqa: E731
+        return jax.jit(lambda x, t, dx, dt: jax.jvp(f, (x, t), (dx, dt)))
+
+    with pytest.raises(TypeError, match="forward-mode autodiff"):
+        jvp(kernel).lower(x, t, dx, dt)
+    forward_mode = kernel.for_forward_mode()
+    assert forward_mode.module.attention == "xla"
+    got, want = jvp(forward_mode)(x, t, dx, dt), jvp(plain)(x, t, dx, dt)
+    for a, b in zip(got, want):  # float32, same math in another order
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

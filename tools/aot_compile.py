@@ -403,6 +403,10 @@ def distill_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
         models.append(student)
         extra["student_fn"] = module.student_unet_fn(student)
         extra_note = f"; the student has LCM's w-embedding (time_cond_proj_dim {module.embedding_dim(config.lcm)})"
+    if name == "scm":  # the tangent's jax.jvp needs an attention forward mode goes through (XLA's on TPU)
+        forward_mode = unet.for_forward_mode()
+        extra["jvp_unet_fn"] = jax.jit(lambda p, x, t, c: forward_mode.apply(p, x, t, c))
+        extra_note += f"; the tangent's jvp runs {forward_mode.module.attention} attention"
     networks, phases = module.build(config, unet_fn, features_fn, scheduler_config, latent_shape, **extra)
     nets = {n.name: n for n in networks}
     length, width = spec.context_length, spec.context_dim

@@ -89,7 +89,7 @@ def sample_trig_times(key, batch: int, acp, sigma_data: float, p_mean: float = -
 # ------------------------------------------------------------------------------------------------ the phase
 
 
-def make_phases(unet_fn, scheduler_config: dict, settings, dmd_settings=None, features_fn=None):
+def make_phases(unet_fn, scheduler_config: dict, settings, dmd_settings=None, features_fn=None, jvp_unet_fn=None):
     """One phase on network "unet" = {"unet": student UNet params, "logvar": LogVar params}; batch "x0" [B, h, w, c]
     (the teacher's latents from the pair store), "context"; `frozen` "teacher", "uncond".
 
@@ -100,7 +100,11 @@ def make_phases(unet_fn, scheduler_config: dict, settings, dmd_settings=None, fe
     rCM (`dmd_weight` > 0, `dmd_settings` = a dmd2 block): first DMD2's fake score `fake_updates` times (network
     "fake_score" = {"unet"}), then the student on scm_weight · sCM + dmd_weight · DMD2's generator loss of its own
     (backward-simulated) samples (rCM: sCM × 100 + DMD × 1, the student every 5 fake-score updates); the batch then
-    also holds "gen_context" and "gen_teacher_context"."""
+    also holds "gen_context" and "gen_teacher_context".
+
+    `jvp_unet_fn`: the same UNet for the `jax.jvp` (default `unet_fn`), built with an attention forward mode can go
+    through (`Model.for_forward_mode`: on TPU / GPU XLA's attention in place of the splash / cuDNN kernels, whose
+    custom VJPs allow reverse mode only); the student's own F, the one differentiated, keeps `unet_fn`'s."""
     from jaxdiff.train import step as step_lib
 
     s = dict(settings)
@@ -112,8 +116,13 @@ def make_phases(unet_fn, scheduler_config: dict, settings, dmd_settings=None, fe
     warmup_steps = max(int(s["tangent_warmup_steps"]), 1)
     logvar_head = LogVar()
 
+    jvp_model = model if jvp_unet_fn is None else teacher_lib.Teacher(jvp_unet_fn, dict(scheduler_config))
+
     def F_of(params, x_hat, t_hat, ctx):
         return trig_flow(model, params, x_hat, t_hat, ctx, sd, acp)
+
+    def F_forward_mode(params, x_hat, t_hat, ctx):
+        return trig_flow(jvp_model, params, x_hat, t_hat, ctx, sd, acp)
 
     def student_loss(params, frozen, batch, rng):
         k_t, k_z = jax.random.split(rng)
@@ -131,7 +140,9 @@ def make_phases(unet_fn, scheduler_config: dict, settings, dmd_settings=None, fe
         student = params["unet"]
         fixed = jax.lax.stop_gradient(student["unet"])
         v_t = jnp.cos(t_hat) * jnp.sin(t_hat)
-        F_minus, F_jvp = jax.jvp(lambda x, t: F_of(fixed, x, t, ctx), (x_hat, t_hat), (_bc(v_t, x_hat) * dxt_dt, v_t))
+        F_minus, F_jvp = jax.jvp(
+            lambda x, t: F_forward_mode(fixed, x, t, ctx), (x_hat, t_hat), (_bc(v_t, x_hat) * dxt_dt, v_t)
+        )
         r = jnp.minimum(1.0, frozen["step"].astype(jnp.float32) / warmup_steps)
         g = jax.lax.stop_gradient(tangent(F_minus, F_jvp, x_hat, dxt_dt, t_hat, sd, r, float(s["tangent_const"])))
         F = F_of(student["unet"], x_hat, t_hat, ctx)
@@ -177,11 +188,12 @@ def uses_dmd(config) -> bool:
     return float(config.scm.dmd_weight) > 0
 
 
-def build(config, unet_fn, features_fn, scheduler_config: dict, latent_shape=None):
+def build(config, unet_fn, features_fn, scheduler_config: dict, latent_shape=None, jvp_unet_fn=None):
     """(networks, phases) of an sCM / rCM step: the student ("unet" = {"unet", "logvar"}, the train block's
     optimiser, schedule, clipping and EMA), with rCM first DMD2's fake score ("fake_score", `dmd2.adamw_network` at
     dmd2.fake_score_learning_rate); the phases of `make_phases` with the config's `scm` block (and `dmd2` block on
-    latents of `latent_shape` (h, w, c) for rCM). `features_fn`: the UNet's bottleneck (rCM with a GAN head only)."""
+    latents of `latent_shape` (h, w, c) for rCM). `features_fn`: the UNet's bottleneck (rCM with a GAN head only);
+    `jvp_unet_fn`: the UNet for the tangent's `jax.jvp` (see `make_phases`)."""
     from jaxdiff.distill import dmd2
     from jaxdiff.erase import finetune
     from jaxdiff.train import step as step_lib
@@ -189,7 +201,9 @@ def build(config, unet_fn, features_fn, scheduler_config: dict, latent_shape=Non
     t = config.train
     rcm = uses_dmd(config)
     dmd_settings = dict(config.dmd2, latent_shape=tuple(latent_shape)) if rcm else None
-    phases = make_phases(unet_fn, scheduler_config, config.scm, dmd_settings, features_fn if rcm else None)
+    phases = make_phases(
+        unet_fn, scheduler_config, config.scm, dmd_settings, features_fn if rcm else None, jvp_unet_fn=jvp_unet_fn
+    )
     lr = finetune.schedule(t)
     networks = [
         step_lib.Network(
@@ -220,12 +234,14 @@ def train(config, pipe, init_params, pairs: dict, contexts, uncond, workdir: str
     t = config.train
     unet = pipe.unet
     unet_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx))
+    forward_mode = unet.for_forward_mode()
+    jvp_unet_fn = jax.jit(lambda p, x, tt, ctx: forward_mode.apply(p, x, tt, ctx))
     rcm = uses_dmd(config)
     latent_shape, features_fn = None, None
     if rcm:
         latent_shape = dmd2.settings_of(config, pipe)["latent_shape"]
         features_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx, method="encode")["mid"])
-    networks, phases = build(config, unet_fn, features_fn, pipe.scheduler_config, latent_shape)
+    networks, phases = build(config, unet_fn, features_fn, pipe.scheduler_config, latent_shape, jvp_unet_fn)
     seed = int(config.seed)
     pair_batch = run_lib.pair_batches(pairs, contexts, int(t.batch_size), seed)
 

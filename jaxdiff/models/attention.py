@@ -54,6 +54,17 @@ def dot_product_attention(
     return _einsum_attention(q, k, v, mask, scale, upcast)
 
 
+def forward_mode_safe(implementation: str, platform: str | None = None) -> str:
+    """An implementation `jax.jvp` can differentiate, for `implementation` on `platform`: the splash (Pallas) and
+    cuDNN kernels have custom VJPs, so reverse mode only; they, and an "auto" that may pick them (TPU, GPU), become
+    "xla". CPU's "auto" (chunked / einsum) is plain JAX and stays."""
+    if implementation in ("splash", "cudnn"):
+        return "xla"
+    if implementation == "auto" and platforms.resolve(platform) in ("tpu", "gpu"):
+        return "xla"
+    return implementation
+
+
 def auto_implementation(q, mask=None, platform: str | None = None) -> str:
     """What "auto" runs for queries `q` [B, L, H, D] on `platform` (None: the host's default backend)."""
     platform = platforms.resolve(platform)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import platforms
+from jaxdiff.models.attention import forward_mode_safe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,13 @@ class Model:
     def with_module(self, **fields) -> Model:
         """The same model (same params) with module fields replaced, e.g. `scan_layers=True` on a UNet."""
         return dataclasses.replace(self, module=self.module.clone(**fields))
+
+    def for_forward_mode(self) -> Model:
+        """The same model with an attention `jax.jvp` can go through (`attention.forward_mode_safe`: XLA's in place
+        of the splash / cuDNN kernels, whose custom VJPs allow reverse mode only)."""
+        if not hasattr(self.module, "attention"):
+            return self
+        return self.with_module(attention=forward_mode_safe(self.module.attention, self.platform))
 
     def apply(self, params, *args, **kwargs):
         return self.module.apply({"params": params}, *args, **kwargs)
