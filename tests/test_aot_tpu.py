@@ -37,8 +37,12 @@ def _compile(aot, *flags):
     return aot.run(aot.parse_args(["--topology", "v5e:2x2", "--model", "tiny", "--batch", "8", "--no-ema", *flags]))
 
 
-def test_fsdp_over_four_chips_cuts_per_chip_argument_bytes_to_a_quarter(aot):
-    four = _compile(aot, "--mesh", "fsdp=4")
+@pytest.fixture(scope="module")
+def four(aot):
+    return _compile(aot, "--mesh", "fsdp=4")
+
+
+def test_fsdp_over_four_chips_cuts_per_chip_argument_bytes_to_a_quarter(aot, four):
     one = _compile(aot, "--devices", "1", "--mesh", "fsdp=1")
     assert four["platform"] == one["platform"] == "tpu" and four["chip"] == "v5e"
     assert four["devices"] == 4 and four["mesh"]["fsdp"] == 4 and one["devices"] == 1
@@ -56,3 +60,21 @@ def test_the_sampling_program_compiles_with_its_batch_split_over_the_chips(aot):
     r = aot.run(aot.parse_args([*flags, "--steps", "2"]))
     assert r["platform"] == "tpu" and r["devices"] == 4 and r["mesh"]["data"] == 4
     assert r["fits"] and r["flops_per_device"] > 0 and r["output_bytes"] > 0
+
+
+def test_opt_level_o0_compiles_the_same_program_at_xlas_lowest_level(aot, four):
+    """--opt-level changes how XLA:TPU compiles, not what: the same lowered program and arguments; the level is
+    recorded and jax's setting restored after."""
+    import jax
+
+    fast = _compile(aot, "--mesh", "fsdp=4", "--opt-level", "O0")
+    assert (fast["opt_level"], four["opt_level"]) == ("O0", "default")
+    assert fast["program_sha256"] == four["program_sha256"]
+    assert fast["argument_bytes"] == four["argument_bytes"] and fast["fits"]
+    # It compiled differently: at O0 XLA:TPU emits no asynchronous prefetches (less code, fewer bytes moved).
+    assert (
+        fast["code_bytes"] < four["code_bytes"]
+        and 0 < fast["bytes_accessed_per_device"] < four["bytes_accessed_per_device"]
+    )
+    assert jax.config.jax_optimization_level == "UNKNOWN"
+    assert ", XLA O0" in aot.report(fast).splitlines()[0]

@@ -200,3 +200,29 @@ def test_a_compile_refused_after_lowering_keeps_its_program_hash_for_revalidatio
     # A compile that fails before lowering has no program to compare: no hash.
     monkeypatch.setattr(plans, "run_guarded", lambda cmd, timeout, max_rss_gb: (1, "", "SystemExit: bad --res\n", ""))
     assert "program_sha256" not in plans.compute(cell, tmp_path, "K", timeout=60)
+
+
+def test_every_plan_has_an_o0_twin_whose_fit_needs_a_margin_and_is_compared_with_the_default(tmp_path):
+    defaults = [c for c in plans.GRID if c.opt == "default"]
+    twins = [c for c in plans.GRID if c.opt == "O0"]
+    assert len(twins) == len(defaults) and {plans.dataclasses.replace(c, opt="default") for c in twins} == set(defaults)
+    aot = _tool("aot_compile")
+    assert all(aot.parse_args(c.flags()).opt_level == "O0" and c.name.endswith("-O0") for c in twins)
+    assert all("--opt-level" not in c.flags() for c in defaults)
+
+    a, b = [c for c in twins if c.group == twins[0].group][:2]
+    ref = plans.dataclasses.replace(a, opt="default")
+    tight = {**_result(a, 900.0), "peak_bytes": int(15 * 2**30)}  # fits the chip, not the 10 % margin
+    roomy = {**_result(b, 400.0), "peak_bytes": 7 * 2**30}
+    default = {**_result(ref, 500.0), "peak_bytes": int(7.5 * 2**30), "bytes_accessed_per_device": 2e11}
+    for cell, record in ((a, tight), (b, roomy), (ref, default)):
+        record = {**record, "bytes_accessed_per_device": record.get("bytes_accessed_per_device", 1e11)}
+        (tmp_path / f"{cell.name}.json").write_text(json.dumps(record))
+    keys = dict.fromkeys(plans.SOURCES, "K")
+    text = plans.markdown([a, b, ref], tmp_path, keys)
+    best = [line for line in text.splitlines() if line.startswith("| **best**")]
+    # One best per level: the default's only cell, and at O0 the slower plan with room, not the marginal one.
+    assert len(best) == 2 and "| default |" in best[0] and "| 500.0 |" in best[0]
+    assert "| O0 |" in best[1] and "| 400.0 |" in best[1]
+    assert "**marginal** (< 10 % spare)" in text
+    assert "## O0 against the default level" in text and "| 7.50 → 15.00 (+100.0 %) | 200 → 100 GB |" in text
