@@ -17,6 +17,8 @@
 # SD1.5 at 512², bf16, AdamW + EMA, splash attention, on v5e-16 (v5e:4x4):
 #   python tools/aot_compile.py --topology v5e:4x4 --model sd15 --mesh fsdp=16 --batch 64 --res 512 --dtype bf16
 #   -> 7.15 of 16 GiB per chip (0.82 args, 6.03 temporaries), roofline 155 ms/step (HBM-bound), ~412 img/s;
+#   (that compile takes 22-26 min on a 2-core host; `--opt-level O0` gives an estimate in ~5 min: 6.67 GiB, peak
+#   HBM 7-8 % below the default level's, so keep 10 % of the chip spare when checking a plan that way)
 # the matching training flags:
 #   --config.mesh.data=1 --config.mesh.fsdp=16 --config.data.global_batch_size=64 --config.model.compute_dtype=bfloat16
 # SDXL: the AOT tool scans its 2- and 10-deep transformer stacks by default; train with the same program:
