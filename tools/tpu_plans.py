@@ -482,8 +482,12 @@ def main(argv=None) -> int:
     for i, c in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}]", end=" ", flush=True)
         compute(c, workdir, keys[c.task], args.timeout, args.max_host_gb)
-        if source_keys() != keys:
-            print("the sources changed during the compile: stopping (the changed task's cells are stale)", flush=True)
+        now = source_keys()
+        changed = {t for t in now if now[t] != keys[t]}
+        if changed & {later.task for later in todo[i + 1 :]}:
+            # A later cell would be compiled under sources other than its key's; edits to another task's files
+            # (distillation code during a train queue) leave this queue's cells as they were.
+            print(f"the {', '.join(sorted(changed))} sources changed during the compile: stopping", flush=True)
             break
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
