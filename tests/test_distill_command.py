@@ -61,3 +61,36 @@ def test_distill_runs_resumes_and_writes_a_loadable_student(tiny_teacher, tmp_pa
     changed.train.steps = 4
     with pytest.raises(FileExistsError):
         run_lib.distill(changed, out, progress=False)
+
+
+def test_instaflow_distills_the_2_rectified_flows_own_ode(tiny_teacher, tmp_path):  # noqa: F811
+    """pairs.source="init": InstaFlow's pairs are the init model's (a reflow run's 2-RF) uniform-Euler solutions, a
+    store keyed by that model, checked against two hand-written Euler steps of its velocity; a solver that cannot
+    integrate the chosen model is refused before anything is written."""
+    from jaxdiff.errors import UserError
+    from jaxdiff.sampling.pipeline import load_pipeline
+
+    reflow = load_config("configs/distill/reflow.py:runlocal")
+    reflow.teacher = str(tiny_teacher)
+    run_lib.distill(reflow, tmp_path / "reflow", progress=False)
+    two_rf = tmp_path / "reflow" / "model"
+
+    config = load_config("configs/distill/instaflow.py:runlocal")
+    config.teacher, config.init = str(tiny_teacher), str(two_rf)
+    config.pairs.update(source="init", scheduler="ddim", guidance=1.0)
+    with pytest.raises(UserError, match="flow-velocity model: use pairs.scheduler=rf_euler"):
+        run_lib.distill(config, tmp_path / "wrong", progress=False)
+    assert not (tmp_path / "wrong").exists()
+
+    config.pairs.scheduler = "rf_euler"  # 2 uniform steps, σ 1 → 0.5 → 0
+    report = run_lib.distill(config, tmp_path / "insta", progress=False)
+    assert report["pairs"]["model"] == str(two_rf)
+    store = np.load(sorted((tmp_path / "insta" / "pairs").glob("*.npz"))[0])
+    pipe = load_pipeline(two_rf)
+    ctx = pipe.encode_prompts(run_lib._prompts(config))[0]
+    z = store["z0"]
+    for sigma, nxt in ((1.0, 0.5), (0.5, 0.0)):  # diffusers' flow Euler: x ← x + (σ' − σ)·out(x, 1000 σ)
+        t = np.full((len(z),), 1000.0 * sigma, np.float32)
+        out = np.asarray(pipe.unet.apply(pipe.unet.params, z, t, ctx[store["prompt_index"]]), np.float32)
+        z = z + (nxt - sigma) * out
+    np.testing.assert_allclose(store["z1"], z, atol=1e-4)  # float32 UNet, two steps

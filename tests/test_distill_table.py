@@ -23,8 +23,9 @@ def test_budget_flags_apply_to_the_config(method, tmp_path):
     overrides = [a for a in cmd if a.startswith("--config.")]
     c = apply_overrides(load_config(config_arg), overrides)
     assert int(c.train.steps) == int(next(f for f in m.flags if "train.steps" in f).split("=")[1])
-    if "pairs" in c:
-        assert str(c.pairs.folder) == str(tmp_path / m.pairs) and float(c.pairs.guidance) == dt.GUIDANCE
+    if "pairs" in c:  # the teacher's pairs at its default guidance, or a 2-RF's own (no CFG)
+        guidance = dt.GUIDANCE if c.pairs.source == "teacher" else 1.0
+        assert str(c.pairs.folder) == str(tmp_path / m.pairs) and float(c.pairs.guidance) == guidance
     if m.after:
         assert str(c.init) == str(tmp_path / m.after / "model")
     if m.perceptual_probe:
@@ -52,9 +53,10 @@ def test_the_methods_of_one_pair_store_share_its_key(tmp_path):
         c = apply_overrides(load_config(cmd[cmd.index("--config") + 1]), [a for a in cmd if a.startswith("--config.")])
         if "pairs" in c and any(f.startswith("--config.pairs.") for f in m.flags):
             p = c.pairs
-            key = (p.scheduler, int(p.steps), float(p.guidance), p.seed, p.shard_size, c.data.num_prompts)
+            model = m.after if p.source == "init" else "teacher"
+            key = (model, p.scheduler, int(p.steps), float(p.guidance), p.seed, p.shard_size, c.data.num_prompts)
             keys.setdefault(m.pairs, set()).add((key, int(p.num_pairs)))
-    assert sorted(keys) == ["pairs", "pairs_8192"]
+    assert sorted(keys) == ["pairs", "pairs_2rf_8192", "pairs_8192"]
     assert all(len(k) == 1 for k in keys.values())  # the store is tied to its prompts, solver and shard size
 
 

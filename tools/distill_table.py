@@ -49,6 +49,7 @@ GUIDANCE = 2.0  # the shipped teacher's default (jaxdiff/assets/shapes/sampling_
 def _pairs(num_pairs: int, shard_size: int) -> list[str]:
     """The flags of a DDIM-25 pair store at the teacher's default guidance (the store's key checks its users agree)."""
     return [
+        "--config.pairs.source=teacher",
         f"--config.pairs.num_pairs={num_pairs}",
         f"--config.pairs.shard_size={shard_size}",
         "--config.pairs.scheduler=ddim",
@@ -60,6 +61,17 @@ def _pairs(num_pairs: int, shard_size: int) -> list[str]:
 PAIRS = _pairs(1024, 64)  # one store for every method of the table budgets that learns from teacher pairs
 # The longer rectified-flow budget: 8x the pairs over 5x the prompts, 4x the steps, an EMA of the student.
 PAIRS_LONG = ["--config.data.num_prompts=2000", *_pairs(8192, 256)]
+# InstaFlow as the paper distills: pairs from the 2-rectified flow's own ODE (16 uniform Euler steps, no CFG: the shapes
+# 2-RF has no unconditional branch), as many as the teacher's long store, over the same prompts.
+PAIRS_2RF = [
+    "--config.data.num_prompts=2000",
+    "--config.pairs.source=init",
+    "--config.pairs.num_pairs=8192",
+    "--config.pairs.shard_size=256",
+    "--config.pairs.scheduler=rf_euler",
+    "--config.pairs.steps=16",
+    "--config.pairs.guidance=1.0",
+]
 LONG = ["--config.train.ema_decay=0.999", "--config.train.checkpoint_every=500"]
 # InstaFlow's perceptual stage on shapes (the paper's LPIPS stage): the features of a second probe, trained like
 # the judge but from another seed on 20k freshly rendered examples, so that the judging probe never enters training.
@@ -199,6 +211,16 @@ LONG_BUDGETS = (
         after="instaflow_long",
         pairs="pairs_8192",
         perceptual_probe=True,
+    ),
+    Method(  # InstaFlow's distillation of the 2-RF's own coupling (the paper's), instaflow_long's budget otherwise
+        "instaflow_2rf",
+        "instaflow.py:shapes",
+        ("--config.train.steps=4000", *LONG, *PAIRS_2RF),
+        (1,),
+        "flow",
+        0,
+        after="reflow_long",
+        pairs="pairs_2rf_8192",
     ),
     Method(  # InstaFlow's distillation continued for 4000 more steps from instaflow_long (fresh optimiser state)
         "instaflow_long_more",
@@ -562,7 +584,8 @@ def main(argv=None) -> int:
         choices=list(BY_NAME),
         help="default: every method at its table budget; reflow_long and instaflow_long train 4x longer on 8x the "
         "pairs, instaflow_long_more continues instaflow_long, instaflow_long_perceptual adds InstaFlow's perceptual "
-        "stage to it (a second probe's features; it is trained first)",
+        "stage to it (a second probe's features; it is trained first), instaflow_2rf distills reflow_long's own "
+        "ODE (InstaFlow's pairs) instead of the teacher's",
     )
     p.add_argument("--only-table", action="store_true", help="judge the existing runs; train nothing")
     p.add_argument("--only-train", action="store_true", help="train what is missing; no table")

@@ -13,7 +13,17 @@ def base_config(method: str) -> ml_collections.ConfigDict:
     c.seed = 0
     c.data = dict(file="", shapes="train", num_prompts=2000)  # prompts only (jaxdiff.data.prompts)
     # The teacher ODE that makes the (noise, latent) pairs; a shared folder lets reflow and InstaFlow reuse them.
-    c.pairs = dict(folder="", num_pairs=100_000, shard_size=256, scheduler="dpm++2m", steps=25, guidance=5.0, seed=0)
+    # source: whose ODE, "teacher" or "init" (the model the student starts from; InstaFlow's distillation stage).
+    c.pairs = dict(
+        folder="",
+        source="teacher",
+        num_pairs=100_000,
+        shard_size=256,
+        scheduler="dpm++2m",
+        steps=25,
+        guidance=5.0,
+        seed=0,
+    )
     c.rectified_flow = dict(t_schedule="uniform", eps=1e-3, loss="l2")
     c.train = train_block(steps=25_000, learning_rate=1e-6, batch_size=64, selector="all", max_grad_norm=1.0)
     c.train.optimizer = "adamw"

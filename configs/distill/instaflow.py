@@ -1,14 +1,16 @@
 # COMMAND: jaxdiff distill --config configs/distill/instaflow.py:shapes --config.init=runs/reflow_shapes/model \
-#   --config.pairs.folder=runs/reflow_shapes/pairs --out runs/instaflow_shapes
+#   --out runs/instaflow_shapes
 # InstaFlow's one-step distillation (Liu et al. 2024): t fixed at 0 (UNet time 1000, the 1-step sampler's), loss
-# D(z1, z0 + v(z0)) with D = L2; the paper's second stage uses LPIPS: ",lpips" with
-# --config.rectified_flow.perceptual_weights=PATH (user-supplied lpips state dict, recipe in jaxdiff/metrics/lpips.py;
-# none ships: no weights offline). The ",probe" variant plays that stage on shapes: D = the shapes probe's
-# penultimate features of the VAE decode, squared distance, weighted perceptual_weight·D_probe + l2_weight·D_L2;
-# e.g. --config.init=runs/instaflow_shapes/model).
-# Init: the 2-rectified flow (`init`); "teacher" gives "SD + Distill" without reflow. The shapes variant reuses the
-# reflow run's pairs when `pairs.folder` points at them (same teacher and solver key).
-"""InstaFlow one-step distillation on teacher pairs."""
+# D(ODE[v_2](z0), z0 + v(z0)) with D = L2: the pairs are the 2-rectified flow's own ODE solutions
+# (`pairs.source="init"`: the `init` model's uniform Euler steps, at guidance 1.5 as the paper's distillation
+# stage), not the teacher's; its straightened coupling is what one step can learn. `--config.pairs.source=teacher`
+# (with the teacher's scheduler) regresses the teacher's pairs instead. The paper's second stage uses LPIPS:
+# ",lpips" with --config.rectified_flow.perceptual_weights=PATH (the user's lpips state dict, recipe in
+# jaxdiff/metrics/lpips.py; none ships: no weights offline). The ",probe" variant plays that stage on shapes:
+# D = the shapes probe's penultimate features of the VAE decode, squared distance, weighted
+# perceptual_weight·D_probe + l2_weight·D_L2; e.g. --config.init=runs/instaflow_shapes/model.
+# Init: the 2-rectified flow (`init`); "teacher" with `pairs.source=teacher` gives "SD + Distill" without reflow.
+"""InstaFlow one-step distillation on the 2-rectified flow's pairs."""
 
 import os
 import sys
@@ -25,10 +27,13 @@ def get_config(arg: str = ""):
     c.rectified_flow.update(t_schedule="t0", eps=0.0, loss="distill_l2")
     c.train.update(steps=21_500, batch_size=1024)
     c.eval.student_steps = (1, 2)
+    c.pairs.update(source="init", scheduler="rf_euler", steps=25, guidance=1.5)  # Distill 1: 2-RF, guidance 1.5
     for variant in filter(None, arg.split(",")):
         if variant == "shapes":
             c.data.num_prompts = 400
-            c.pairs.update(num_pairs=512, shard_size=64, scheduler="ddim", steps=25, guidance=5.0)
+            # The shapes 2-RF learns the teacher's guided coupling without caption dropout: its own ODE at
+            # guidance 1 (no unconditional branch to contrast), 16 Euler steps of its straightened flow.
+            c.pairs.update(num_pairs=512, shard_size=64, steps=16, guidance=1.0)
             c.train.update(
                 steps=200, learning_rate=1e-4, batch_size=16, warmup_steps=20, log_every=25, checkpoint_every=100
             )
@@ -42,7 +47,8 @@ def get_config(arg: str = ""):
             )
         elif variant == "runlocal":
             c.data.num_prompts = 8
-            c.pairs.update(num_pairs=8, shard_size=4, scheduler="ddim", steps=2)
+            # runlocal starts from the teacher (no reflow run to point `init` at): the teacher's pairs.
+            c.pairs.update(num_pairs=8, shard_size=4, source="teacher", scheduler="ddim", steps=2)
             c.train.update(steps=3, batch_size=2, learning_rate=1e-4, warmup_steps=0, log_every=1, checkpoint_every=2)
             c.eval.update(num_images=4, bootstraps=0, teacher_steps=(1,), student_steps=(1,))
         else:

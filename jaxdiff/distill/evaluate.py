@@ -133,11 +133,16 @@ def table(report: dict) -> list[str]:
     return lines
 
 
+def _pair_model(pairs: dict) -> str:
+    """Whose ODE made the pairs: "the teacher's", or the init model's (`pairs.source="init"`)."""
+    return f"`{pairs['model']}`'s" if pairs.get("source") == "init" else "the teacher's"
+
+
 def markdown(report: dict) -> str:
     e, t, p = report["eval"], report["train"], report.get("pairs")
     data = (
-        f"Pairs: {p['num_pairs']} from the teacher's {p['scheduler']} {p['steps']} steps, CFG {p['guidance']} "
-        f"(`{p['folder']}`)."
+        f"Pairs: {p['num_pairs']} from {_pair_model(p)} {p['scheduler']} {p['steps']} steps, "
+        f"CFG {p['guidance']} (`{p['folder']}`)."
         if p
         else "Data-free (prompts only)."
     )

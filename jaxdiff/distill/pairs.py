@@ -34,6 +34,9 @@ from jaxdiff.sampling import denoise, make_scheduler
 META = "meta.json"
 
 
+# RectifiedFlow's uniform Euler (σ_i = 1 − i/N; InstaFlow's pipeline, `rectified_flow.uniform_plan`) for a
+# flow-velocity model such as a 2-rectified flow: what InstaFlow's distillation stage solves (`pairs.source="init"`).
+RF_EULER = "rf_euler"
 ADAPTIVE = ("tsit5", "dopri5")  # diffrax's Tsit5 and Dopri5 (RK45); `steps` is ignored for these
 DEFAULT_RTOL = DEFAULT_ATOL = 1e-3
 # Tsit5 and Dopri5 are FSAL with 7 stages: 6 new evaluations per attempted step (accepted or rejected) and one at
@@ -46,20 +49,28 @@ def make_solver(
 ) -> Callable:
     """jit(unet_params, z0 [B,h,w,c] unit noise, cond [B,L,D], uncond [B,L,D]) -> teacher latent [B,h,w,c].
 
-    Fixed-step schedulers ("ddim", "dpm++2m", "euler", ...): the pipeline's own scheduler run by
+    Fixed-step schedulers ("ddim", "dpm++2m", "euler", "flow_euler", ...; "rf_euler": flow Euler on RectifiedFlow's
+    uniform grid): the pipeline's own scheduler run by
     `denoise.denoise`, the one guided loop, for `steps` steps. Adaptive solvers (`ADAPTIVE`: "tsit5", "dopri5"):
     `adaptive_solver`, which ignores `steps` and takes `rtol`/`atol`; its `with_stats` also returns the number of
     function evaluations."""
     if scheduler in ADAPTIVE:
         return adaptive_solver(pipe, scheduler, guidance, rtol, atol)
-    sched = make_scheduler(scheduler, pipe.scheduler_config)
-    plan = sched.plan(int(steps))
+    if scheduler == RF_EULER:  # a flow-velocity model's own sampler, as its students are judged with
+        from jaxdiff.distill.rectified_flow import uniform_plan
+
+        sched, plan = make_scheduler("flow_euler", pipe.scheduler_config), uniform_plan(int(steps))
+    else:
+        sched = make_scheduler(scheduler, pipe.scheduler_config)
+        plan = sched.plan(int(steps))
     unet = pipe.unet
 
     def solve(unet_params, z0, cond, uncond):
         model = lambda x, t, c: unet.apply(unet_params, x, t, c).astype(jnp.float32)  # noqa: E731
         x = z0.astype(jnp.float32) * plan.init_noise_sigma
-        return denoise.denoise(model, sched, plan, x, cond, uncond, jnp.float32(guidance))
+        # A guidance of exactly 1 (a flow student's own ODE, `pairs.source="init"`) runs the conditional rows only.
+        g = 1.0 if float(guidance) == 1.0 else jnp.float32(guidance)
+        return denoise.denoise(model, sched, plan, x, cond, uncond, g)
 
     return jax.jit(solve)
 

@@ -61,10 +61,10 @@ def _prompts(config: mlc.ConfigDict) -> list[str]:
 
 
 def _student_init(config, pipe):
-    """The student's initial UNet params: the teacher's, or the UNet of a pipeline folder (e.g. a reflow OUT/model)
-    of the same architecture."""
+    """(the student's initial UNet params, the init pipeline or None): the teacher's, or the UNet of a pipeline folder
+    (e.g. a reflow OUT/model) of the same architecture."""
     if config.init == "teacher":
-        return pipe.unet.params
+        return pipe.unet.params, None
     from jaxdiff.sampling.pipeline import load_pipeline
 
     other = load_pipeline(config.init)
@@ -75,7 +75,26 @@ def _student_init(config, pipe):
             if other.unet.config.get(k) != pipe.unet.config.get(k)
         )
         raise UserError(f"config.init={config.init}: its UNet differs from the teacher's ({', '.join(keys)})")
-    return other.unet.params
+    return other.unet.params, other
+
+
+def pair_source(config, pipe, init_pipe):
+    """The pipeline whose ODE makes the (noise, latent) pairs. pairs.source="teacher": the teacher's. "init":
+    the model the student starts from, InstaFlow's distillation stage, which regresses the 2-rectified flow's own
+    coupling (straighter than the teacher's, so one step can learn it) rather than the teacher's; with init
+    "teacher" the two are the same model. The solver must suit the model: rf_euler or flow_euler for a
+    flow-velocity one."""
+    source = str(config.pairs.get("source", "teacher"))
+    if source not in ("teacher", "init"):
+        raise UserError(f"pairs.source must be 'teacher' or 'init', got {source!r}")
+    chosen = init_pipe if source == "init" and init_pipe is not None else pipe
+    is_flow = chosen.default_scheduler() == "flow_euler"
+    scheduler = str(config.pairs.scheduler)
+    flow_solver = scheduler in (pairs_lib.RF_EULER, "flow_euler")
+    if scheduler not in pairs_lib.ADAPTIVE and is_flow != flow_solver:  # adaptive solvers take either kind
+        kind = "a flow-velocity model: use pairs.scheduler=rf_euler" if is_flow else "not a flow-velocity model"
+        raise UserError(f"pairs.scheduler={config.pairs.scheduler} cannot solve the ODE of {chosen.path}, {kind}")
+    return chosen
 
 
 def make_pairs(config, pipe, folder: Path, prompts: list[str], contexts, uncond, progress: bool):
@@ -254,7 +273,8 @@ def distill(config: mlc.ConfigDict, out, *, progress: bool = True) -> dict:
     teacher_lib.from_pipeline(pipe)  # refuses SDXL
     if teacher_lib.Teacher(None, pipe.scheduler_config).prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise UserError(f"the teacher {config.teacher} is not a diffusion (ε / v / x0) model")
-    init = _student_init(config, pipe)
+    init, init_pipe = _student_init(config, pipe)
+    pair_pipe = pair_source(config, pipe, init_pipe) if "pairs" in config else pipe
     prompts = _prompts(config)
     _start(out, config)
     contexts = np.asarray(pipe.encode_prompts(prompts)[0])
@@ -268,7 +288,7 @@ def distill(config: mlc.ConfigDict, out, *, progress: bool = True) -> dict:
 
         return dmd2.distill(config, pipe, init, prompts, contexts, uncond, out, progress=progress)
     folder = Path(config.pairs.folder) if config.pairs.folder else out / "pairs"
-    pairs, pair_info = make_pairs(config, pipe, folder, prompts, contexts, uncond, progress)
+    pairs, pair_info = make_pairs(config, pair_pipe, folder, prompts, contexts, uncond, progress)
     if config.method == "lcm":  # consistency distillation on the pairs' latents (jaxdiff/distill/lcm.py)
         from jaxdiff.distill import lcm
 
@@ -280,6 +300,7 @@ def distill(config: mlc.ConfigDict, out, *, progress: bool = True) -> dict:
     params, info, seconds = timed(train, config, pipe, init, pairs, contexts, str(out / "train"), progress)
     save_student(pipe, params, out, int(config.eval.student_steps[0]))
     pair_report = {k: pair_info[k] for k in ("scheduler", "steps", "guidance", "seed", "written_shards", "seconds")}
+    pair_report |= {"source": str(config.pairs.source), "model": pair_info["teacher"]}  # whose ODE made them
     pair_report |= {"num_pairs": int(config.pairs.num_pairs), "folder": str(folder)}
     adaptive = ("rtol", "atol", "nfe_mean", "nfe_min", "nfe_max", "num_steps_mean")  # tsit5 / dopri5 pairs only
     pair_report |= {k: pair_info[k] for k in adaptive if k in pair_info}
