@@ -32,6 +32,12 @@ def add_parser(sub) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument(
+        "--weights-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype the weights are held in (bfloat16: half the memory, for models that do not fit otherwise)",
+    )
+    p.add_argument(
         "--cache",
         default=None,
         help="training-free feature cache: faster:50ls | faster:everyK | deepcache:N[:branch=B] | tgate:G "
@@ -158,7 +164,8 @@ def run(args) -> int:
 
     enable_compilation_cache()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    pipe = pipeline_lib.load_pipeline(path, dtype=dtype, controlnet=args.controlnet)
+    weights_dtype = {"float32": None, "bfloat16": jnp.bfloat16}[args.weights_dtype]
+    pipe = pipeline_lib.load_pipeline(path, dtype=dtype, controlnet=args.controlnet, weights_dtype=weights_dtype)
     plan = _check_against(pipe, scheduler, steps, args.height, args.width)
     if args.cache:
         import numpy as np
@@ -239,6 +246,7 @@ def run(args) -> int:
         "scheduler": scheduler,
         "seed": args.seed,
         "dtype": args.dtype,
+        "weights_dtype": args.weights_dtype,
         "cache": args.cache,
         "image": args.image,
         "mask": args.mask,

@@ -60,6 +60,14 @@ def test_the_sampling_program_compiles_with_its_batch_split_over_the_chips(aot):
     r = aot.run(aot.parse_args([*flags, "--steps", "2"]))
     assert r["platform"] == "tpu" and r["devices"] == 4 and r["mesh"]["data"] == 4
     assert r["fits"] and r["flops_per_device"] > 0 and r["output_bytes"] > 0
+    # --weights bf16: the params held in bf16, as inference loads them: the replicated weights dominate the
+    # arguments (latents, text embeddings and the plan are a few KiB), so their bytes halve.
+    half = aot.run(aot.parse_args([*flags, "--steps", "2", "--weights", "bf16"]))
+    assert (r["weights"], half["weights"]) == ("float32", "bfloat16")
+    assert 0.49 <= half["argument_bytes"] / r["argument_bytes"] <= 0.52
+    assert half["program_sha256"] != r["program_sha256"]
+    with pytest.raises(SystemExit, match="only sampling holds its params"):
+        aot.run(aot.parse_args(["--topology", "v5e:2x2", "--model", "tiny", "--weights", "bf16"]))
 
 
 def test_opt_level_o0_compiles_the_same_program_at_xlas_lowest_level(aot, four):

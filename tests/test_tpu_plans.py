@@ -53,6 +53,7 @@ def test_every_cell_is_a_valid_aot_compile_command_and_names_are_unique():
             cell.task,
         )
         assert aot.parse_mesh(args.mesh)  # a mesh the tool accepts
+        assert args.weights == cell.weights
 
 
 def test_the_table_takes_the_fastest_fitting_plan_and_lists_stale_and_missing_cells(tmp_path):

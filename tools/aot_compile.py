@@ -543,9 +543,16 @@ def sample_program(spec: ModelSpec, devices, mesh: dict, args) -> Program:
         dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
         return jax.ShapeDtypeStruct(jnp.shape(x), dtype, sharding=where)
 
+    weights = jnp.dtype(DTYPES[args.weights])
+
     def params_of(model):
         shardings = sharding.param_shardings(model.params, model.logical_axes, m)
-        return jax.tree_util.tree_map(lambda p, sh: abstract(p, sh), model.params, shardings)
+
+        def held(p, where):
+            dtype = weights if jnp.issubdtype(p.dtype, jnp.floating) else p.dtype
+            return jax.ShapeDtypeStruct(p.shape, dtype, sharding=where)
+
+        return jax.tree_util.tree_map(held, model.params, shardings)
 
     b, size = args.batch, args.res // spec.vae_factor
     context = jax.ShapeDtypeStruct((2 * b, spec.context_length, spec.context_dim), jnp.float32, sharding=cfg_rows)
@@ -664,6 +671,7 @@ def analyse(args, spec: ModelSpec, kind: str, chip: Chip, devices, per_chip: int
         batch=args.batch,
         res=args.res,
         dtype=DTYPES[args.dtype],
+        weights=DTYPES[args.weights],
         remat=args.remat if args.task in ("train", "distill") else None,
         params=program.num_params,
         hbm_capacity_bytes=int(hbm),
@@ -699,6 +707,7 @@ def report(r: dict) -> str:
     mesh = ",".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "1 device"
     lines = [
         f"{what}, mesh {mesh}, global batch {r['batch']}, {r['res']}px, {r['dtype']}"
+        + (f", {r['weights']} weights" if r.get("weights", "float32") != "float32" else "")
         + (f", remat {r['remat']}" if r["remat"] and r["remat"] != "none" else "")
         + (f", XLA {r['opt_level']}" if r.get("opt_level", "default") != "default" else ""),
         *[f"  {note}" for note in r["notes"]],
@@ -740,6 +749,8 @@ def run(args) -> dict:
     if args.devices:
         devices = devices[: args.devices]
     mesh = parse_mesh(args.mesh or ("data=-1" if args.task == "sample" else "fsdp=-1"))
+    if args.task != "sample" and DTYPES[args.weights] != "float32":
+        raise SystemExit(f"--weights {args.weights}: only sampling holds its params in another dtype than float32")
     if args.task == "distill" and not args.method:
         raise SystemExit(f"--task distill needs --method ({', '.join(DISTILL_METHODS)})")
     build = {"train": train_program, "sample": sample_program, "distill": distill_program}[args.task]
@@ -771,7 +782,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--batch", type=int, default=8, help="global batch (images per step)")
     p.add_argument("--res", type=int, help="image resolution in pixels (default: the model's native size)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="compute dtype (params stay float32)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="compute dtype")
+    p.add_argument(
+        "--weights",
+        choices=tuple(DTYPES),
+        default="fp32",
+        help="sample: the dtype the params are held in (bf16: half the weights' HBM, as an inference deployment "
+        "loads them; jaxdiff generate --weights-dtype); train and distill keep float32 master params",
+    )
     p.add_argument(
         "--remat", choices=("none", "loss", "blocks"), default="none", help="train, distill: rematerialisation"
     )

@@ -58,10 +58,17 @@ SOURCES = {
 
 
 def select(grid: list, only: str) -> list:
-    """The cells `--only` names: values of one kind (model, topology, task, method, XLA level) are alternatives;
-    kinds combine."""
+    """The cells `--only` names: values of one kind (model, topology, task, method, XLA level, weights) are
+    alternatives; kinds combine."""
     values = {x for x in only.split(",") if x}
-    kinds = [lambda c: c.model, lambda c: c.topology, lambda c: c.task, lambda c: c.method, lambda c: c.opt]
+    kinds = [
+        lambda c: c.model,
+        lambda c: c.topology,
+        lambda c: c.task,
+        lambda c: c.method,
+        lambda c: c.opt,
+        lambda c: c.weights,
+    ]
     wanted = [{v for v in values if any(k(c) == v for c in grid)} for k in kinds]
     unknown = values - set().union(*wanted)
     if unknown:
@@ -82,6 +89,7 @@ class Cell:
     remat: str = "none"
     method: str = ""  # distill: the distillation method (tools/aot_compile.py --method)
     opt: str = "default"  # XLA's optimisation level (tools/aot_compile.py --opt-level): "default" or "O0"
+    weights: str = "fp32"  # sample: the dtype the params are held in (tools/aot_compile.py --weights)
 
     @property
     def group(self) -> tuple:
@@ -90,6 +98,7 @@ class Cell:
     @property
     def name(self) -> str:
         parts = (self.task + self.method, self.model, self.res, self.topology, self.mesh, f"b{self.batch}", self.remat)
+        parts += () if self.weights == "fp32" else (f"w{self.weights}",)
         parts += () if self.opt == "default" else (self.opt,)
         return "-".join(str(x) for x in parts).replace(":", "_").replace(",", "_").replace("=", "")
 
@@ -98,6 +107,7 @@ class Cell:
         out += ["--batch", str(self.batch), "--res", str(self.res), "--dtype", "bf16"]
         out += ["--remat", self.remat] if self.task in ("train", "distill") else []
         out += ["--method", self.method] if self.method else []
+        out += [] if self.weights == "fp32" else ["--weights", self.weights]
         return out + ([] if self.opt == "default" else ["--opt-level", self.opt])
 
     def command(self) -> str:
@@ -128,8 +138,10 @@ _PLANS: tuple[Cell, ...] = (
     Cell("sd15", 512, "v5e:4x4", "sample", "data=16", 16),
     Cell("sdxl", 1024, "v5e:4x4", "sample", "data=16", 16),
     # SDXL's float32 weights, replicated, take 9.8 of a v5e chip's 16 GiB (data=16 does not fit at 1024²): the same
-    # batch with the weights sharded over the 16 chips (gathered layer by layer).
+    # batch with the weights sharded over the 16 chips (gathered layer by layer; at O0 its temporaries took 37.6 GiB),
+    # and with the weights held in bf16 as an inference deployment loads them (jaxdiff generate --weights-dtype).
     Cell("sdxl", 1024, "v5e:4x4", "sample", "fsdp=16", 16),
+    Cell("sdxl", 1024, "v5e:4x4", "sample", "data=16", 16, weights="bf16"),
     Cell("sdxl", 1024, "v5p:4x4x4", "sample", "data=64", 64),
     # Every distillation method's real step (student, fake score / target networks and the frozen teacher) at the
     # SD1.5 configuration on 4 chips: that it compiles, and what it needs per chip.
@@ -319,6 +331,7 @@ def _gib(x) -> str:
 
 def _row(cell: Cell, r: dict, mark: str = "") -> str:
     mesh = ",".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "1"
+    mesh += "" if cell.weights == "fp32" else f", {cell.weights} weights"
     trains = r["task"] in ("train", "distill")
     step = f"{1e3 * r['roofline_step_s']:.0f} ms" if trains else f"{r['roofline_step_s']:.2f} s/batch"
     mfu = f"≤ {100 * r['mfu']:.0f} %" if r.get("mfu") is not None and trains else "–"
@@ -350,6 +363,7 @@ def fidelity(grid, states) -> list[str]:
         change = 100 * (r0["peak_bytes"] / r2["peak_bytes"] - 1)
         what = f"{c.task} {c.method + ' ' if c.method else ''}{c.model} {c.res}² {c.topology} {c.mesh} b{c.batch}"
         what += f" remat {c.remat}" if c.task != "sample" else ""
+        what += "" if c.weights == "fp32" else f" {c.weights} weights"
         lines.append(
             f"| {what} | {r2['compile_s']:.0f} → {r0['compile_s']:.0f} s "
             f"| {_gib(r2['peak_bytes'])} → {_gib(r0['peak_bytes'])} ({change:+.1f} %) "

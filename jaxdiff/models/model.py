@@ -60,6 +60,16 @@ class Model:
         """The same model (same params) with module fields replaced, e.g. `scan_layers=True` on a UNet."""
         return dataclasses.replace(self, module=self.module.clone(**fields))
 
+    def with_params_dtype(self, dtype) -> Model:
+        """The same model with its floating-point params stored in `dtype` (inference: bf16 halves the weights'
+        memory; the module's compute dtype is unchanged). Training keeps float32 params."""
+        dtype = jnp.dtype(dtype)
+
+        def cast(p):
+            return p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p
+
+        return dataclasses.replace(self, params=jax.tree_util.tree_map(cast, self.params))
+
     def for_forward_mode(self) -> Model:
         """The same model with an attention `jax.jvp` can go through (`attention.forward_mode_safe`: XLA's in place
         of the splash / cuDNN kernels, whose custom VJPs allow reverse mode only)."""

@@ -54,13 +54,15 @@ def load_pipeline(
     attention: str = "auto",
     platform: str | None = None,
     controlnet=None,
+    weights_dtype=None,
 ) -> Pipeline:
     """A pipeline from a diffusers pipeline folder, a jaxdiff checkpoint, or a built-in name ("shapes").
 
     `platform`: the platform its programs are compiled for; None: the platform of the default devices, where the
     params are placed and the pipeline runs. `controlnet`: a ControlNet folder (diffusers or jaxdiff) or a list of
     them, used in that order by `pipe(..., control_image=...)`; a StableDiffusionControlNetPipeline folder brings
-    its own `controlnet/`."""
+    its own `controlnet/`. `weights_dtype`: store every component's params in this dtype (e.g. jnp.bfloat16 for
+    inference, half the memory of float32 weights); None keeps float32."""
     from jaxdiff.models import controlnet as controlnet_lib
 
     path = resolve(path_or_name)
@@ -75,6 +77,9 @@ def load_pipeline(
             raise UserError(f"{net.config.get('_class_name')} given as a ControlNet")
         if "unet" in models:
             controlnet_lib.check_compatible(net.config, models["unet"].config)
+    if weights_dtype is not None:
+        models = {name: m.with_params_dtype(weights_dtype) for name, m in models.items()}
+        nets = [net.with_params_dtype(weights_dtype) for net in nets]
     # SDXL's refiner has only the second text encoder.
     missing = [name for name in ("unet", "vae") if name not in models]
     missing += [] if {"text_encoder", "text_encoder_2"} & set(models) else ["text_encoder"]
