@@ -240,11 +240,16 @@ def _pipeline_entries(src: Path, strict: bool = True) -> dict[str, str]:
 
 
 def load_component(
-    path: str | os.PathLike, dtype=jnp.float32, attention: str = "auto", platform: str | None = None
+    path: str | os.PathLike,
+    dtype=jnp.float32,
+    attention: str = "auto",
+    platform: str | None = None,
+    weights_dtype=None,
 ) -> Model:
     """One model from a diffusers/transformers component folder or a (single-component) jaxdiff checkpoint.
 
-    `platform`: the platform its programs are compiled for (None: the host's default backend)."""
+    `platform`: the platform its programs are compiled for (None: the host's default backend). `weights_dtype`:
+    the dtype its floating params are held in (cast on the host, before they reach the device; None: float32)."""
     path = Path(path)
     kind = folder_kind(path)
     if kind == "jaxdiff" and list(_component_names(path)) != ["."]:
@@ -263,11 +268,18 @@ def load_component(
         model, params = _read_torch_layout(
             path, path / CONFIG, None, dtype=dtype, attention=attention, platform=platform
         )
-    return dataclasses.replace(model, params=jax.tree.map(jnp.asarray, params))
+    model = dataclasses.replace(model, params=params)
+    if weights_dtype is not None:  # on the host's numpy arrays, so the float32 copy never reaches the device
+        model = model.with_params_dtype(weights_dtype)
+    return dataclasses.replace(model, params=jax.tree.map(jnp.asarray, model.params))
 
 
 def load_components(
-    path: str | os.PathLike, dtype=jnp.float32, attention: str = "auto", platform: str | None = None
+    path: str | os.PathLike,
+    dtype=jnp.float32,
+    attention: str = "auto",
+    platform: str | None = None,
+    weights_dtype=None,
 ) -> dict[str, Model]:
     """Every model component of a diffusers pipeline folder or jaxdiff checkpoint, by name ("." for a lone one)."""
     path = Path(path)
@@ -277,8 +289,8 @@ def load_components(
     elif kind == "pipeline":
         names = [name for name, role in _pipeline_entries(path).items() if role == "model"]
     else:
-        return {".": load_component(path, dtype, attention, platform)}
-    return {name: load_component(path / name, dtype, attention, platform) for name in names}
+        return {".": load_component(path, dtype, attention, platform, weights_dtype)}
+    return {name: load_component(path / name, dtype, attention, platform, weights_dtype) for name in names}
 
 
 def convert(src, dst, *, config=None, overwrite: bool = False, progress: bool | None = False) -> dict:

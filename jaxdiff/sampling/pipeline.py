@@ -66,20 +66,23 @@ def load_pipeline(
     from jaxdiff.models import controlnet as controlnet_lib
 
     path = resolve(path_or_name)
-    models = checkpoint.load_components(path, dtype=dtype, attention=attention, platform=platform)
+    models = checkpoint.load_components(
+        path, dtype=dtype, attention=attention, platform=platform, weights_dtype=weights_dtype
+    )
     nets = [models.pop("controlnet")] if "controlnet" in models else []
     for folder in (
         [] if controlnet is None else [controlnet] if isinstance(controlnet, (str, os.PathLike)) else controlnet
     ):
-        nets.append(checkpoint.load_component(folder, dtype=dtype, attention=attention, platform=platform))
+        nets.append(
+            checkpoint.load_component(
+                folder, dtype=dtype, attention=attention, platform=platform, weights_dtype=weights_dtype
+            )
+        )
     for net in nets:
         if "controlnet_cond_embedding" not in net.params:
             raise UserError(f"{net.config.get('_class_name')} given as a ControlNet")
         if "unet" in models:
             controlnet_lib.check_compatible(net.config, models["unet"].config)
-    if weights_dtype is not None:
-        models = {name: m.with_params_dtype(weights_dtype) for name, m in models.items()}
-        nets = [net.with_params_dtype(weights_dtype) for net in nets]
     # SDXL's refiner has only the second text encoder.
     missing = [name for name in ("unet", "vae") if name not in models]
     missing += [] if {"text_encoder", "text_encoder_2"} & set(models) else ["text_encoder"]
