@@ -154,3 +154,70 @@ def test_sfd_override_reaches_only_the_teachers_context_on_forget_rows():
     rows = batch["gen_context"][:, 0, 0].astype(int)
     np.testing.assert_array_equal(batch["gen_teacher_context"][:, 0, 0], rows + 10 * forget[rows])
     assert forget[rows[b:]].all()
+
+
+def _linear_unet(params, x, t, ctx):
+    """A stand-in UNet: a per-channel scale of x plus the prompt's mean and a time term."""
+    return params["w"] * x + jnp.mean(ctx, axis=(1, 2))[:, None, None, None] + 1e-3 * t[:, None, None, None]
+
+
+def test_flow_generator_is_instaflows_one_step_and_regression_adds_dmds_term():
+    from jaxdiff.distill import rectified_flow as rf
+
+    params = {"w": jnp.asarray([0.5, -0.25], jnp.float32)}
+    z, ctx = _rand(0), _rand(1, (3, 2, 5))
+    # InstaFlow's one-step sample at t = 0: x̂1 = z0 + v_RF(z0), v_RF = −(the UNet output at time 1000)
+    out = _linear_unet(params, z, rf.unet_timestep(jnp.zeros((3,))), ctx)
+    expected = rf.extrapolate(z, jnp.zeros((3,)), rf.rf_velocity_of(out))
+    np.testing.assert_allclose(dmd2.flow_generate(_linear_unet, params, z, ctx), expected, atol=1e-6)
+
+    settings = dict(dmd2_config_block(), latent_shape=(4, 4, 2), generator="flow", real_guidance=1.0)
+    batch = {"gen_context": ctx, "gen_teacher_context": ctx, "context": ctx}
+    batch |= {"pair_z0": _rand(2), "pair_z1": _rand(3), "pair_context": _rand(4, (3, 2, 5))}
+    all_params = {"unet": params, "fake_score": {"unet": {"w": jnp.asarray([0.4, 0.1], jnp.float32)}}}
+    frozen = {"teacher": {"w": jnp.asarray([0.3, 0.2], jnp.float32)}, "uncond": jnp.zeros((1, 2, 5))}
+    rng = jax.random.PRNGKey(0)
+    _, plain = dmd2.make_losses(_linear_unet, None, SCHED, settings)
+    _, with_reg = dmd2.make_losses(_linear_unet, None, SCHED, settings | {"regression_weight": 0.25})
+    (l0, aux0), (l1, aux1) = plain(all_params, frozen, batch, rng), with_reg(all_params, frozen, batch, rng)
+    x_reg = np.asarray(_linear_unet(params, batch["pair_z0"], jnp.full((3,), 1000.0), batch["pair_context"]))
+    x_reg = batch["pair_z0"] - x_reg
+    reg = np.mean(np.mean(np.reshape((x_reg - batch["pair_z1"]) ** 2, (3, -1)), axis=1))
+    np.testing.assert_allclose(aux1["loss_reg"], reg, rtol=1e-5)
+    np.testing.assert_allclose(l1 - l0, 0.25 * reg, rtol=1e-4, atol=1e-6)
+    assert "loss_reg" not in aux0
+    with pytest.raises(UserError, match="num_steps=1"):
+        dmd2.make_losses(_linear_unet, None, SCHED, settings | {"num_steps": 4})
+    with pytest.raises(UserError, match="dmd2.generator"):
+        dmd2.make_losses(_linear_unet, None, SCHED, settings | {"generator": "gan"})
+
+
+def dmd2_config_block():
+    from jaxdiff.config import load_config
+
+    return dict(load_config("configs/distill/dmd2.py").dmd2)
+
+
+def test_dmd_command_refines_a_flow_student_from_teacher_pairs(tiny_teacher, tmp_path):  # noqa: F811
+    from jaxdiff.config import load_config
+    from jaxdiff.distill import run as run_lib
+    from jaxdiff.sampling.pipeline import load_pipeline
+
+    teacher = load_pipeline(tiny_teacher)
+    run_lib.save_student(teacher, teacher.unet.params, tmp_path / "insta", 1)  # a stand-in InstaFlow student
+    config = load_config("configs/distill/dmd2.py:smoke,dmd")
+    config.teacher = str(tiny_teacher)
+    config.pairs.update(num_pairs=4, shard_size=2, steps=2)
+    config.eval.student_steps = (1,)
+    with pytest.raises(UserError, match="generator=flow needs config.init"):  # init "teacher" is no flow student
+        run_lib.distill(config, tmp_path / "wrong", progress=False)
+    assert not (tmp_path / "wrong").exists()
+
+    config.init = str(tmp_path / "insta" / "model")
+    report = run_lib.distill(config, tmp_path / "run", progress=False)
+    assert report["dmd2"]["generator"] == "flow" and report["dmd2"]["regression_weight"] == 0.25
+    last = report["train"]["last"]
+    assert np.isfinite(last["loss_reg_generator"]) and last["loss_reg_generator"] > 0 and last["ok"] == 1.0
+    sched = json.loads((tmp_path / "run" / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    assert len(list((tmp_path / "run" / "pairs").glob("*.npz"))) == 2  # the teacher's pairs, 2 shards of 2

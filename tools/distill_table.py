@@ -222,6 +222,19 @@ LONG_BUDGETS = (
         after="reflow_long",
         pairs="pairs_2rf_8192",
     ),
+    # DMD (regression + distribution matching) on the InstaFlow student: the one-step flow generator keeps DMD's
+    # regression on the long teacher pair store (weight 0.25) and gains the DM gradient of the teacher (CFG 2.0)
+    # against a fake score that starts as a copy of the teacher (5 fake updates per generator step).
+    Method(
+        "instaflow_dmd",
+        "dmd2.py:shapes,dmd",
+        ("--config.train.steps=1000", f"--config.dmd2.real_guidance={GUIDANCE}", *PAIRS_LONG),
+        (1,),
+        "flow",
+        2,
+        after="instaflow_long",
+        pairs="pairs_8192",
+    ),
     Method(  # InstaFlow's distillation continued for 4000 more steps from instaflow_long (fresh optimiser state)
         "instaflow_long_more",
         "instaflow.py:shapes",
@@ -585,7 +598,8 @@ def main(argv=None) -> int:
         help="default: every method at its table budget; reflow_long and instaflow_long train 4x longer on 8x the "
         "pairs, instaflow_long_more continues instaflow_long, instaflow_long_perceptual adds InstaFlow's perceptual "
         "stage to it (a second probe's features; it is trained first), instaflow_2rf distills reflow_long's own "
-        "ODE (InstaFlow's pairs) instead of the teacher's",
+        "ODE (InstaFlow's pairs) instead of the teacher's, instaflow_dmd refines instaflow_long with DMD "
+        "(regression on the teacher's pairs + distribution matching)",
     )
     p.add_argument("--only-table", action="store_true", help="judge the existing runs; train nothing")
     p.add_argument("--only-train", action="store_true", help="train what is missing; no table")

@@ -10,6 +10,12 @@
 # renders of the training prompts' scenes; else dmd2.real_images). dmd2.num_steps = k > 1 trains a k-step student
 # with backward simulation; OUT/model samples with LCMScheduler (original_inference_steps = k). ":sfd": SFD's concept
 # override (the teacher is asked "square" where a prompt names a circle), so the student distills and forgets.
+# ":dmd": DMD (Yin et al. 2024) on an InstaFlow student: the generator is the one-step flow-velocity student of
+# config.init (dmd2.generator=flow), and DMD's regression on teacher noise->latent pairs (weight 0.25, the paper's
+# λ_reg; L2 on latents where the paper has LPIPS on images) joins the distribution-matching loss; the pairs block
+# names the teacher's pair store, e.g.
+#   jaxdiff distill --config configs/distill/dmd2.py:shapes,dmd --config.init=runs/instaflow_shapes/model \
+#     --config.pairs.folder=runs/instaflow_shapes/pairs ... --out runs/instaflow_dmd_shapes
 """DMD2 distribution-matching distillation: a one- or k-step student."""
 
 import os
@@ -33,6 +39,8 @@ def dmd2_block() -> dict:
         max_step_percent=0.98,
         gan_weight_g=0.0,  # --gen_cls_loss_weight (0: no GAN head)
         gan_weight_d=0.0,  # --guidance_cls_loss_weight
+        generator="diffusion",  # "diffusion": x0 at T-1 (DMD2); "flow": a one-step flow-velocity (InstaFlow) student
+        regression_weight=0.0,  # DMD's regression on teacher pairs (0: DMD2's data-free objective)
         gan_max_timestep=1000,  # diffusion GAN: real and fake noised to t < this before the head; 0: clean images
         real_images="",  # a folder of real images for the GAN head (shapes prompts: their renders)
     )
@@ -47,6 +55,12 @@ def shapes(c):
 
 def gan(c):
     c.dmd2.update(gan_weight_g=1e-3, gan_weight_d=1e-2)
+
+
+def dmd(c, pairs):
+    c.pairs = pairs
+    c.pairs.update(scheduler="ddim", steps=25)
+    c.dmd2.update(generator="flow", regression_weight=0.25)
 
 
 def four_step(c):
@@ -67,13 +81,21 @@ def smoke(c):
 
 def get_config(arg: str = ""):
     c = base_config("dmd2")
-    del c.pairs, c.rectified_flow  # data-free: no teacher pairs
+    pairs = c.pairs
+    del c.pairs, c.rectified_flow  # data-free: no teacher pairs (":dmd" puts the pairs block back)
     c.dmd2 = dmd2_block()
     c.sfd = sfd_block()  # the concept override: prompts naming sfd.forget_concept ask the teacher sfd.override_prompt
     c.train.update(steps=40_000, learning_rate=1e-5, batch_size=32, warmup_steps=500, max_grad_norm=10.0)
     c.train.update(weight_decay=0.01, ema_decay=0.0, lr_schedule="constant")
     c.eval.update(teacher_steps=(25, 1), student_steps=(1,))
-    variants = {"shapes": shapes, "gan": gan, "4step": four_step, "sfd": sfd, "smoke": smoke}
+    variants = {
+        "shapes": shapes,
+        "gan": gan,
+        "4step": four_step,
+        "sfd": sfd,
+        "smoke": smoke,
+        "dmd": lambda c: dmd(c, pairs),
+    }
     for variant in filter(None, arg.split(",")):
         if variant not in variants:
             raise UserError(f"unknown dmd2 config variant {variant!r} ({', '.join(variants)})")

@@ -1,5 +1,6 @@
 """DMD2: distribution matching with a fake score updated k times per generator step, a diffusion-GAN head, backward
-simulation for k-step students (tianweiy/DMD2 `main/sd_guidance.py`, `main/sd_unified_model.py`)."""
+simulation for k-step students (tianweiy/DMD2 `main/sd_guidance.py`, `main/sd_unified_model.py`); DMD's regression
+on teacher pairs, and a one-step flow-velocity generator (an InstaFlow student) in place of the diffusion one."""
 
 from __future__ import annotations
 
@@ -76,6 +77,33 @@ class GANHead(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ the generator
 
+GENERATORS = ("diffusion", "flow")
+FLOW_T = 1000.0  # the flow student's UNet time at pure noise (σ = 1; InstaFlow's t = 0)
+
+
+def regression_loss(x0, z1):
+    """DMD's regression term on teacher pairs, in latents: mean over samples of mean_{h,w,c} (x̂0 − z1)² (the
+    paper's D is LPIPS on images; on latents L2, as InstaFlow's `distill_l2`)."""
+    return jnp.mean(jnp.mean(jnp.square(_rows(x0.astype(jnp.float32) - z1)), axis=1))
+
+
+def flow_generate(unet_fn, params, z, context):
+    """A one-step flow-velocity student's sample (InstaFlow's, `jaxdiff.distill.rectified_flow`): x̂0 = z − u(z, 1000)
+    with u the diffusers flow velocity ε − x0 at σ = 1."""
+    t = jnp.full((z.shape[0],), FLOW_T, jnp.float32)
+    return z - unet_fn(params, z, t, context).astype(jnp.float32)
+
+
+def check_generator(settings) -> str:
+    """The generator kind; a flow generator and DMD's regression need a one-step student."""
+    kind = str(settings.get("generator", "diffusion"))
+    if kind not in GENERATORS:
+        raise UserError(f"dmd2.generator must be one of {', '.join(GENERATORS)}, got {kind!r}")
+    k = int(settings["num_steps"])
+    if k != 1 and (kind == "flow" or float(settings.get("regression_weight", 0.0)) > 0):
+        raise UserError(f"dmd2.generator=flow and dmd2.regression_weight need dmd2.num_steps=1, got {k}")
+    return kind
+
 
 def denoising_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
     """The student's timesteps (`denoising_step_list`): T − 1, T − 1 − T/k, …; k = 1: [999], k = 4: [999, 749, 499,
@@ -151,6 +179,11 @@ def make_losses(unet_fn, features_fn, scheduler_config: dict, settings):
     loss `fake_updates` times (each on fresh generator samples), then the generator once: the official ratio
     dfake_gen_update_ratio of guidance to generator updates.
 
+    dmd2.generator "flow": the generator is a one-step flow-velocity student (`flow_generate`, an InstaFlow OUT/model
+    as init) instead of an x0 prediction at T − 1; dmd2.regression_weight λ > 0 adds DMD's regression λ ·
+    `regression_loss` of the generator's samples of teacher-pair noises "pair_z0" (prompts "pair_context") against
+    the teacher's latents "pair_z1" to the generator loss.
+
     Fake loss: fake_score_loss on the generator's (backward-simulated) samples at t ~ U{0..T−1}; with the GAN,
     + gan_weight_d · discriminator_loss on the head's logits for real latents vs samples (diffusion-GAN: both noised
     to t ~ U{0..gan_max_timestep−1}). Generator loss: dm_loss at t ~ U{min_step..max_step} with the teacher guided
@@ -169,8 +202,13 @@ def make_losses(unet_fn, features_fn, scheduler_config: dict, settings):
     gan_d, gan_g = float(s["gan_weight_d"]), float(s["gan_weight_g"])
     gan = gan_d > 0 or gan_g > 0
     head = GANHead()
+    flow = check_generator(s) == "flow"
+    w_reg = float(s.get("regression_weight", 0.0))
 
     def generate(gen_params, z, ctx, key, with_grad: bool):
+        if flow:
+            x0 = flow_generate(unet_fn, gen_params, z, ctx)
+            return x0 if with_grad else jax.lax.stop_gradient(x0)
         k_sel, k_sim = jax.random.split(key)
         selected = jax.random.randint(k_sel, (), 0, k) if bool(s["backward_simulation"]) else 0
         x_t, t = student_input(model, gen_params, z, ctx, timesteps, selected, k_sim, T)
@@ -233,6 +271,11 @@ def make_losses(unet_fn, features_fn, scheduler_config: dict, settings):
             g_loss = generator_gan_loss(logits(fake, x_g, ctx, k_gan))
             loss = loss + gan_g * g_loss
             aux["loss_gan"] = g_loss
+        if w_reg > 0:  # DMD: the generator's sample of a teacher pair's noise regressed onto the teacher's latent
+            x_reg = generate(params["unet"], batch["pair_z0"], batch["pair_context"], k_g, True)
+            reg = regression_loss(x_reg, batch["pair_z1"])
+            loss = loss + w_reg * reg
+            aux["loss_reg"] = reg
         return loss, aux
 
     return fake_loss, generator_loss
@@ -284,9 +327,10 @@ def real_latents(config, pipe, prompts: list[str]) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ training
 
 
-def batch_function(config, contexts, reals, teacher_ctx=None, forget_index=()):
+def batch_function(config, contexts, reals, teacher_ctx=None, forget_index=(), pairs=None):
     """step -> batch, a pure function of the step (resumable): each phase draws its own prompts; real latents for
-    the GAN are drawn independently of the prompts (as the official real-image loader). With SFD's override,
+    the GAN are drawn independently of the prompts (as the official real-image loader); with `pairs` (a pair store's
+    z0, z1, prompt_index) train.batch_size random pairs for DMD's regression. With SFD's override,
     `sfd.forget_batch_size` rows of forget prompts are appended to each phase's batch (SFD's forget batch) and the
     teacher sees `teacher_ctx` (the override's encoding on the forget rows)."""
     b, seed = int(config.train.batch_size), int(config.seed)
@@ -306,6 +350,10 @@ def batch_function(config, contexts, reals, teacher_ctx=None, forget_index=()):
         batch = {"context": contexts[fi], "gen_context": contexts[gi], "gen_teacher_context": teacher_ctx[gi]}
         if reals is not None:
             batch["real"] = reals[rng.integers(0, len(reals), size=b + nf)]
+        if pairs is not None:
+            pi = np.random.default_rng([seed, 13, step]).integers(0, len(pairs["z0"]), size=b)
+            batch["pair_z0"], batch["pair_z1"] = pairs["z0"][pi], pairs["z1"][pi]
+            batch["pair_context"] = contexts[pairs["prompt_index"][pi]]
         return batch
 
     return batch_fn
@@ -356,7 +404,7 @@ def initial_params(config, student, teacher, features_fn=None, latent_shape=None
     return {"fake_score": fake, "unet": copy(student)}
 
 
-def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workdir: str, progress: bool):
+def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workdir: str, progress: bool, pairs=None):
     """Generator ("unet", from `init_params`) and fake score ("fake_score": a copy of the teacher + the GAN head) on
     the runner, each with its own AdamW (β 0.9/0.999, weight decay 0.01, as the official run) and constant LR after
     warm-up; returns (generator params (its EMA when train.ema_decay > 0), info)."""
@@ -372,7 +420,7 @@ def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workd
     forget, forget_index, teacher_prompts = sid.prompt_pools(prompts, config.sfd)
     teacher_ctx = np.asarray(pipe.encode_prompts(teacher_prompts)[0]) if forget.any() else contexts
     params = initial_params(config, init_params, pipe.unet.params, features_fn, latent_shape, contexts)
-    batch_fn = batch_function(config, contexts, reals, teacher_ctx, forget_index)
+    batch_fn = batch_function(config, contexts, reals, teacher_ctx, forget_index, pairs)
     state, info = run_lib.train_beside_teacher(
         networks, phases, params, pipe, uncond, batch_fn, config, workdir, progress, "DMD2 step"
     )
@@ -429,9 +477,10 @@ def sample(pipe, generator_params, prompts: list[str], latents, steps: int, num_
 # ------------------------------------------------------------------------------------------------ the command
 
 
-def distill(config, pipe, init_params, prompts, contexts, uncond, out, progress: bool = True) -> dict:
-    """`jaxdiff distill` for method "dmd2" (run.distill hands over after loading the teacher and the prompts): train,
-    OUT/model (an LCMScheduler pipeline of the student's k steps), the grid and the NFE-vs-quality report."""
+def distill(config, pipe, init_params, prompts, contexts, uncond, out, progress: bool = True, pairs=None) -> dict:
+    """`jaxdiff distill` for method "dmd2" (run.distill hands over after loading the teacher, the prompts and, for
+    DMD's regression, the pairs): train, OUT/model (an LCMScheduler pipeline of the student's k steps; a flow
+    generator's: FlowMatchEuler, one step), the grid and the NFE-vs-quality report."""
     from pathlib import Path
 
     from jaxdiff.distill import run as run_lib
@@ -439,13 +488,18 @@ def distill(config, pipe, init_params, prompts, contexts, uncond, out, progress:
     out = Path(out)
     d = config.dmd2
     denoising_timesteps(int(d.num_steps), int(pipe.scheduler_config.get("num_train_timesteps", 1000)))
+    flow = check_generator(d) == "flow"
+    if float(d.get("regression_weight", 0.0)) > 0 and pairs is None:
+        raise UserError("dmd2.regression_weight > 0 needs teacher pairs: a config with a pairs block (dmd2.py:dmd)")
     params, info, seconds = run_lib.timed(
-        train, config, pipe, init_params, prompts, contexts, uncond, str(out / "train"), progress
+        train, config, pipe, init_params, prompts, contexts, uncond, str(out / "train"), progress, pairs
     )
     k = int(d.num_steps)
-    run_lib.save_student(pipe, params, out, k, student_scheduler(pipe.scheduler_config, k))
+    run_lib.save_student(pipe, params, out, k, None if flow else student_scheduler(pipe.scheduler_config, k))
+    keys = ("num_steps", "real_guidance", "fake_updates", "gan_weight_g", "gan_weight_d")
     settings = {
-        "dmd2": {key: d[key] for key in ("num_steps", "real_guidance", "fake_updates", "gan_weight_g", "gan_weight_d")}
+        "dmd2": {key: d[key] for key in keys}
+        | {"generator": str(d.get("generator", "diffusion")), "regression_weight": float(d.get("regression_weight", 0))}
         | {
             "forget_concept": str(config.sfd.forget_concept),
             "override_prompt": str(config.sfd.override_prompt),
@@ -456,4 +510,6 @@ def distill(config, pipe, init_params, prompts, contexts, uncond, out, progress:
     def sample_student(pipe, params, prompts, latents, steps):
         return sample(pipe, params, prompts, latents, steps, k)
 
+    if flow:  # the flow student samples with uniform Euler (`rectified_flow.sample`), as InstaFlow's
+        return run_lib.write_report(config, pipe, params, out, info, seconds, settings)
     return run_lib.write_report(config, pipe, params, out, info, seconds, settings, sample_student, "student")

@@ -78,6 +78,20 @@ def _student_init(config, pipe):
     return other.unet.params, other
 
 
+def _check_dmd2_generator(config, init_pipe) -> None:
+    """dmd2.generator must match the init: "flow" a flow-velocity student's folder (an InstaFlow OUT/model),
+    "diffusion" the teacher or a diffusion model's."""
+    kind = str(config.dmd2.get("generator", "diffusion"))
+    init_is_flow = init_pipe is not None and init_pipe.default_scheduler() == "flow_euler"
+    if kind == "flow" and not init_is_flow:
+        raise UserError(
+            f"dmd2.generator=flow needs config.init = a flow-velocity student's folder (e.g. an InstaFlow run's "
+            f"OUT/model), got {config.init}"
+        )
+    if kind != "flow" and init_is_flow:
+        raise UserError(f"config.init={config.init} is a flow-velocity model: set dmd2.generator=flow")
+
+
 def pair_source(config, pipe, init_pipe):
     """The pipeline whose ODE makes the (noise, latent) pairs. pairs.source="teacher": the teacher's. "init":
     the model the student starts from, InstaFlow's distillation stage, which regresses the 2-rectified flow's own
@@ -274,6 +288,8 @@ def distill(config: mlc.ConfigDict, out, *, progress: bool = True) -> dict:
     if teacher_lib.Teacher(None, pipe.scheduler_config).prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise UserError(f"the teacher {config.teacher} is not a diffusion (ε / v / x0) model")
     init, init_pipe = _student_init(config, pipe)
+    if config.method == "dmd2":
+        _check_dmd2_generator(config, init_pipe)
     pair_pipe = pair_source(config, pipe, init_pipe) if "pairs" in config else pipe
     prompts = _prompts(config)
     _start(out, config)
@@ -283,11 +299,16 @@ def distill(config: mlc.ConfigDict, out, *, progress: bool = True) -> dict:
         from jaxdiff.distill import sid
 
         return sid.distill(config, pipe, init, prompts, contexts, uncond, out, progress=progress)
+    folder = Path(config.pairs.folder) if "pairs" in config and config.pairs.folder else out / "pairs"
     if config.method == "dmd2":  # data-free on prompts (+ real images for its GAN head): jaxdiff/distill/dmd2.py
         from jaxdiff.distill import dmd2
 
-        return dmd2.distill(config, pipe, init, prompts, contexts, uncond, out, progress=progress)
-    folder = Path(config.pairs.folder) if config.pairs.folder else out / "pairs"
+        pairs = None  # DMD's regression term: teacher pairs
+        if float(config.dmd2.get("regression_weight", 0.0)) > 0:
+            if "pairs" not in config:
+                raise UserError("dmd2.regression_weight > 0 needs teacher pairs: use configs/distill/dmd2.py:dmd")
+            pairs = make_pairs(config, pair_pipe, folder, prompts, contexts, uncond, progress)[0]
+        return dmd2.distill(config, pipe, init, prompts, contexts, uncond, out, progress=progress, pairs=pairs)
     pairs, pair_info = make_pairs(config, pair_pipe, folder, prompts, contexts, uncond, progress)
     if config.method == "lcm":  # consistency distillation on the pairs' latents (jaxdiff/distill/lcm.py)
         from jaxdiff.distill import lcm
