@@ -257,6 +257,16 @@ LONG_BUDGETS = (
         after="instaflow_long",
         pairs="pairs_dpm4_32768",
     ),
+    Method(  # instaflow_32k continued for 8000 more steps on the same store (its loss had not reached the 8192 run's)
+        "instaflow_32k_more",
+        "instaflow.py:shapes",
+        ("--config.train.steps=8000", *LONG, *PAIRS_32K),
+        (1,),
+        "flow",
+        0,
+        after="instaflow_32k",
+        pairs="pairs_dpm4_32768",
+    ),
     Method(  # InstaFlow's distillation continued for 4000 more steps from instaflow_long (fresh optimiser state)
         "instaflow_long_more",
         "instaflow.py:shapes",
