@@ -56,7 +56,7 @@ def test_the_methods_of_one_pair_store_share_its_key(tmp_path):
             model = m.after if p.source == "init" else "teacher"
             key = (model, p.scheduler, int(p.steps), float(p.guidance), p.seed, p.shard_size, c.data.num_prompts)
             keys.setdefault(m.pairs, set()).add((key, int(p.num_pairs)))
-    assert sorted(keys) == ["pairs", "pairs_2rf_8192", "pairs_8192"]
+    assert sorted(keys) == ["pairs", "pairs_2rf_8192", "pairs_8192", "pairs_dpm4_32768"]
     assert all(len(k) == 1 for k in keys.values())  # the store is tied to its prompts, solver and shard size
 
 
