@@ -214,6 +214,12 @@ def test_dmd_command_refines_a_flow_student_from_teacher_pairs(tiny_teacher, tmp
     assert not (tmp_path / "wrong").exists()
 
     config.init = str(tmp_path / "insta" / "model")
+    no_pairs = load_config("configs/distill/dmd2.py:smoke")
+    no_pairs.update(teacher=str(tiny_teacher), init=config.init)
+    no_pairs.dmd2.update(generator="flow", regression_weight=0.25)
+    with pytest.raises(UserError, match="needs teacher pairs"):
+        run_lib.distill(no_pairs, tmp_path / "no_pairs", progress=False)
+    assert not (tmp_path / "no_pairs").exists()
     report = run_lib.distill(config, tmp_path / "run", progress=False)
     assert report["dmd2"]["generator"] == "flow" and report["dmd2"]["regression_weight"] == 0.25
     last = report["train"]["last"]

@@ -80,7 +80,8 @@ def _student_init(config, pipe):
 
 def _check_dmd2_generator(config, init_pipe) -> None:
     """dmd2.generator must match the init: "flow" a flow-velocity student's folder (an InstaFlow OUT/model),
-    "diffusion" the teacher or a diffusion model's."""
+    "diffusion" the teacher or a diffusion model's; DMD's regression needs a pairs block. Checked before anything
+    is written."""
     kind = str(config.dmd2.get("generator", "diffusion"))
     init_is_flow = init_pipe is not None and init_pipe.default_scheduler() == "flow_euler"
     if kind == "flow" and not init_is_flow:
@@ -90,6 +91,8 @@ def _check_dmd2_generator(config, init_pipe) -> None:
         )
     if kind != "flow" and init_is_flow:
         raise UserError(f"config.init={config.init} is a flow-velocity model: set dmd2.generator=flow")
+    if float(config.dmd2.get("regression_weight", 0.0)) > 0 and "pairs" not in config:
+        raise UserError("dmd2.regression_weight > 0 needs teacher pairs: use configs/distill/dmd2.py:dmd")
 
 
 def pair_source(config, pipe, init_pipe):
@@ -305,8 +308,6 @@ def distill(config: mlc.ConfigDict, out, *, progress: bool = True) -> dict:
 
         pairs = None  # DMD's regression term: teacher pairs
         if float(config.dmd2.get("regression_weight", 0.0)) > 0:
-            if "pairs" not in config:
-                raise UserError("dmd2.regression_weight > 0 needs teacher pairs: use configs/distill/dmd2.py:dmd")
             pairs = make_pairs(config, pair_pipe, folder, prompts, contexts, uncond, progress)[0]
         return dmd2.distill(config, pipe, init, prompts, contexts, uncond, out, progress=progress, pairs=pairs)
     pairs, pair_info = make_pairs(config, pair_pipe, folder, prompts, contexts, uncond, progress)
