@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.distill import rectified_flow as rf
 from jaxdiff.distill import teacher as teacher_lib
 from jaxdiff.errors import UserError
 
@@ -78,20 +79,14 @@ class GANHead(nn.Module):
 # ------------------------------------------------------------------------------------------------ the generator
 
 GENERATORS = ("diffusion", "flow")
-FLOW_T = 1000.0  # the flow student's UNet time at pure noise (σ = 1; InstaFlow's t = 0)
-
-
-def regression_loss(x0, z1):
-    """DMD's regression term on teacher pairs, in latents: mean over samples of mean_{h,w,c} (x̂0 − z1)² (the
-    paper's D is LPIPS on images; on latents L2, as InstaFlow's `distill_l2`)."""
-    return jnp.mean(jnp.mean(jnp.square(_rows(x0.astype(jnp.float32) - z1)), axis=1))
 
 
 def flow_generate(unet_fn, params, z, context):
-    """A one-step flow-velocity student's sample (InstaFlow's, `jaxdiff.distill.rectified_flow`): x̂0 = z − u(z, 1000)
-    with u the diffusers flow velocity ε − x0 at σ = 1."""
-    t = jnp.full((z.shape[0],), FLOW_T, jnp.float32)
-    return z - unet_fn(params, z, t, context).astype(jnp.float32)
+    """A one-step flow-velocity student's sample, InstaFlow's (`jaxdiff.distill.rectified_flow` at t = 0, UNet time
+    1000): x̂0 = z + v_RF(z)."""
+    t = jnp.zeros((z.shape[0],), jnp.float32)
+    out = unet_fn(params, z, rf.unet_timestep(t), context).astype(jnp.float32)
+    return rf.extrapolate(z, t, rf.rf_velocity_of(out))
 
 
 def check_generator(settings) -> str:
@@ -181,8 +176,9 @@ def make_losses(unet_fn, features_fn, scheduler_config: dict, settings):
 
     dmd2.generator "flow": the generator is a one-step flow-velocity student (`flow_generate`, an InstaFlow OUT/model
     as init) instead of an x0 prediction at T − 1; dmd2.regression_weight λ > 0 adds DMD's regression λ ·
-    `regression_loss` of the generator's samples of teacher-pair noises "pair_z0" (prompts "pair_context") against
-    the teacher's latents "pair_z1" to the generator loss.
+    `rectified_flow.distill_l2` (in latents; the paper's D is LPIPS on images) of the generator's samples of
+    teacher-pair noises "pair_z0" (prompts "pair_context") against the teacher's latents "pair_z1" to the generator
+    loss.
 
     Fake loss: fake_score_loss on the generator's (backward-simulated) samples at t ~ U{0..T−1}; with the GAN,
     + gan_weight_d · discriminator_loss on the head's logits for real latents vs samples (diffusion-GAN: both noised
@@ -273,7 +269,7 @@ def make_losses(unet_fn, features_fn, scheduler_config: dict, settings):
             aux["loss_gan"] = g_loss
         if w_reg > 0:  # DMD: the generator's sample of a teacher pair's noise regressed onto the teacher's latent
             x_reg = generate(params["unet"], batch["pair_z0"], batch["pair_context"], k_g, True)
-            reg = regression_loss(x_reg, batch["pair_z1"])
+            reg = rf.distill_l2(x_reg, batch["pair_z1"])
             loss = loss + w_reg * reg
             aux["loss_reg"] = reg
         return loss, aux
@@ -488,9 +484,7 @@ def distill(config, pipe, init_params, prompts, contexts, uncond, out, progress:
     out = Path(out)
     d = config.dmd2
     denoising_timesteps(int(d.num_steps), int(pipe.scheduler_config.get("num_train_timesteps", 1000)))
-    flow = check_generator(d) == "flow"
-    if float(d.get("regression_weight", 0.0)) > 0 and pairs is None:
-        raise UserError("dmd2.regression_weight > 0 needs teacher pairs: a config with a pairs block (dmd2.py:dmd)")
+    flow = check_generator(d) == "flow"  # (run.distill has refused DMD's regression without a pairs block)
     params, info, seconds = run_lib.timed(
         train, config, pipe, init_params, prompts, contexts, uncond, str(out / "train"), progress, pairs
     )
