@@ -267,6 +267,19 @@ LONG_BUDGETS = (
         after="instaflow_32k",
         pairs="pairs_dpm4_32768",
     ),
+    # A larger one-step student (InstaFlow-1.7B's remedy, jaxdiff/distill/grow.py): instaflow_long grown to two
+    # transformer blocks per Transformer2DModel (6.9 M UNet params against 5.0 M; the added blocks start at zero
+    # output), then instaflow_32k's recipe; 3000 steps keep it inside the 45-minute budget at ~1.6x the step cost.
+    Method(
+        "instaflow_deep",
+        "instaflow.py:shapes,deep",
+        ("--config.train.steps=3000", *LONG, *PAIRS_32K),
+        (1,),
+        "flow",
+        0,
+        after="instaflow_long",
+        pairs="pairs_dpm4_32768",
+    ),
     Method(  # InstaFlow's distillation continued for 4000 more steps from instaflow_long (fresh optimiser state)
         "instaflow_long_more",
         "instaflow.py:shapes",
@@ -631,7 +644,8 @@ def main(argv=None) -> int:
         "pairs, instaflow_long_more continues instaflow_long, instaflow_long_perceptual adds InstaFlow's perceptual "
         "stage to it (a second probe's features; it is trained first), instaflow_2rf distills reflow_long's own "
         "ODE (InstaFlow's pairs) instead of the teacher's, instaflow_dmd refines instaflow_long with DMD "
-        "(regression on the teacher's pairs + distribution matching)",
+        "(regression on the teacher's pairs + distribution matching), instaflow_32k(_more) continue instaflow_long "
+        "on 4x the pairs, instaflow_deep does so with a larger student (two transformer blocks per transformer)",
     )
     p.add_argument("--only-table", action="store_true", help="judge the existing runs; train nothing")
     p.add_argument("--only-train", action="store_true", help="train what is missing; no table")

@@ -10,6 +10,8 @@
 # D = the shapes probe's penultimate features of the VAE decode, squared distance, weighted
 # perceptual_weight·D_probe + l2_weight·D_L2; e.g. --config.init=runs/instaflow_shapes/model.
 # Init: the 2-rectified flow (`init`); "teacher" with `pairs.source=teacher` gives "SD + Distill" without reflow.
+# ",deep": a larger student, two transformer blocks per Transformer2DModel where the init has one (the added ones
+# start at zero output: jaxdiff/distill/grow.py); --config.student.transformer_layers=N for N.
 """InstaFlow one-step distillation on the 2-rectified flow's pairs."""
 
 import os
@@ -45,6 +47,10 @@ def get_config(arg: str = ""):
             c.rectified_flow.update(
                 loss="distill_lpips", perceptual_weight=1.0, l2_weight=0.0, perceptual_weights="", lpips_net="vgg"
             )
+        elif variant == "deep":  # keys only this variant adds: a larger student (jaxdiff.distill.grow)
+            # InstaFlow-1.7B's remedy for a student its teacher's size cannot carry: here every Transformer2DModel
+            # of the init gets a second block, added at zero output (the student starts as the init's function).
+            c.student = dict(transformer_layers=2)
         elif variant == "runlocal":
             c.data.num_prompts = 8
             # runlocal starts from the teacher (no reflow run to point `init` at): the teacher's pairs.
@@ -52,5 +58,7 @@ def get_config(arg: str = ""):
             c.train.update(steps=3, batch_size=2, learning_rate=1e-4, warmup_steps=0, log_every=1, checkpoint_every=2)
             c.eval.update(num_images=4, bootstraps=0, teacher_steps=(1,), student_steps=(1,))
         else:
-            raise UserError(f"unknown instaflow config variant {variant!r} (shapes, probe, lpips, tsit5, runlocal)")
+            raise UserError(
+                f"unknown instaflow config variant {variant!r} (shapes, probe, lpips, tsit5, deep, runlocal)"
+            )
     return c

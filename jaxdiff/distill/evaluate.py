@@ -146,6 +146,13 @@ def markdown(report: dict) -> str:
         if p
         else "Data-free (prompts only)."
     )
+    grown = report.get("student")
+    if grown:
+        data += (
+            f" Student: a deeper UNet, {grown['unet_params'] / 1e6:.2f} M params (teacher "
+            f"{grown['teacher_unet_params'] / 1e6:.2f} M), transformer blocks per block "
+            f"{grown['transformer_layers_per_block']}."
+        )
     lines = [
         f"# {report['method']} from `{report['teacher']}` (init: {report['init']})",
         "",

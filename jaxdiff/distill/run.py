@@ -26,12 +26,14 @@ import ml_collections as mlc
 import numpy as np
 
 from jaxdiff import fileio
+from jaxdiff.distill import grow
 from jaxdiff.distill import pairs as pairs_lib
 from jaxdiff.distill import rectified_flow as rf
 from jaxdiff.distill import teacher as teacher_lib
 from jaxdiff.errors import UserError
 
 METHODS = ("reflow", "instaflow", "sid", "lcm", "dmd2", "scm")
+GROWABLE = ("reflow", "instaflow")  # methods whose student may be larger than the teacher (jaxdiff.distill.grow)
 GRID = 8
 
 
@@ -68,14 +70,27 @@ def _student_init(config, pipe):
     from jaxdiff.sampling.pipeline import load_pipeline
 
     other = load_pipeline(config.init)
-    if other.unet.config != pipe.unet.config:
-        keys = sorted(
-            k
-            for k in set(other.unet.config) | set(pipe.unet.config)
-            if other.unet.config.get(k) != pipe.unet.config.get(k)
-        )
+    keys = sorted(
+        k for k in set(other.unet.config) | set(pipe.unet.config) if other.unet.config.get(k) != pipe.unet.config.get(k)
+    )
+    # A grown student (`student.transformer_layers`, jaxdiff.distill.grow) may continue as a rectified-flow student.
+    if keys and not (config.method in GROWABLE and set(keys) <= set(grow.GROWN_KEYS)):
         raise UserError(f"config.init={config.init}: its UNet differs from the teacher's ({', '.join(keys)})")
     return other.unet.params, other
+
+
+def student_unet(config, pipe, init_params, init_pipe):
+    """The student's UNet Model, params = its initial ones: the init's architecture (the teacher's unless the init is
+    a grown student), deepened to `student.transformer_layers` blocks per transformer when the config sets it
+    (reflow and InstaFlow only; refused before anything is written otherwise)."""
+    base = init_pipe.unet if init_pipe is not None else pipe.unet
+    base = dataclasses.replace(base, params=init_params)
+    layers = int(config.get("student", {}).get("transformer_layers", 0) or 0)
+    if not layers:
+        return base
+    if config.method not in GROWABLE:
+        raise UserError(f"student.transformer_layers applies to {' and '.join(GROWABLE)}, not {config.method}")
+    return grow.deepen(base, layers, seed=int(config.seed))
 
 
 def _check_dmd2_generator(config, init_pipe) -> None:
@@ -291,6 +306,7 @@ def distill(config: mlc.ConfigDict, out, *, progress: bool = True) -> dict:
     if teacher_lib.Teacher(None, pipe.scheduler_config).prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise UserError(f"the teacher {config.teacher} is not a diffusion (ε / v / x0) model")
     init, init_pipe = _student_init(config, pipe)
+    student = student_unet(config, pipe, init, init_pipe)
     if config.method == "dmd2":
         _check_dmd2_generator(config, init_pipe)
     pair_pipe = pair_source(config, pipe, init_pipe) if "pairs" in config else pipe
@@ -319,11 +335,22 @@ def distill(config: mlc.ConfigDict, out, *, progress: bool = True) -> dict:
         from jaxdiff.distill import scm
 
         return scm.distill(config, pipe, init, pairs, contexts, uncond, out, progress=progress)
-    params, info, seconds = timed(train, config, pipe, init, pairs, contexts, str(out / "train"), progress)
-    save_student(pipe, params, out, int(config.eval.student_steps[0]))
+    student_pipe = dataclasses.replace(pipe, unet=student, _compiled={})  # the teacher's VAE and text encoder
+    params, info, seconds = timed(
+        train, config, student_pipe, student.params, pairs, contexts, str(out / "train"), progress
+    )
+    save_student(student_pipe, params, out, int(config.eval.student_steps[0]))
     pair_report = {k: pair_info[k] for k in ("scheduler", "steps", "guidance", "seed", "written_shards", "seconds")}
     pair_report |= {"source": str(config.pairs.source), "model": pair_info["teacher"]}  # whose ODE made them
     pair_report |= {"num_pairs": int(config.pairs.num_pairs), "folder": str(folder)}
     adaptive = ("rtol", "atol", "nfe_mean", "nfe_min", "nfe_max", "num_steps_mean")  # tsit5 / dopri5 pairs only
     pair_report |= {k: pair_info[k] for k in adaptive if k in pair_info}
-    return write_report(config, pipe, params, out, info, seconds, {"pairs": pair_report})
+    settings = {"pairs": pair_report}
+    if student.config != pipe.unet.config:
+        settings["student"] = {"unet_params": student.num_params(), "teacher_unet_params": pipe.unet.num_params()}
+        settings["student"]["transformer_layers_per_block"] = grow.transformer_layers(student.config)
+
+    def sample_student(_teacher, params_, prompts, latents, steps):
+        return rf.sample(student_pipe, params_, prompts, latents, steps)
+
+    return write_report(config, pipe, params, out, info, seconds, settings, sample_student)
