@@ -247,6 +247,19 @@ LONG_BUDGETS = (
         after="instaflow_long",
         pairs="pairs_8192",
     ),
+    # The InstaFlow student refined adversarially: DMD's regression on the long teacher pair store (weight 1) plus the
+    # GAN head (generator weight 0.05) against renders of the prompts' scenes, no distribution matching: the
+    # generator phase calls no teacher.
+    Method(
+        "instaflow_adv",
+        "dmd2.py:shapes,dmd,adv",
+        ("--config.train.steps=1000", *PAIRS_LONG),
+        (1,),
+        "flow",
+        0,
+        after="instaflow_long",
+        pairs="pairs_8192",
+    ),
     Method(  # InstaFlow's distillation continued from instaflow_long on 4x the pairs (PAIRS_32K), 4x the prompts
         "instaflow_32k",
         "instaflow.py:shapes",

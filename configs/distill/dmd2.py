@@ -16,6 +16,7 @@
 # names the teacher's pair store, e.g.
 #   jaxdiff distill --config configs/distill/dmd2.py:shapes,dmd --config.init=runs/instaflow_shapes/model \
 #     --config.pairs.folder=runs/instaflow_shapes/pairs ... --out runs/instaflow_dmd_shapes
+# ":dmd,adv": the same generator and regression with the GAN head in place of distribution matching (dm_weight 0).
 """DMD2 distribution-matching distillation: a one- or k-step student."""
 
 import os
@@ -63,6 +64,23 @@ def dmd(c, pairs):
     c.dmd2.update(generator="flow", regression_weight=0.25)
 
 
+def adversarial(c):
+    # After ":dmd": the one-step flow student refined by DMD's regression and the GAN head alone, no distribution
+    # matching (dm_weight 0, a key only this variant adds): the discriminator (the fake UNet's bottleneck + head,
+    # conditioned on the prompt) tells renders of the prompts' scenes from the student's samples, a mode-seeking
+    # signal against the fused / doubled objects an L2-regressed one-step student draws where the teacher's outputs
+    # part. The fake UNet keeps its denoising loss (its features follow the student's samples), 2 updates per
+    # generator step at lr 1e-4 (the head starts from scratch).
+    c.dmd2.update(
+        dm_weight=0.0,
+        regression_weight=1.0,
+        gan_weight_g=0.05,
+        gan_weight_d=1.0,
+        fake_updates=2,
+        fake_score_learning_rate=1e-4,
+    )
+
+
 def four_step(c):
     c.dmd2.num_steps = 4
     c.eval.student_steps = (4, 1)
@@ -95,6 +113,7 @@ def get_config(arg: str = ""):
         "sfd": sfd,
         "smoke": smoke,
         "dmd": lambda c: dmd(c, pairs),
+        "adv": adversarial,
     }
     for variant in filter(None, arg.split(",")):
         if variant not in variants:

@@ -185,7 +185,8 @@ def make_losses(unet_fn, features_fn, scheduler_config: dict, settings):
     to t ~ U{0..gan_max_timestep−1}). Generator loss: dm_loss at t ~ U{min_step..max_step} with the teacher guided
     u + s(c − u), s = `real_guidance`, on "gen_teacher_context" (SFD's concept override: the teacher is asked
     another prompt where the generator's names the forget concept), the fake score unguided on the generator's own
-    prompt; + gan_weight_g · generator_gan_loss."""
+    prompt, weighted by dmd2.dm_weight (default 1; 0 drops it and the generator phase's teacher calls: regression
+    and GAN only, ":adv"); + gan_weight_g · generator_gan_loss."""
     s = dict(settings)
     model = teacher_lib.Teacher(unet_fn, dict(scheduler_config))
     if model.is_flow:
@@ -200,6 +201,7 @@ def make_losses(unet_fn, features_fn, scheduler_config: dict, settings):
     head = GANHead()
     flow = check_generator(s) == "flow"
     w_reg = float(s.get("regression_weight", 0.0))
+    w_dm = float(s.get("dm_weight", 1.0))  # 0: DMD's regression and the GAN head only (":adv")
 
     def generate(gen_params, z, ctx, key, with_grad: bool):
         if flow:
@@ -250,19 +252,12 @@ def make_losses(unet_fn, features_fn, scheduler_config: dict, settings):
         b = ctx.shape[0]
         z = jax.random.normal(k_z, (b, *s["latent_shape"]))
         x_g = generate(params["unet"], z, ctx, k_g, True)
-        t = jax.random.randint(k_t, (b,), min_step, min(max_step + 1, T)).astype(jnp.float32)
-        x_t = add_noise(model, jax.lax.stop_gradient(x_g), jax.random.normal(k_n, z.shape), t)
+        if w_dm > 0:
+            loss, aux = dm_term(params, frozen, batch, x_g, ctx, k_t, k_n)
+            loss = w_dm * loss
+        else:  # regression and GAN only: the teacher is not called in the generator phase
+            loss, aux = jnp.float32(0.0), {"x_g_std": jnp.std(x_g)}
         fake = jax.lax.stop_gradient(params["fake_score"])
-        x0_fake = model.predict(fake["unet"], x_t, t, ctx, "sample")
-        teacher_ctx = batch["gen_teacher_context"]  # = ctx but where SFD's override asks the teacher another prompt
-        uncond = jnp.broadcast_to(frozen["uncond"], ctx.shape)
-        if w_real == 1.0:
-            x0_real = model.predict(frozen["teacher"], x_t, t, teacher_ctx, "sample")
-        else:
-            x0_real = model.guided(frozen["teacher"], x_t, t, teacher_ctx, uncond, w_real, "uncond_based", "sample")
-        grad = dm_gradient(x_g, x0_real, x0_fake)
-        loss = dm_loss(x_g, grad)
-        aux = {"loss_dm": loss, "dm_grad_norm": jnp.sqrt(jnp.sum(jnp.square(grad))), "x_g_std": jnp.std(x_g)}
         if gan:
             g_loss = generator_gan_loss(logits(fake, x_g, ctx, k_gan))
             loss = loss + gan_g * g_loss
@@ -273,6 +268,23 @@ def make_losses(unet_fn, features_fn, scheduler_config: dict, settings):
             loss = loss + w_reg * reg
             aux["loss_reg"] = reg
         return loss, aux
+
+    def dm_term(params, frozen, batch, x_g, ctx, k_t, k_n):
+        """DMD's distribution-matching loss on the generator's samples x_g and its aux figures."""
+        b = ctx.shape[0]
+        t = jax.random.randint(k_t, (b,), min_step, min(max_step + 1, T)).astype(jnp.float32)
+        x_t = add_noise(model, jax.lax.stop_gradient(x_g), jax.random.normal(k_n, x_g.shape), t)
+        fake = jax.lax.stop_gradient(params["fake_score"])
+        x0_fake = model.predict(fake["unet"], x_t, t, ctx, "sample")
+        teacher_ctx = batch["gen_teacher_context"]  # = ctx but where SFD's override asks the teacher another prompt
+        uncond = jnp.broadcast_to(frozen["uncond"], ctx.shape)
+        if w_real == 1.0:
+            x0_real = model.predict(frozen["teacher"], x_t, t, teacher_ctx, "sample")
+        else:
+            x0_real = model.guided(frozen["teacher"], x_t, t, teacher_ctx, uncond, w_real, "uncond_based", "sample")
+        grad = dm_gradient(x_g, x0_real, x0_fake)
+        loss = dm_loss(x_g, grad)
+        return loss, {"loss_dm": loss, "dm_grad_norm": jnp.sqrt(jnp.sum(jnp.square(grad))), "x_g_std": jnp.std(x_g)}
 
     return fake_loss, generator_loss
 
@@ -494,6 +506,7 @@ def distill(config, pipe, init_params, prompts, contexts, uncond, out, progress:
     settings = {
         "dmd2": {key: d[key] for key in keys}
         | {"generator": str(d.get("generator", "diffusion")), "regression_weight": float(d.get("regression_weight", 0))}
+        | {"dm_weight": float(d.get("dm_weight", 1.0))}
         | {
             "forget_concept": str(config.sfd.forget_concept),
             "override_prompt": str(config.sfd.override_prompt),
