@@ -254,7 +254,7 @@ def make_losses(unet_fn, features_fn, scheduler_config: dict, settings):
         x_g = generate(params["unet"], z, ctx, k_g, True)
         if w_dm > 0:
             loss, aux = dm_term(params, frozen, batch, x_g, ctx, k_t, k_n)
-            loss = w_dm * loss
+            loss = loss if w_dm == 1.0 else w_dm * loss  # (weight 1: DMD2's program as it was, op for op)
         else:  # regression and GAN only: the teacher is not called in the generator phase
             loss, aux = jnp.float32(0.0), {"x_g_std": jnp.std(x_g)}
         fake = jax.lax.stop_gradient(params["fake_score"])
