@@ -37,6 +37,9 @@ def test_snapshot_holds_the_runs_ema_unet_and_the_base_pipelines_rest(tmp_path):
     assert pipe.unet.config["block_out_channels"] == [32, 64]
     assert (out / "tokenizer").is_dir() and (out / "vae").is_dir()  # the base (shapes) pipeline's other parts
     assert snapshot_train.main(argv) == 2  # an existing folder is kept unless --overwrite
+    empty = ["--config", "configs/train/unet_tiny.py", "--workdir", str(tmp_path / "none"), "--out"]
+    assert snapshot_train.main([*empty, str(tmp_path / "x")]) == 2  # no checkpoint: one line, ...
+    assert not (tmp_path / "x").exists()  # ... nothing written
     assert pipe.unet.config == load_pipeline(out).unet.config
     with pytest.raises(SystemExit):  # a stray argument is an error, not ignored
         snapshot_train.main([*argv, "--overwrite", "--stepp", "1"])

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     config = config_lib.apply_overrides(load_config(args.config), overrides)  # as `jaxdiff train` reads it
     try:
         info = snapshot(config, args.workdir, Path(args.out), args.base, args.step, not args.no_ema, args.overwrite)
-    except FileExistsError as e:
+    except (FileExistsError, FileNotFoundError) as e:  # --out exists; no checkpoint in --workdir
         print(f"snapshot_train: {e}", file=sys.stderr)
         return 2
     print(json.dumps(info))
