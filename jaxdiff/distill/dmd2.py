@@ -252,12 +252,12 @@ def make_losses(unet_fn, features_fn, scheduler_config: dict, settings):
         b = ctx.shape[0]
         z = jax.random.normal(k_z, (b, *s["latent_shape"]))
         x_g = generate(params["unet"], z, ctx, k_g, True)
+        fake = jax.lax.stop_gradient(params["fake_score"])
         if w_dm > 0:
-            loss, aux = dm_term(params, frozen, batch, x_g, ctx, k_t, k_n)
+            loss, aux = dm_term(fake, frozen, batch, x_g, ctx, k_t, k_n)
             loss = loss if w_dm == 1.0 else w_dm * loss  # (weight 1: DMD2's program as it was, op for op)
         else:  # regression and GAN only: the teacher is not called in the generator phase
             loss, aux = jnp.float32(0.0), {"x_g_std": jnp.std(x_g)}
-        fake = jax.lax.stop_gradient(params["fake_score"])
         if gan:
             g_loss = generator_gan_loss(logits(fake, x_g, ctx, k_gan))
             loss = loss + gan_g * g_loss
@@ -269,12 +269,12 @@ def make_losses(unet_fn, features_fn, scheduler_config: dict, settings):
             aux["loss_reg"] = reg
         return loss, aux
 
-    def dm_term(params, frozen, batch, x_g, ctx, k_t, k_n):
-        """DMD's distribution-matching loss on the generator's samples x_g and its aux figures."""
+    def dm_term(fake, frozen, batch, x_g, ctx, k_t, k_n):
+        """DMD's distribution-matching loss on the generator's samples x_g (`fake`: the fake score, no gradient) and
+        its aux figures."""
         b = ctx.shape[0]
         t = jax.random.randint(k_t, (b,), min_step, min(max_step + 1, T)).astype(jnp.float32)
         x_t = add_noise(model, jax.lax.stop_gradient(x_g), jax.random.normal(k_n, x_g.shape), t)
-        fake = jax.lax.stop_gradient(params["fake_score"])
         x0_fake = model.predict(fake["unet"], x_t, t, ctx, "sample")
         teacher_ctx = batch["gen_teacher_context"]  # = ctx but where SFD's override asks the teacher another prompt
         uncond = jnp.broadcast_to(frozen["uncond"], ctx.shape)

@@ -28,9 +28,9 @@ GROWN_KEYS = ("transformer_layers_per_block", "reverse_transformer_layers_per_bl
 
 def transformer_layers(config: dict) -> list[int]:
     """The UNet's transformer blocks per down block (an int in the config means the same for every block)."""
-    value = config.get("transformer_layers_per_block", 1)
-    n = len(config["block_out_channels"])
-    return [int(value)] * n if isinstance(value, int) else [int(v) for v in value]
+    from jaxdiff.models.unet import resolved_config
+
+    return [int(n) for n in resolved_config(config)["transformer_layers_per_block"]]
 
 
 def deepen(unet, layers: int, seed: int = 0):
@@ -63,14 +63,8 @@ def deepen(unet, layers: int, seed: int = 0):
             params[path] = old[path]
         elif not any(name.startswith("transformer_blocks_") for name in path):
             raise ValueError(f"deepen: {'/'.join(path)} is new in the grown UNet but not in an added block")
-        elif any(_under(path, branch) for branch in ZERO_BRANCHES):
+        elif path[-3:-1] in ZERO_BRANCHES:  # .../attn1/to_out_0/kernel
             params[path] = np.zeros_like(fresh)
         else:
             params[path] = fresh
     return dataclasses.replace(grown, params=jax.device_put(traverse_util.unflatten_dict(params)))
-
-
-def _under(path: tuple, branch: tuple) -> bool:
-    """Whether `path` lies under the consecutive names `branch` (e.g. .../attn1/to_out_0/kernel)."""
-    n = len(branch)
-    return any(tuple(path[i : i + n]) == branch for i in range(len(path) - n + 1))
