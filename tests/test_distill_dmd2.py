@@ -219,6 +219,9 @@ def test_dmd_command_refines_a_flow_student_from_teacher_pairs(tiny_teacher, tmp
     no_pairs.dmd2.update(generator="flow", regression_weight=0.25)
     with pytest.raises(UserError, match="needs teacher pairs"):
         run_lib.distill(no_pairs, tmp_path / "no_pairs", progress=False)
+    no_pairs.dmd2.update(regression_weight=0.0, gan_weight_g=0.1, gan_weight_d=1.0, gan_real="pairs")
+    with pytest.raises(UserError, match="gan_real=pairs needs teacher pairs"):
+        run_lib.distill(no_pairs, tmp_path / "no_pairs", progress=False)
     assert not (tmp_path / "no_pairs").exists()
     report = run_lib.distill(config, tmp_path / "run", progress=False)
     assert report["dmd2"]["generator"] == "flow" and report["dmd2"]["regression_weight"] == 0.25
@@ -227,3 +230,32 @@ def test_dmd_command_refines_a_flow_student_from_teacher_pairs(tiny_teacher, tmp
     sched = json.loads((tmp_path / "run" / "model" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "FlowMatchEulerDiscreteScheduler"
     assert len(list((tmp_path / "run" / "pairs").glob("*.npz"))) == 2  # the teacher's pairs, 2 shards of 2
+
+
+def test_gan_real_pairs_takes_the_teachers_pair_latents_with_their_prompts():
+    # LADD's real data (dmd2.gan_real=pairs): the head's real logits come from "pair_z1" under "pair_context";
+    # "real" (renders) is then unread. Clean images (gan_max_timestep 0) keep the logits deterministic.
+    unet = {"w": jnp.asarray([0.4, 0.1], jnp.float32)}
+    ctx = _rand(1, (3, 2, 5))
+    feats = lambda p, x, t, c: jnp.tile(_linear_unet(p, x, t, c), (1, 1, 1, 32))  # noqa: E731  (64 channels: 2 a group)
+    head = dmd2.init_head(feats, unet, (4, 4, 2), ctx)
+    leaves, tree = jax.tree_util.tree_flatten(head)  # random weights everywhere (the logit layer starts at zero)
+    head = tree.unflatten([0.5 * _rand(10 + i, np.shape(a)) for i, a in enumerate(leaves)])
+    params = {"unet": {"w": jnp.asarray([0.5, -0.25], jnp.float32)}, "fake_score": {"unet": unet, "head": head}}
+    frozen = {"teacher": unet, "uncond": jnp.zeros((1, 2, 5))}
+    batch = {"context": ctx, "real": _rand(5), "pair_z1": _rand(3), "pair_context": _rand(4, (3, 2, 5))}
+    settings = dict(dmd2_config_block(), latent_shape=(4, 4, 2), generator="flow", dm_weight=0.0)
+    settings |= {"gan_weight_g": 0.1, "gan_weight_d": 1.0, "gan_max_timestep": 0}
+
+    def p_real(batch, source):
+        fake_loss, _ = dmd2.make_losses(_linear_unet, feats, SCHED, settings | {"gan_real": source})
+        return float(fake_loss(params, frozen, batch, jax.random.PRNGKey(0))[1]["p_real"])
+
+    base = p_real(batch, "pairs")
+    assert p_real(batch | {"real": _rand(6)}, "pairs") == base
+    assert abs(p_real(batch | {"pair_z1": 3 * _rand(7)}, "pairs") - base) > 1e-4
+    assert abs(p_real(batch | {"pair_context": 3 * _rand(8, (3, 2, 5))}, "pairs") - base) > 1e-4
+    images = p_real(batch, "images")  # the default reads "real" under the phase's own prompts
+    assert abs(p_real(batch | {"real": 3 * _rand(6)}, "images") - images) > 1e-4
+    with pytest.raises(UserError, match="dmd2.gan_real"):
+        dmd2.make_losses(_linear_unet, feats, SCHED, settings | {"gan_real": "renders"})

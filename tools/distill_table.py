@@ -260,6 +260,18 @@ LONG_BUDGETS = (
         after="instaflow_long",
         pairs="pairs_8192",
     ),
+    # instaflow_adv with LADD's real data: the discriminator's real samples are the teacher's latents of the long pair
+    # store (each with its own prompt), the generator's GAN weight 0.005 (a tenth of instaflow_adv's).
+    Method(
+        "instaflow_ladd",
+        "dmd2.py:shapes,dmd,adv,ladd",
+        ("--config.train.steps=1000", *PAIRS_LONG),
+        (1,),
+        "flow",
+        0,
+        after="instaflow_long",
+        pairs="pairs_8192",
+    ),
     Method(  # InstaFlow's distillation continued from instaflow_long on 4x the pairs (PAIRS_32K), 4x the prompts
         "instaflow_32k",
         "instaflow.py:shapes",

@@ -17,6 +17,7 @@
 #   jaxdiff distill --config configs/distill/dmd2.py:shapes,dmd --config.init=runs/instaflow_shapes/model \
 #     --config.pairs.folder=runs/instaflow_shapes/pairs ... --out runs/instaflow_dmd_shapes
 # ":dmd,adv": the same generator and regression with the GAN head in place of distribution matching (dm_weight 0).
+# ":dmd,adv,ladd": its discriminator's real samples are the teacher's pair latents (LADD), generator weight 0.005.
 """DMD2 distribution-matching distillation: a one- or k-step student."""
 
 import os
@@ -81,6 +82,15 @@ def adversarial(c):
     )
 
 
+def latent_adversarial(c):
+    # After ":dmd,adv": LADD's real data (Sauer et al. 2024, SD3-Turbo): the discriminator's real samples are the
+    # teacher's own latents from the pair store (each conditioned on its pair's prompt) instead of renders, so the GAN
+    # pulls the student towards the teacher's distribution (the coupling the regression anchors) rather than away
+    # from it towards the renderer's. Generator weight 0.005, a tenth of ":adv"'s (whose GAN overrode the
+    # regression), set before the run.
+    c.dmd2.update(gan_real="pairs", gan_weight_g=0.005)
+
+
 def four_step(c):
     c.dmd2.num_steps = 4
     c.eval.student_steps = (4, 1)
@@ -114,6 +124,7 @@ def get_config(arg: str = ""):
         "smoke": smoke,
         "dmd": lambda c: dmd(c, pairs),
         "adv": adversarial,
+        "ladd": latent_adversarial,
     }
     for variant in filter(None, arg.split(",")):
         if variant not in variants:

@@ -182,11 +182,13 @@ def make_losses(unet_fn, features_fn, scheduler_config: dict, settings):
 
     Fake loss: fake_score_loss on the generator's (backward-simulated) samples at t ~ U{0..T−1}; with the GAN,
     + gan_weight_d · discriminator_loss on the head's logits for real latents vs samples (diffusion-GAN: both noised
-    to t ~ U{0..gan_max_timestep−1}). Generator loss: dm_loss at t ~ U{min_step..max_step} with the teacher guided
-    u + s(c − u), s = `real_guidance`, on "gen_teacher_context" (SFD's concept override: the teacher is asked
-    another prompt where the generator's names the forget concept), the fake score unguided on the generator's own
-    prompt, weighted by dmd2.dm_weight (default 1; 0 drops it and the generator phase's teacher calls: regression
-    and GAN only, ":adv"); + gan_weight_g · generator_gan_loss."""
+    to t ~ U{0..gan_max_timestep−1}); dmd2.gan_real "pairs" takes the real latents from the teacher pairs
+    ("pair_z1", conditioned on "pair_context") instead of "real".
+    Generator loss: dm_loss at t ~ U{min_step..max_step} with the teacher guided u + s(c − u), s = `real_guidance`,
+    on "gen_teacher_context" (SFD's concept override: the teacher is asked another prompt where the generator's
+    names the forget concept), the fake score unguided on the generator's own prompt, weighted by dmd2.dm_weight
+    (default 1; 0 drops it and the generator phase's teacher calls: regression and GAN only, ":adv");
+    + gan_weight_g · generator_gan_loss."""
     s = dict(settings)
     model = teacher_lib.Teacher(unet_fn, dict(scheduler_config))
     if model.is_flow:
@@ -202,6 +204,7 @@ def make_losses(unet_fn, features_fn, scheduler_config: dict, settings):
     flow = check_generator(s) == "flow"
     w_reg = float(s.get("regression_weight", 0.0))
     w_dm = float(s.get("dm_weight", 1.0))  # 0: DMD's regression and the GAN head only (":adv")
+    real_pairs = gan_real_source(s) == "pairs"  # the GAN's real samples: the teacher's pair latents (LADD)
 
     def generate(gen_params, z, ctx, key, with_grad: bool):
         if flow:
@@ -236,7 +239,11 @@ def make_losses(unet_fn, features_fn, scheduler_config: dict, settings):
         aux = {"loss_fake": loss, "x_g_std": jnp.std(x_g)}
         if gan:
             k_real, k_fake = jax.random.split(k_gan)
-            real, fake_logits = logits(fake, batch["real"], ctx, k_real), logits(fake, x_g, ctx, k_fake)
+            if real_pairs:  # the teacher's latent of a pair, conditioned on the pair's own prompt
+                real = logits(fake, batch["pair_z1"], batch["pair_context"], k_real)
+            else:
+                real = logits(fake, batch["real"], ctx, k_real)
+            fake_logits = logits(fake, x_g, ctx, k_fake)
             d_loss = discriminator_loss(real, fake_logits)
             loss = loss + gan_d * d_loss
             aux.update(
@@ -384,6 +391,21 @@ def adamw_network(name: str, learning_rate: float, train, ema_decay: float = 0.0
     return step_lib.Network(name, tx, lr, clip_norm=float(train.max_grad_norm), ema_decay=float(ema_decay))
 
 
+def gan_real_source(settings) -> str:
+    """dmd2.gan_real: "images" (renders of the prompts' scenes or dmd2.real_images) or "pairs" (the teacher's latents
+    of the pair store, each with its own prompt: LADD's synthetic real data, Sauer et al. 2024)."""
+    source = str(settings.get("gan_real", "images"))
+    if source not in ("images", "pairs"):
+        raise UserError(f"dmd2.gan_real must be 'images' or 'pairs', got {source!r}")
+    return source
+
+
+def uses_pairs(config) -> bool:
+    """DMD's regression, or the GAN head on the teacher's latents, reads a teacher pair store."""
+    d = config.dmd2
+    return float(d.get("regression_weight", 0.0)) > 0 or (uses_gan(config) and gan_real_source(d) == "pairs")
+
+
 def uses_gan(config) -> bool:
     return float(config.dmd2.gan_weight_d) > 0 or float(config.dmd2.gan_weight_g) > 0
 
@@ -424,7 +446,8 @@ def train(config, pipe, init_params, prompts: list[str], contexts, uncond, workd
     unet_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx))
     features_fn = jax.jit(lambda p, x, tt, ctx: unet.apply(p, x, tt, ctx, method="encode")["mid"])
     networks, phases = build(config, unet_fn, features_fn, pipe.scheduler_config, latent_shape)
-    reals = real_latents(config, pipe, prompts) if uses_gan(config) else None
+    from_images = uses_gan(config) and gan_real_source(config.dmd2) == "images"
+    reals = real_latents(config, pipe, prompts) if from_images else None
     forget, forget_index, teacher_prompts = sid.prompt_pools(prompts, config.sfd)
     teacher_ctx = np.asarray(pipe.encode_prompts(teacher_prompts)[0]) if forget.any() else contexts
     params = initial_params(config, init_params, pipe.unet.params, features_fn, latent_shape, contexts)

@@ -106,8 +106,12 @@ def _check_dmd2_generator(config, init_pipe) -> None:
         )
     if kind != "flow" and init_is_flow:
         raise UserError(f"config.init={config.init} is a flow-velocity model: set dmd2.generator=flow")
+    from jaxdiff.distill import dmd2
+
     if float(config.dmd2.get("regression_weight", 0.0)) > 0 and "pairs" not in config:
         raise UserError("dmd2.regression_weight > 0 needs teacher pairs: use configs/distill/dmd2.py:dmd")
+    if dmd2.gan_real_source(config.dmd2) == "pairs" and "pairs" not in config:
+        raise UserError("dmd2.gan_real=pairs needs teacher pairs: use configs/distill/dmd2.py:dmd")
 
 
 def pair_source(config, pipe, init_pipe):
@@ -322,8 +326,8 @@ def distill(config: mlc.ConfigDict, out, *, progress: bool = True) -> dict:
     if config.method == "dmd2":  # data-free on prompts (+ real images for its GAN head): jaxdiff/distill/dmd2.py
         from jaxdiff.distill import dmd2
 
-        pairs = None  # DMD's regression term: teacher pairs
-        if float(config.dmd2.get("regression_weight", 0.0)) > 0:
+        pairs = None  # DMD's regression term and a GAN head on the teacher's latents: teacher pairs
+        if dmd2.uses_pairs(config):
             pairs = make_pairs(config, pair_pipe, folder, prompts, contexts, uncond, progress)[0]
         return dmd2.distill(config, pipe, init, prompts, contexts, uncond, out, progress=progress, pairs=pairs)
     pairs, pair_info = make_pairs(config, pair_pipe, folder, prompts, contexts, uncond, progress)
