@@ -670,7 +670,9 @@ def main(argv=None) -> int:
         "stage to it (a second probe's features; it is trained first), instaflow_2rf distills reflow_long's own "
         "ODE (InstaFlow's pairs) instead of the teacher's, instaflow_dmd refines instaflow_long with DMD "
         "(regression on the teacher's pairs + distribution matching), instaflow_32k(_more) continue instaflow_long "
-        "on 4x the pairs, instaflow_deep does so with a larger student (two transformer blocks per transformer)",
+        "on 4x the pairs, instaflow_deep does so with a larger student (two transformer blocks per transformer), "
+        "instaflow_adv and instaflow_ladd refine instaflow_long with regression + a GAN head (real samples: renders, "
+        "or the teacher's pair latents)",
     )
     p.add_argument("--only-table", action="store_true", help="judge the existing runs; train nothing")
     p.add_argument("--only-train", action="store_true", help="train what is missing; no table")
