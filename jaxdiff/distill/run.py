@@ -108,10 +108,10 @@ def _check_dmd2_generator(config, init_pipe) -> None:
         raise UserError(f"config.init={config.init} is a flow-velocity model: set dmd2.generator=flow")
     from jaxdiff.distill import dmd2
 
-    if float(config.dmd2.get("regression_weight", 0.0)) > 0 and "pairs" not in config:
-        raise UserError("dmd2.regression_weight > 0 needs teacher pairs: use configs/distill/dmd2.py:dmd")
-    if dmd2.gan_real_source(config.dmd2) == "pairs" and "pairs" not in config:
-        raise UserError("dmd2.gan_real=pairs needs teacher pairs: use configs/distill/dmd2.py:dmd")
+    if "pairs" not in config and dmd2.uses_pairs(config):
+        regression = float(config.dmd2.get("regression_weight", 0.0)) > 0
+        why = "dmd2.regression_weight > 0" if regression else "dmd2.gan_real=pairs"
+        raise UserError(f"{why} needs teacher pairs: use configs/distill/dmd2.py:dmd")
 
 
 def pair_source(config, pipe, init_pipe):
